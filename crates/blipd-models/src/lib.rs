@@ -1,0 +1,22 @@
+//! BLIP-Diffusion networks in Burn.
+//!
+//! One file per network, each with a serde config (field names follow the reference `config.json`),
+//! presets that cite their source and a `tiny()` preset for tests. Models are single-device and free of
+//! training code. Weights load strictly through [`weights`].
+
+pub mod nn;
+pub mod weights;
+
+pub mod clip_vision;
+pub mod clipseg;
+pub mod controlnet;
+pub mod ctx_clip_text;
+pub mod proj;
+pub mod qformer;
+pub mod schedulers;
+pub mod tokenizers;
+pub mod unet;
+pub mod vae;
+
+pub mod error;
+pub use error::{read_json, ModelError};

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerate every parity fixture under crates/blipd-models/tests/fixtures/.
+#   scripts/reference/generate.sh            # all generators
+#   scripts/reference/generate.sh unet vae   # some
+# Creates a venv (default .venv-ref in the repo root, override with BLIPD_REF_VENV) with the pinned stack.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="${BLIPD_REF_VENV:-$root/.venv-ref}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r "$here/requirements.txt"
+fi
+if [ $# -eq 0 ]; then
+  set -- $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//')
+fi
+for g in "$@"; do
+  echo "== $g"
+  (cd "$here" && "$venv/bin/python" "gen_$g.py")
+done
