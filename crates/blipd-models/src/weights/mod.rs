@@ -18,7 +18,7 @@ use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
-    BurnToPyTorchAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore,
+    BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
     PyTorchToBurnAdapter, PytorchStore, SafetensorsStore, TensorSnapshot,
 };
 
@@ -218,7 +218,7 @@ impl StateDict {
         let source = self.source.clone();
         let mut tensors = BTreeMap::new();
         for (name, snap) in self.tensors {
-            let new = remapper.apply_to_str(&name);
+            let new = remapper.apply(&name);
             let snap = rename_snapshot(&snap, &new);
             tensors.insert(new, snap);
         }
@@ -280,22 +280,35 @@ impl KeyMap {
         self
     }
 
-    fn remapper(&self) -> Result<KeyRemapper, WeightsError> {
-        let mut r = KeyRemapper::new();
+    fn remapper(&self) -> Result<CompiledKeyMap, WeightsError> {
+        let mut rules = Vec::with_capacity(self.rules.len());
         for (pattern, to) in &self.rules {
-            r = r
-                .add_pattern(pattern.as_str(), to.as_str())
-                .map_err(|e| WeightsError::KeyMap {
-                    pattern: pattern.clone(),
-                    message: e.to_string(),
-                })?;
+            let re = regex::Regex::new(pattern).map_err(|e| WeightsError::KeyMap {
+                pattern: pattern.clone(),
+                message: e.to_string(),
+            })?;
+            rules.push((re, to.clone()));
         }
-        Ok(r)
+        Ok(CompiledKeyMap { rules })
     }
 
     /// Map a single key.
     pub fn map_key(&self, key: &str) -> Result<String, WeightsError> {
-        Ok(self.remapper()?.apply_to_str(key))
+        Ok(self.remapper()?.apply(key))
+    }
+}
+
+struct CompiledKeyMap {
+    rules: Vec<(regex::Regex, String)>,
+}
+
+impl CompiledKeyMap {
+    fn apply(&self, key: &str) -> String {
+        let mut out = key.to_string();
+        for (re, to) in &self.rules {
+            out = re.replace_all(&out, to.as_str()).into_owned();
+        }
+        out
     }
 }
 
@@ -371,7 +384,7 @@ pub fn collect_reference<B: Backend, M: ModuleSnapshot<B>>(
     let snaps = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
     let mut out = Vec::with_capacity(snaps.len());
     for s in snaps {
-        let name = remapper.apply_to_str(&s.full_path());
+        let name = remapper.apply(&s.full_path());
         let data = s.to_data().map_err(|e| WeightsError::Write {
             path: PathBuf::from(&name),
             message: format!("{e:?}"),
@@ -403,7 +416,7 @@ pub fn write_safetensors(
             DType::I64 => Dtype::I64,
             DType::I32 => Dtype::I32,
             DType::U8 => Dtype::U8,
-            DType::Bool => Dtype::BOOL,
+            DType::Bool(_) => Dtype::BOOL,
             other => return Err(err(format!("`{name}`: unsupported dtype {other:?}"))),
         };
         let view = TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
