@@ -2,6 +2,7 @@
 //! find each other ([`rendezvous`]: rank 0 serves on `MASTER_ADDR:MASTER_PORT`, the others connect with
 //! retries and a deadline), and the control channel used for collective decisions.
 
+pub mod launch;
 pub mod rendezvous;
 pub mod world;
 
