@@ -362,7 +362,12 @@ pub fn load_strict<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
         component: component.to_string(),
         source,
         missing: result.missing.iter().map(|(p, _)| p.clone()).collect(),
-        unexpected: result.unused.clone(),
+        unexpected: result
+            .unused
+            .iter()
+            .filter(|k| !norm_alias_applied(k, &result.applied))
+            .cloned()
+            .collect(),
         mismatched: result.errors.iter().map(|e| e.to_string()).collect(),
     };
     report.missing.sort();
@@ -372,6 +377,19 @@ pub fn load_strict<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     } else {
         Err(WeightsError::Mismatch(Box::new(report)))
     }
+}
+
+/// burn-store finds GroupNorm/LayerNorm `gamma`/`beta` under their PyTorch names (`weight`/`bias`) but
+/// still lists those file keys as unused; a key is not unexpected when its Burn alias was applied.
+fn norm_alias_applied(key: &str, applied: &[String]) -> bool {
+    let alias = if let Some(p) = key.strip_suffix(".weight") {
+        format!("{p}.gamma")
+    } else if let Some(p) = key.strip_suffix(".bias") {
+        format!("{p}.beta")
+    } else {
+        return false;
+    };
+    applied.iter().any(|a| *a == alias)
 }
 
 /// Collect a module's parameters under reference names (Linear transposed back, norms renamed

@@ -6,7 +6,7 @@ use burn::prelude::*;
 
 pub type B = burn::backend::NdArray<f32>;
 
-pub fn device() -> <B as Backend>::Device {
+pub fn device() -> burn::backend::ndarray::NdArrayDevice {
     Default::default()
 }
 
