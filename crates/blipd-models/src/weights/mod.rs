@@ -8,6 +8,7 @@
 //! [`save_safetensors`] writes the reverse mapping, so our checkpoints open in diffusers.
 
 mod diffusers;
+pub mod lavis;
 pub use diffusers::{component_weight_file, ComponentDir, DiffusersFolder};
 
 use std::collections::BTreeMap;
