@@ -1,1 +1,15 @@
-//! (under construction)
+//! `blipd-data`: the BLIP-Diffusion subject-representation data pipeline.
+//!
+//! Pure stages (no Burn): OpenImages V6 filtering, trimap construction from a soft mask, closed-form matting
+//! and multi-level foreground estimation (pymatting semantics), and compositing onto random backgrounds.
+//! The CLIPSeg network lives in `blipd-models`; this crate consumes its masks as images.
+
+pub mod buffer;
+pub mod error;
+pub mod foreground;
+pub mod matting;
+
+pub use buffer::{Gray, Rgb};
+pub use error::{DataError, Result};
+pub use foreground::{estimate_foreground_ml, FgOptions};
+pub use matting::{estimate_alpha_cf, CfOptions, CfStats};

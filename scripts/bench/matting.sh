@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Closed-form matting + foreground estimation: pymatting (single-threaded) vs blipd-data, same inputs, one run.
+# Prints per-image CPU/wall seconds, the speed ratio and mean |Δα| (whole image and unknown region).
+#
+# Usage: scripts/bench/matting.sh [SIZE] [IMAGES...]
+#   SIZE defaults to 512; IMAGES default to six DreamBench photos under ../shared/dreambench.
+# Env: PYTHON (default /work/pyref/bin/python if it has pymatting, else a venv at target/bench-venv with
+#      `pip install pymatting`), REPEAT (default 3), WORK (default target/bench-matting-SIZE).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SIZE="${1:-512}"; shift || true
+DREAM="${DREAMBENCH:-../shared/dreambench}"
+if [ "$#" -gt 0 ]; then IMAGES=("$@"); else
+  [ -d "$DREAM" ] || { echo "no images given and $DREAM is absent"; exit 1; }
+  IMAGES=("$DREAM"/dog/00.jpg "$DREAM"/teapot/00.jpg "$DREAM"/backpack/00.jpg "$DREAM"/cat/00.jpg "$DREAM"/vase/00.jpg "$DREAM"/clock/00.jpg)
+fi
+REPEAT="${REPEAT:-3}"
+WORK="${WORK:-target/bench-matting-$SIZE}"
+PY="${PYTHON:-/work/pyref/bin/python}"
+if ! "$PY" -c "import pymatting" 2>/dev/null; then
+  PY=target/bench-venv/bin/python
+  [ -x "$PY" ] || python3 -m venv target/bench-venv
+  "$PY" -c "import pymatting" 2>/dev/null || "$PY" -m pip install -q pymatting pillow
+fi
+export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+rm -rf "$WORK"; mkdir -p "$WORK"
+echo "== preparing ${#IMAGES[@]} images at ${SIZE}² in $WORK"
+"$PY" scripts/bench/matting_ref.py prepare "$WORK" "$SIZE" "${IMAGES[@]}"
+echo "== pymatting $("$PY" -c 'import pymatting; print(pymatting.__version__)') (NUMBA_NUM_THREADS=1, best CPU time of $REPEAT)"
+"$PY" scripts/bench/matting_ref.py time "$WORK" "$REPEAT" | tee "$WORK/py.log"
+echo "== blipd-data (dev profile; blipd-data at opt-level 3)"
+cargo build -q -p blipd-data --example matting_bench
+target/debug/examples/matting_bench "$WORK" --repeat "$REPEAT" ${TOLERANCE:+--tolerance "$TOLERANCE"} | tee "$WORK/rs.log"
+echo "== comparison"
+"$PY" scripts/bench/matting_ref.py compare "$WORK" "$WORK/py.log" "$WORK/rs.log"
