@@ -3,7 +3,6 @@
 
 use blipd_models::controlnet::{self, ControlNetConfig, ControlNetModel, ControlNetOutput};
 use blipd_models::unet::UNet2DConditionConfig;
-use burn::prelude::*;
 
 use crate::common::{assert_close, device, fixture_dir, io, tensor, weights, B};
 

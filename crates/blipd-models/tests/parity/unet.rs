@@ -316,3 +316,15 @@ fn missing_weight_is_reported_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn single_timestep_broadcasts_over_the_batch() {
+    let unet = model();
+    let io = io("unet");
+    let dev = device();
+    let run =
+        |t: Tensor<B, 1>| unet.forward(tensor(&io, "sample"), t, tensor(&io, "encoder"), None);
+    let one = run(Tensor::from_floats([250.0], &dev));
+    let both = run(Tensor::from_floats([250.0, 250.0], &dev));
+    assert_close("timestep [1] vs [B]", one, both, 0.0);
+}
