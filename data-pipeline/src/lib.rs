@@ -8,6 +8,7 @@ pub mod buffer;
 pub mod error;
 pub mod foreground;
 pub mod matting;
+pub mod synthetic;
 
 pub use buffer::{Gray, Rgb};
 pub use error::{DataError, Result};
