@@ -7,10 +7,17 @@
 pub mod buffer;
 pub mod error;
 pub mod foreground;
+pub mod imageio;
+pub mod matte;
 pub mod matting;
+pub mod openimages;
 pub mod synthetic;
+pub mod trimap;
 
 pub use buffer::{Gray, Rgb};
 pub use error::{DataError, Result};
 pub use foreground::{estimate_foreground_ml, FgOptions};
+pub use imageio::{read_gray, read_rgb, ReadLimits};
+pub use matte::matte_file;
 pub use matting::{estimate_alpha_cf, CfOptions, CfStats};
+pub use trimap::{trimap_from_mask, TrimapOptions};
