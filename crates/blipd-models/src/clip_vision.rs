@@ -121,7 +121,7 @@ impl Blip2VisionConfig {
         if self.hidden_size == 0 || self.num_attention_heads == 0 {
             return bad("zero hidden_size or num_attention_heads".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -134,7 +134,10 @@ impl Blip2VisionConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.attention_dropout) {
-            return bad(format!("attention_dropout {} not in [0, 1]", self.attention_dropout));
+            return bad(format!(
+                "attention_dropout {} not in [0, 1]",
+                self.attention_dropout
+            ));
         }
         HiddenAct::parse(&self.hidden_act)
     }
@@ -331,7 +334,9 @@ impl<B: Backend> Blip2VisionModel<B> {
     /// `pixel_values [B, 3, H, W]` (CLIP-normalised) → `last_hidden_state [B, N+1, D]` after
     /// `post_layernorm` (= LAVIS `ln_vision(visual_encoder(x))`; `[B, 257, 1024]` for BLIP-Diffusion).
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let mut x = self.pre_layernorm.forward(self.embeddings.forward(pixel_values));
+        let mut x = self
+            .pre_layernorm
+            .forward(self.embeddings.forward(pixel_values));
         for layer in &self.encoder.layers {
             x = layer.forward(x);
         }

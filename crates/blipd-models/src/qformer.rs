@@ -124,7 +124,7 @@ impl Blip2QFormerConfig {
 
     /// Whether layer `i` has a cross-attention block (`i % cross_attention_frequency == 0`).
     pub fn has_cross_attention(&self, layer: usize) -> bool {
-        layer % self.cross_attention_frequency == 0
+        layer.is_multiple_of(self.cross_attention_frequency)
     }
 
     pub fn validate(&self) -> Result<HiddenAct, ModelError> {
@@ -132,7 +132,7 @@ impl Blip2QFormerConfig {
         if self.hidden_size == 0 || self.num_attention_heads == 0 {
             return bad("zero hidden_size or num_attention_heads".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -239,7 +239,9 @@ impl Blip2Config {
             )));
         }
         if self.num_query_tokens == 0 {
-            return Err(ModelError::Invalid("Blip2Config: num_query_tokens is 0".into()));
+            return Err(ModelError::Invalid(
+                "Blip2Config: num_query_tokens is 0".into(),
+            ));
         }
         Ok(())
     }
@@ -548,7 +550,8 @@ impl<B: Backend> QFormerLayer<B> {
                 q
             }
         } else {
-            self.output.forward(self.intermediate.forward(att.clone()), att)
+            self.output
+                .forward(self.intermediate.forward(att.clone()), att)
         };
         (out, (k, v))
     }
@@ -627,7 +630,11 @@ fn prefix_causal_pattern<B: Backend>(
     for r in 0..rows {
         let row = &mut data[r * cols..(r + 1) * cols];
         row[..q].iter_mut().for_each(|v| *v = 1.0);
-        let text_row = if query_rows { r.checked_sub(q) } else { Some(r) };
+        let text_row = if query_rows {
+            r.checked_sub(q)
+        } else {
+            Some(r)
+        };
         if let Some(i) = text_row {
             row[q..q + i + 1].iter_mut().for_each(|v| *v = 1.0);
         }
@@ -706,7 +713,9 @@ impl<B: Backend> Blip2QFormerModel<B> {
     ) -> Tensor<B, 3> {
         let [b, _] = input_ids.dims();
         let q = self.num_query_tokens();
-        let x = self.embeddings.forward(Some(self.queries(b)), Some(input_ids));
+        let x = self
+            .embeddings
+            .forward(Some(self.queries(b)), Some(input_ids));
         let bias = padding_bias(prefixed_mask(q, attention_mask.float()));
         self.encoder
             .forward(x, Some(bias), q, Some(image_embeds), None)
@@ -744,7 +753,9 @@ impl<B: Backend> Blip2QFormerModel<B> {
     ) -> Tensor<B, 3> {
         let [b, t] = input_ids.dims();
         let q = self.num_query_tokens();
-        let x = self.embeddings.forward(Some(self.queries(b)), Some(input_ids));
+        let x = self
+            .embeddings
+            .forward(Some(self.queries(b)), Some(input_ids));
         let bias = causal_prefix_bias(q, attention_mask.float(), true);
         let (h, _) = self
             .encoder
@@ -965,7 +976,11 @@ impl<B: Backend> QFormerHeads<B> {
     }
 
     /// ITM logits `[B, 2]`: `itm_head(hidden[:, :Q])` averaged over the queries.
-    pub fn itm_logits(&self, multimodal_hidden: Tensor<B, 3>, num_query_tokens: usize) -> Tensor<B, 2> {
+    pub fn itm_logits(
+        &self,
+        multimodal_hidden: Tensor<B, 3>,
+        num_query_tokens: usize,
+    ) -> Tensor<B, 2> {
         let [b, _, d] = multimodal_hidden.dims();
         let q = multimodal_hidden.slice([0..b, 0..num_query_tokens, 0..d]);
         self.itm_head.forward(q).mean_dim(1).reshape([b, 2])
@@ -973,17 +988,25 @@ impl<B: Backend> QFormerHeads<B> {
 
     /// LM logits `[B, T, V]` of ITG text states. `word_embeddings` is the Q-Former's (used when the
     /// decoder is tied).
-    pub fn lm_logits(&self, text_hidden: Tensor<B, 3>, word_embeddings: &Embedding<B>) -> Tensor<B, 3> {
+    pub fn lm_logits(
+        &self,
+        text_hidden: Tensor<B, 3>,
+        word_embeddings: &Embedding<B>,
+    ) -> Tensor<B, 3> {
         let p = &self.cls.predictions;
         let t = &p.transform;
-        let h = t.layer_norm.forward(t.act.apply(t.dense.forward(text_hidden)));
+        let h = t
+            .layer_norm
+            .forward(t.act.apply(t.dense.forward(text_hidden)));
         let [b, l, d] = h.dims();
         let logits = match &p.decoder {
             Some(dec) => dec.forward(h),
             None => {
                 let w = word_embeddings.weight.val(); // [V, D]
                 let v = w.dims()[0];
-                h.reshape([b * l, d]).matmul(w.transpose()).reshape([b, l, v])
+                h.reshape([b * l, d])
+                    .matmul(w.transpose())
+                    .reshape([b, l, v])
             }
         };
         let v = logits.dims()[2];

@@ -58,9 +58,18 @@ pub fn qformer_key_map(prefix: &str) -> KeyMap {
         ),
         (r"\.ln_1\.".into(), ".layer_norm1.".into()),
         (r"\.ln_2\.".into(), ".layer_norm2.".into()),
-        (r"\.attn\.in_proj_weight$".into(), ".self_attn.qkv.weight".into()),
-        (r"\.attn\.in_proj_bias$".into(), ".self_attn.qkv.bias".into()),
-        (r"\.attn\.out_proj\.".into(), ".self_attn.projection.".into()),
+        (
+            r"\.attn\.in_proj_weight$".into(),
+            ".self_attn.qkv.weight".into(),
+        ),
+        (
+            r"\.attn\.in_proj_bias$".into(),
+            ".self_attn.qkv.bias".into(),
+        ),
+        (
+            r"\.attn\.out_proj\.".into(),
+            ".self_attn.projection.".into(),
+        ),
         (r"\.mlp\.c_fc\.".into(), ".mlp.fc1.".into()),
         (r"\.mlp\.c_proj\.".into(), ".mlp.fc2.".into()),
         (
@@ -86,7 +95,10 @@ pub fn qformer_reverse_key_map(prefix: &str) -> KeyMap {
             r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.".into(),
             "encoder.layer.$1.$2.self.".into(),
         ),
-        (r"^(embeddings|encoder)\.".into(), format!("{prefix}Qformer.bert.$1.")),
+        (
+            r"^(embeddings|encoder)\.".into(),
+            format!("{prefix}Qformer.bert.$1."),
+        ),
         (r"^query_tokens$".into(), format!("{prefix}query_tokens")),
         (
             r"^visual_encoder\.post_layernorm\.".into(),
@@ -114,9 +126,18 @@ pub fn qformer_reverse_key_map(prefix: &str) -> KeyMap {
         ),
         (r"\.layer_norm1\.".into(), ".ln_1.".into()),
         (r"\.layer_norm2\.".into(), ".ln_2.".into()),
-        (r"\.self_attn\.qkv\.weight$".into(), ".attn.in_proj_weight".into()),
-        (r"\.self_attn\.qkv\.bias$".into(), ".attn.in_proj_bias".into()),
-        (r"\.self_attn\.projection\.".into(), ".attn.out_proj.".into()),
+        (
+            r"\.self_attn\.qkv\.weight$".into(),
+            ".attn.in_proj_weight".into(),
+        ),
+        (
+            r"\.self_attn\.qkv\.bias$".into(),
+            ".attn.in_proj_bias".into(),
+        ),
+        (
+            r"\.self_attn\.projection\.".into(),
+            ".attn.out_proj.".into(),
+        ),
         (r"\.mlp\.fc1\.".into(), ".mlp.c_fc.".into()),
         (r"\.mlp\.fc2\.".into(), ".mlp.c_proj.".into()),
     ];
@@ -249,7 +270,11 @@ fn max_abs_diff(a: &TensorData, b: &TensorData) -> Option<f32> {
 /// - with `tied` (the LAVIS default), `Qformer.cls.predictions.decoder.weight` is dropped after checking
 ///   it equals `Qformer.bert.embeddings.word_embeddings.weight`; an untied checkpoint is an error (use
 ///   `tied = false` and a head with its own decoder).
-pub fn heads_state_dict(sd: &StateDict, prefix: &str, tied: bool) -> Result<StateDict, WeightsError> {
+pub fn heads_state_dict(
+    sd: &StateDict,
+    prefix: &str,
+    tied: bool,
+) -> Result<StateDict, WeightsError> {
     let sel = subset(sd, |k| is_heads_key(k, prefix));
     if sel.is_empty() {
         return Err(WeightsError::Read {

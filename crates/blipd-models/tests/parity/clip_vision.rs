@@ -18,7 +18,11 @@ fn fixture_weights(file: &str) -> StateDict {
 #[test]
 fn vision_tower_matches_diffusers() {
     let cfg = config("config.json");
-    assert_eq!(cfg, Blip2VisionConfig::tiny(), "fixture config differs from tiny()");
+    assert_eq!(
+        cfg,
+        Blip2VisionConfig::tiny(),
+        "fixture config differs from tiny()"
+    );
     let model = cfg
         .init::<B>(&device())
         .unwrap()
@@ -73,7 +77,11 @@ fn vision_tower_from_lavis_weights_matches_lavis() {
     // The qformer-level names carry a `visual_encoder.` prefix; the tower alone takes the rest.
     let sd = sd.sub("visual_encoder.");
     assert_eq!(sd.len(), lavis_sd.len());
-    let model = cfg.init::<B>(&device()).unwrap().load_state_dict(sd).unwrap();
+    let model = cfg
+        .init::<B>(&device())
+        .unwrap()
+        .load_state_dict(sd)
+        .unwrap();
     let io = io("clip_vision");
     let out = model.forward(tensor::<4>(&io, "pixel_values"));
     assert_close(
@@ -86,8 +94,14 @@ fn vision_tower_from_lavis_weights_matches_lavis() {
     // Same weights with the diffusers eps (1e-6) drift measurably from LAVIS: the eps is load-bearing.
     let mut cfg6 = cfg.clone();
     cfg6.layer_norm_eps = 1e-6;
-    let sd = lavis::to_diffusers_qformer(&lavis_sd, "").unwrap().sub("visual_encoder.");
-    let m6 = cfg6.init::<B>(&device()).unwrap().load_state_dict(sd).unwrap();
+    let sd = lavis::to_diffusers_qformer(&lavis_sd, "")
+        .unwrap()
+        .sub("visual_encoder.");
+    let m6 = cfg6
+        .init::<B>(&device())
+        .unwrap()
+        .load_state_dict(sd)
+        .unwrap();
     let out6 = m6.forward(tensor::<4>(&io, "pixel_values"));
     let diff = (out6 - out).abs().max().into_scalar();
     assert!(diff > 1e-5, "eps 1e-6 vs 1e-5 should differ, got {diff}");
@@ -110,12 +124,21 @@ fn vision_tower_saves_diffusers_names() {
 #[test]
 fn vision_config_presets() {
     let c = Blip2VisionConfig::blipdiffusion();
-    assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_positions()), (1024, 23, 257));
+    assert_eq!(
+        (c.hidden_size, c.num_hidden_layers, c.num_positions()),
+        (1024, 23, 257)
+    );
     assert_eq!(c.layer_norm_eps, 1e-6);
-    assert_eq!(Blip2VisionConfig::blipdiffusion_lavis().layer_norm_eps, 1e-5);
+    assert_eq!(
+        Blip2VisionConfig::blipdiffusion_lavis().layer_norm_eps,
+        1e-5
+    );
     // Missing fields take transformers' defaults.
     let c: Blip2VisionConfig = serde_json::from_str(r#"{"hidden_size": 1024}"#).unwrap();
-    assert_eq!((c.num_hidden_layers, c.hidden_act.as_str(), c.layer_norm_eps), (39, "gelu", 1e-6));
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_act.as_str(), c.layer_norm_eps),
+        (39, "gelu", 1e-6)
+    );
     let mut bad = Blip2VisionConfig::tiny();
     bad.hidden_act = "swiglu".into();
     assert!(bad.init::<B>(&device()).is_err());

@@ -1,16 +1,24 @@
 //! ProjLayer vs diffusers 0.33.1 `modeling_blip2.ProjLayer` (tests/fixtures/proj, gen_proj.py).
 
 use blipd_models::proj::{reverse_key_map, ProjConfig};
-use blipd_models::weights::{collect_reference, StateDict};
 use blipd_models::read_json;
+use blipd_models::weights::{collect_reference, StateDict};
 
 use crate::common::*;
 
 #[test]
 fn proj_layer_matches_diffusers() {
     let cfg: ProjConfig = read_json(&fixture_dir("proj").join("config.json")).unwrap();
-    assert_eq!(cfg, ProjConfig::tiny(), "fixture config differs from ProjConfig::tiny()");
-    let model = cfg.init::<B>(&device()).unwrap().load(weights("proj")).unwrap();
+    assert_eq!(
+        cfg,
+        ProjConfig::tiny(),
+        "fixture config differs from ProjConfig::tiny()"
+    );
+    let model = cfg
+        .init::<B>(&device())
+        .unwrap()
+        .load(weights("proj"))
+        .unwrap();
     let io = io("proj");
     let y = model.forward(tensor::<3>(&io, "x"));
     assert_close("proj y", y, tensor::<3>(&io, "y"), 1e-4);
@@ -61,5 +69,8 @@ fn proj_layer_load_reports_missing_keys() {
         .load(sd)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("dense2.weight") && err.contains("dense2.bias"), "{err}");
+    assert!(
+        err.contains("dense2.weight") && err.contains("dense2.bias"),
+        "{err}"
+    );
 }
