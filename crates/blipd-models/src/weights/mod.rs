@@ -390,7 +390,7 @@ fn norm_alias_applied(key: &str, applied: &[String]) -> bool {
     } else {
         return false;
     };
-    applied.iter().any(|a| *a == alias)
+    applied.contains(&alias)
 }
 
 /// Collect a module's parameters under reference names (Linear transposed back, norms renamed
