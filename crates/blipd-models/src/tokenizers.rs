@@ -246,20 +246,22 @@ impl ClipTokenizer {
                 )));
             }
         }
-        let bpe = BPE::from_file(&vocab_json.to_string_lossy(), &merges_txt.to_string_lossy())
+        let what = format!(
+            "reading {} + {}",
+            vocab_json.display(),
+            merges_txt.display()
+        );
+        let (vocab, mut merges) =
+            BPE::read_file(&vocab_json.to_string_lossy(), &merges_txt.to_string_lossy())
+                .map_err(|e| tok_err(&what, e))?;
+        // The slow CLIPTokenizer only reads the first 49152 - 256 - 2 merges of the file.
+        merges.truncate(CLIP_NUM_MERGES);
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
             .end_of_word_suffix("</w>".into())
             .unk_token(CLIP_EOS.into())
             .build()
-            .map_err(|e| {
-                tok_err(
-                    format!(
-                        "reading {} + {}",
-                        vocab_json.display(),
-                        merges_txt.display()
-                    ),
-                    e,
-                )
-            })?;
+            .map_err(|e| tok_err(&what, e))?;
         Self::from_bpe(bpe, &vocab_json.display().to_string())
     }
 

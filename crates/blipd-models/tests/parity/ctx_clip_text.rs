@@ -183,6 +183,85 @@ fn ctx_clip_text_weights_strict_and_round_trip() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The pipeline helper: [uncond; cond] with the cond half equal to a manual splice.
+#[test]
+fn ctx_clip_text_blip_diffusion_conditioning() {
+    use blipd_models::ctx_clip_text::blip_diffusion_text_embeddings;
+    use blipd_models::tokenizers::{BlipDiffusionPrompt, ClipTokenizer};
+
+    let tok = ClipTokenizer::from_dir(&fixture_dir("tokenizers").join("tiny_clip")).unwrap();
+    let cfg = ClipTextConfig {
+        vocab_size: tok.vocab_size(),
+        max_position_embeddings: 24,
+        ..ClipTextConfig::tiny()
+    };
+    let model = cfg.init::<B>(&device()).unwrap();
+    let prompt = BlipDiffusionPrompt {
+        prompt_reps: 3,
+        max_position_embeddings: 24,
+        ..Default::default()
+    };
+    let ctx = Tensor::<B, 3>::random(
+        [2, 16, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device(),
+    );
+    let prompts = ["swimming", "in the snow"];
+    let subjects = ["dog", "cat"];
+    let out = blip_diffusion_text_embeddings(
+        &model,
+        &tok,
+        &prompt,
+        &prompts,
+        &subjects,
+        ctx.clone(),
+        2,
+        Some(""),
+    )
+    .unwrap();
+    assert_eq!(out.dims(), [4, 24, 32]);
+    let ids = prompt.cond_tokens(&tok, &prompts, &subjects).unwrap();
+    assert_eq!(ids.seq_len(), 8);
+    let cond = model
+        .forward(ids.ids_tensor::<B>(&device()), Some(ctx.clone()), 2)
+        .unwrap();
+    assert_close(
+        "conditioning cond half",
+        out.clone().narrow(0, 2, 2),
+        cond,
+        0.0,
+    );
+    let unc = prompt.uncond_tokens(&tok, "", 2).unwrap();
+    let unc = model
+        .forward(unc.ids_tensor::<B>(&device()), None, 0)
+        .unwrap();
+    assert_close("conditioning uncond half", out.narrow(0, 0, 2), unc, 0.0);
+    // Without a negative prompt: cond only; a context/prompt count mismatch is an error.
+    let only = blip_diffusion_text_embeddings(
+        &model,
+        &tok,
+        &prompt,
+        &prompts,
+        &subjects,
+        ctx.clone(),
+        2,
+        None,
+    )
+    .unwrap();
+    assert_eq!(only.dims(), [2, 24, 32]);
+    assert!(blip_diffusion_text_embeddings(
+        &model,
+        &tok,
+        &prompt,
+        &prompts[..1],
+        &subjects[..1],
+        ctx,
+        2,
+        None
+    )
+    .is_err());
+}
+
 #[test]
 fn ctx_clip_text_sd15_preset() {
     let c = ClipTextConfig::sd15();
