@@ -122,7 +122,12 @@ pub fn digest_file(path: &Path) -> Result<FileDigest> {
     })
 }
 
-fn walk_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>, dirs: &mut Vec<PathBuf>) -> Result<()> {
+fn walk_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<()> {
     dirs.push(dir.to_path_buf());
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| TrainError::io(dir, e))?
@@ -403,7 +408,11 @@ mod tests {
         }
         let removed = prune_checkpoints(t.path(), 2).unwrap();
         assert_eq!(removed.len(), 2);
-        let left: Vec<u64> = list_checkpoints(t.path()).unwrap().iter().map(|c| c.step).collect();
+        let left: Vec<u64> = list_checkpoints(t.path())
+            .unwrap()
+            .iter()
+            .map(|c| c.step)
+            .collect();
         assert_eq!(left, vec![3, 4]);
         // Re-committing an existing step replaces it.
         write_ckpt(t.path(), 4, "again");

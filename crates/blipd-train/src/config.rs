@@ -237,7 +237,8 @@ where
     if overrides.is_empty() {
         return Ok(base);
     }
-    let mut doc = toml::Table::try_from(&base).map_err(|e| ConfigError::Serialize(e.to_string()))?;
+    let mut doc =
+        toml::Table::try_from(&base).map_err(|e| ConfigError::Serialize(e.to_string()))?;
     for arg in overrides {
         let (key, value) = split_override(arg)?;
         let parts: Vec<&str> = key.split('.').collect();
@@ -427,14 +428,23 @@ width = 8
             ("optimizer.lr.x=1", "optimizer.lr.x"),
         ] {
             let err = parse_config::<Cfg>(GOOD, &[arg.to_string()]).unwrap_err();
-            assert!(matches!(err, ConfigError::UnknownKey { .. }), "{arg}: {err:?}");
+            assert!(
+                matches!(err, ConfigError::UnknownKey { .. }),
+                "{arg}: {err:?}"
+            );
             assert!(err.to_string().contains(key), "{arg}: {err}");
         }
         let err = parse_config::<Cfg>(GOOD, &["train.max_steps=abc".to_string()]).unwrap_err();
-        assert!(matches!(err, ConfigError::InvalidOverride { .. }), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::InvalidOverride { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("max_steps"), "{err}");
         let err = parse_config::<Cfg>(GOOD, &["novalue".to_string()]).unwrap_err();
-        assert!(matches!(err, ConfigError::MalformedOverride { .. }), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::MalformedOverride { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -69,7 +69,10 @@ impl EpochSampler {
 
     /// Selects this rank's slice of every global batch.
     pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
-        assert!(world_size > 0 && rank < world_size, "rank {rank} of {world_size}");
+        assert!(
+            world_size > 0 && rank < world_size,
+            "rank {rank} of {world_size}"
+        );
         self.rank = rank;
         self.world_size = world_size;
         self

@@ -114,7 +114,8 @@ impl<B: Backend, M: Module<B>> Ema<B, M> {
             .into_iter()
             .map(|i| (i.path, i.trainable))
             .collect();
-        let current: HashMap<String, Tensor<B, 1>> = flat_params(&online.valid()).into_iter().collect();
+        let current: HashMap<String, Tensor<B, 1>> =
+            flat_params(&online.valid()).into_iter().collect();
         struct U<'a, B: Backend> {
             stack: PathStack,
             trainable: &'a HashMap<String, bool>,
@@ -128,7 +129,10 @@ impl<B: Backend, M: Module<B>> Ema<B, M> {
             fn exit_module(&mut self, _: &str, _: &str) {
                 self.stack.exit();
             }
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
                 let (id, ema, mapper) = param.consume();
                 let path = self.stack.path();
                 let Some(cur) = self.current.get(&path) else {
@@ -137,7 +141,8 @@ impl<B: Backend, M: Module<B>> Ema<B, M> {
                 let dims = ema.dims();
                 let cur = cur.clone().reshape(dims);
                 let new = if self.trainable.get(&path).copied().unwrap_or(false) {
-                    ema.clone().sub(ema.sub(cur).mul_scalar(self.one_minus_decay))
+                    ema.clone()
+                        .sub(ema.sub(cur).mul_scalar(self.one_minus_decay))
                 } else {
                     cur
                 };

@@ -109,6 +109,15 @@ pub struct AdamW<B: Backend> {
 }
 
 const FORMAT: &str = "blipd-adamw-1";
+const META_KEY: &str = "blipd_adamw";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptimHeader {
+    format: String,
+    /// Update count of each parameter.
+    steps: BTreeMap<String, u64>,
+}
 
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
@@ -153,15 +162,25 @@ impl<B: Backend> AdamW<B> {
         model.map(&mut mapper)
     }
 
-    fn update(&mut self, path: &str, ndim: usize, param: Tensor<B, 1>, grad: Tensor<B, 1>, lr: f64) -> Tensor<B, 1> {
+    fn update(
+        &mut self,
+        path: &str,
+        ndim: usize,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        lr: f64,
+    ) -> Tensor<B, 1> {
         let c = &self.config;
         let [beta1, beta2] = c.betas;
         let decay = c.decays(path, ndim);
-        let st = self.state.entry(path.to_string()).or_insert_with(|| AdamWParamState {
-            step: 0,
-            exp_avg: grad.zeros_like(),
-            exp_avg_sq: grad.zeros_like(),
-        });
+        let st = self
+            .state
+            .entry(path.to_string())
+            .or_insert_with(|| AdamWParamState {
+                step: 0,
+                exp_avg: grad.zeros_like(),
+                exp_avg_sq: grad.zeros_like(),
+            });
         st.step += 1;
         let param = if decay {
             param.mul_scalar(1.0 - lr * c.weight_decay)
@@ -202,11 +221,16 @@ impl<B: Backend> AdamW<B> {
             tensors.push((format!("exp_avg_sq.{p}"), st.exp_avg_sq.clone(), shape));
             steps.insert(p.clone(), st.step);
         }
+        // One metadata key: safetensors keeps the header map in a HashMap, so a single key
+        // keeps the file bytes (and checksums) reproducible.
+        let header = OptimHeader {
+            format: FORMAT.to_string(),
+            steps,
+        };
         let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert(
-            "steps".to_string(),
-            serde_json::to_string(&steps).expect("string map serialises"),
+            META_KEY.to_string(),
+            serde_json::to_string(&header).expect("header serialises"),
         );
         write_tensors(path, tensors, meta)
     }
@@ -225,16 +249,19 @@ impl<B: Backend> AdamW<B> {
             path: path.to_path_buf(),
             message,
         };
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        let header: OptimHeader = serde_json::from_str(meta.get(META_KEY).ok_or_else(|| {
+            bad(format!(
+                "not an optimizer state file (no `{META_KEY}` metadata)"
+            ))
+        })?)
+        .map_err(|e| bad(format!("bad `{META_KEY}` metadata: {e}")))?;
+        if header.format != FORMAT {
             return Err(bad(format!(
-                "not an optimizer state file (format {:?}, expected {FORMAT})",
-                meta.get("format")
+                "optimizer state format `{}`, expected `{FORMAT}`",
+                header.format
             )));
         }
-        let steps: BTreeMap<String, u64> = serde_json::from_str(
-            meta.get("steps").ok_or_else(|| bad("no `steps` metadata".into()))?,
-        )
-        .map_err(|e| bad(format!("bad `steps` metadata: {e}")))?;
+        let steps = header.steps;
         let numels: HashMap<String, usize> = param_infos(model)
             .into_iter()
             .map(|i| (i.path.clone(), i.numel()))
@@ -243,7 +270,9 @@ impl<B: Backend> AdamW<B> {
         let mut state = BTreeMap::new();
         for (p, step) in steps {
             let Some(&numel) = numels.get(&p) else {
-                return Err(bad(format!("state for `{p}`, which the model does not have")));
+                return Err(bad(format!(
+                    "state for `{p}`, which the model does not have"
+                )));
             };
             let load = |prefix: &str| -> Result<Tensor<B, 1>> {
                 let key = format!("{prefix}.{p}");

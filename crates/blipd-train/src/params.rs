@@ -188,11 +188,9 @@ pub(crate) fn write_tensors<B: Backend>(
         views.push((name, view));
     }
     let meta: HashMap<String, String> = metadata.into_iter().collect();
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| {
-        TrainError::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| TrainError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     })
 }
 
@@ -307,7 +305,10 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<M
     load_module_from(module, &file)
 }
 
-pub(crate) fn load_module_from<B: Backend, M: Module<B>>(module: M, file: &TensorFile) -> Result<M> {
+pub(crate) fn load_module_from<B: Backend, M: Module<B>>(
+    module: M,
+    file: &TensorFile,
+) -> Result<M> {
     let st = file.parse()?;
     let infos = param_infos(&module);
     check_keys(&infos, &st, &file.path)?;

@@ -63,7 +63,10 @@ pub fn plot_metrics(metrics_jsonl: &Path, png: &Path, opts: &PlotOptions) -> Res
 /// Renders `(x, y)` points (in x order) into an image.
 pub fn render(series: &[(f64, f64)], opts: &PlotOptions) -> Result<RgbImage, String> {
     if opts.width < LEFT + RIGHT + 20 || opts.height < TOP + BOTTOM + 20 {
-        return Err(format!("plot size {}×{} too small", opts.width, opts.height));
+        return Err(format!(
+            "plot size {}×{} too small",
+            opts.width, opts.height
+        ));
     }
     let pts: Vec<(f64, f64)> = series
         .iter()
@@ -97,7 +100,13 @@ pub fn render(series: &[(f64, f64)], opts: &PlotOptions) -> Result<RgbImage, Str
             fmt_tick(t, (y1 - y0) / 5.0)
         };
         let w = text_width(&label);
-        text(&mut img, LEFT as i64 - 6 - w as i64, py.round() as i64 - 5, &label, AXIS);
+        text(
+            &mut img,
+            LEFT as i64 - 6 - w as i64,
+            py.round() as i64 - 5,
+            &label,
+            AXIS,
+        );
     }
     for t in ticks(x0, x1) {
         let (px, _) = to_px(t, y0);
@@ -112,7 +121,13 @@ pub fn render(series: &[(f64, f64)], opts: &PlotOptions) -> Result<RgbImage, Str
             AXIS,
         );
     }
-    hline(&mut img, LEFT, opts.width - RIGHT, (opts.height - BOTTOM) as i64, AXIS);
+    hline(
+        &mut img,
+        LEFT,
+        opts.width - RIGHT,
+        (opts.height - BOTTOM) as i64,
+        AXIS,
+    );
     vline(&mut img, LEFT as i64, TOP, opts.height - BOTTOM, AXIS);
 
     // Raw curve, then the smoothed one on top.
@@ -299,7 +314,8 @@ mod tests {
         let jsonl = t.path().join("metrics.jsonl");
         let mut text = String::new();
         for s in 1..=200u64 {
-            let loss = 2.0 * (-(s as f64) / 60.0).exp() + 0.1 + 0.02 * ((s * 7919 % 13) as f64 / 13.0);
+            let loss =
+                2.0 * (-(s as f64) / 60.0).exp() + 0.1 + 0.02 * ((s * 7919 % 13) as f64 / 13.0);
             text.push_str(&format!("{{\"step\":{s},\"loss\":{loss},\"lr\":0.001}}\n"));
         }
         text.push_str("{\"step\":201,\"lo"); // torn last line is ignored

@@ -65,7 +65,9 @@ impl LrSchedule {
             ScheduleKind::Constant => self.base_lr,
             ScheduleKind::Cosine => {
                 c.min_lr
-                    + (self.base_lr - c.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                    + (self.base_lr - c.min_lr)
+                        * 0.5
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             ScheduleKind::Linear => c.min_lr + (self.base_lr - c.min_lr) * (1.0 - progress),
         }

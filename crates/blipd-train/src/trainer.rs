@@ -194,10 +194,20 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         while self.step < max {
             let stats = self.train_step(data)?;
             self.log(&stats, data)?;
-            if due(self.step, self.config.sample.every, max, self.config.sample.at_end) {
+            if due(
+                self.step,
+                self.config.sample.every,
+                max,
+                self.config.sample.at_end,
+            ) {
                 self.sample()?;
             }
-            if due(self.step, self.config.checkpoint.every, max, self.config.checkpoint.at_end) {
+            if due(
+                self.step,
+                self.config.checkpoint.every,
+                max,
+                self.config.checkpoint.at_end,
+            ) {
                 self.save_checkpoint(data)?;
             }
             last = Some(stats);
@@ -212,7 +222,10 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches.
-    pub fn train_step<D: BatchSource<Batch = S::Batch>>(&mut self, data: &mut D) -> Result<StepStats> {
+    pub fn train_step<D: BatchSource<Batch = S::Batch>>(
+        &mut self,
+        data: &mut D,
+    ) -> Result<StepStats> {
         let t0 = Instant::now();
         let accum = self.config.train.grad_accum_steps;
         let model = self.model.take().expect("model present");
@@ -265,13 +278,18 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         // One device→host read per step: loss, metrics, grad-norm.
         let mut scalars = vec![loss_sum.expect("accum >= 1").div_scalar(accum as f64)];
         let names: Vec<String> = metric_sums.keys().cloned().collect();
-        scalars.extend(metric_sums.into_values().map(|v| v.div_scalar(accum as f64)));
+        scalars.extend(
+            metric_sums
+                .into_values()
+                .map(|v| v.div_scalar(accum as f64)),
+        );
         scalars.push(norm);
         let mut host: Vec<f64> = Tensor::cat(scalars, 0).into_data().iter::<f64>().collect();
         let grad_norm = host.pop().expect("norm read back");
         self.sync.all_reduce_mean(&mut host)?;
         let loss = host[0];
-        let metrics: BTreeMap<String, f64> = names.into_iter().zip(host[1..].iter().copied()).collect();
+        let metrics: BTreeMap<String, f64> =
+            names.into_iter().zip(host[1..].iter().copied()).collect();
 
         let lr = self.schedule.lr(self.step);
         let finite = loss.is_finite() && grad_norm.is_finite();
@@ -314,7 +332,10 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
 
     /// Restores the newest valid checkpoint of the run directory (skipping corrupt ones with a
     /// warning). Returns its step, or `None` when there is none (a fresh start).
-    pub fn resume<D: BatchSource<Batch = S::Batch>>(&mut self, data: &mut D) -> Result<Option<u64>> {
+    pub fn resume<D: BatchSource<Batch = S::Batch>>(
+        &mut self,
+        data: &mut D,
+    ) -> Result<Option<u64>> {
         self.checked_resume = true;
         let run_dir = self.config.run.dir.clone();
         if self.sync.rank() == 0 {
@@ -342,7 +363,8 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
 
         let model = self.model.take().expect("model present");
         let model = load_module(model, &dir.join(files::MODEL))?;
-        self.optim.load(&dir.join(files::OPTIMIZER), &model, &self.device)?;
+        self.optim
+            .load(&dir.join(files::OPTIMIZER), &model, &self.device)?;
         if let Some(ema) = &mut self.ema {
             let p = dir.join(files::EMA);
             if p.exists() {
@@ -350,15 +372,18 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 ema.set_model(m);
                 ema.optimization_step = state.ema_step.unwrap_or(state.step);
             } else {
-                tracing::warn!("checkpoint has no EMA weights: EMA starts from the resumed weights");
+                tracing::warn!(
+                    "checkpoint has no EMA weights: EMA starts from the resumed weights"
+                );
                 *ema = Ema::new::<B, S::Model>(self.config.ema.clone(), &model);
             }
         }
         self.model = Some(model);
-        self.rng = TrainRng::from_state(&rank.stage_rng).map_err(|reason| TrainError::Checkpoint {
-            path: dir.join(&rank_file),
-            reason,
-        })?;
+        self.rng =
+            TrainRng::from_state(&rank.stage_rng).map_err(|reason| TrainError::Checkpoint {
+                path: dir.join(&rank_file),
+                reason,
+            })?;
         data.load_state(&rank.data)?;
         let stage_dir = dir.join(files::STAGE_DIR);
         if stage_dir.is_dir() {
@@ -374,7 +399,10 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
     }
 
     /// Writes a checkpoint of the current step (all ranks must call it; rank 0 commits).
-    pub fn save_checkpoint<D: BatchSource<Batch = S::Batch>>(&mut self, data: &D) -> Result<PathBuf> {
+    pub fn save_checkpoint<D: BatchSource<Batch = S::Batch>>(
+        &mut self,
+        data: &D,
+    ) -> Result<PathBuf> {
         let run_dir = self.config.run.dir.clone();
         let (rank, main) = (self.sync.rank(), self.sync.rank() == 0);
         let pending = if main {
@@ -436,7 +464,12 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         if self.sync.rank() != 0 {
             return Ok(());
         }
-        let dir = self.config.run.dir.join("samples").join(format!("step-{:09}", self.step));
+        let dir = self
+            .config
+            .run
+            .dir
+            .join("samples")
+            .join(format!("step-{:09}", self.step));
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         let ctx = SampleContext {
             step: self.step,
@@ -488,7 +521,9 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
             ));
         }
         self.window.push(stats.clone());
-        if stats.step % self.config.train.log_every != 0 && stats.step != self.config.train.max_steps {
+        if stats.step % self.config.train.log_every != 0
+            && stats.step != self.config.train.max_steps
+        {
             return Ok(());
         }
         let w = std::mem::take(&mut self.window);
@@ -496,11 +531,18 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         let mean = |f: &dyn Fn(&StepStats) -> f64| w.iter().map(f).sum::<f64>() / n;
         let mut extra = BTreeMap::new();
         for k in stats.metrics.keys() {
-            extra.insert(k.clone(), mean(&|s| s.metrics.get(k).copied().unwrap_or(f64::NAN)));
+            extra.insert(
+                k.clone(),
+                mean(&|s| s.metrics.get(k).copied().unwrap_or(f64::NAN)),
+            );
         }
         let record = MetricsRecord {
             step: stats.step,
-            loss: if w.len() == 1 { stats.loss } else { mean(&|s| s.loss) },
+            loss: if w.len() == 1 {
+                stats.loss
+            } else {
+                mean(&|s| s.loss)
+            },
             lr: stats.lr,
             grad_norm: Some(mean(&|s| s.grad_norm)),
             samples_per_s: w.iter().map(|s| s.samples as f64).sum::<f64>()
@@ -532,7 +574,11 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         }
         if self.sync.rank() == 0 {
             let dir = &self.config.run.dir;
-            if let Err(e) = plot_metrics(&dir.join(METRICS_FILE), &dir.join("loss.png"), &PlotOptions::default()) {
+            if let Err(e) = plot_metrics(
+                &dir.join(METRICS_FILE),
+                &dir.join("loss.png"),
+                &PlotOptions::default(),
+            ) {
                 tracing::warn!("could not plot the loss curve: {e}");
             }
         }
@@ -549,13 +595,19 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         let Ok(text) = std::fs::read_to_string(saved) else {
             return;
         };
-        let (Ok(old), Ok(new)) = (text.parse::<toml::Table>(), self.config_toml.parse::<toml::Table>()) else {
+        let (Ok(old), Ok(new)) = (
+            text.parse::<toml::Table>(),
+            self.config_toml.parse::<toml::Table>(),
+        ) else {
             return;
         };
         let mut changed = Vec::new();
         diff_tables("", &old, &new, &mut changed);
         if !changed.is_empty() {
-            tracing::warn!("config differs from the checkpoint's: {}", changed.join(", "));
+            tracing::warn!(
+                "config differs from the checkpoint's: {}",
+                changed.join(", ")
+            );
         }
     }
 
@@ -621,9 +673,15 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 fn diff_tables(prefix: &str, old: &toml::Table, new: &toml::Table, out: &mut Vec<String>) {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for k in keys {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match (old.get(k), new.get(k)) {
-            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => diff_tables(&key, a, b, out),
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                diff_tables(&key, a, b, out)
+            }
             (a, b) if a != b => out.push(key),
             _ => {}
         }

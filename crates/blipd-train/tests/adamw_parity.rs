@@ -35,7 +35,11 @@ struct Fixture {
     steps: Vec<Step>,
 }
 
-fn tensor<const D: usize, BB: Backend>(v: &[f32], shape: &[usize], dev: &BB::Device) -> Tensor<BB, D> {
+fn tensor<const D: usize, BB: Backend>(
+    v: &[f32],
+    shape: &[usize],
+    dev: &BB::Device,
+) -> Tensor<BB, D> {
     Tensor::from_data(TensorData::new(v.to_vec(), shape.to_vec()), dev)
 }
 
@@ -90,8 +94,14 @@ fn adamw_and_clipping_match_torch() {
         }
         assert!(model.w.val().is_require_grad(), "params stay trainable");
     }
-    println!("AdamW vs torch: max-abs error {max_err:e} over {} steps", fx.steps.len());
-    assert!(clipped_steps > 0 && clipped_steps < fx.steps.len(), "fixture exercises both cases");
+    println!(
+        "AdamW vs torch: max-abs error {max_err:e} over {} steps",
+        fx.steps.len()
+    );
+    assert!(
+        clipped_steps > 0 && clipped_steps < fx.steps.len(),
+        "fixture exercises both cases"
+    );
     assert!(max_err <= 1e-6, "max-abs error {max_err}");
     let st = optim.state();
     assert_eq!(st["w"].step, fx.steps.len() as u64);
