@@ -30,6 +30,10 @@
 //! Stage-1 heads (`vision_proj`, `text_proj`, `itm_head`, `temp`, LM head `cls.predictions.*`) live in
 //! [`QFormerHeads`], outside the diffusers component so that it stays strictly loadable from diffusers
 //! weights.
+//!
+//! Dropout (`hidden_dropout_prob`, `attention_probs_dropout_prob`, 0.1 in BERT) follows Burn's convention:
+//! active only on autodiff backends. Run frozen/eval passes on `B::InnerBackend` (`module.valid()`) to get
+//! PyTorch `eval()` numerics there.
 
 use burn::module::Param;
 use burn::nn::{
@@ -1035,4 +1039,15 @@ pub fn heads_reverse_key_map() -> KeyMap {
         (r"^cls\.", "Qformer.cls."),
         (r"(^|\.)layer_norm\.", "${1}LayerNorm."),
     ])
+}
+
+/// ITG decoder inputs: `input_ids` with the first column (`[CLS]`) replaced by `dec_token_id`
+/// (`[DEC]`, LAVIS `decoder_input_ids[:, 0] = tokenizer.bos_token_id`).
+pub fn itg_decoder_input_ids<B: Backend>(
+    input_ids: Tensor<B, 2, Int>,
+    dec_token_id: i64,
+) -> Tensor<B, 2, Int> {
+    let [b, _] = input_ids.dims();
+    let dec = Tensor::<B, 2, Int>::full([b, 1], dec_token_id, &input_ids.device());
+    input_ids.slice_assign([0..b, 0..1], dec)
 }

@@ -2,7 +2,8 @@
 //! heads) — tests/fixtures/qformer, gen_qformer.py.
 
 use blipd_models::qformer::{
-    reverse_key_map, Blip2Config, Blip2QFormerModel, QFormerHeads, QFormerHeadsConfig, QueryCache,
+    itg_decoder_input_ids, reverse_key_map, Blip2Config, Blip2QFormerModel, QFormerHeads,
+    QFormerHeadsConfig, QueryCache,
 };
 use blipd_models::weights::{collect_reference, lavis, StateDict};
 use burn::prelude::*;
@@ -140,7 +141,14 @@ fn itg_causal_text_matches_lavis_both_ways() {
     let h = heads();
     let io = io("qformer");
     let image = tensor::<3>(&io, "image_embeds");
-    let ids = int_tensor::<2>(&io, "decoder_input_ids");
+    let ids = itg_decoder_input_ids(
+        int_tensor::<2>(&io, "input_ids"),
+        QFormerHeadsConfig::tiny().dec_token_id,
+    );
+    assert_eq!(
+        ids.clone().into_data(),
+        int_tensor::<2>(&io, "decoder_input_ids").into_data()
+    );
     let mask = int_tensor::<2>(&io, "attention_mask");
     let (_, cache) = m.query_pass(&image);
     let cached = m.causal_text_cached(&cache, ids.clone(), mask.clone());
