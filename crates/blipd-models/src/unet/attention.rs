@@ -21,9 +21,12 @@
 //!   kernel, which matters for memory: a materialised 64×64 self-attention map is
 //!   `B · 8 · 4096² · 4 B` = 512 MiB per latent in f32 (performance.md / burn.md §3).
 //!
-//! SD-1.5 has 32 hooked layers per forward (16 self + 16 cross: down 12, mid 2, up 18), so a
-//! controller that counts calls knows a denoising step is over after
-//! [`super::UNet2DConditionModel::num_attention_layers`] calls (LAVIS counts the same way).
+//! * [`AttentionHook::forward_done`] is called at the end of each U-Net forward (one denoising step
+//!   of a CFG-batched sampler), for step bookkeeping.
+//!
+//! SD-1.5 has 32 attention layers per forward (16 self + 16 cross: down 12, mid 2, up 18;
+//! [`super::UNet2DConditionModel::num_attention_layers`]); `AttentionSite::index` runs over all of
+//! them, including layers a hook did not want.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear};
@@ -95,6 +98,14 @@ pub trait AttentionHook<B: Backend> {
 
     /// `probs`: `[batch, heads, query_pixels, key_len]`. Return the probabilities to use (same shape).
     fn on_attention(&mut self, site: &AttentionSite, probs: Tensor<B, 4>) -> Tensor<B, 4>;
+
+    /// Called once at the end of every U-Net forward that carried this hook, with the number of
+    /// attention layers the pass ran (wanted or not). One forward is one denoising step for a
+    /// CFG-batched sampler, so this is where a controller does LAVIS's `between_steps` bookkeeping.
+    /// (`ControlNetModel::forward_with` does not call it.) Default: nothing.
+    fn forward_done(&mut self, layers: usize) {
+        let _ = layers;
+    }
 }
 
 /// How attention is computed where no hook asks for the probabilities.
@@ -133,6 +144,14 @@ impl<'a, B: Backend> AttentionContext<'a, B> {
     /// Number of attention calls made so far in this forward pass.
     pub fn calls(&self) -> usize {
         self.next_index
+    }
+
+    /// End of a U-Net forward: tell the hook how many layers ran.
+    pub(crate) fn finish(mut self) {
+        let calls = self.next_index;
+        if let Some(hook) = self.hook.as_deref_mut() {
+            hook.forward_done(calls);
+        }
     }
 
     pub(crate) fn enter(&mut self, place: UNetPlace, block: usize) {

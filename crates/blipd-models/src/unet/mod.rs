@@ -786,6 +786,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             );
         }
 
+        actx.finish();
         let x = silu(self.conv_norm_out.forward(x));
         self.conv_out.forward(x)
     }

@@ -120,6 +120,7 @@ struct Recorder {
     sites: Vec<AttentionSite>,
     shapes: Vec<[usize; 4]>,
     worst_row_sum_error: f32,
+    forwards: Vec<usize>,
 }
 
 impl AttentionHook<B> for Recorder {
@@ -129,6 +130,10 @@ impl AttentionHook<B> for Recorder {
         let err = (probs.clone().sum_dim(3) - 1.0).abs().max().into_scalar();
         self.worst_row_sum_error = self.worst_row_sum_error.max(err);
         probs
+    }
+
+    fn forward_done(&mut self, layers: usize) {
+        self.forwards.push(layers);
     }
 }
 
@@ -160,6 +165,7 @@ fn attention_hook_sees_every_layer_and_identity_is_exact() {
     // down_blocks.0: 1 transformer (self, cross); mid: 1; up_blocks.1: 2 → 8 calls.
     assert_eq!(unet.num_attention_layers(), 8);
     assert_eq!(rec.sites.len(), 8);
+    assert_eq!(rec.forwards, vec![8]);
     let expect = [
         (UNetPlace::Down, 0, 0, false, 2, 16),
         (UNetPlace::Down, 0, 0, true, 2, 16),
@@ -236,6 +242,7 @@ fn replacing_hook_changes_the_output() {
 /// Stand-in for LAVIS's store: only maps with ≤ 8² query pixels (the mid block here).
 struct SmallMapsOnly {
     pixels: Vec<usize>,
+    indices: Vec<usize>,
 }
 
 impl AttentionHook<B> for SmallMapsOnly {
@@ -245,6 +252,7 @@ impl AttentionHook<B> for SmallMapsOnly {
 
     fn on_attention(&mut self, site: &AttentionSite, probs: Tensor<B, 4>) -> Tensor<B, 4> {
         self.pixels.push(site.query_pixels());
+        self.indices.push(site.index);
         probs
     }
 }
@@ -253,7 +261,10 @@ impl AttentionHook<B> for SmallMapsOnly {
 fn hook_filter_skips_unwanted_layers() {
     let unet = model();
     let io = io("unet");
-    let mut hook = SmallMapsOnly { pixels: vec![] };
+    let mut hook = SmallMapsOnly {
+        pixels: vec![],
+        indices: vec![],
+    };
     let out = unet.forward(
         tensor(&io, "sample"),
         tensor(&io, "timesteps"),
@@ -261,6 +272,11 @@ fn hook_filter_skips_unwanted_layers() {
         Some(UNetExtras::hook(&mut hook)),
     );
     assert_eq!(hook.pixels, vec![64, 64]);
+    assert_eq!(
+        hook.indices,
+        vec![2, 3],
+        "indices count the skipped layers too"
+    );
     assert_close("unet out with filtered hook", out, tensor(&io, "out"), TOL);
 }
 
@@ -307,10 +323,10 @@ fn missing_weight_is_reported_by_name() {
     let mut sd = weights("unet");
     sd.drop_keys(|k| k == "mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight");
     let unet = config().init::<B>(&device()).unwrap();
-    let err = unet::load_state_dict(unet, sd)
-        .err()
-        .expect("must fail")
-        .to_string();
+    let err = match unet::load_state_dict(unet, sd) {
+        Ok(_) => panic!("loading with a missing tensor must fail"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("mid_block.attentions.0.transformer_blocks.0.ff.net_2.weight"),
         "{err}"
