@@ -908,6 +908,27 @@ mod tests {
     }
 
     #[test]
+    fn trains_under_autodiff() {
+        use burn::module::AutodiffModule;
+        type AD = burn::backend::Autodiff<TB>;
+        let dev = Default::default();
+        let unet = UNet2DConditionConfig::tiny().init::<AD>(&dev).unwrap();
+        let x = Tensor::<AD, 4>::random([1, 4, 8, 8], burn::tensor::Distribution::Default, &dev);
+        let ctx = Tensor::<AD, 3>::random([1, 5, 24], burn::tensor::Distribution::Default, &dev);
+        let out = unet.forward(x, Tensor::from_floats([10.0], &dev), ctx, None);
+        let grads = out.powi_scalar(2).mean().backward();
+        let g = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+            .attn2
+            .to_k
+            .weight
+            .grad(&grads)
+            .expect("cross-attention key projection gets a gradient");
+        assert!(g.abs().sum().into_scalar() > 0.0);
+        let inner = unet.valid();
+        assert_eq!(inner.config, UNet2DConditionConfig::tiny());
+    }
+
+    #[test]
     fn config_defaults_match_diffusers() {
         let c: UNet2DConditionConfig = serde_json::from_str(
             r#"{"cross_attention_dim": 768, "sample_size": 64, "_class_name": "UNet2DConditionModel"}"#,
