@@ -151,11 +151,11 @@ impl TrainerConfig {
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return bad("optimizer.betas", "each beta must be in [0, 1)");
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return bad("optimizer.eps", "must be positive");
         }
         if let Some(m) = o.max_grad_norm {
-            if !(m > 0.0) {
+            if m.is_nan() || m <= 0.0 {
                 return bad("optimizer.max_grad_norm", "must be positive");
             }
         }

@@ -521,7 +521,7 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
             ));
         }
         self.window.push(stats.clone());
-        if stats.step % self.config.train.log_every != 0
+        if !stats.step.is_multiple_of(self.config.train.log_every)
             && stats.step != self.config.train.max_steps
         {
             return Ok(());
@@ -651,7 +651,7 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
 }
 
 fn due(step: u64, every: u64, max: u64, at_end: bool) -> bool {
-    (every > 0 && step % every == 0) || (at_end && step == max)
+    (every > 0 && step.is_multiple_of(every)) || (at_end && step == max)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

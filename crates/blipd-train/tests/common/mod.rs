@@ -187,7 +187,7 @@ impl Stage<B> for MlpStage {
             &device,
         ));
         let text = format!("{:?}", pred.to_data().to_vec::<f32>().unwrap());
-        std::fs::write(ctx.dir.join("pred.txt"), text).map_err(|e| TrainError::stage(e))?;
+        std::fs::write(ctx.dir.join("pred.txt"), text).map_err(TrainError::stage)?;
         self.samples_written.push(ctx.step);
         Ok(())
     }
@@ -199,13 +199,12 @@ impl Stage<B> for MlpStage {
             }
         }
         let text = serde_json::to_string(&MlpStageState { calls: self.calls }).unwrap();
-        std::fs::write(dir.join("state.json"), text).map_err(|e| TrainError::stage(e))
+        std::fs::write(dir.join("state.json"), text).map_err(TrainError::stage)
     }
 
     fn load_state(&mut self, dir: &Path) -> Result<()> {
-        let text =
-            std::fs::read_to_string(dir.join("state.json")).map_err(|e| TrainError::stage(e))?;
-        let s: MlpStageState = serde_json::from_str(&text).map_err(|e| TrainError::stage(e))?;
+        let text = std::fs::read_to_string(dir.join("state.json")).map_err(TrainError::stage)?;
+        let s: MlpStageState = serde_json::from_str(&text).map_err(TrainError::stage)?;
         self.calls = s.calls;
         Ok(())
     }
