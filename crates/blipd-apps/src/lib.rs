@@ -1,1 +1,14 @@
-//! (under construction)
+//! BLIP-Diffusion applications built on `blipd-models`.
+//!
+//! - [`generate`]: zero-shot subject-driven generation, the equivalent of diffusers'
+//!   `BlipDiffusionPipeline` (and of LAVIS `BlipDiffusion.generate` with its preprocessing options).
+//! - [`preprocess`]: reference-image preprocessing (diffusers squash-resize or LAVIS shorter-side resize +
+//!   centre crop), byte-exact with Pillow's bicubic resampling.
+
+pub mod error;
+pub mod generate;
+pub mod preprocess;
+
+pub use error::AppError;
+pub use generate::{BlipDiffusionPipeline, GenerateOptions, GenerateOutput};
+pub use preprocess::{preprocess_reference, ReferenceResize, RgbImage};

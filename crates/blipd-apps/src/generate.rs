@@ -1,0 +1,566 @@
+//! Zero-shot subject-driven generation: the equivalent of diffusers' `BlipDiffusionPipeline`
+//! (0.33.1) and LAVIS `BlipDiffusion.generate` (model.md §1.8, §5.1).
+//!
+//! Dataflow for a batch of B requests:
+//!
+//! 1. reference image → `[B, 3, S, S]` normalised pixels ([`crate::preprocess`]);
+//! 2. Q-Former (ViT + BERT queries cross-attending, subject text `[CLS] cond_subject [SEP]`) →
+//!    ProjLayer → subject ("ctx") embeddings `[B, Q, D]`;
+//! 3. prompt `"a {tgt_subject} {prompt}"` repeated `int(prompt_strength · prompt_reps)` times, joined by
+//!    `", "`, tokenized to `77 − Q` tokens; ctx spliced after token `ctx_begin_pos` (2) → context CLIP
+//!    text encoder → `[B, 77, D]`; negative prompt (no ctx) → `[B, 77, D]`; CFG batch `[uncond; cond]`;
+//! 4. PLMS (PNDM, `skip_prk_steps`) over `num_inference_steps` (+1 network call), with
+//!    `ε = ε_u + g·(ε_c − ε_u)` when `g > 1`;
+//! 5. VAE decode of `latents / scaling_factor` → `(x/2 + 0.5).clamp(0, 1)`.
+
+use std::path::Path;
+
+use blipd_models::ctx_clip_text::{ContextClipTextModel, DEFAULT_CTX_BEGIN_POS};
+use blipd_models::qformer::{Blip2Config, Blip2QFormerModel};
+use blipd_models::schedulers::{PndmScheduler, PndmSchedulerConfig};
+use blipd_models::tokenizers::{
+    BertTokenizer, BlipDiffusionPrompt, ClipTokenizer, TextNormalization, TokenBatch,
+};
+use blipd_models::unet::{self, UNet2DConditionModel};
+use blipd_models::vae::{to_uint8_image, AutoencoderKL, Uint8Images};
+use blipd_models::weights::{DiffusersFolder, StateDict};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+use crate::preprocess::{preprocess_reference, ReferenceResize, RgbImage, CLIP_MEAN, CLIP_STD};
+use crate::AppError;
+
+/// Sampling and prompt options (defaults = diffusers `BlipDiffusionPipeline.__call__`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// Classifier-free guidance scale; CFG runs only when `> 1` (7.5).
+    pub guidance_scale: f64,
+    /// PNDM steps (50); the U-Net runs `num_inference_steps + 1` times.
+    pub num_inference_steps: usize,
+    /// Output size in pixels (512 × 512). The latent size is `height // 2^(len(unet blocks) − 1)`, as
+    /// diffusers computes it.
+    pub height: usize,
+    pub width: usize,
+    /// Negative prompt for the unconditional branch (`""`).
+    pub neg_prompt: String,
+    /// Prompt amplification: the built prompt is repeated `int(prompt_strength · prompt_reps)` times.
+    pub prompt_strength: f64,
+    pub prompt_reps: usize,
+    /// Subject / prompt normalisation (diffusers: none; LAVIS notebooks: `blip_caption`).
+    pub normalization: TextNormalization,
+    /// Reference-image resize (diffusers squash vs LAVIS shorter side + centre crop).
+    pub reference_resize: ReferenceResize,
+    /// Seed for the initial latents when none are given (Burn's RNG; not torch's).
+    pub seed: u64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            guidance_scale: 7.5,
+            num_inference_steps: 50,
+            height: 512,
+            width: 512,
+            neg_prompt: String::new(),
+            prompt_strength: 1.0,
+            prompt_reps: 20,
+            normalization: TextNormalization::None,
+            reference_resize: ReferenceResize::Diffusers,
+            seed: 42,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// LAVIS `BlipDiffusion.generate` as its notebooks call it: shorter-side resize + centre crop and
+    /// `blip_caption` text normalisation (other defaults are the same as diffusers').
+    pub fn lavis() -> Self {
+        Self {
+            normalization: TextNormalization::lavis(),
+            reference_resize: ReferenceResize::Lavis,
+            ..Self::default()
+        }
+    }
+
+    fn do_cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// What [`BlipDiffusionPipeline::denoise`] reports after each scheduler step.
+pub struct StepInfo<'a, B: Backend> {
+    /// Index of the network call (0-based; `num_inference_steps + 1` calls in all).
+    pub index: usize,
+    pub timestep: usize,
+    /// Guided noise prediction of this call.
+    pub noise_pred: &'a Tensor<B, 4>,
+    /// Latents after the step.
+    pub latents: &'a Tensor<B, 4>,
+}
+
+/// Result of a generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOutput<B: Backend> {
+    /// Images `[B, 3, H, W]` in `[0, 1]` (diffusers `output_type="pt"`).
+    pub images: Tensor<B, 4>,
+    /// Final latents `[B, 4, h, w]` (before the VAE).
+    pub latents: Tensor<B, 4>,
+}
+
+impl<B: Backend> GenerateOutput<B> {
+    /// 8-bit NHWC images, as diffusers' `output_type="pil"` produces them.
+    pub fn to_uint8(&self) -> Result<Uint8Images, AppError> {
+        // to_uint8_image expects [-1, 1]; images are already in [0, 1].
+        Ok(to_uint8_image(
+            self.images.clone().mul_scalar(2.0).sub_scalar(1.0),
+        )?)
+    }
+}
+
+/// The networks, tokenizers and scheduler of BLIP-Diffusion zero-shot generation.
+#[derive(Debug)]
+pub struct BlipDiffusionPipeline<B: Backend> {
+    /// ViT + Q-Former + ProjLayer (diffusers `qformer/`).
+    pub qformer: Blip2QFormerModel<B>,
+    /// Context CLIP text encoder (`text_encoder/`).
+    pub text_encoder: ContextClipTextModel<B>,
+    pub unet: UNet2DConditionModel<B>,
+    pub vae: AutoencoderKL<B>,
+    /// Sampler config (`scheduler/scheduler_config.json`, else [`PndmSchedulerConfig::blip_diffusion`]).
+    pub scheduler: PndmSchedulerConfig,
+    /// CLIP tokenizer of the text encoder (`tokenizer/`).
+    pub tokenizer: ClipTokenizer,
+    /// BERT-uncased tokenizer of the Q-Former (+ `[DEC]`).
+    pub qformer_tokenizer: BertTokenizer,
+    /// ViT input size `S` (preprocessor `size`, else the vision config's `image_size`).
+    pub image_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    /// Where the subject embeddings are spliced into the prompt tokens (2: after BOS and "a").
+    pub ctx_begin_pos: usize,
+    pub device: B::Device,
+}
+
+fn folder_err(path: &Path, message: impl Into<String>) -> AppError {
+    AppError::Folder {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn rgb_triplet(
+    v: Option<&serde_json::Value>,
+    what: &str,
+    path: &Path,
+) -> Result<Option<[f32; 3]>, AppError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Array(a)) if a.len() == 3 => {
+            let mut out = [0f32; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x
+                    .as_f64()
+                    .ok_or_else(|| folder_err(path, format!("`{what}` holds a non-number")))?
+                    as f32;
+            }
+            Ok(Some(out))
+        }
+        Some(serde_json::Value::Number(n)) => {
+            let x = n.as_f64().unwrap_or(0.0) as f32;
+            Ok(Some([x; 3]))
+        }
+        Some(other) => Err(folder_err(
+            path,
+            format!("`{what}` must be 3 numbers, got {other}"),
+        )),
+    }
+}
+
+impl<B: Backend> BlipDiffusionPipeline<B> {
+    /// Load a diffusers BlipDiffusion folder (a local copy of `Salesforce/blipdiffusion`):
+    /// `qformer/`, `text_encoder/`, `unet/`, `vae/`, `tokenizer/`, optional `scheduler/` and
+    /// `image_processor/`, `model_index.json` (`ctx_begin_pos`, `mean`, `std`).
+    ///
+    /// The Q-Former's BERT vocabulary is not part of the released folder: it is looked up as
+    /// `qformer/vocab.txt`, then `bert_vocab`, then `$BLIPD_BERT_VOCAB`.
+    pub fn load(
+        dir: &Path,
+        bert_vocab: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<Self, AppError> {
+        let folder = DiffusersFolder::open(dir)?;
+
+        let qdir = folder.component("qformer");
+        let qcfg = Blip2Config::from_file(&qdir.config_path())?;
+        let qformer = qcfg
+            .init::<B>(device)?
+            .load_state_dict(StateDict::read(&qdir.weight_file()?)?)?;
+
+        let text_encoder = ContextClipTextModel::from_dir(&dir.join("text_encoder"), device)?;
+        let unet = unet::load(&folder.component("unet"), device)?;
+        let (vae, _) = AutoencoderKL::load(&folder.component("vae"), device)?;
+
+        let sched_path = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler = if sched_path.is_file() {
+            PndmSchedulerConfig::from_file(&sched_path)?
+        } else {
+            PndmSchedulerConfig::blip_diffusion()
+        };
+        PndmScheduler::<B>::new(scheduler.clone())?; // validate now, not at the first step
+
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let qformer_tokenizer = BertTokenizer::resolve(Some(dir), bert_vocab)?;
+
+        let mut image_size = qcfg.vision_config.image_size;
+        let (mut image_mean, mut image_std) = (CLIP_MEAN, CLIP_STD);
+        let pp = dir.join("image_processor").join("preprocessor_config.json");
+        if pp.is_file() {
+            let v: serde_json::Value = blipd_models::read_json(&pp)?;
+            if let Some(size) = v.get("size") {
+                let (h, w) = (
+                    size.get("height").and_then(|x| x.as_u64()),
+                    size.get("width").and_then(|x| x.as_u64()),
+                );
+                match (h, w) {
+                    (Some(h), Some(w)) if h == w => image_size = h as usize,
+                    _ => {
+                        return Err(folder_err(
+                            &pp,
+                            format!("`size` must be a square {{height, width}}, got {size}"),
+                        ))
+                    }
+                }
+            }
+            if let Some(m) = rgb_triplet(v.get("image_mean"), "image_mean", &pp)? {
+                image_mean = m;
+            }
+            if let Some(s) = rgb_triplet(v.get("image_std"), "image_std", &pp)? {
+                image_std = s;
+            }
+        }
+        let idx = dir.join("model_index.json");
+        if let Some(m) = rgb_triplet(folder.index.get("mean"), "mean", &idx)? {
+            image_mean = m;
+        }
+        if let Some(s) = rgb_triplet(folder.index.get("std"), "std", &idx)? {
+            image_std = s;
+        }
+        if image_size != qcfg.vision_config.image_size {
+            return Err(folder_err(
+                &pp,
+                format!(
+                    "image processor size {image_size} differs from the ViT's image_size {}",
+                    qcfg.vision_config.image_size
+                ),
+            ));
+        }
+        let ctx_begin_pos = folder
+            .index_usize("ctx_begin_pos")
+            .unwrap_or(DEFAULT_CTX_BEGIN_POS);
+
+        Ok(Self {
+            qformer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            tokenizer,
+            qformer_tokenizer,
+            image_size,
+            image_mean,
+            image_std,
+            ctx_begin_pos,
+            device: device.clone(),
+        })
+    }
+
+    /// Reference image → normalised pixels `[1, 3, S, S]`.
+    pub fn preprocess(
+        &self,
+        image: &RgbImage,
+        mode: ReferenceResize,
+    ) -> Result<Tensor<B, 4>, AppError> {
+        preprocess_reference(
+            image,
+            self.image_size,
+            mode,
+            self.image_mean,
+            self.image_std,
+            &self.device,
+        )
+    }
+
+    /// Subject embeddings `[B, Q, D]` from reference pixels `[B or 1, 3, S, S]` (a single image is
+    /// shared by all B subjects) and the source subject categories.
+    pub fn subject_embeddings(
+        &self,
+        pixels: Tensor<B, 4>,
+        cond_subjects: &[&str],
+        normalization: TextNormalization,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let b = cond_subjects.len();
+        let [pb, c, h, w] = pixels.dims();
+        if b == 0 {
+            return Err(AppError::Request("no subjects".into()));
+        }
+        if (c, h, w) != (3, self.image_size, self.image_size) {
+            return Err(AppError::Request(format!(
+                "reference pixels are [{pb}, {c}, {h}, {w}]; expected [B, 3, {s}, {s}]",
+                s = self.image_size
+            )));
+        }
+        let pixels = match pb {
+            _ if pb == b => pixels,
+            1 => pixels.repeat_dim(0, b),
+            _ => {
+                return Err(AppError::Request(format!(
+                    "{pb} reference images for {b} subjects (give one, or one per subject)"
+                )))
+            }
+        };
+        let subjects: Vec<String> = cond_subjects
+            .iter()
+            .map(|s| normalization.apply(s))
+            .collect();
+        let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        let tokens = self.qformer_tokenizer.encode_batch(&refs)?;
+        let ids = tokens.ids_tensor::<B>(&self.device);
+        let mask = int_mask::<B>(&tokens, &self.device);
+        Ok(self.qformer.forward(pixels, ids, mask))
+    }
+
+    fn prompt_builder(&self, opts: &GenerateOptions) -> BlipDiffusionPrompt {
+        BlipDiffusionPrompt {
+            prompt_strength: opts.prompt_strength,
+            prompt_reps: opts.prompt_reps,
+            normalization: opts.normalization,
+            num_ctx_tokens: self.qformer.num_query_tokens(),
+            max_position_embeddings: self.text_encoder.max_position_embeddings,
+        }
+    }
+
+    /// Conditional text embeddings `[B, 77, D]`: the amplified prompt with the subject embeddings
+    /// spliced after token `ctx_begin_pos`.
+    pub fn encode_prompt(
+        &self,
+        ctx: Tensor<B, 3>,
+        prompts: &[&str],
+        tgt_subjects: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let [cb, _, _] = ctx.dims();
+        if cb != prompts.len() {
+            return Err(AppError::Request(format!(
+                "{cb} subject embeddings for {} prompts",
+                prompts.len()
+            )));
+        }
+        let tokens =
+            self.prompt_builder(opts)
+                .cond_tokens(&self.tokenizer, prompts, tgt_subjects)?;
+        let ids = tokens.ids_tensor::<B>(&self.device);
+        Ok(self
+            .text_encoder
+            .forward(ids, Some(ctx), self.ctx_begin_pos)?)
+    }
+
+    /// Unconditional text embeddings `[batch, 77, D]` of the negative prompt (no subject embeddings).
+    pub fn encode_negative(
+        &self,
+        neg_prompt: &str,
+        batch: usize,
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let tokens = self
+            .prompt_builder(opts)
+            .uncond_tokens(&self.tokenizer, neg_prompt, batch)?;
+        let ids = tokens.ids_tensor::<B>(&self.device);
+        Ok(self.text_encoder.forward(ids, None, 0)?)
+    }
+
+    /// The U-Net conditioning: `[uncond; cond]` (`[2B, 77, D]`) with CFG, else `cond` (`[B, 77, D]`).
+    pub fn text_embeddings(
+        &self,
+        ctx: Tensor<B, 3>,
+        prompts: &[&str],
+        tgt_subjects: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let cond = self.encode_prompt(ctx, prompts, tgt_subjects, opts)?;
+        if !opts.do_cfg() {
+            return Ok(cond);
+        }
+        let uncond = self.encode_negative(&opts.neg_prompt, prompts.len(), opts)?;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
+    /// Latent shape for `batch` images of `height × width` pixels (diffusers: the size is divided by
+    /// `2^(len(unet.block_out_channels) − 1)`, floor).
+    pub fn latent_shape(&self, batch: usize, height: usize, width: usize) -> [usize; 4] {
+        let f = 1usize << self.unet.config.block_out_channels.len().saturating_sub(1);
+        [batch, self.unet.config.in_channels, height / f, width / f]
+    }
+
+    /// Standard-normal initial latents from Burn's RNG seeded with `seed` (× `init_noise_sigma` = 1).
+    pub fn initial_latents(&self, batch: usize, opts: &GenerateOptions) -> Tensor<B, 4> {
+        B::seed(&self.device, opts.seed);
+        Tensor::random(
+            self.latent_shape(batch, opts.height, opts.width),
+            Distribution::Normal(0.0, 1.0),
+            &self.device,
+        )
+    }
+
+    /// The PLMS loop: `latents` `[B, 4, h, w]`, `text_embeddings` from [`Self::text_embeddings`].
+    /// `on_step` sees every network call.
+    pub fn denoise(
+        &self,
+        latents: Tensor<B, 4>,
+        text_embeddings: Tensor<B, 3>,
+        opts: &GenerateOptions,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<Tensor<B, 4>, AppError> {
+        let cfg = opts.do_cfg();
+        let [b, _, _, _] = latents.dims();
+        let [tb, _, _] = text_embeddings.dims();
+        let expected = if cfg { 2 * b } else { b };
+        if tb != expected {
+            return Err(AppError::Request(format!(
+                "{tb} text embeddings for {b} latents (expected {expected}{})",
+                if cfg { " with guidance" } else { "" }
+            )));
+        }
+        let mut scheduler = PndmScheduler::<B>::new(self.scheduler.clone())?;
+        scheduler.set_timesteps(opts.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents.mul_scalar(scheduler.init_noise_sigma());
+        for (index, &t) in timesteps.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(input, t);
+            let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
+            let eps = self.unet.forward(input, tt, text_embeddings.clone(), None);
+            let eps = if cfg {
+                let mut halves = eps.chunk(2, 0);
+                let cond = halves.pop().expect("two halves");
+                let uncond = halves.pop().expect("two halves");
+                uncond.clone() + (cond - uncond).mul_scalar(opts.guidance_scale)
+            } else {
+                eps
+            };
+            latents = scheduler.step(eps.clone(), t, latents)?;
+            on_step(StepInfo {
+                index,
+                timestep: t,
+                noise_pred: &eps,
+                latents: &latents,
+            });
+        }
+        Ok(latents)
+    }
+
+    /// VAE decode of diffusion latents → images in `[0, 1]` (`(x/2 + 0.5).clamp(0, 1)`).
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.vae
+            .decode_latents(latents)
+            .div_scalar(2.0)
+            .add_scalar(0.5)
+            .clamp(0.0, 1.0)
+    }
+
+    /// Generate from precomputed subject embeddings `[B, Q, D]` (e.g. a fine-tuned model's
+    /// `ctx_embeddings_cache`, or an interpolation of several subjects).
+    pub fn generate_with_ctx(
+        &self,
+        ctx: Tensor<B, 3>,
+        tgt_subjects: &[&str],
+        prompts: &[&str],
+        opts: &GenerateOptions,
+        latents: Option<Tensor<B, 4>>,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<GenerateOutput<B>, AppError> {
+        let b = prompts.len();
+        let text = self.text_embeddings(ctx, prompts, tgt_subjects, opts)?;
+        let latents = match latents {
+            Some(l) => {
+                let expected = self.latent_shape(b, opts.height, opts.width);
+                if l.dims() != expected {
+                    return Err(AppError::Request(format!(
+                        "latents {:?}, expected {expected:?} for {b} images of {}×{}",
+                        l.dims(),
+                        opts.width,
+                        opts.height
+                    )));
+                }
+                l
+            }
+            None => self.initial_latents(b, opts),
+        };
+        let latents = self.denoise(latents, text, opts, on_step)?;
+        Ok(GenerateOutput {
+            images: self.decode(latents.clone()),
+            latents,
+        })
+    }
+
+    /// Batched zero-shot generation from preprocessed reference pixels (`[B or 1, 3, S, S]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_batch(
+        &self,
+        pixels: Tensor<B, 4>,
+        cond_subjects: &[&str],
+        tgt_subjects: &[&str],
+        prompts: &[&str],
+        opts: &GenerateOptions,
+        latents: Option<Tensor<B, 4>>,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<GenerateOutput<B>, AppError> {
+        if cond_subjects.len() != prompts.len() || tgt_subjects.len() != prompts.len() {
+            return Err(AppError::Request(format!(
+                "{} prompts, {} source subjects, {} target subjects (must be equal)",
+                prompts.len(),
+                cond_subjects.len(),
+                tgt_subjects.len()
+            )));
+        }
+        let ctx = self.subject_embeddings(pixels, cond_subjects, opts.normalization)?;
+        self.generate_with_ctx(ctx, tgt_subjects, prompts, opts, latents, on_step)
+    }
+
+    /// One image: `reference` shows a `cond_subject` (e.g. "dog"); the output shows `tgt_subject`
+    /// (usually the same word) doing `prompt`.
+    pub fn generate(
+        &self,
+        reference: &RgbImage,
+        cond_subject: &str,
+        tgt_subject: &str,
+        prompt: &str,
+        opts: &GenerateOptions,
+        latents: Option<Tensor<B, 4>>,
+    ) -> Result<GenerateOutput<B>, AppError> {
+        let pixels = self.preprocess(reference, opts.reference_resize)?;
+        self.generate_batch(
+            pixels,
+            &[cond_subject],
+            &[tgt_subject],
+            &[prompt],
+            opts,
+            latents,
+            &mut |_| {},
+        )
+    }
+}
+
+fn int_mask<B: Backend>(tokens: &TokenBatch, device: &B::Device) -> Tensor<B, 2, Int> {
+    let (b, l) = (tokens.batch_size(), tokens.seq_len());
+    let flat: Vec<i64> = tokens
+        .attention_mask
+        .iter()
+        .flatten()
+        .map(|&m| i64::from(m))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [b, l]), device)
+}
