@@ -1,0 +1,134 @@
+//! The `[stage]` section of a stage-2 run config.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How the subject embeddings enter the CLIP prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptTemplate {
+    /// The released code's `"a [subject] [prompt]"`, repeated `prompt_reps` times (joined by ", "),
+    /// truncated to `max_len − N` tokens, with the N subject embeddings after token `ctx_begin_pos` (2).
+    #[default]
+    Released,
+    /// The paper's `"[text prompt], the [subject text] is [subject prompt]"`: the N subject
+    /// embeddings follow the words "…, the dog is".
+    Paper,
+}
+
+/// Where the Q-Former (and projection) start from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QFormerInit {
+    /// From `model_dir` (the released BLIP-Diffusion `qformer/`), or random for presets.
+    #[default]
+    Pretrained,
+    /// From a stage-1 checkpoint's model weights (safetensors written by `blipd pretrain` stage 1).
+    Stage1(PathBuf),
+    /// Random initialisation ("without multimodal pre-training" ablation with a random Q-Former).
+    Random,
+}
+
+/// `[stage]` of a stage-2 run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage2Config {
+    /// A diffusers folder (`Salesforce/blipdiffusion` layout: qformer/, text_encoder/, unet/, vae/,
+    /// tokenizer/) to start from. Without it, `preset` networks are built with random weights.
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+    /// `"tiny"` (tests, the embedded default) or `"sd15"` (full size, random init) when no `model_dir`.
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    #[serde(default)]
+    pub qformer_init: QFormerInit,
+    #[serde(default)]
+    pub template: PromptTemplate,
+    /// Repetitions of the released template's prompt (20 in the released code).
+    #[serde(default = "default_reps")]
+    pub prompt_reps: usize,
+    /// Token index after which the subject embeddings go in the released template (2).
+    #[serde(default = "default_ctx_pos")]
+    pub ctx_begin_pos: usize,
+    /// Probability of training a sample on its text-only prompt (0.15 in the paper).
+    #[serde(default = "default_drop")]
+    pub subject_drop_prob: f64,
+    /// Train the CLIP text encoder (the paper does; ablation "without training the text encoder").
+    #[serde(default = "yes")]
+    pub train_text_encoder: bool,
+    /// Feed the subject's class text to the Q-Former (ablation "without subject text": queries only).
+    #[serde(default = "yes")]
+    pub use_subject_text: bool,
+    /// The BERT-uncased `vocab.txt` for the Q-Former (else `<model_dir>/qformer/vocab.txt`, else
+    /// `$BLIPD_BERT_VOCAB`).
+    #[serde(default)]
+    pub bert_vocab: Option<PathBuf>,
+    /// Sampling during training: PNDM steps and guidance.
+    #[serde(default = "default_sample_steps")]
+    pub sample_steps: usize,
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+}
+
+fn default_preset() -> String {
+    "tiny".into()
+}
+fn default_reps() -> usize {
+    20
+}
+fn default_ctx_pos() -> usize {
+    2
+}
+fn default_drop() -> f64 {
+    0.15
+}
+fn yes() -> bool {
+    true
+}
+fn default_sample_steps() -> usize {
+    25
+}
+fn default_guidance() -> f64 {
+    7.5
+}
+
+impl Default for Stage2Config {
+    fn default() -> Self {
+        Self {
+            model_dir: None,
+            preset: default_preset(),
+            qformer_init: QFormerInit::default(),
+            template: PromptTemplate::default(),
+            prompt_reps: default_reps(),
+            ctx_begin_pos: default_ctx_pos(),
+            subject_drop_prob: default_drop(),
+            train_text_encoder: true,
+            use_subject_text: true,
+            bert_vocab: None,
+            sample_steps: default_sample_steps(),
+            guidance_scale: default_guidance(),
+        }
+    }
+}
+
+impl Stage2Config {
+    pub fn validate(&self) -> Result<(), crate::Stage2Error> {
+        if !(0.0..=1.0).contains(&self.subject_drop_prob) {
+            return Err(crate::Stage2Error::Config(format!(
+                "subject_drop_prob = {} must be in [0, 1]",
+                self.subject_drop_prob
+            )));
+        }
+        if self.model_dir.is_none() && !matches!(self.preset.as_str(), "tiny" | "sd15") {
+            return Err(crate::Stage2Error::Config(format!(
+                "preset = {:?}: expected \"tiny\" or \"sd15\" (or set model_dir)",
+                self.preset
+            )));
+        }
+        if self.prompt_reps == 0 {
+            return Err(crate::Stage2Error::Config("prompt_reps must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+}

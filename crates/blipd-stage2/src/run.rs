@@ -1,0 +1,142 @@
+//! A whole stage-2 run from its TOML config: networks, data, trainer.
+
+use std::path::PathBuf;
+
+use blipd_data::synthetic::{synth_pair, vocabulary};
+use blipd_train::{EpochSampler, IndexedSource, RunConfig, RunSummary, Trainer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Stage2Components;
+use crate::stage::{clip_input, vae_target, Stage2, Stage2Batch};
+use crate::tiny::tiny_tokenizers;
+use crate::{Stage2Config, Stage2Error};
+
+/// `[data]` of a stage-2 run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage2Data {
+    /// Procedural pairs (the embedded default): `pairs` subjects composited onto procedural scenes.
+    #[serde(default)]
+    pub synthetic: Option<SyntheticData>,
+    /// Target (VAE) resolution: 512 for SD-1.5; the tiny model uses 32.
+    #[serde(default = "default_target")]
+    pub target_size: usize,
+    /// Where data-order shuffling starts from (the trainer's data stream is seeded from `run.seed`).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+/// `[data.synthetic]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticData {
+    pub pairs: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_target() -> usize {
+    512
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for Stage2Data {
+    fn default() -> Self {
+        Self {
+            synthetic: Some(SyntheticData { pairs: 64, seed: 0 }),
+            target_size: 512,
+            shuffle: true,
+        }
+    }
+}
+
+/// The full stage-2 run config.
+pub type Stage2RunConfig = RunConfig<Stage2Config, Stage2Data>;
+
+/// Build the stage, its model and its data source, and train to `train.max_steps` (resuming from the
+/// newest valid checkpoint of the run directory when there is one).
+pub fn run_stage2<B: AutodiffBackend>(
+    cfg: &Stage2RunConfig,
+    device: B::Device,
+) -> Result<RunSummary, blipd_train::TrainError> {
+    let (stage, model, mut data) = build::<B>(cfg, &device)?;
+    let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
+    trainer.fit(&mut data)
+}
+
+/// Builds a batch from sample indices.
+pub type MakeBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<Stage2Batch>>;
+/// The stage-2 data source.
+pub type Source = IndexedSource<MakeBatch>;
+
+/// The pieces of a stage-2 run (for callers that drive the trainer themselves).
+pub fn build<B: AutodiffBackend>(
+    cfg: &Stage2RunConfig,
+    device: &B::Device,
+) -> Result<(Stage2<B>, crate::Stage2Model<B>, Source), Stage2Error> {
+    let parts = match &cfg.stage.model_dir {
+        Some(dir) => Stage2Components::<B>::from_diffusers(dir, &cfg.stage, device)?,
+        None => {
+            let (clip, bert) = tiny_tokenizers(&vocabulary())?;
+            Stage2Components::<B>::from_preset(&cfg.stage.preset, clip, bert, device)?
+        }
+    };
+    let image_size = parts.image_size;
+    let target_size = cfg.data.target_size;
+    let (mut stage, model) = Stage2::new(cfg.stage.clone(), parts, target_size, device.clone())?;
+    let synthetic = cfg.data.synthetic.clone().ok_or_else(|| {
+        Stage2Error::Config("[data] needs a source: [data.synthetic] pairs = N".into())
+    })?;
+    if synthetic.pairs < cfg.train.batch_size {
+        return Err(Stage2Error::Config(format!(
+            "[data.synthetic] pairs = {} is fewer than train.batch_size = {}",
+            synthetic.pairs, cfg.train.batch_size
+        )));
+    }
+    // Validation samples: the first two subjects, placed in a new scene.
+    for i in 0..2u64.min(synthetic.pairs as u64) {
+        let p = synth_pair(i, synthetic.seed, target_size as u32);
+        stage.sample_inputs.push((
+            clip_input(&p.input, image_size),
+            p.subject.clone(),
+            "on a checkered background".into(),
+        ));
+    }
+    let seed = synthetic.seed;
+    let make: MakeBatch = Box::new(move |idx: &[usize]| {
+        let b = idx.len();
+        let mut input = Vec::with_capacity(b * 3 * image_size * image_size);
+        let mut target = Vec::with_capacity(b * 3 * target_size * target_size);
+        let mut subjects = Vec::with_capacity(b);
+        let mut captions = Vec::with_capacity(b);
+        for &i in idx {
+            let p = synth_pair(i as u64, seed, target_size as u32);
+            input.extend(clip_input(&p.input, image_size));
+            target.extend(vae_target(&p.target, target_size));
+            subjects.push(p.subject);
+            captions.push(p.caption);
+        }
+        Ok(Stage2Batch {
+            input: TensorData::new(input, [b, 3, image_size, image_size]),
+            target: TensorData::new(target, [b, 3, target_size, target_size]),
+            subjects,
+            captions,
+        })
+    });
+    let sampler = EpochSampler::new(
+        synthetic.pairs,
+        cfg.train.batch_size,
+        cfg.run.seed,
+        cfg.data.shuffle,
+    );
+    Ok((stage, model, IndexedSource::new(sampler, make)))
+}
+
+/// The run directory of a config.
+pub fn run_dir(cfg: &Stage2RunConfig) -> PathBuf {
+    cfg.run.dir.clone()
+}

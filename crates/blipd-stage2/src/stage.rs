@@ -1,0 +1,399 @@
+//! The stage-2 [`Stage`] implementation: diffusion loss on (composite → original) pairs.
+
+use std::path::Path;
+
+use blipd_models::schedulers::ddpm::DdpmScheduler;
+use blipd_models::schedulers::pndm::PndmScheduler;
+use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
+use blipd_models::vae::AutoencoderKL;
+use blipd_train::{SampleContext, Stage, StepOutput, TrainRng};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Distribution;
+use rand::Rng;
+
+use crate::config::Stage2Config;
+use crate::model::{Stage2Components, Stage2Model};
+use crate::prompt::PromptBuilder;
+use crate::Stage2Error;
+
+/// CLIP image normalisation (OpenAI CLIP mean / std).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// One micro-batch of stage 2, on the host.
+#[derive(Clone, Debug)]
+pub struct Stage2Batch {
+    /// Subject composites for the vision tower, `[B, 3, S, S]`, CLIP-normalised.
+    pub input: TensorData,
+    /// Original images for the VAE, `[B, 3, H, W]` in [−1, 1].
+    pub target: TensorData,
+    /// Class names ("dog"), fed to the Q-Former and named in the prompt.
+    pub subjects: Vec<String>,
+    /// Captions (the text prompt).
+    pub captions: Vec<String>,
+}
+
+impl Stage2Batch {
+    pub fn len(&self) -> usize {
+        self.subjects.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.subjects.is_empty()
+    }
+}
+
+/// Shorter side to `size` (bicubic), centre crop, `[3, size, size]` CLIP-normalised (LAVIS
+/// `blip_diffusion_inp_image_*`).
+pub fn clip_input(img: &image::RgbImage, size: usize) -> Vec<f32> {
+    let img = resize_crop(img, size);
+    let mut out = vec![0f32; 3 * size * size];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * size * size + y as usize * size + x as usize] =
+                (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+    }
+    out
+}
+
+/// Shorter side to `size` (bicubic), centre crop, `[3, size, size]` in [−1, 1] (LAVIS
+/// `blip_diffusion_tgt_image_train`).
+pub fn vae_target(img: &image::RgbImage, size: usize) -> Vec<f32> {
+    let img = resize_crop(img, size);
+    let mut out = vec![0f32; 3 * size * size];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    out
+}
+
+fn resize_crop(img: &image::RgbImage, size: usize) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let s = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * s).round() as u32).max(size as u32),
+        ((h as f64 * s).round() as u32).max(size as u32),
+    );
+    let r = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
+    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    image::imageops::crop_imm(&r, x0, y0, size as u32, size as u32).to_image()
+}
+
+/// Stage 2: owns the frozen VAE (on the inner backend: no autodiff graph), the noise schedule and
+/// the tokenizers; the trainer owns [`Stage2Model`].
+pub struct Stage2<B: AutodiffBackend> {
+    pub config: Stage2Config,
+    pub vae: AutoencoderKL<B::InnerBackend>,
+    pub ddpm: DdpmScheduler,
+    pub clip_tokenizer: ClipTokenizer,
+    pub bert_tokenizer: BertTokenizer,
+    pub prompts: PromptBuilder,
+    pub image_size: usize,
+    pub target_size: usize,
+    /// Pixels per latent cell (8 for SD-1.5's VAE).
+    pub latent_factor: usize,
+    pub device: B::Device,
+    /// Validation inputs for [`Stage::sample`]: (subject image `[3,S,S]`, subject, prompt).
+    pub sample_inputs: Vec<(Vec<f32>, String, String)>,
+}
+
+impl<B: AutodiffBackend> Stage2<B> {
+    /// Split loaded components into the stage and its trainable model.
+    pub fn new(
+        config: Stage2Config,
+        parts: Stage2Components<B>,
+        target_size: usize,
+        device: B::Device,
+    ) -> Result<(Self, Stage2Model<B>), Stage2Error> {
+        config.validate()?;
+        let prompts = PromptBuilder {
+            template: config.template,
+            prompt_reps: config.prompt_reps,
+            ctx_begin_pos: config.ctx_begin_pos,
+            num_ctx: parts.num_ctx,
+            max_len: parts.max_text_len,
+        };
+        let model = parts.model.with_frozen(&config);
+        let stage = Self {
+            vae: parts.vae.valid(),
+            ddpm: DdpmScheduler::sd15(),
+            clip_tokenizer: parts.clip_tokenizer,
+            bert_tokenizer: parts.bert_tokenizer,
+            prompts,
+            image_size: parts.image_size,
+            target_size,
+            latent_factor: parts.vae_config.downsample_factor(),
+            device,
+            sample_inputs: Vec::new(),
+            config,
+        };
+        Ok((stage, model))
+    }
+
+    /// Text-encoder hidden states `[B, max_len, D]` for the batch: subject embeddings spliced into
+    /// the conditional prompt, or the text-only prompt where `keep[i]` is false.
+    fn prompt_states<BB: Backend>(
+        &self,
+        text_encoder: &blipd_models::ctx_clip_text::ContextClipTextModel<BB>,
+        ctx: Tensor<BB, 3>,
+        captions: &[String],
+        subjects: &[String],
+        keep: &[bool],
+    ) -> Result<Tensor<BB, 3>, Stage2Error> {
+        let device = ctx.device();
+        let [b, n, d] = ctx.dims();
+        let mut rows = Vec::with_capacity(b);
+        for i in 0..b {
+            let row = if keep[i] {
+                let (ids, pos) =
+                    self.prompts
+                        .conditional(&self.clip_tokenizer, &captions[i], &subjects[i])?;
+                let ids = ids_tensor::<BB>(&ids, &device);
+                let c = ctx.clone().slice([i..i + 1, 0..n, 0..d]);
+                text_encoder.embed(ids, Some(c), pos)?
+            } else {
+                let ids = self.prompts.text_only(&self.clip_tokenizer, &captions[i])?;
+                text_encoder.embed(ids_tensor::<BB>(&ids, &device), None, 0)?
+            };
+            rows.push(row);
+        }
+        let embeds = Tensor::cat(rows, 0);
+        Ok(encode_embeds(text_encoder, embeds))
+    }
+
+    /// Subject embeddings `[B, N, D]` from subject images and class names.
+    fn subject_embeddings<BB: Backend>(
+        &self,
+        qformer: &blipd_models::qformer::Blip2QFormerModel<BB>,
+        input: Tensor<BB, 4>,
+        subjects: &[String],
+    ) -> Result<Tensor<BB, 3>, Stage2Error> {
+        let device = input.device();
+        let image = qformer.image_embeds(input);
+        let hidden = if self.config.use_subject_text {
+            let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+            let toks = self.bert_tokenizer.encode_batch(&refs)?;
+            let mask = toks.mask_tensor::<BB>(&device).int();
+            qformer.multimodal(&image, toks.ids_tensor::<BB>(&device), mask)
+        } else {
+            qformer.query_pass(&image).0
+        };
+        Ok(qformer.project(hidden))
+    }
+}
+
+fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
+}
+
+/// The CLIP text transformer over already-built embeddings (causal mask over all positions).
+fn encode_embeds<B: Backend>(
+    te: &blipd_models::ctx_clip_text::ContextClipTextModel<B>,
+    embeds: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let [_, seq, _] = embeds.dims();
+    let bias = blipd_models::nn::causal_bias::<B>(seq, &embeds.device());
+    let mut h = embeds;
+    for layer in &te.text_model.encoder.layers {
+        h = layer.forward(h, Some(bias.clone()));
+    }
+    te.text_model.final_layer_norm.forward(h)
+}
+
+impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
+    type Model = Stage2Model<B>;
+    type Batch = Stage2Batch;
+
+    fn step(
+        &mut self,
+        model: &Stage2Model<B>,
+        batch: Stage2Batch,
+        rng: &mut TrainRng,
+    ) -> blipd_train::Result<StepOutput<B>> {
+        let dev = self.device.clone();
+        let b = batch.len();
+        if b == 0 || batch.captions.len() != b {
+            return Err(Stage2Error::Batch(format!(
+                "{} subjects and {} captions",
+                b,
+                batch.captions.len()
+            ))
+            .into());
+        }
+        // Target latents through the frozen VAE (no graph).
+        let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
+        let posterior = self.vae.encode(target);
+        let vae_noise = Tensor::random(
+            posterior.mean().shape(),
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        );
+        let latents = posterior.sample(vae_noise) * self.vae.scaling_factor;
+        let latents = Tensor::<B, 4>::from_inner(latents);
+
+        // DDPM forward process at a uniform random timestep per sample.
+        let noise = Tensor::<B, 4>::random(latents.shape(), Distribution::Normal(0.0, 1.0), &dev);
+        let n_train = self.ddpm.num_train_timesteps();
+        let t: Vec<i64> = (0..b)
+            .map(|_| rng.random_range(0..n_train) as i64)
+            .collect();
+        let keep: Vec<bool> = (0..b)
+            .map(|_| rng.random::<f64>() >= self.config.subject_drop_prob)
+            .collect();
+        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
+
+        // Subject embeddings → prompt → U-Net.
+        let input = Tensor::<B, 4>::from_data(batch.input, &dev);
+        let ctx = self.subject_embeddings(&model.qformer, input, &batch.subjects)?;
+        let states = self.prompt_states(
+            &model.text_encoder,
+            ctx,
+            &batch.captions,
+            &batch.subjects,
+            &keep,
+        )?;
+        let pred = model.unet.forward(noisy, t_int.float(), states, None);
+        let loss = (pred - noise).powi_scalar(2).mean();
+        let dropped = keep.iter().filter(|k| !**k).count() as f32 / b as f32;
+        let out = StepOutput::new(loss.clone())
+            .with_metric("mse", loss)
+            .with_metric("dropped", Tensor::from_floats([dropped], &dev));
+        Ok(out)
+    }
+
+    fn sample(
+        &mut self,
+        model: &<Stage2Model<B> as AutodiffModule<B>>::InnerModule,
+        ctx: SampleContext,
+    ) -> blipd_train::Result<()> {
+        if self.sample_inputs.is_empty() {
+            return Ok(());
+        }
+        let mut rng = ctx.rng;
+        let mut tiles = Vec::new();
+        for (pixels, subject, prompt) in self.sample_inputs.clone() {
+            let img = self
+                .generate(model, &pixels, &subject, &prompt, &mut rng)
+                .map_err(blipd_train::TrainError::stage)?;
+            tiles.push(img);
+        }
+        let grid = grid(&tiles);
+        let path = ctx.dir.join("samples.png");
+        grid.save(&path).map_err(|e| {
+            blipd_train::TrainError::stage(format!("writing {}: {e}", path.display()))
+        })?;
+        Ok(())
+    }
+}
+
+impl<B: AutodiffBackend> Stage2<B> {
+    /// Zero-shot generation with the current weights: PNDM (PLMS), classifier-free guidance with an
+    /// empty negative prompt, one image.
+    pub fn generate(
+        &self,
+        model: &Stage2Model<B::InnerBackend>,
+        pixels: &[f32],
+        subject: &str,
+        prompt: &str,
+        rng: &mut TrainRng,
+    ) -> Result<image::RgbImage, Stage2Error> {
+        type I<B> = <B as AutodiffBackend>::InnerBackend;
+        let dev = &self.device;
+        let s = self.image_size;
+        let input =
+            Tensor::<I<B>, 4>::from_data(TensorData::new(pixels.to_vec(), [1, 3, s, s]), dev);
+        let ctx = self.subject_embeddings(&model.qformer, input, &[subject.to_string()])?;
+        let cond = self.prompt_states(
+            &model.text_encoder,
+            ctx.clone(),
+            &[prompt.to_string()],
+            &[subject.to_string()],
+            &[true],
+        )?;
+        let uncond = {
+            let ids = self.prompts.text_only(&self.clip_tokenizer, "")?;
+            let e = model
+                .text_encoder
+                .embed(ids_tensor::<I<B>>(&ids, dev), None, 0)?;
+            encode_embeds(&model.text_encoder, e)
+        };
+        let states = Tensor::cat(vec![uncond, cond], 0);
+        let lat = self.target_size / self.latent_factor;
+        let channels = model.unet.conv_in.weight.dims()[1];
+        let noise: Vec<f32> = (0..channels * lat * lat)
+            .map(|_| {
+                // Box–Muller from the sampling stream.
+                let u1: f64 = rng.random::<f64>().max(1e-12);
+                let u2: f64 = rng.random();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        let mut x =
+            Tensor::<I<B>, 4>::from_data(TensorData::new(noise, [1, channels, lat, lat]), dev);
+        let mut sched = PndmScheduler::<I<B>, 4>::blip_diffusion();
+        sched.set_timesteps(self.config.sample_steps.max(1))?;
+        let g = self.config.guidance_scale;
+        for &t in sched.timesteps().to_vec().iter() {
+            let xin = Tensor::cat(vec![x.clone(), x.clone()], 0);
+            let tt = Tensor::<I<B>, 1>::from_floats([t as f32, t as f32], dev);
+            let eps = model.unet.forward(xin, tt, states.clone(), None);
+            let [_, c, h, w] = eps.dims();
+            let eu = eps.clone().slice([0..1, 0..c, 0..h, 0..w]);
+            let ec = eps.slice([1..2, 0..c, 0..h, 0..w]);
+            let e = if g > 1.0 {
+                eu.clone() + (ec - eu) * g
+            } else {
+                ec
+            };
+            x = sched.step(e, t, x)?;
+        }
+        let img = self.vae.decode_latents(x);
+        Ok(to_rgb(img))
+    }
+}
+
+/// `[1, 3, H, W]` in [−1, 1] → RGB image (diffusers postprocess: (x/2+0.5).clamp(0,1)·255, rounded).
+pub fn to_rgb<B: Backend>(x: Tensor<B, 4>) -> image::RgbImage {
+    let [_, _, h, w] = x.dims();
+    let v = x
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    let mut img = image::RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for xx in 0..w {
+            let mut p = [0u8; 3];
+            for (c, pc) in p.iter_mut().enumerate() {
+                let val = v[c * h * w + y * w + xx];
+                *pc = ((val / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+            img.put_pixel(xx as u32, y as u32, image::Rgb(p));
+        }
+    }
+    img
+}
+
+/// Tiles in one row.
+pub fn grid(tiles: &[image::RgbImage]) -> image::RgbImage {
+    let h = tiles.iter().map(|t| t.height()).max().unwrap_or(1);
+    let w: u32 = tiles.iter().map(|t| t.width()).sum::<u32>().max(1);
+    let mut out = image::RgbImage::new(w, h);
+    let mut x0 = 0;
+    for t in tiles {
+        image::imageops::overlay(&mut out, t, x0 as i64, 0);
+        x0 += t.width();
+    }
+    out
+}
+
+/// Save the trainable model in the diffusers layout.
+pub fn export<B: Backend>(model: &Stage2Model<B>, dir: &Path) -> Result<(), Stage2Error> {
+    Ok(model.save_diffusers(dir)?)
+}
