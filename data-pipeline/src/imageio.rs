@@ -85,6 +85,17 @@ pub fn decode_image(bytes: &[u8], id: &str, limits: &ReadLimits) -> Result<Dynam
     let mut decoder = r
         .into_decoder()
         .map_err(|e| err(id, format!("header: {e}")))?;
+    // Some decoders do not enforce `max_alloc` themselves: check the output size before decoding.
+    let need = decoder.total_bytes();
+    if need > limits.max_alloc {
+        return Err(err(
+            id,
+            format!(
+                "decoded size {need} B exceeds the {} B limit",
+                limits.max_alloc
+            ),
+        ));
+    }
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);

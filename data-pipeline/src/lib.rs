@@ -5,6 +5,7 @@
 //! The CLIPSeg network lives in `blipd-models`; this crate consumes its masks as images.
 
 pub mod buffer;
+pub mod composite;
 pub mod error;
 pub mod foreground;
 pub mod imageio;

@@ -14,6 +14,9 @@
 //! to remove. pymatting instead uses a thresholded incomplete Cholesky with fill-in, which converges in fewer
 //! iterations but costs far more to build.
 
+// Fixed-size stencil/window loops read best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
 use crate::buffer::{Gray, Rgb};
 use crate::error::{DataError, Result};
 
@@ -571,7 +574,7 @@ fn solve_level(
 /// Estimates α from an image and a trimap (pymatting `estimate_alpha_cf` semantics; see the module docs).
 pub fn estimate_alpha_cf(image: &Rgb, trimap: &Gray, opts: &CfOptions) -> Result<(Gray, CfStats)> {
     trimap.check_size("trimap", image.width, image.height)?;
-    if !(opts.bg_threshold < opts.fg_threshold) {
+    if opts.bg_threshold.partial_cmp(&opts.fg_threshold) != Some(std::cmp::Ordering::Less) {
         return Err(DataError::Config(format!(
             "bg_threshold {} must be below fg_threshold {}",
             opts.bg_threshold, opts.fg_threshold

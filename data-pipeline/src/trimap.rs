@@ -118,7 +118,7 @@ pub fn erode(set: &[bool], w: usize, h: usize, r: f64) -> Vec<bool> {
 
 /// Builds a trimap from a soft mask in `[0, 1]`.
 pub fn trimap_from_mask(mask: &Gray, opts: &TrimapOptions) -> Result<Gray> {
-    if !(opts.bg_threshold < opts.fg_threshold)
+    if opts.bg_threshold.partial_cmp(&opts.fg_threshold) != Some(std::cmp::Ordering::Less)
         || opts.erode_radius < 0.0
         || opts.dilate_radius < 0.0
     {
