@@ -187,6 +187,12 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
     pub fn fit<D: BatchSource<Batch = S::Batch>>(&mut self, data: &mut D) -> Result<RunSummary> {
         if self.config.checkpoint.resume && !self.checked_resume {
             self.resume(data)?;
+        } else if !self.checked_resume && !list_checkpoints(&self.config.run.dir)?.is_empty() {
+            tracing::warn!(
+                "checkpoint.resume = false: starting from step 0 in {}, whose checkpoints will be \
+                 replaced and pruned",
+                self.config.run.dir.display()
+            );
         }
         self.open_outputs()?;
         let (start, max) = (self.step, self.config.train.max_steps);
