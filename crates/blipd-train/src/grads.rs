@@ -70,6 +70,16 @@ impl<B: Backend> GradSet<B> {
         Self { entries: v.out }
     }
 
+    /// A set made of `entries` (in that order), e.g. gradients rebuilt after an all-reduce.
+    pub fn from_entries(entries: Vec<GradEntry<B>>) -> Self {
+        Self { entries }
+    }
+
+    /// The entries, in order.
+    pub fn into_entries(self) -> Vec<GradEntry<B>> {
+        self.entries
+    }
+
     pub fn entries(&self) -> &[GradEntry<B>] {
         &self.entries
     }

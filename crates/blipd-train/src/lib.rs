@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist_sync;
 pub mod ema;
 pub mod error;
 pub mod grads;

@@ -1,0 +1,1186 @@
+//! Data-parallel training over the [`blipd_dist`] rendezvous: [`DistSync`] (a [`GradSync`] that
+//! all-reduces gradients in buckets), the initial-weights broadcast ([`DistSync::broadcast_module`]),
+//! [`from_env`] (joins the job torchrun / SLURM / `blipd launch` describe), and [`KeyedSource`] (a data
+//! source that hands each sample its position in the global sample stream, so per-sample randomness
+//! can be made independent of the number of ranks).
+//!
+//! This is the portable path: gradients go through the host and the TCP control channel (rank 0 sums
+//! the contributions in rank order, then sends the sum back), so results are deterministic and
+//! identical on every rank. It is meant for CPU runs, tests and small jobs; on GPUs the NCCL path
+//! (`blipd-dist` feature `nccl`) replaces the transport. Like PyTorch DDP, and unlike a naive
+//! per-tensor loop:
+//! - only trainable parameters are reduced, flattened into buckets of [`DistConfig::bucket_mb`]
+//!   (25 MiB, DDP's `bucket_cap_mb`), a tensor larger than a bucket being sent in bucket-sized pieces;
+//! - nothing is sent on accumulation micro-steps (`no_sync()`), only on the final one;
+//! - a parameter that got no gradient on some rank (unused by that rank's batch) contributes zeros,
+//!   and the sum is still divided by the world size (DDP's `find_unused_parameters` semantics); one
+//!   that got no gradient on any rank stays without gradient (the optimizer skips it, as in PyTorch);
+//! - optional bf16 gradient compression ([`DistConfig::bf16_grads`], DDP's `bf16_compress_hook`).
+//!
+//! Differences from DDP: no overlap of communication with backward (the trainer calls
+//! [`GradSync::sync_grads`] after backward), so buckets are reduced in parameter order, not in
+//! reverse; and the transport is a star, so rank 0's link carries `2·(W−1)` times the gradient bytes
+//! per step (a ring carries `2·(W−1)/W`). See `docs/distributed.md` for the costs.
+//!
+//! Non-finite gradients: every rank counts the non-finite values of its own gradients before
+//! reducing; the counts travel with the reduction, so every rank learns which ranks produced them and
+//! logs it. NaN and ±Inf survive the sum, so the reduced gradients — identical on every rank — are
+//! non-finite everywhere, and the trainer's check of the (reduced) grad-norm and of the (averaged)
+//! loss takes the same decision on every rank: all skip the update (`optimizer.skip_nonfinite`) or all
+//! stop with [`crate::TrainError::NonFinite`].
+//!
+//! Failures: every collective has the rendezvous' operation timeout ([`DistConfig::collective_timeout_s`],
+//! env `BLIPD_COLLECTIVE_TIMEOUT_S`); a peer that stops answering is an error naming this rank, the
+//! operation and the silent peer, and a peer that dies is a connection error naming it. The
+//! trainer returns the error, so the process exits instead of hanging.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use blipd_dist::{DistError, Rendezvous, RendezvousConfig, World};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{BatchSource, EpochSampler, SamplerState};
+use crate::error::{Result, TrainError};
+use crate::grads::{GradEntry, GradSet, GradSync};
+use crate::params::{param_infos, PathStack};
+
+/// Collective timeout in seconds (overrides [`DistConfig::collective_timeout_s`]).
+pub const ENV_COLLECTIVE_TIMEOUT: &str = "BLIPD_COLLECTIVE_TIMEOUT_S";
+/// Rendezvous (join) timeout in seconds.
+pub const ENV_JOIN_TIMEOUT: &str = "BLIPD_JOIN_TIMEOUT_S";
+/// Gradient bucket size in MiB.
+pub const ENV_BUCKET_MB: &str = "BLIPD_BUCKET_MB";
+/// `1`/`true`: round gradients to bf16 for the all-reduce.
+pub const ENV_GRAD_BF16: &str = "BLIPD_GRAD_BF16";
+
+/// Settings of the data-parallel path. Every field can be overridden from the environment
+/// ([`DistConfig::with_env`]); the defaults follow PyTorch DDP where it has one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// Gradient bucket size in MiB (DDP's `bucket_cap_mb`, 25). Env `BLIPD_BUCKET_MB`.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// Round gradients to bf16 before the all-reduce and the averaged result to bf16 after it (DDP's
+    /// `bf16_compress_hook`). Precision cost: bf16 keeps 8 significant bits, so each value is off by
+    /// up to 2⁻⁹ ≈ 0.2 % relative before the sum and again after it (an NCCL ring that adds in bf16
+    /// rounds at each of its `W−1` hops). Only worth it where the link is the bottleneck: it halves
+    /// the bytes on the NCCL path; on this TCP path values still travel as f32, so it only emulates
+    /// the precision (for testing a bf16 run's numerics on the CPU). Env `BLIPD_GRAD_BF16`.
+    #[serde(default)]
+    pub bf16_grads: bool,
+    /// Timeout of one collective operation, seconds (PyTorch's process-group timeout is 10–30 min).
+    /// A rank that waits longer for a peer aborts with an error naming the peer and the operation.
+    /// Env `BLIPD_COLLECTIVE_TIMEOUT_S`.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
+    /// How long rank 0 waits for all ranks to join, and others retry connecting. Env
+    /// `BLIPD_JOIN_TIMEOUT_S`.
+    #[serde(default = "default_join_timeout")]
+    pub join_timeout_s: f64,
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_collective_timeout() -> f64 {
+    600.0
+}
+fn default_join_timeout() -> f64 {
+    300.0
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            bucket_mb: default_bucket_mb(),
+            bf16_grads: false,
+            collective_timeout_s: default_collective_timeout(),
+            join_timeout_s: default_join_timeout(),
+        }
+    }
+}
+
+impl DistConfig {
+    /// The defaults, overridden by the `BLIPD_*` environment variables.
+    pub fn from_env() -> Result<Self> {
+        Self::default().with_env()
+    }
+
+    /// `self` overridden by the `BLIPD_*` environment variables that are set.
+    pub fn with_env(self) -> Result<Self> {
+        self.with_vars(|k| std::env::var(k).ok())
+    }
+
+    /// `self` overridden by the variables `get` returns (testable form of [`DistConfig::with_env`]).
+    pub fn with_vars(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let num = |var: &str| -> Result<Option<f64>> {
+            match get(var) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                    _ => Err(TrainError::Sync(format!(
+                        "environment variable {var}={v:?}: expected a positive number"
+                    ))),
+                },
+            }
+        };
+        if let Some(x) = num(ENV_COLLECTIVE_TIMEOUT)? {
+            self.collective_timeout_s = x;
+        }
+        if let Some(x) = num(ENV_JOIN_TIMEOUT)? {
+            self.join_timeout_s = x;
+        }
+        if let Some(x) = num(ENV_BUCKET_MB)? {
+            self.bucket_mb = x;
+        }
+        if let Some(v) = get(ENV_GRAD_BF16) {
+            self.bf16_grads = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" | "" => false,
+                _ => {
+                    return Err(TrainError::Sync(format!(
+                        "environment variable {ENV_GRAD_BF16}={v:?}: expected 0/1/true/false"
+                    )))
+                }
+            };
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Rejects values that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64| {
+            Err(TrainError::Sync(format!(
+                "dist config: {what} = {v} must be a positive number"
+            )))
+        };
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
+            return bad("bucket_mb", self.bucket_mb);
+        }
+        if !(self.collective_timeout_s.is_finite() && self.collective_timeout_s > 0.0) {
+            return bad("collective_timeout_s", self.collective_timeout_s);
+        }
+        if !(self.join_timeout_s.is_finite() && self.join_timeout_s > 0.0) {
+            return bad("join_timeout_s", self.join_timeout_s);
+        }
+        Ok(())
+    }
+
+    /// The rendezvous deadlines.
+    pub fn rendezvous(&self) -> RendezvousConfig {
+        RendezvousConfig {
+            join_timeout: Duration::from_secs_f64(self.join_timeout_s),
+            op_timeout: Duration::from_secs_f64(self.collective_timeout_s),
+        }
+    }
+
+    /// Bucket capacity in f32 elements (at least 1).
+    pub fn bucket_elems(&self) -> usize {
+        ((self.bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+    }
+}
+
+/// Joins the data-parallel job described by the environment (torchrun's `RANK`/`WORLD_SIZE`/
+/// `MASTER_ADDR`/`MASTER_PORT`, or SLURM's variables) and returns its gradient sync, or `None` for a
+/// single process (`WORLD_SIZE` unset or 1).
+pub fn from_env(cfg: &DistConfig) -> Result<Option<DistSync>> {
+    let world = World::from_env().map_err(|e| TrainError::Sync(e.to_string()))?;
+    if world.world_size <= 1 {
+        return Ok(None);
+    }
+    DistSync::establish(&world, cfg.clone()).map(Some)
+}
+
+/// Traffic counters of a [`DistSync`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncStats {
+    /// Gradient synchronisations (optimizer steps).
+    pub syncs: u64,
+    /// Messages sent for gradients (buckets and bucket pieces, plus one control message per sync).
+    pub messages: u64,
+    /// Gradient payload bytes this rank sent (f32 on this transport).
+    pub bytes: u64,
+    /// Wall time spent in gradient synchronisation (host copies included).
+    pub seconds: f64,
+}
+
+/// One trainable parameter in the reduction layout.
+#[derive(Clone, Debug, PartialEq)]
+struct Slot {
+    path: String,
+    id: burn::module::ParamId,
+    shape: Vec<usize>,
+}
+
+impl Slot {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// [`GradSync`] over a [`Rendezvous`]: bucketed, deterministic sum-then-divide all-reduce of the
+/// trainable parameters' gradients (see the module docs).
+pub struct DistSync {
+    rv: Rendezvous,
+    cfg: DistConfig,
+    layout: Option<Vec<Slot>>,
+    stats: SyncStats,
+    last_nonfinite: Vec<usize>,
+}
+
+impl std::fmt::Debug for DistSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistSync")
+            .field("world", &self.rv.world)
+            .field("cfg", &self.cfg)
+            .field("params", &self.layout.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+impl DistSync {
+    /// Establishes the rendezvous of `world` (CPU path: no payload) and wraps it.
+    pub fn establish(world: &World, cfg: DistConfig) -> Result<Self> {
+        cfg.validate()?;
+        let t = Instant::now();
+        let rv = Rendezvous::establish(world, &[], cfg.rendezvous()).map_err(|e| {
+            TrainError::Sync(format!("rank {} of {}: {e}", world.rank, world.world_size))
+        })?;
+        tracing::info!(
+            "data parallel: rank {} of {} joined {}:{} in {:.2}s (bucket {} MiB, bf16 grads: {}, \
+             collective timeout {}s)",
+            world.rank,
+            world.world_size,
+            world.master_addr,
+            world.master_port,
+            t.elapsed().as_secs_f64(),
+            cfg.bucket_mb,
+            cfg.bf16_grads,
+            cfg.collective_timeout_s
+        );
+        Ok(Self::new(rv, cfg))
+    }
+
+    /// Wraps an established rendezvous.
+    pub fn new(rv: Rendezvous, cfg: DistConfig) -> Self {
+        Self {
+            rv,
+            cfg,
+            layout: None,
+            stats: SyncStats::default(),
+            last_nonfinite: Vec::new(),
+        }
+    }
+
+    pub fn world(&self) -> &World {
+        &self.rv.world
+    }
+
+    pub fn config(&self) -> &DistConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// Ranks whose local gradients held NaN/Inf at the last synchronisation (empty if none).
+    pub fn last_nonfinite_ranks(&self) -> &[usize] {
+        &self.last_nonfinite
+    }
+
+    fn err(&self, e: DistError) -> TrainError {
+        TrainError::Sync(format!(
+            "rank {} of {}: {e}",
+            self.rv.world.rank, self.rv.world.world_size
+        ))
+    }
+
+    fn reduce(&mut self, data: &mut [f32], op: &str) -> Result<()> {
+        self.rv.all_reduce_sum(data, op).map_err(|e| self.err(e))
+    }
+
+    /// Gathers `values` of every rank (the same length everywhere): rank `r`'s values are at
+    /// `[r·n, (r+1)·n)` of the result. Exact (a sum with zeros elsewhere).
+    fn all_gather(&mut self, values: &[f32], op: &str) -> Result<Vec<f32>> {
+        let (n, w, r) = (values.len(), self.rv.world.world_size, self.rv.world.rank);
+        let mut buf = vec![0f32; n * w];
+        buf[r * n..(r + 1) * n].copy_from_slice(values);
+        self.reduce(&mut buf, op)?;
+        Ok(buf)
+    }
+
+    /// Fixes the reduction layout to the trainable parameters of `model` (in visiting order, the
+    /// order of [`GradSet`]) and checks that every rank has the same layout: a rank whose model
+    /// differs (another config, another code version) is an error on every rank, naming the first
+    /// differing parameter, instead of a silent reduction of mismatched tensors. Without this call
+    /// the layout is taken from the first synchronised [`GradSet`], which only works when every
+    /// parameter gets a gradient on every rank at the first step.
+    pub fn track_params<B: Backend, M: Module<B>>(&mut self, model: &M) -> Result<()> {
+        let slots: Vec<Slot> = param_infos::<B, M>(model)
+            .into_iter()
+            .filter(|p| p.trainable)
+            .map(|p| Slot {
+                path: p.path,
+                id: p.id,
+                shape: p.shape,
+            })
+            .collect();
+        let manifest: Vec<(String, Vec<usize>)> = slots
+            .iter()
+            .map(|s| (s.path.clone(), s.shape.clone()))
+            .collect();
+        self.check_same_everywhere(&manifest, "trainable parameter layout")?;
+        self.layout = Some(slots);
+        Ok(())
+    }
+
+    /// Compares `manifest` with rank 0's; every rank fails (together) if any rank differs.
+    fn check_same_everywhere(
+        &mut self,
+        manifest: &[(String, Vec<usize>)],
+        what: &str,
+    ) -> Result<()> {
+        if self.rv.world.world_size == 1 {
+            return Ok(());
+        }
+        let text = manifest
+            .iter()
+            .map(|(p, s)| format!("{p}:{s:?}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let op = format!("{what} check");
+        let theirs = self
+            .rv
+            .broadcast(text.as_bytes(), &op)
+            .map_err(|e| self.err(e))?;
+        let theirs = String::from_utf8_lossy(&theirs).into_owned();
+        let mine = difference(&text, &theirs);
+        let flags = self.all_gather(&[if mine.is_some() { 1.0 } else { 0.0 }], &op)?;
+        let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != 0.0).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(TrainError::Sync(format!(
+            "rank {} of {}: {what} differs from rank 0's on rank(s) {bad:?}{}",
+            self.rv.world.rank,
+            self.rv.world.world_size,
+            match mine {
+                Some(d) => format!(" (here: {d})"),
+                None => String::new(),
+            }
+        )))
+    }
+
+    /// Replaces every float parameter of `module` (trainable or frozen) by rank 0's value, so all
+    /// ranks start from the same weights whatever their own initialisation (PyTorch DDP does this
+    /// when it wraps a model). The parameter layout (paths, shapes, dtypes) is checked first, on
+    /// every rank. Values travel in buckets of [`DistConfig::bucket_mb`] in their own dtype, bit for
+    /// bit; `require_grad` and parameter ids are kept. `what` names the module in errors.
+    pub fn broadcast_module<B: Backend, M: Module<B>>(
+        &mut self,
+        module: M,
+        what: &str,
+    ) -> Result<M> {
+        let infos = param_infos::<B, M>(&module);
+        let manifest: Vec<(String, Vec<usize>)> = infos
+            .iter()
+            .map(|p| (format!("{} {:?}", p.path, p.dtype), p.shape.clone()))
+            .collect();
+        self.check_same_everywhere(&manifest, &format!("{what} parameter layout"))?;
+        if self.rv.world.world_size == 1 {
+            return Ok(module);
+        }
+        let t = Instant::now();
+        let op = format!("broadcast of {what} from rank 0");
+        let cap = self.cfg.bucket_elems() * 4;
+        let mut mapper = BroadcastMapper::<B> {
+            sync: self,
+            op: op.clone(),
+            cap,
+            stack: PathStack::default(),
+            pending: Vec::new(),
+            queue: std::collections::VecDeque::new(),
+            error: None,
+            bytes: 0,
+            _b: std::marker::PhantomData,
+        };
+        let module = module.map(&mut mapper);
+        if mapper.error.is_none() && mapper.sync.rv.world.rank == 0 && !mapper.pending.is_empty() {
+            let frame = std::mem::take(&mut mapper.pending);
+            mapper.bytes += frame.len();
+            if let Err(e) = mapper.sync.rv.broadcast(&frame, &op) {
+                mapper.error = Some(mapper.sync.err(e));
+            }
+        }
+        if let Some(e) = mapper.error {
+            return Err(e);
+        }
+        if !mapper.queue.is_empty() {
+            return Err(TrainError::Sync(format!(
+                "rank {}: {op}: {} values left over (layouts differ)",
+                mapper.sync.rv.world.rank,
+                mapper.queue.len()
+            )));
+        }
+        let bytes = mapper.bytes;
+        tracing::info!(
+            "{op}: {} tensors, {:.1} MB in {:.2}s",
+            infos.len(),
+            bytes as f64 / 1e6,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(module)
+    }
+
+    fn layout_from(&mut self, grads: &GradSet<impl Backend>) -> Result<Vec<Slot>> {
+        let slots: Vec<Slot> = grads
+            .entries()
+            .iter()
+            .map(|e| Slot {
+                path: e.path.clone(),
+                id: e.id,
+                shape: e.shape.clone(),
+            })
+            .collect();
+        let manifest: Vec<(String, Vec<usize>)> = slots
+            .iter()
+            .map(|s| (s.path.clone(), s.shape.clone()))
+            .collect();
+        self.check_same_everywhere(&manifest, "gradient layout (call DistSync::track_params)")?;
+        Ok(slots)
+    }
+
+    /// The bucketed all-reduce (see the module docs).
+    fn sync_now<B: Backend>(&mut self, grads: &mut GradSet<B>) -> Result<()> {
+        let t0 = Instant::now();
+        let layout = match self.layout.take() {
+            Some(l) => l,
+            None => self.layout_from(grads)?,
+        };
+        let result = self.reduce_layout(&layout, grads);
+        self.layout = Some(layout);
+        self.stats.syncs += 1;
+        self.stats.seconds += t0.elapsed().as_secs_f64();
+        result
+    }
+
+    fn reduce_layout<B: Backend>(&mut self, layout: &[Slot], grads: &mut GradSet<B>) -> Result<()> {
+        let (w, rank) = (self.rv.world.world_size, self.rv.world.rank);
+        let index: HashMap<&str, usize> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.path.as_str(), i))
+            .collect();
+        let mut local: Vec<Option<GradEntry<B>>> = (0..layout.len()).map(|_| None).collect();
+        let entries = std::mem::take(grads).into_entries();
+        let device = entries.first().map(|e| e.grad.device()).unwrap_or_default();
+        for e in entries {
+            let Some(&i) = index.get(e.path.as_str()) else {
+                return Err(TrainError::Sync(format!(
+                    "rank {rank}: gradient of `{}` is not in the reduction layout (not a \
+                     trainable parameter of the tracked model)",
+                    e.path
+                )));
+            };
+            if e.shape != layout[i].shape {
+                return Err(TrainError::Sync(format!(
+                    "rank {rank}: gradient of `{}` has shape {:?}, the layout says {:?}",
+                    e.path, e.shape, layout[i].shape
+                )));
+            }
+            local[i] = Some(e);
+        }
+
+        // Control message first: which ranks have each gradient, and non-finite counts per rank.
+        let mut control = vec![0f32; layout.len() + w];
+        for (i, e) in local.iter().enumerate() {
+            if e.is_some() {
+                control[i] = 1.0;
+            }
+        }
+        // Bucket plan: consecutive parameters up to the cap (a larger one is a bucket of its own,
+        // sent in cap-sized pieces).
+        let cap = self.cfg.bucket_elems();
+        let mut buckets: Vec<std::ops::Range<usize>> = Vec::new();
+        let (mut start, mut size) = (0usize, 0usize);
+        for (i, s) in layout.iter().enumerate() {
+            if size > 0 && size + s.numel() > cap {
+                buckets.push(start..i);
+                start = i;
+                size = 0;
+            }
+            size += s.numel();
+        }
+        if start < layout.len() {
+            buckets.push(start..layout.len());
+        }
+        // Host copies of the local gradients, bucket by bucket; non-finite values are counted while
+        // packing, so the control message must follow the packing. Pack all first (one pass over the
+        // device), count, then send control, then the buckets.
+        let bf16 = self.cfg.bf16_grads;
+        let mut packed: Vec<Vec<f32>> = Vec::with_capacity(buckets.len());
+        let mut nonfinite = 0usize;
+        for b in &buckets {
+            let n: usize = layout[b.clone()].iter().map(Slot::numel).sum();
+            let mut buf = Vec::with_capacity(n);
+            for i in b.clone() {
+                match &local[i] {
+                    Some(e) => {
+                        let v = host_f32(&e.grad)?;
+                        nonfinite += v.iter().filter(|x| !x.is_finite()).count();
+                        if bf16 {
+                            buf.extend(v.into_iter().map(round_bf16));
+                        } else {
+                            buf.extend(v);
+                        }
+                    }
+                    None => buf.resize(buf.len() + layout[i].numel(), 0.0),
+                }
+            }
+            packed.push(buf);
+        }
+        control[layout.len() + rank] = nonfinite.min(1 << 24) as f32;
+        let op = "gradient all-reduce (control: presence and non-finite counts)";
+        self.reduce(&mut control, op)?;
+        self.stats.messages += 1;
+        self.last_nonfinite = (0..w)
+            .filter(|&r| control[layout.len() + r] != 0.0)
+            .collect();
+        if !self.last_nonfinite.is_empty() && rank == 0 {
+            tracing::warn!(
+                "non-finite gradients on rank(s) {:?} ({} values here); the reduced gradients are \
+                 non-finite on every rank",
+                self.last_nonfinite,
+                nonfinite
+            );
+        }
+
+        let nb = buckets.len();
+        let inv = 1.0 / w as f32;
+        let mut out: Vec<GradEntry<B>> = Vec::with_capacity(layout.len());
+        for (k, (b, mut buf)) in buckets.into_iter().zip(packed).enumerate() {
+            let pieces = buf.len().div_ceil(cap).max(1);
+            for (p, chunk) in buf.chunks_mut(cap).enumerate() {
+                let op = if pieces == 1 {
+                    format!("gradient all-reduce (bucket {}/{nb})", k + 1)
+                } else {
+                    format!(
+                        "gradient all-reduce (bucket {}/{nb}, piece {}/{pieces})",
+                        k + 1,
+                        p + 1
+                    )
+                };
+                self.reduce(chunk, &op)?;
+                self.stats.messages += 1;
+                self.stats.bytes += (chunk.len() * 4) as u64;
+            }
+            for v in buf.iter_mut() {
+                *v *= inv;
+                if bf16 {
+                    *v = round_bf16(*v);
+                }
+            }
+            let mut off = 0;
+            for i in b {
+                let s = &layout[i];
+                let n = s.numel();
+                let present = control[i] > 0.0;
+                if present {
+                    let (dtype, id) = match &local[i] {
+                        Some(e) => (e.grad.dtype(), e.id),
+                        None => (DType::F32, s.id),
+                    };
+                    let data = TensorData::new(buf[off..off + n].to_vec(), [n]);
+                    let data = if dtype == DType::F32 {
+                        data
+                    } else {
+                        data.convert_dtype(dtype)
+                    };
+                    out.push(GradEntry {
+                        path: s.path.clone(),
+                        id,
+                        shape: s.shape.clone(),
+                        grad: Tensor::from_data(data, (&device, dtype)),
+                    });
+                }
+                off += n;
+            }
+        }
+        *grads = GradSet::from_entries(out);
+        Ok(())
+    }
+}
+
+impl<B: Backend> GradSync<B> for DistSync {
+    fn rank(&self) -> usize {
+        self.rv.world.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.rv.world.world_size
+    }
+
+    fn sync_grads(&mut self, grads: &mut GradSet<B>, is_final_micro_step: bool) -> Result<()> {
+        if !is_final_micro_step || self.rv.world.world_size == 1 {
+            return Ok(());
+        }
+        self.sync_now(grads)
+    }
+
+    /// Exact mean: each value travels as an f32 pair (high part, remainder), all ranks' pairs are
+    /// gathered, and every rank adds them in rank order in f64 — identical results everywhere.
+    fn all_reduce_mean(&mut self, values: &mut [f64]) -> Result<()> {
+        let w = self.rv.world.world_size;
+        if w == 1 || values.is_empty() {
+            return Ok(());
+        }
+        let n = values.len();
+        let mut mine = Vec::with_capacity(2 * n);
+        for &v in values.iter() {
+            let hi = v as f32;
+            let lo = if v.is_finite() && (hi as f64).is_finite() {
+                (v - hi as f64) as f32
+            } else {
+                0.0
+            };
+            mine.push(hi);
+            mine.push(lo);
+        }
+        let all = self.all_gather(&mine, "scalar all-reduce (loss and metrics)")?;
+        for (i, v) in values.iter_mut().enumerate() {
+            let mut s = 0f64;
+            for r in 0..w {
+                let base = r * 2 * n + 2 * i;
+                s += all[base] as f64 + all[base + 1] as f64;
+            }
+            *v = s / w as f64;
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.rv.barrier("barrier").map_err(|e| self.err(e))
+    }
+}
+
+/// The gradient on the host as f32.
+fn host_f32<B: Backend>(t: &Tensor<B, 1>) -> Result<Vec<f32>> {
+    let data = t.clone().into_data();
+    let data = if data.dtype == DType::F32 {
+        data
+    } else {
+        data.convert::<f32>()
+    };
+    data.to_vec::<f32>()
+        .map_err(|e| TrainError::Sync(format!("reading a gradient back: {e:?}")))
+}
+
+/// f32 → nearest bf16 (ties to even), returned as f32. NaN stays NaN, overflow becomes ±Inf.
+pub fn round_bf16(x: f32) -> f32 {
+    if x.is_nan() {
+        return f32::NAN;
+    }
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+    f32::from_bits(rounded)
+}
+
+/// The first line where `mine` and `theirs` differ, described.
+fn difference(mine: &str, theirs: &str) -> Option<String> {
+    if mine == theirs {
+        return None;
+    }
+    let (a, b): (Vec<&str>, Vec<&str>) = (mine.lines().collect(), theirs.lines().collect());
+    for i in 0..a.len().max(b.len()) {
+        match (a.get(i), b.get(i)) {
+            (Some(x), Some(y)) if x == y => continue,
+            (x, y) => {
+                return Some(format!(
+                    "entry {i}: `{}` here, `{}` on rank 0 ({} entries here, {} on rank 0)",
+                    x.unwrap_or(&"<none>"),
+                    y.unwrap_or(&"<none>"),
+                    a.len(),
+                    b.len()
+                ))
+            }
+        }
+    }
+    Some("contents differ".into())
+}
+
+/// Rank 0: appends each parameter to the pending frame and broadcasts full frames; other ranks:
+/// receive frames as needed and take parameters from them in the same visiting order.
+struct BroadcastMapper<'a, B: Backend> {
+    sync: &'a mut DistSync,
+    op: String,
+    cap: usize,
+    stack: PathStack,
+    pending: Vec<u8>,
+    queue: std::collections::VecDeque<Vec<u8>>,
+    error: Option<TrainError>,
+    bytes: usize,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> BroadcastMapper<'_, B> {
+    fn next_bytes(&mut self) -> Result<Vec<u8>> {
+        while self.queue.is_empty() {
+            let frame = self
+                .sync
+                .rv
+                .broadcast(&[], &self.op)
+                .map_err(|e| self.sync.err(e))?;
+            self.bytes += frame.len();
+            let mut rest = frame.as_slice();
+            while !rest.is_empty() {
+                if rest.len() < 8 {
+                    return Err(TrainError::Sync(format!("{}: truncated frame", self.op)));
+                }
+                let n = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default()) as usize;
+                if rest.len() < 8 + n {
+                    return Err(TrainError::Sync(format!("{}: truncated frame", self.op)));
+                }
+                self.queue.push_back(rest[8..8 + n].to_vec());
+                rest = &rest[8 + n..];
+            }
+        }
+        Ok(self.queue.pop_front().unwrap_or_default())
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for BroadcastMapper<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.stack.enter(name);
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        if self.sync.rv.world.rank == 0 {
+            let data = tensor.clone().into_data();
+            let bytes = data.as_bytes();
+            self.pending
+                .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            self.pending.extend_from_slice(bytes);
+            if self.pending.len() >= self.cap {
+                let frame = std::mem::take(&mut self.pending);
+                self.bytes += frame.len();
+                if let Err(e) = self.sync.rv.broadcast(&frame, &self.op) {
+                    self.error = Some(self.sync.err(e));
+                }
+            }
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let tensor = match self.next_bytes() {
+            Ok(bytes) => {
+                let (shape, dtype, device) = (tensor.dims(), tensor.dtype(), tensor.device());
+                let expected = shape.iter().product::<usize>() * dtype.size();
+                if bytes.len() != expected {
+                    self.error = Some(TrainError::Sync(format!(
+                        "rank {}: {}: `{}` got {} bytes from rank 0, expected {expected}",
+                        self.sync.rv.world.rank,
+                        self.op,
+                        self.stack.path(),
+                        bytes.len()
+                    )));
+                    tensor
+                } else {
+                    let data = TensorData::from_bytes_vec(bytes, shape, dtype);
+                    let new = Tensor::<B, D>::from_data(data, (&device, dtype));
+                    if tensor.is_require_grad() {
+                        new.require_grad()
+                    } else {
+                        new
+                    }
+                }
+            }
+            Err(e) => {
+                self.error = Some(e);
+                tensor
+            }
+        };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// A [`BatchSource`] over an [`EpochSampler`] whose batch builder also receives each sample's
+/// *global key*: its position in the run's stream of samples, `epoch · len + position in the epoch's
+/// order`. The key of a sample does not depend on how the global batch is split (1 rank × 2B,
+/// 2 ranks × B, or gradient accumulation), so randomness derived from it (e.g. a per-sample stream
+/// `TrainRng::new(seed, base + key)`) makes runs with different world sizes draw the same numbers.
+pub struct KeyedSource<F> {
+    pub sampler: EpochSampler,
+    batch_size: usize,
+    rank: usize,
+    world_size: usize,
+    make: F,
+}
+
+impl<F, T> KeyedSource<F>
+where
+    F: FnMut(&[usize], &[u64]) -> Result<T>,
+{
+    /// `sampler` must be for one rank of one; use [`KeyedSource::with_rank`] to split.
+    pub fn new(sampler: EpochSampler, batch_size: usize, make: F) -> Self {
+        Self {
+            sampler,
+            batch_size,
+            rank: 0,
+            world_size: 1,
+            make,
+        }
+    }
+
+    /// This rank's slice of every global batch ([`EpochSampler::with_rank`]).
+    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
+        self.sampler = self.sampler.with_rank(rank, world_size);
+        self.rank = rank;
+        self.world_size = world_size;
+        self
+    }
+}
+
+impl<F, T> BatchSource for KeyedSource<F>
+where
+    F: FnMut(&[usize], &[u64]) -> Result<T>,
+{
+    type Batch = T;
+
+    fn next_batch(&mut self) -> Result<T> {
+        let idx = self.sampler.next_indices()?;
+        // After the call, `position` is the end of the global batch this slice belongs to.
+        let s = self.sampler.state();
+        let global = (self.batch_size * self.world_size) as u64;
+        let start = s.epoch * s.len + s.position - global + (self.rank * self.batch_size) as u64;
+        let keys: Vec<u64> = (0..idx.len() as u64).map(|j| start + j).collect();
+        (self.make)(&idx, &keys)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(self.sampler.state()).expect("sampler state serialises")
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let s: SamplerState = serde_json::from_value(state.clone())
+            .map_err(|e| TrainError::data(format!("bad sampler state: {e}")))?;
+        self.sampler.load_state(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blipd_dist::Launcher;
+    use burn::backend::NdArray;
+
+    type Nd = NdArray<f32>;
+
+    fn world(rank: usize, n: usize, port: u16) -> World {
+        World {
+            rank,
+            local_rank: rank,
+            world_size: n,
+            local_world_size: n,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            launcher: Launcher::Torchrun,
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn cfg(bucket_mb: f64) -> DistConfig {
+        DistConfig {
+            bucket_mb,
+            collective_timeout_s: 5.0,
+            join_timeout_s: 10.0,
+            ..DistConfig::default()
+        }
+    }
+
+    fn entry(path: &str, values: Vec<f32>) -> GradEntry<Nd> {
+        let n = values.len();
+        GradEntry {
+            path: path.into(),
+            id: burn::module::ParamId::new(),
+            shape: vec![n],
+            grad: Tensor::from_data(TensorData::new(values, [n]), &Default::default()),
+        }
+    }
+
+    fn values(g: &GradSet<Nd>) -> Vec<(String, Vec<f32>)> {
+        g.entries()
+            .iter()
+            .map(|e| (e.path.clone(), host_f32(&e.grad).unwrap()))
+            .collect()
+    }
+
+    /// Runs `f(rank, sync)` on `n` threads joined through a real rendezvous.
+    fn on_ranks<T: Send + 'static>(
+        n: usize,
+        c: DistConfig,
+        f: impl Fn(usize, &mut DistSync) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let f = std::sync::Arc::new(f);
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let (f, c) = (f.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let mut s = DistSync::establish(&world(r, n, port), c).unwrap();
+                    f(r, &mut s)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn buckets_average_exactly_and_unused_params_contribute_zeros() {
+        // Bucket of 16 floats: `a` (10) and `b` (10) go to separate buckets, `c` (40) is split in
+        // three pieces; `b` is unused on rank 1, `d` is unused everywhere.
+        let out = on_ranks(3, cfg(16.0 * 4.0 / 1048576.0), |r, s| {
+            let layout = ["a", "b", "c", "d"]
+                .iter()
+                .zip([10usize, 10, 40, 3])
+                .map(|(p, n)| Slot {
+                    path: p.to_string(),
+                    id: burn::module::ParamId::new(),
+                    shape: vec![n],
+                })
+                .collect::<Vec<_>>();
+            s.layout = Some(layout);
+            let rf = r as f32;
+            let mut entries = vec![entry("a", (0..10).map(|i| i as f32 + rf).collect())];
+            if r != 1 {
+                entries.push(entry("b", vec![rf + 1.0; 10]));
+            }
+            entries.push(entry(
+                "c",
+                (0..40).map(|i| (i as f32) * (rf + 1.0)).collect(),
+            ));
+            let mut g = GradSet::from_entries(entries);
+            let before = values(&g);
+            GradSync::<Nd>::sync_grads(s, &mut g, false).unwrap();
+            assert_eq!(values(&g), before, "no communication on accumulation steps");
+            GradSync::<Nd>::sync_grads(s, &mut g, true).unwrap();
+            (values(&g), s.stats().clone())
+        });
+        for (v, stats) in &out {
+            assert_eq!(v.len(), 3, "`d` has no gradient anywhere and stays absent");
+            assert_eq!(v[0].0, "a");
+            assert_eq!(v[0].1, (0..10).map(|i| i as f32 + 1.0).collect::<Vec<_>>());
+            // b: (1 + 0 + 3) / 3 — divided by the world size, as DDP does.
+            assert_eq!(v[1].1, vec![4.0 / 3.0; 10]);
+            let c: Vec<f32> = (0..40).map(|i| i as f32 * 6.0 / 3.0).collect();
+            assert_eq!(v[2].1, c);
+            // control, [a], [b], [c] in 3 pieces, [d] (zeros everywhere).
+            assert_eq!(stats.messages, 7, "{stats:?}");
+            assert_eq!(stats.bytes, (10 + 10 + 40 + 3) * 4, "{stats:?}");
+        }
+        assert_eq!(out[0].0, out[1].0);
+        assert_eq!(out[0].0, out[2].0);
+    }
+
+    #[test]
+    fn nonfinite_on_one_rank_is_seen_by_all() {
+        let out = on_ranks(2, cfg(25.0), |r, s| {
+            let v = if r == 1 {
+                vec![1.0, f32::NAN, 2.0]
+            } else {
+                vec![1.0, 1.0, 1.0]
+            };
+            let mut g = GradSet::from_entries(vec![entry("w", v), entry("u", vec![1.0; 4])]);
+            GradSync::<Nd>::sync_grads(s, &mut g, true).unwrap();
+            let norm = g.global_norm().unwrap().into_scalar();
+            (norm.is_finite(), s.last_nonfinite_ranks().to_vec())
+        });
+        for (finite, ranks) in out {
+            assert!(
+                !finite,
+                "the reduced grad-norm must be non-finite on every rank"
+            );
+            assert_eq!(ranks, vec![1]);
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: rounds to the even one (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(-0.3), -round_bf16(0.3));
+        let out = on_ranks(
+            2,
+            DistConfig {
+                bf16_grads: true,
+                ..cfg(25.0)
+            },
+            |r, s| {
+                let mut g = GradSet::from_entries(vec![entry("w", vec![0.1 + r as f32 * 0.2])]);
+                GradSync::<Nd>::sync_grads(s, &mut g, true).unwrap();
+                values(&g)[0].1[0]
+            },
+        );
+        let expected = round_bf16((round_bf16(0.1) + round_bf16(0.3)) / 2.0);
+        assert_eq!(out, vec![expected, expected]);
+        assert!((expected - 0.2).abs() < 0.2 / 256.0 * 2.0);
+    }
+
+    #[test]
+    fn scalar_mean_is_exact_in_f64() {
+        let out = on_ranks(3, cfg(25.0), |r, s| {
+            let mut v = vec![
+                0.1f64 + r as f64,
+                1e-9 * r as f64,
+                f64::NAN * (r == 2) as u8 as f64,
+            ];
+            GradSync::<Nd>::all_reduce_mean(s, &mut v).unwrap();
+            v
+        });
+        for v in &out {
+            assert!((v[0] - (0.3 + 3.0) / 3.0).abs() < 1e-15, "{}", v[0]);
+            assert!((v[1] - 1e-9).abs() < 1e-22, "{}", v[1]);
+            assert!(v[2].is_nan());
+        }
+    }
+
+    #[test]
+    fn broadcast_replaces_weights_and_layout_mismatch_fails_everywhere() {
+        use burn::nn::{Linear, LinearConfig};
+        let out = on_ranks(2, cfg(1e-4), |r, s| {
+            let dev = Default::default();
+            // Different random weights on each rank; a frozen bias to check require_grad is kept.
+            let lin: Linear<Nd> = LinearConfig::new(64, 32).init(&dev);
+            let mine = lin.weight.val().into_data();
+            let lin = s.broadcast_module(lin, "test model").unwrap();
+            let got = lin.weight.val().into_data();
+            let other = if r == 0 {
+                LinearConfig::new(64, 32).init::<Nd>(&dev)
+            } else {
+                LinearConfig::new(64, 33).init::<Nd>(&dev)
+            };
+            let err = s
+                .broadcast_module(other, "mismatched")
+                .err()
+                .map(|e| e.to_string());
+            (mine, got, err)
+        });
+        assert_eq!(out[0].1, out[0].0, "rank 0 keeps its weights");
+        assert_eq!(out[1].1, out[0].0, "rank 1 gets rank 0's weights");
+        assert_ne!(out[1].0, out[0].0);
+        for (_, _, err) in &out {
+            let e = err
+                .as_ref()
+                .expect("layout mismatch is an error on every rank");
+            assert!(e.contains("differs from rank 0's on rank(s) [1]"), "{e}");
+        }
+        assert!(
+            out[1].2.as_ref().unwrap().contains("weight"),
+            "{:?}",
+            out[1].2
+        );
+    }
+
+    #[test]
+    fn silent_peer_times_out_naming_rank_and_operation() {
+        let port = free_port();
+        let c = DistConfig {
+            collective_timeout_s: 1.0,
+            ..cfg(25.0)
+        };
+        let c2 = c.clone();
+        let peer = std::thread::spawn(move || {
+            let s = DistSync::establish(&world(1, 2, port), c2).unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let mut s = DistSync::establish(&world(0, 2, port), c).unwrap();
+        let t = Instant::now();
+        let g0 = entry("w", vec![1.0]);
+        s.layout = Some(vec![Slot {
+            path: "w".into(),
+            id: g0.id,
+            shape: vec![1],
+        }]);
+        let mut g = GradSet::from_entries(vec![g0]);
+        let e = GradSync::<Nd>::sync_grads(&mut s, &mut g, true)
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(e.contains("rank 0 of 2"), "{e}");
+        assert!(e.contains("timed out") && e.contains("rank 1"), "{e}");
+        assert!(e.contains("gradient all-reduce"), "{e}");
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let vars = |k: &str| match k {
+            ENV_COLLECTIVE_TIMEOUT => Some("7.5".to_string()),
+            ENV_BUCKET_MB => Some("1".to_string()),
+            ENV_GRAD_BF16 => Some("true".to_string()),
+            _ => None,
+        };
+        let c = DistConfig::default().with_vars(vars).unwrap();
+        assert_eq!(c.collective_timeout_s, 7.5);
+        assert_eq!(c.bucket_elems(), 262_144);
+        assert!(c.bf16_grads);
+        assert_eq!(c.rendezvous().op_timeout, Duration::from_millis(7500));
+        let e = DistConfig::default()
+            .with_vars(|k| (k == ENV_COLLECTIVE_TIMEOUT).then(|| "-1".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(ENV_COLLECTIVE_TIMEOUT), "{e}");
+    }
+
+    #[test]
+    fn keyed_source_keys_do_not_depend_on_the_split() {
+        let keys = |rank: usize, world: usize, batch: usize, steps: usize| {
+            let s = EpochSampler::new(10, batch, 3, true);
+            let mut src = KeyedSource::new(s, batch, |idx: &[usize], k: &[u64]| {
+                Ok(idx
+                    .iter()
+                    .copied()
+                    .zip(k.iter().copied())
+                    .collect::<Vec<_>>())
+            })
+            .with_rank(rank, world);
+            (0..steps)
+                .map(|_| src.next_batch().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let single = keys(0, 1, 4, 5);
+        let (r0, r1) = (keys(0, 2, 2, 5), keys(1, 2, 2, 5));
+        for i in 0..5 {
+            let mut both = r0[i].clone();
+            both.extend(r1[i].clone());
+            assert_eq!(both, single[i]);
+        }
+        // Epochs of 10 samples with a global batch of 4: 8 per epoch, keys jump to 10, 20, ...
+        let k: Vec<u64> = single.iter().flatten().map(|p| p.1).collect();
+        assert_eq!(&k[..12], &[0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]);
+    }
+}
