@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod generate;
+pub mod inspect;
 pub mod preprocess;
 
 pub use error::AppError;

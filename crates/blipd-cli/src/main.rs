@@ -1,1 +1,301 @@
-fn main() {}
+//! The `blipd` command line.
+
+mod plan;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use plan::{PretrainPlan, PLAN_FILE};
+
+#[cfg(feature = "cuda")]
+type Inner = burn::backend::Cuda<f32>;
+#[cfg(not(feature = "cuda"))]
+type Inner = burn::backend::NdArray<f32>;
+type Train = burn::backend::Autodiff<Inner>;
+
+#[derive(Parser)]
+#[command(
+    name = "blipd",
+    version,
+    about = "BLIP-Diffusion pre-training, fine-tuning and inference on Burn"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `blipd_train=debug`.
+    #[arg(long, global = true, default_value = "info", env = "BLIPD_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pre-train (stage 2; with no --config: the embedded tiny default, a few minutes on a CPU).
+    Pretrain {
+        /// A plan config (configs/tiny.toml, configs/stage2/sd15.toml, ...).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. `--set stage2.train.max_steps=10` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Root folder of the run (replaces the config's `dir`).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Continue a run from its newest valid checkpoint (exact on CPU).
+    Resume {
+        /// The run folder (holding plan.toml).
+        run_dir: PathBuf,
+        /// Override a config key (e.g. a longer `stage2.train.max_steps`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Write loss curves (PNG) for every metrics.jsonl under a run folder.
+    Plot {
+        run_dir: PathBuf,
+        /// Metric to plot.
+        #[arg(long, default_value = "loss")]
+        key: String,
+        #[arg(long)]
+        log_y: bool,
+    },
+    /// List each component of a diffusers folder with its parameter count and dtype, and load it
+    /// strictly; exits non-zero with every problem listed.
+    InspectWeights { dir: PathBuf },
+    /// Run a command as N local worker processes with torchrun's variables set
+    /// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    Launch {
+        /// Workers on this machine (one per GPU).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Machines in the job.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This machine's index in the job.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        #[arg(long, default_value_t = 29500)]
+        master_port: u16,
+        /// The blipd arguments each worker runs (after `--`), e.g. `-- pretrain --config ...`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Pretrain {
+            config,
+            sets,
+            run_dir,
+        } => {
+            let plan = match &config {
+                Some(path) => PretrainPlan::load(path, &sets, run_dir.as_deref())?,
+                None => PretrainPlan::parse(plan::TINY, &sets, run_dir.as_deref())
+                    .context("the embedded configs/tiny.toml")?,
+            };
+            pretrain(plan)
+        }
+        Command::Resume { run_dir, sets } => {
+            let path = run_dir.join(PLAN_FILE);
+            if !path.is_file() {
+                bail!(
+                    "{} has no {PLAN_FILE}: is it the folder `blipd pretrain` wrote?",
+                    run_dir.display()
+                );
+            }
+            let plan = PretrainPlan::load(&path, &sets, Some(&run_dir))?;
+            pretrain(plan)
+        }
+        Command::Plot {
+            run_dir,
+            key,
+            log_y,
+        } => plot(&run_dir, &key, log_y),
+        Command::InspectWeights { dir } => inspect(&dir),
+        Command::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            args,
+        } => {
+            if nproc_per_node == 0 || nnodes == 0 || node_rank >= nnodes {
+                bail!("need nproc-per-node ≥ 1, nnodes ≥ 1 and node-rank < nnodes");
+            }
+            let program: PathBuf = std::env::current_exe().context("locating the blipd binary")?;
+            let spec = blipd_dist::launch::LaunchSpec {
+                nproc_per_node,
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port,
+                program,
+                args,
+            };
+            let out = blipd_dist::launch::launch(&spec)?;
+            Ok(match out.first_failure {
+                None => ExitCode::SUCCESS,
+                Some(r) => {
+                    eprintln!(
+                        "error: local rank {r} failed ({}); the other workers were stopped",
+                        out.statuses[r]
+                    );
+                    ExitCode::FAILURE
+                }
+            })
+        }
+    }
+}
+
+fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
+    Default::default()
+}
+
+fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
+    let path = plan.write()?;
+    tracing::info!(
+        "run folder {} (resolved config: {})",
+        plan.dir.display(),
+        path.display()
+    );
+    if let Some(cfg) = &plan.stage2 {
+        let start = Instant::now();
+        tracing::info!(
+            "stage 2: {} steps × batch {} in {}",
+            cfg.train.max_steps,
+            cfg.train.batch_size,
+            cfg.run.dir.display()
+        );
+        let summary = blipd_stage2::run::run_stage2::<Train>(cfg, device())
+            .with_context(|| format!("stage 2 in {}", cfg.run.dir.display()))?;
+        let secs = start.elapsed().as_secs_f64();
+        let last = summary
+            .last
+            .as_ref()
+            .map(|s| format!("{:.4}", s.loss))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "stage 2: step {} ({} run{}), last loss {last}, {secs:.1} s; outputs in {}",
+            summary.final_step,
+            summary.steps_run,
+            summary
+                .resumed_from
+                .map(|s| format!(", resumed from step {s}"))
+                .unwrap_or_default(),
+            cfg.run.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plot(run_dir: &Path, key: &str, log_y: bool) -> Result<ExitCode> {
+    let mut found = Vec::new();
+    for dir in [run_dir.to_path_buf()].into_iter().chain(
+        std::fs::read_dir(run_dir)
+            .with_context(|| format!("reading {}", run_dir.display()))?
+            .flatten()
+            .map(|e| e.path()),
+    ) {
+        let m = dir.join("metrics.jsonl");
+        if m.is_file() {
+            found.push((dir, m));
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "no metrics.jsonl in {} or its sub-folders",
+            run_dir.display()
+        );
+    }
+    let opts = blipd_train::PlotOptions {
+        key: key.to_string(),
+        log_y,
+        ..Default::default()
+    };
+    for (dir, m) in found {
+        let png = dir.join(format!("{key}.png"));
+        let n = blipd_train::plot_metrics(&m, &png, &opts)?;
+        println!("{} ({n} points)", png.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(dir: &Path) -> Result<ExitCode> {
+    let reports = blipd_apps::inspect::inspect_folder::<Inner>(dir, &device())?;
+    let mut bad = 0;
+    println!(
+        "{:<16} {:<24} {:>15}  {:<12} status",
+        "component", "class", "parameters", "dtype"
+    );
+    for r in &reports {
+        let dtypes: Vec<&str> = r.dtypes.iter().map(String::as_str).collect();
+        println!(
+            "{:<16} {:<24} {:>15}  {:<12} {}",
+            r.name,
+            r.class.as_deref().unwrap_or("-"),
+            if r.weight_file.is_some() {
+                group(r.num_params)
+            } else {
+                "-".into()
+            },
+            if dtypes.is_empty() {
+                "-".into()
+            } else {
+                dtypes.join(",")
+            },
+            if r.problems.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    for r in &reports {
+        for p in &r.problems {
+            bad += 1;
+            eprintln!("\n{}: {p}", r.name);
+        }
+    }
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// 859520964 → "859,520,964".
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -24,6 +24,8 @@ pub use stage::{Stage2, Stage2Batch};
 pub enum Stage2Error {
     #[error(transparent)]
     Model(#[from] blipd_models::ModelError),
+    #[error(transparent)]
+    Weights(#[from] blipd_models::weights::WeightsError),
     #[error("stage 2 config: {0}")]
     Config(String),
     #[error("stage 2 batch: {0}")]

@@ -179,7 +179,7 @@ impl<B: Backend> Stage2Components<B> {
 }
 
 /// Load a stage-1 Q-Former checkpoint: every key but the projection layer must be present.
-fn load_partial_qformer<B: Backend>(
+pub fn load_partial_qformer<B: Backend>(
     qformer: Blip2QFormerModel<B>,
     sd: StateDict,
 ) -> Result<Blip2QFormerModel<B>, ModelError> {

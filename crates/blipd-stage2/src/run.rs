@@ -82,7 +82,12 @@ pub fn build<B: AutodiffBackend>(
         Some(dir) => Stage2Components::<B>::from_diffusers(dir, &cfg.stage, device)?,
         None => {
             let (clip, bert) = tiny_tokenizers(&vocabulary())?;
-            Stage2Components::<B>::from_preset(&cfg.stage.preset, clip, bert, device)?
+            let mut parts = Stage2Components::<B>::from_preset(&cfg.stage.preset, clip, bert, device)?;
+            if let crate::QFormerInit::Stage1(path) = &cfg.stage.qformer_init {
+                let sd = blipd_models::weights::StateDict::read(path)?;
+                parts.model.qformer = crate::model::load_partial_qformer(parts.model.qformer, sd)?;
+            }
+            parts
         }
     };
     let image_size = parts.image_size;

@@ -9,7 +9,6 @@ mod clip_vision;
 mod clipseg;
 mod controlnet;
 mod ctx_clip_text;
-mod pipeline;
 mod proj;
 mod qformer;
 mod schedulers;

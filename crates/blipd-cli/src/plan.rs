@@ -1,0 +1,62 @@
+//! A pre-training plan: the stages to run, in order, each a full run config, under one folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use blipd_stage2::run::Stage2RunConfig;
+use serde::{Deserialize, Serialize};
+
+/// The embedded default (`configs/tiny.toml`).
+pub const TINY: &str = include_str!("../../../configs/tiny.toml");
+
+/// `blipd pretrain --config FILE`: the root folder and each stage's run config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainPlan {
+    /// Root folder of the run; stage run dirs that are relative are taken inside it.
+    pub dir: PathBuf,
+    /// Stage 2: subject representation learning.
+    #[serde(default)]
+    pub stage2: Option<Stage2RunConfig>,
+}
+
+/// The file a plan's resolved config is written to, inside its `dir`.
+pub const PLAN_FILE: &str = "plan.toml";
+
+impl PretrainPlan {
+    /// Parse a plan (TOML text), apply `--set` overrides, then `run_dir` (replacing `dir`), and make
+    /// stage run dirs absolute under `dir`.
+    pub fn parse(text: &str, sets: &[String], run_dir: Option<&Path>) -> Result<Self> {
+        let mut plan: PretrainPlan = blipd_train::parse_config(text, sets)?;
+        if let Some(d) = run_dir {
+            plan.dir = d.to_path_buf();
+        }
+        let root = plan.dir.clone();
+        if let Some(s2) = plan.stage2.as_mut() {
+            if s2.run.dir.is_relative() {
+                s2.run.dir = root.join(&s2.run.dir);
+            }
+        }
+        if plan.stage2.is_none() {
+            anyhow::bail!("the plan has no stage to run (add a [stage2] section)");
+        }
+        Ok(plan)
+    }
+
+    pub fn load(path: &Path, sets: &[String], run_dir: Option<&Path>) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, sets, run_dir).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Write the resolved plan into its folder (what `blipd resume` reads).
+    pub fn write(&self) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let path = self.dir.join(PLAN_FILE);
+        let text = blipd_train::config::to_toml_string(self)?;
+        blipd_models::weights::atomic_write(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
