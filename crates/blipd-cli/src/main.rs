@@ -1,5 +1,6 @@
 //! The `blipd` command line.
 
+mod data_cmd;
 mod plan;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,8 @@ enum Command {
     /// List each component of a diffusers folder with its parameter count and dtype, and load it
     /// strictly; exits non-zero with every problem listed.
     InspectWeights { dir: PathBuf },
+    /// The synthetic-pair data pipeline (filter, masks, matting, compositing, shards).
+    Data(data_cmd::DataArgs),
     /// Run a command as N local worker processes with torchrun's variables set
     /// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
     Launch {
@@ -135,6 +138,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             log_y,
         } => plot(&run_dir, &key, log_y),
         Command::InspectWeights { dir } => inspect(&dir),
+        Command::Data(args) => data_cmd::run(args),
         Command::Launch {
             nproc_per_node,
             nnodes,
