@@ -1,0 +1,165 @@
+//! The `blipd` binary end to end: weights inspection (success and a full problem list), the embedded
+//! pre-training plan with overrides, resume, plots and config errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn blipd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));
+    c.env("BLIPD_LOG", "warn");
+    c
+}
+
+fn pipeline_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn inspect_weights_lists_components_and_every_problem() {
+    let out = blipd()
+        .arg("inspect-weights")
+        .arg(pipeline_fixture())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for comp in [
+        "qformer",
+        "text_encoder",
+        "unet",
+        "vae",
+        "scheduler",
+        "tokenizer",
+    ] {
+        assert!(stdout.contains(comp), "{comp} missing from:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("203,204"),
+        "U-Net parameter count:\n{stdout}"
+    );
+
+    // A broken copy: a U-Net config that no longer fits its weights, and a VAE without weights.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad");
+    copy_dir(&pipeline_fixture(), &bad);
+    let cfg = bad.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cross_attention_dim"] = serde_json::json!(16);
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    for e in std::fs::read_dir(bad.join("vae")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let out = blipd().arg("inspect-weights").arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let mismatched = stderr.matches("mismatched: ").count();
+    assert_eq!(mismatched, 8, "every attn2 to_k/to_v is listed:\n{stderr}");
+    assert!(
+        stderr.contains("no weight file for component `vae`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn pretrain_resume_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let short = [
+        "--set",
+        "stage2.train.max_steps=4",
+        "--set",
+        "stage2.checkpoint.every=2",
+        "--set",
+        "stage2.sample.every=0",
+        "--set",
+        "stage2.data.synthetic.pairs=8",
+    ];
+    let out = blipd()
+        .arg("pretrain")
+        .arg("--run-dir")
+        .arg(&run)
+        .args(short)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stage 2: step 4"));
+    assert!(run.join("plan.toml").is_file());
+    let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+    assert!(
+        run.join("stage2/samples").is_dir(),
+        "a sample grid at the end"
+    );
+
+    // Resume with a longer schedule continues from step 4.
+    let out = blipd()
+        .arg("resume")
+        .arg(&run)
+        .args(["--set", "stage2.train.max_steps=6"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("resumed from step 4"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+
+    let out = blipd().arg("plot").arg(&run).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run.join("stage2/loss.png").is_file());
+}
+
+#[test]
+fn unknown_config_keys_are_named() {
+    let out = blipd()
+        .args(["pretrain", "--set", "stage2.train.max_stepz=3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_stepz"), "{stderr}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(&cfg, "dir = \"x\"\n[stage2.run]\ndir = \"s\"\nsede = 1\n").unwrap();
+    let out = blipd()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sede"), "{stderr}");
+}
