@@ -1,0 +1,125 @@
+//! A whole stage-1 run from its TOML config: networks, data, trainer, export.
+
+use std::path::{Path, PathBuf};
+
+use blipd_data::synthetic::synth_pair;
+use blipd_train::{EpochSampler, IndexedSource, RunConfig, RunSummary, TrainError, Trainer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::data::{clip_input, load_entry, read_list, Stage1Batch, Stage1Data};
+use crate::model::{export, Stage1Components, Stage1Model};
+use crate::stage::Stage1;
+use crate::{Stage1Config, Stage1Error};
+
+/// The full stage-1 run config.
+pub type Stage1RunConfig = RunConfig<Stage1Config, Stage1Data>;
+
+/// Builds a batch from sample indices.
+pub type MakeBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<Stage1Batch>>;
+/// The stage-1 data source.
+pub type Source = IndexedSource<MakeBatch>;
+
+/// Where [`run_stage1`] exports the trained model: `<run.dir>/export` (`qformer/` + heads).
+pub fn export_dir(cfg: &Stage1RunConfig) -> PathBuf {
+    cfg.run.dir.join("export")
+}
+
+/// Build the stage, its model and its data source, train to `train.max_steps` (resuming from the newest
+/// valid checkpoint of the run directory when there is one), then export the Q-Former to
+/// [`export_dir`] (`export/qformer/model.safetensors` is what stage 2's `qformer_init = { stage1 =
+/// … }` takes).
+pub fn run_stage1<B: AutodiffBackend>(
+    cfg: &Stage1RunConfig,
+    device: B::Device,
+) -> Result<RunSummary, TrainError> {
+    let (stage, model, mut data, blip) = build::<B>(cfg, &device)?;
+    let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
+    let summary = trainer.fit(&mut data)?;
+    let model: &Stage1Model<B> = trainer.model();
+    export(model, &blip, &trainer.stage().tokenizer, &export_dir(cfg))?;
+    Ok(summary)
+}
+
+/// The pieces of a stage-1 run (for callers that drive the trainer themselves), plus the Q-Former
+/// config for exporting.
+pub fn build<B: AutodiffBackend>(
+    cfg: &Stage1RunConfig,
+    device: &B::Device,
+) -> Result<
+    (
+        Stage1<B>,
+        Stage1Model<B>,
+        Source,
+        blipd_models::qformer::Blip2Config,
+    ),
+    Stage1Error,
+> {
+    B::seed(device, cfg.run.seed);
+    let parts = Stage1Components::<B>::from_config(&cfg.stage, device)?;
+    let blip = parts.blip_config.clone();
+    let size = parts.image_size;
+    let (stage, model) = Stage1::new(cfg.stage.clone(), parts, device.clone())?;
+    let bs = cfg.train.batch_size;
+    let (len, make): (usize, MakeBatch) = match (&cfg.data.synthetic, &cfg.data.list) {
+        (Some(syn), None) => {
+            let (seed, px) = (syn.seed, syn.size);
+            let make: MakeBatch = Box::new(move |idx: &[usize]| {
+                let mut pixels = Vec::with_capacity(idx.len() * 3 * size * size);
+                let mut captions = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    // Stage 1 sees the original scene and its caption.
+                    let p = synth_pair(i as u64, seed, px);
+                    pixels.extend(clip_input(&p.target, size));
+                    captions.push(p.caption);
+                }
+                Ok(Stage1Batch {
+                    pixels: TensorData::new(pixels, [idx.len(), 3, size, size]),
+                    captions,
+                })
+            });
+            (syn.pairs, make)
+        }
+        (None, Some(list)) => {
+            let entries = read_list(list, cfg.data.image_root.as_deref())?;
+            let list = list.clone();
+            let n = entries.len();
+            let make: MakeBatch = Box::new(move |idx: &[usize]| {
+                let mut pixels = Vec::with_capacity(idx.len() * 3 * size * size);
+                let mut captions = Vec::with_capacity(idx.len());
+                for &i in idx {
+                    let e = &entries[i];
+                    pixels.extend(load_entry(&list, e, size).map_err(TrainError::data)?);
+                    captions.push(e.caption.clone());
+                }
+                Ok(Stage1Batch {
+                    pixels: TensorData::new(pixels, [idx.len(), 3, size, size]),
+                    captions,
+                })
+            });
+            (n, make)
+        }
+        _ => return Err(Stage1Error::Config(
+            "[data] needs exactly one source: [data.synthetic] pairs = N, or list = \"pairs.tsv\""
+                .into(),
+        )),
+    };
+    if len < bs {
+        return Err(Stage1Error::Config(format!(
+            "the data has {len} pairs, fewer than train.batch_size = {bs}"
+        )));
+    }
+    if cfg.stage.itm && bs < 2 {
+        return Err(Stage1Error::Config(
+            "ITM draws its negatives from the batch: train.batch_size must be ≥ 2 (or itm = false)"
+                .into(),
+        ));
+    }
+    let sampler = EpochSampler::new(len, bs, cfg.run.seed, cfg.data.shuffle);
+    Ok((stage, model, IndexedSource::new(sampler, make), blip))
+}
+
+/// The run directory of a config.
+pub fn run_dir(cfg: &Stage1RunConfig) -> &Path {
+    &cfg.run.dir
+}
