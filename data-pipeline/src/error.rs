@@ -30,6 +30,9 @@ pub enum DataError {
     /// The matting solver did not converge.
     #[error("matting solver: {0}")]
     Solver(String),
+    /// A shard or manifest could not be written or read.
+    #[error("shard {path}: {reason}")]
+    Shard { path: PathBuf, reason: String },
     /// An invalid configuration value.
     #[error("config: {0}")]
     Config(String),

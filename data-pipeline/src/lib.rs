@@ -9,9 +9,13 @@ pub mod composite;
 pub mod error;
 pub mod foreground;
 pub mod imageio;
+pub mod loader;
+pub mod masks;
 pub mod matte;
 pub mod matting;
 pub mod openimages;
+pub mod shards;
+pub mod synth;
 pub mod synthetic;
 pub mod trimap;
 
