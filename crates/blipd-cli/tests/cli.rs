@@ -163,3 +163,52 @@ fn unknown_config_keys_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("sede"), "{stderr}");
 }
+
+#[test]
+fn generate_writes_an_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_png = tmp.path().join("gen.png");
+    let fx = pipeline_fixture();
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(&fx)
+        .arg("--image")
+        .arg(fx.join("reference.png"))
+        .args([
+            "--subject",
+            "dog",
+            "--prompt",
+            "swimming underwater",
+            "--steps",
+            "3",
+        ])
+        .args(["--height", "16", "--width", "16", "--out"])
+        .arg(&out_png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&out_png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (16, 16));
+    // A missing reference image is a clear error.
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(&fx)
+        .args([
+            "--image",
+            "/nonexistent.png",
+            "--subject",
+            "dog",
+            "--prompt",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent.png"));
+}
