@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use blipd_data::synthetic::{synth_pair, vocabulary};
-use blipd_train::{EpochSampler, IndexedSource, RunConfig, RunSummary, Trainer};
+use blipd_train::dist_sync::{DistConfig, KeyedSource};
+use blipd_train::{EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,16 @@ pub struct Stage2Data {
     /// Where data-order shuffling starts from (the trainer's data stream is seeded from `run.seed`).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Draw each sample's randomness (timestep, subject drop, VAE and diffusion noise) from its own
+    /// stream `(run.seed, PER_SAMPLE_STREAM + global sample position)` instead of the rank's stream:
+    /// the run then does not depend on how the global batch is split over ranks and micro-batches
+    /// (1 × 2B, 2 × B and B with 2 accumulation steps draw the same numbers).
+    #[serde(default)]
+    pub per_sample_rng: bool,
 }
+
+/// Base of the per-sample random streams (`[data] per_sample_rng`), apart from the trainer's.
+pub const PER_SAMPLE_STREAM: u64 = 0x5053_0000_0000_0000;
 
 /// `[data.synthetic]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +60,7 @@ impl Default for Stage2Data {
             synthetic: Some(SyntheticData { pairs: 64, seed: 0 }),
             target_size: 512,
             shuffle: true,
+            per_sample_rng: false,
         }
     }
 }
@@ -63,15 +74,48 @@ pub fn run_stage2<B: AutodiffBackend>(
     cfg: &Stage2RunConfig,
     device: B::Device,
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    let (stage, model, mut data) = build::<B>(cfg, &device)?;
-    let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
-    trainer.fit(&mut data)
+    // Seeded initialisation: the same random weights for a seed, whatever the number of ranks.
+    B::seed(&device, cfg.run.seed);
+    let parts = build::<B>(cfg, &device)?;
+    fit_stage2(cfg, device, parts)
 }
 
-/// Builds a batch from sample indices.
-pub type MakeBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<Stage2Batch>>;
-/// The stage-2 data source.
-pub type Source = IndexedSource<MakeBatch>;
+/// Trains the pieces [`build`] made, to `train.max_steps` (resuming when there is a checkpoint). When
+/// the process was launched as one rank of several (`WORLD_SIZE > 1`: torchrun, `blipd launch`,
+/// srun), it joins the job first ([`blipd_train::dist_sync::from_env`], settings from the `BLIPD_*`
+/// environment), takes rank 0's weights (trainable model and frozen VAE), and trains on its slice of
+/// every global batch with the gradients averaged over ranks.
+pub fn fit_stage2<B: AutodiffBackend>(
+    cfg: &Stage2RunConfig,
+    device: B::Device,
+    (mut stage, model, data): (Stage2<B>, crate::Stage2Model<B>, Source),
+) -> Result<RunSummary, blipd_train::TrainError> {
+    match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)? {
+        None => {
+            let mut data = data;
+            let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
+            trainer.fit(&mut data)
+        }
+        Some(mut sync) => {
+            let (rank, world) = (
+                GradSync::<B::InnerBackend>::rank(&sync),
+                GradSync::<B::InnerBackend>::world_size(&sync),
+            );
+            let model = sync.broadcast_module(model, "stage-2 model")?;
+            stage.vae = sync.broadcast_module(stage.vae, "frozen VAE")?;
+            sync.track_params::<B, _>(&model)?;
+            let mut data = data.with_rank(rank, world);
+            let mut trainer =
+                Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
+            trainer.fit(&mut data)
+        }
+    }
+}
+
+/// Builds a batch from sample indices and the samples' global positions.
+pub type MakeBatch = Box<dyn FnMut(&[usize], &[u64]) -> blipd_train::Result<Stage2Batch>>;
+/// The stage-2 data source (one rank of one; `with_rank` splits it).
+pub type Source = KeyedSource<MakeBatch>;
 
 /// The pieces of a stage-2 run (for callers that drive the trainer themselves).
 pub fn build<B: AutodiffBackend>(
@@ -82,7 +126,8 @@ pub fn build<B: AutodiffBackend>(
         Some(dir) => Stage2Components::<B>::from_diffusers(dir, &cfg.stage, device)?,
         None => {
             let (clip, bert) = tiny_tokenizers(&vocabulary())?;
-            let mut parts = Stage2Components::<B>::from_preset(&cfg.stage.preset, clip, bert, device)?;
+            let mut parts =
+                Stage2Components::<B>::from_preset(&cfg.stage.preset, clip, bert, device)?;
             if let crate::QFormerInit::Stage1(path) = &cfg.stage.qformer_init {
                 let sd = blipd_models::weights::StateDict::read(path)?;
                 parts.model.qformer = crate::model::load_partial_qformer(parts.model.qformer, sd)?;
@@ -93,6 +138,9 @@ pub fn build<B: AutodiffBackend>(
     let image_size = parts.image_size;
     let target_size = cfg.data.target_size;
     let (mut stage, model) = Stage2::new(cfg.stage.clone(), parts, target_size, device.clone())?;
+    // Parameters initialise lazily: materialise them now, in module order, so the draws do not
+    // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
+    blipd_train::params::param_infos::<B, _>(&model);
     let synthetic = cfg.data.synthetic.clone().ok_or_else(|| {
         Stage2Error::Config("[data] needs a source: [data.synthetic] pairs = N".into())
     })?;
@@ -112,7 +160,8 @@ pub fn build<B: AutodiffBackend>(
         ));
     }
     let seed = synthetic.seed;
-    let make: MakeBatch = Box::new(move |idx: &[usize]| {
+    let (run_seed, per_sample_rng) = (cfg.run.seed, cfg.data.per_sample_rng);
+    let make: MakeBatch = Box::new(move |idx: &[usize], keys: &[u64]| {
         let b = idx.len();
         let mut input = Vec::with_capacity(b * 3 * image_size * image_size);
         let mut target = Vec::with_capacity(b * 3 * target_size * target_size);
@@ -130,6 +179,11 @@ pub fn build<B: AutodiffBackend>(
             target: TensorData::new(target, [b, 3, target_size, target_size]),
             subjects,
             captions,
+            sample_rngs: per_sample_rng.then(|| {
+                keys.iter()
+                    .map(|&k| TrainRng::new(run_seed, PER_SAMPLE_STREAM + k))
+                    .collect()
+            }),
         })
     });
     let sampler = EpochSampler::new(
@@ -138,7 +192,11 @@ pub fn build<B: AutodiffBackend>(
         cfg.run.seed,
         cfg.data.shuffle,
     );
-    Ok((stage, model, IndexedSource::new(sampler, make)))
+    Ok((
+        stage,
+        model,
+        KeyedSource::new(sampler, cfg.train.batch_size, make),
+    ))
 }
 
 /// The run directory of a config.

@@ -33,6 +33,11 @@ pub struct Stage2Batch {
     pub subjects: Vec<String>,
     /// Captions (the text prompt).
     pub captions: Vec<String>,
+    /// One random stream per sample (`[data] per_sample_rng`): the sample's timestep, subject-drop
+    /// decision, VAE posterior noise and diffusion noise are drawn from it instead of from the rank's
+    /// stage stream and the backend generator, so they depend only on the sample's global position
+    /// and a run gives the same numbers whatever its number of ranks. `None`: the rank's stream.
+    pub sample_rngs: Option<Vec<TrainRng>>,
 }
 
 impl Stage2Batch {
@@ -186,6 +191,17 @@ impl<B: AutodiffBackend> Stage2<B> {
     }
 }
 
+/// `n` standard normal draws (Box–Muller, cosine branch) from `rng`.
+fn std_normal(rng: &mut TrainRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(1e-12);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
 fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
@@ -228,23 +244,47 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
         // Target latents through the frozen VAE (no graph).
         let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
         let posterior = self.vae.encode(target);
-        let vae_noise = Tensor::random(
-            posterior.mean().shape(),
-            Distribution::Normal(0.0, 1.0),
-            &dev,
-        );
+        let shape = posterior.mean().shape();
+        let n_train = self.ddpm.num_train_timesteps();
+        let drop = self.config.subject_drop_prob;
+        let (vae_noise, noise, t, keep) = match batch.sample_rngs {
+            Some(mut rngs) => {
+                if rngs.len() != b {
+                    return Err(Stage2Error::Batch(format!(
+                        "{} sample streams for {b} samples",
+                        rngs.len()
+                    ))
+                    .into());
+                }
+                // Per sample, in this order: timestep, keep, VAE noise, diffusion noise.
+                let per = shape.num_elements() / b;
+                let (mut vn, mut dn) = (Vec::with_capacity(b * per), Vec::with_capacity(b * per));
+                let mut t = Vec::with_capacity(b);
+                let mut keep = Vec::with_capacity(b);
+                for r in rngs.iter_mut() {
+                    t.push(r.random_range(0..n_train) as i64);
+                    keep.push(r.random::<f64>() >= drop);
+                    vn.extend(std_normal(r, per));
+                    dn.extend(std_normal(r, per));
+                }
+                let vn = Tensor::from_data(TensorData::new(vn, shape.clone()), &dev);
+                let dn = Tensor::<B, 4>::from_data(TensorData::new(dn, shape), &dev);
+                (vn, dn, t, keep)
+            }
+            None => {
+                let vn = Tensor::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
+                let dn = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+                let t: Vec<i64> = (0..b)
+                    .map(|_| rng.random_range(0..n_train) as i64)
+                    .collect();
+                let keep: Vec<bool> = (0..b).map(|_| rng.random::<f64>() >= drop).collect();
+                (vn, dn, t, keep)
+            }
+        };
         let latents = posterior.sample(vae_noise) * self.vae.scaling_factor;
         let latents = Tensor::<B, 4>::from_inner(latents);
 
         // DDPM forward process at a uniform random timestep per sample.
-        let noise = Tensor::<B, 4>::random(latents.shape(), Distribution::Normal(0.0, 1.0), &dev);
-        let n_train = self.ddpm.num_train_timesteps();
-        let t: Vec<i64> = (0..b)
-            .map(|_| rng.random_range(0..n_train) as i64)
-            .collect();
-        let keep: Vec<bool> = (0..b)
-            .map(|_| rng.random::<f64>() >= self.config.subject_drop_prob)
-            .collect();
         let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
         let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
 
