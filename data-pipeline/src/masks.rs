@@ -122,6 +122,20 @@ impl MaskStore {
         height: usize,
         limits: &ReadLimits,
     ) -> Result<LoadedMask> {
+        let loaded = self.load_native(subject, limits)?;
+        let mask = if (loaded.mask.width, loaded.mask.height) == (width, height) {
+            loaded.mask
+        } else {
+            crate::trimap::resize_bilinear(&loaded.mask, width, height)
+        };
+        Ok(LoadedMask {
+            mask,
+            file: loaded.file,
+        })
+    }
+
+    /// Loads the subject's mask at the file's own size.
+    pub fn load_native(&self, subject: &Subject, limits: &ReadLimits) -> Result<LoadedMask> {
         let id = &subject.image_id;
         let loaded = match self.source {
             MaskSource::Dir => {
@@ -163,15 +177,7 @@ impl MaskStore {
                 best.expect("index entries are non-empty").1
             }
         };
-        let mask = if (loaded.mask.width, loaded.mask.height) == (width, height) {
-            loaded.mask
-        } else {
-            crate::trimap::resize_bilinear(&loaded.mask, width, height)
-        };
-        Ok(LoadedMask {
-            mask,
-            file: loaded.file,
-        })
+        Ok(loaded)
     }
 }
 

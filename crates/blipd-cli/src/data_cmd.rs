@@ -1,11 +1,21 @@
 //! `blipd data …`: the synthetic-pair data pipeline from the command line.
+//!
+//! `filter` (OpenImages CSVs → kept subjects), `masks` (OpenImages segmentation masks → a `<ImageID>.png`
+//! mask folder), `synth` (subjects → masks → trimap → matting → foreground → composite → Parquet shards),
+//! `preview` (a PNG grid of stored input/target pairs) and `matte` (one image).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use anyhow::{bail, Context, Result};
+use blipd_data::masks::{MaskSource, MaskStore};
+use blipd_data::openimages::{filter_openimages, write_subjects_csv, FilterInputs, ImageDirSizes};
+use blipd_data::shards::{Manifest, ShardReader};
+use blipd_data::synth::{read_subjects_csv, synth, PipelineConfig, SynthEvent};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct DataArgs {
@@ -13,8 +23,103 @@ pub struct DataArgs {
     pub command: DataCommand,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MaskSourceArg {
+    Dir,
+    Openimages,
+}
+
+impl From<MaskSourceArg> for MaskSource {
+    fn from(a: MaskSourceArg) -> Self {
+        match a {
+            MaskSourceArg::Dir => MaskSource::Dir,
+            MaskSourceArg::Openimages => MaskSource::OpenImages,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum DataCommand {
+    /// OpenImages V6 subject filter (paper appendix A.5): box CSV + class descriptions (+ image labels)
+    /// → kept-subjects CSV, with per-rule drop counts.
+    Filter {
+        /// e.g. oidv6-train-annotations-bbox.csv (13 or 21 columns).
+        #[arg(long)]
+        boxes: PathBuf,
+        /// class-descriptions-boxable.csv (no header).
+        #[arg(long)]
+        classes: PathBuf,
+        /// Optional human-verified image labels (drops images with people).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Folder of <ImageID>.jpg (pixel sizes for the aspect rule are read from the headers).
+        #[arg(long)]
+        images: PathBuf,
+        /// Pipeline config ([filter], [read]); defaults when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Kept subjects CSV; problems go to <out>.problems.tsv.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Collect one mask per kept subject into a <ImageID>.png folder (the `dir` source of `synth`). Source:
+    /// OpenImages segmentation masks (<ImageID>_<mid>_<BoxID>.png, best box IoU). CLIPSeg masks need the
+    /// released weights, which are not bundled: write them to a folder with any segmenter.
+    Masks {
+        #[arg(long)]
+        subjects: PathBuf,
+        #[arg(long, value_enum, default_value = "openimages")]
+        source: MaskSourceArg,
+        /// Folder of source masks.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The whole chain into resumable Parquet shards (rerun after an interruption to finish; completed
+    /// shards are kept).
+    Synth {
+        /// e.g. configs/data/pipeline.toml
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        subjects: Option<PathBuf>,
+        #[arg(long)]
+        images: Option<PathBuf>,
+        #[arg(long)]
+        masks: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        mask_source: Option<MaskSourceArg>,
+        #[arg(long)]
+        backgrounds: Option<PathBuf>,
+        #[arg(long)]
+        captions: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        max_side: Option<u32>,
+        #[arg(long)]
+        rows_per_shard: Option<u64>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// A PNG grid of the first stored pairs: input (subject on a new background) | target, one pair per row.
+    Preview {
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Pairs shown.
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        /// Cell size in pixels.
+        #[arg(long, default_value_t = 192)]
+        cell: u32,
+    },
     /// Closed-form matting of one image: trimap grey levels ≤ 10% background, ≥ 90% foreground, else
     /// unknown; α written as a 16-bit grey PNG.
     Matte {
@@ -30,8 +135,312 @@ pub enum DataCommand {
     },
 }
 
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}] {{msg}}"
+        ))
+        .expect("static template"),
+    );
+    pb
+}
+
+fn load_config(path: Option<&Path>) -> Result<PipelineConfig> {
+    Ok(match path {
+        Some(p) => PipelineConfig::from_file(p)?,
+        None => PipelineConfig::default(),
+    })
+}
+
 pub fn run(args: DataArgs) -> Result<ExitCode> {
     match args.command {
+        DataCommand::Filter {
+            boxes,
+            classes,
+            labels,
+            images,
+            config,
+            out,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let start = Instant::now();
+            let mut sizes = ImageDirSizes {
+                dir: images,
+                use_exif_orientation: cfg.filter.use_exif_orientation,
+                limits: cfg.read,
+            };
+            let report = filter_openimages(
+                &FilterInputs {
+                    boxes_csv: &boxes,
+                    class_descriptions_csv: &classes,
+                    image_labels_csv: labels.as_deref(),
+                },
+                &cfg.filter,
+                &mut sizes,
+            )
+            .with_context(|| format!("filtering {}", boxes.display()))?;
+            write_subjects_csv(&out, &report.kept)?;
+            println!(
+                "{} boxes in {} images → {} subjects ({:.1} s) → {}",
+                report.boxes_seen,
+                report.images_seen,
+                report.kept.len(),
+                start.elapsed().as_secs_f64(),
+                out.display()
+            );
+            for (rule, n) in &report.drops {
+                println!("  dropped {n:>9}  {rule:?}");
+            }
+            if report.unknown_classes > 0 {
+                println!(
+                    "  {} boxes of classes missing from {}",
+                    report.unknown_classes,
+                    classes.display()
+                );
+            }
+            if report.unsorted_ids > 0 {
+                println!(
+                    "  warning: {} ImageIDs out of order (file not sorted)",
+                    report.unsorted_ids
+                );
+            }
+            if !report.problems.is_empty() {
+                let mut p = out.as_os_str().to_os_string();
+                p.push(".problems.tsv");
+                let p = PathBuf::from(p);
+                let mut text = String::from("line\tImageID\treason\n");
+                for pr in &report.problems {
+                    text.push_str(&format!("{}\t{}\t{}\n", pr.line, pr.image_id, pr.reason));
+                }
+                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+                println!(
+                    "  {} problem rows/images → {}",
+                    report.problems.len(),
+                    p.display()
+                );
+                for pr in report.problems.iter().take(5) {
+                    println!("    line {} {}: {}", pr.line, pr.image_id, pr.reason);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Masks {
+            subjects,
+            source,
+            from,
+            out,
+        } => {
+            let store = MaskStore::open(source.into(), &from)?;
+            let rows = read_subjects_csv(&subjects)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let limits = blipd_data::ReadLimits::default();
+            let pb = bar(rows.len() as u64, "masks");
+            let start = Instant::now();
+            let (mut written, mut missing) = (0u64, Vec::new());
+            for r in &rows {
+                match r {
+                    Err(b) => missing.push(format!("{} (csv: {})", b.image_id, b.reason)),
+                    Ok(s) => match store.load_native(s, &limits) {
+                        Ok(m) => {
+                            let p = out.join(format!("{}.png", s.image_id));
+                            m.mask
+                                .to_luma8()
+                                .save(&p)
+                                .with_context(|| format!("writing {}", p.display()))?;
+                            written += 1;
+                        }
+                        Err(e) => missing.push(format!("{}: {e}", s.image_id)),
+                    },
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            println!(
+                "{written} masks → {} ({:.1} s), {} subjects without a mask",
+                out.display(),
+                start.elapsed().as_secs_f64(),
+                missing.len()
+            );
+            for m in missing.iter().take(10) {
+                println!("  {m}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Synth {
+            config,
+            subjects,
+            images,
+            masks,
+            mask_source,
+            backgrounds,
+            captions,
+            out,
+            limit,
+            seed,
+            max_side,
+            rows_per_shard,
+            threads,
+        } => {
+            let mut cfg = PipelineConfig::from_file(&config)?;
+            let s = &mut cfg.synth;
+            s.subjects_csv = subjects.or(s.subjects_csv.take());
+            s.images_dir = images.or(s.images_dir.take());
+            s.masks_dir = masks.or(s.masks_dir.take());
+            s.backgrounds_dir = backgrounds.or(s.backgrounds_dir.take());
+            s.captions = captions.or(s.captions.take());
+            s.out_dir = out.or(s.out_dir.take());
+            s.limit = limit.or(s.limit);
+            if let Some(v) = mask_source {
+                s.mask_source = v.into();
+            }
+            if let Some(v) = seed {
+                s.seed = v;
+            }
+            if let Some(v) = max_side {
+                s.max_side = v;
+            }
+            if let Some(v) = rows_per_shard {
+                s.rows_per_shard = v;
+            }
+            if let Some(v) = threads {
+                s.threads = v;
+            }
+            let pb = bar(0, "synth");
+            let ok = AtomicU64::new(0);
+            let bad = AtomicU64::new(0);
+            let progress = |e: SynthEvent| match e {
+                SynthEvent::Started {
+                    rows,
+                    rows_done,
+                    shards_total,
+                    shards_done,
+                } => {
+                    pb.set_length(rows);
+                    pb.set_position(rows_done);
+                    pb.reset_eta();
+                    if shards_done > 0 {
+                        pb.println(format!(
+                            "resuming: {shards_done} of {shards_total} shards already complete"
+                        ));
+                    }
+                }
+                SynthEvent::Row { ok: good } => {
+                    if good { &ok } else { &bad }.fetch_add(1, Ordering::Relaxed);
+                    pb.inc(1);
+                    pb.set_message(format!(
+                        "{} pairs, {} bad",
+                        ok.load(Ordering::Relaxed),
+                        bad.load(Ordering::Relaxed)
+                    ));
+                }
+                SynthEvent::ShardInvalid { index, reason } => {
+                    pb.println(format!("shard {index}: {reason}; rebuilding"));
+                }
+                SynthEvent::ShardWritten { .. } => {}
+            };
+            let report = synth(&cfg, &progress)?;
+            pb.finish_and_clear();
+            println!(
+                "{}: {} shards ({} written, {} already complete), {} pairs in total; this run: {} rows, {} pairs in \
+                 {:.1} s = {:.2} pairs/s",
+                report.out_dir.display(),
+                report.shards_total,
+                report.shards_written,
+                report.shards_skipped,
+                report.pairs_total,
+                report.rows_new,
+                report.pairs_new,
+                report.elapsed_s,
+                report.pairs_per_s()
+            );
+            if !report.bad.is_empty() {
+                let by: Vec<String> = report
+                    .bad_by_stage()
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                let p = report.out_dir.join("bad_inputs.tsv");
+                let mut text = String::from("row\tImageID\tstage\treason\n");
+                for b in &report.bad {
+                    text.push_str(&format!(
+                        "{}\t{}\t{}\t{}\n",
+                        b.row, b.image_id, b.stage, b.reason
+                    ));
+                }
+                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+                println!(
+                    "{} bad inputs ({}) → {}",
+                    report.bad.len(),
+                    by.join(", "),
+                    p.display()
+                );
+                for b in report.bad.iter().take(10) {
+                    println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Preview {
+            shards,
+            out,
+            n,
+            cell,
+        } => {
+            let m = Manifest::load(&shards)?
+                .with_context(|| format!("no manifest.json in {}", shards.display()))?;
+            let mut recs = Vec::new();
+            let mut entries = m.shards.clone();
+            entries.sort_by_key(|e| e.index);
+            'outer: for e in &entries {
+                let r = ShardReader::open(&shards.join(&e.file))?;
+                for g in 0..r.num_row_groups() {
+                    for rec in r.read_group(g)? {
+                        recs.push(rec);
+                        if recs.len() >= n {
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            if recs.is_empty() {
+                bail!("{} holds no pairs", shards.display());
+            }
+            let gap = 4u32;
+            let mut grid = image::RgbImage::from_pixel(
+                2 * cell + 3 * gap,
+                recs.len() as u32 * (cell + gap) + gap,
+                image::Rgb([255, 255, 255]),
+            );
+            let limits = blipd_data::ReadLimits::default();
+            for (i, rec) in recs.iter().enumerate() {
+                for (j, bytes) in [&rec.input_image, &rec.target_image]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let img =
+                        blipd_data::imageio::decode_image(bytes, &rec.image_id, &limits)?.to_rgb8();
+                    let s = f64::from(cell) / f64::from(img.width().max(img.height()));
+                    let (w, h) = (
+                        ((f64::from(img.width()) * s).round() as u32).max(1),
+                        ((f64::from(img.height()) * s).round() as u32).max(1),
+                    );
+                    let small =
+                        image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+                    let x = gap + j as u32 * (cell + gap) + (cell - w) / 2;
+                    let y = gap + i as u32 * (cell + gap) + (cell - h) / 2;
+                    image::imageops::replace(&mut grid, &small, i64::from(x), i64::from(y));
+                }
+                println!(
+                    "row {i}: {} [{}] \"{}\" on {}",
+                    rec.image_id, rec.class_name, rec.caption, rec.background_id
+                );
+            }
+            grid.save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{} pairs (input | target) → {}", recs.len(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         DataCommand::Matte {
             image,
             trimap,
