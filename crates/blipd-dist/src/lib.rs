@@ -3,6 +3,8 @@
 //! retries and a deadline), and the control channel used for collective decisions.
 
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod world;
 
