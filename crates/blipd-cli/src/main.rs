@@ -2,6 +2,7 @@
 
 mod data_cmd;
 mod plan;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +52,14 @@ enum Command {
         /// The run folder (holding plan.toml).
         run_dir: PathBuf,
         /// Override a config key (e.g. a longer `stage2.train.max_steps`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run the variants of a sweep file (the paper's ablations) and write one comparison table.
+    Sweep {
+        /// e.g. configs/sweeps/ablation.toml
+        file: PathBuf,
+        /// Override applied to every variant.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -170,6 +179,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let plan = PretrainPlan::load(&path, &sets, Some(&run_dir))?;
             pretrain(plan)
+        }
+        Command::Sweep { file, sets } => {
+            sweep::run(&file, &sets)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Plot {
             run_dir,

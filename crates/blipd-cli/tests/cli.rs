@@ -212,3 +212,31 @@ fn generate_writes_an_image() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent.png"));
 }
+
+#[test]
+fn sweep_writes_one_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sweep = tmp.path().join("sweep.toml");
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "base = {:?}\ndir = {:?}\nset = [\"stage2.train.max_steps=2\", \"stage2.sample.at_end=false\", \"stage2.data.synthetic.pairs=8\"]\n\
+             [[variant]]\nname = \"full\"\n[[variant]]\nname = \"frozen_text\"\nset = [\"stage2.stage.train_text_encoder=false\"]\n",
+            base.display().to_string(),
+            tmp.path().join("out").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = blipd().arg("sweep").arg(&sweep).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = std::fs::read_to_string(tmp.path().join("out/ablation.md")).unwrap();
+    assert!(
+        table.contains("| full |") && table.contains("| frozen_text |"),
+        "{table}"
+    );
+}
