@@ -501,7 +501,7 @@ impl ShardReader {
             let r = row.map_err(|e| pq(p, e))?;
             let s = |k: usize| -> Result<String> {
                 r.get_string(k)
-                    .map(|v| v.clone())
+                    .cloned()
                     .map_err(|e| pq(p, format!("column {}: {e}", SCHEMA[k].0)))
             };
             let b = |k: usize| -> Result<Vec<u8>> {

@@ -690,13 +690,15 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
 
     let n = rows.len() as u64;
     let mut manifest = match Manifest::load(&out_dir)? {
-        Some(m) if m.fingerprint != fp => return Err(DataError::Config(format!(
+        Some(m) if m.fingerprint != fp => {
+            return Err(DataError::Config(format!(
             "{} holds shards of another configuration or input (fingerprint {} ≠ {}); use another \
                  out_dir or empty this one",
             out_dir.display(),
             m.fingerprint,
             fp
-        ))),
+        )))
+        }
         Some(m) => m,
         None => Manifest::new(fp.clone(), n, s.rows_per_shard),
     };
@@ -800,7 +802,7 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
             .len();
         let g = s.rows_per_group;
         let mut groups = vec![g; (rows_written / g) as usize];
-        if rows_written % g != 0 {
+        if !rows_written.is_multiple_of(g) {
             groups.push(rows_written % g);
         }
         let bad_count = bad.len() as u64;
