@@ -35,9 +35,11 @@ pub struct Stage1Config {
     /// Not used by the tiny preset.
     #[serde(default)]
     pub bert_vocab: Option<PathBuf>,
-    /// Caption tokens (`padding="max_length"`, truncation), `[CLS]` and `[SEP]` included (LAVIS 32).
-    #[serde(default = "default_max_txt_len")]
-    pub max_txt_len: usize,
+    /// Caption tokens (`padding="max_length"`, truncation), `[CLS]` and `[SEP]` included. Default:
+    /// LAVIS's 32, capped at the Q-Former's position embeddings (16 for the tiny preset, whose Q-Former
+    /// then equals stage 2's tiny one; a larger explicit value grows the tiny preset's positions).
+    #[serde(default)]
+    pub max_txt_len: Option<usize>,
     /// ITC embedding size (LAVIS `embed_dim` 256; the tiny preset uses 8). Default: the preset's.
     #[serde(default)]
     pub embed_dim: Option<usize>,
@@ -67,9 +69,6 @@ pub struct Stage1Config {
 fn default_preset() -> String {
     "tiny".into()
 }
-fn default_max_txt_len() -> usize {
-    32
-}
 fn default_smoothing() -> f64 {
     crate::losses::LABEL_SMOOTHING
 }
@@ -88,7 +87,7 @@ impl Default for Stage1Config {
             bert_init: None,
             heads_init: None,
             bert_vocab: None,
-            max_txt_len: default_max_txt_len(),
+            max_txt_len: None,
             embed_dim: None,
             itc: true,
             itm: true,
@@ -113,10 +112,9 @@ impl Stage1Config {
         if !(self.itc || self.itm || self.itg) {
             return bad("itc, itm and itg are all false: nothing to train".into());
         }
-        if self.max_txt_len < 2 {
+        if let Some(n) = self.max_txt_len.filter(|&n| n < 2) {
             return bad(format!(
-                "max_txt_len = {} leaves no room for [CLS] … [SEP]",
-                self.max_txt_len
+                "max_txt_len = {n} leaves no room for [CLS] … [SEP]"
             ));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {

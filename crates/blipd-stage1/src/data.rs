@@ -257,9 +257,10 @@ mod tests {
         let a = tok.encode("a").unwrap()[1] as i64;
         let red = tok.encode("red").unwrap()[1] as i64;
         let circle = tok.encode("circle").unwrap()[1] as i64;
+        let on = tok.encode("on").unwrap()[1] as i64;
         assert_eq!(&t.ids[..6], &[cls, a, red, circle, sep, pad]);
         assert_eq!(&t.mask[..6], &[1, 1, 1, 1, 1, 0]);
-        assert_eq!(&t.ids[6..], &[cls, a, red, circle, a, sep]);
+        assert_eq!(&t.ids[6..], &[cls, a, red, circle, on, sep]);
         assert_eq!(&t.mask[6..], &[1; 6]);
     }
 

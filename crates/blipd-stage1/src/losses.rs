@@ -301,6 +301,7 @@ pub struct Itm<B: Backend> {
 /// ITM with given negatives: `neg_images[b]` = the (global) image paired with local text b,
 /// `neg_texts[b]` = the (global) text paired with local image b. `image_embeds [B, Nv, Dv]` local;
 /// `image_embeds_all`/`text_all` every rank's (the local ones with one rank).
+#[allow(clippy::too_many_arguments)]
 pub fn itm_loss<B: Backend>(
     qformer: &Blip2QFormerModel<B>,
     heads: &QFormerHeads<B>,

@@ -64,12 +64,18 @@ pub struct Stage1Components<B: Backend> {
     pub heads_config: QFormerHeadsConfig,
     /// Vision tower input side (224 at full size).
     pub image_size: usize,
+    /// Caption length in tokens (`[stage] max_txt_len` or its default).
+    pub max_txt_len: usize,
 }
 
-/// Tiny sizes: [`Blip2Config::tiny`] with the tokenizer's vocabulary and room for `max_txt_len`.
+/// LAVIS `Blip2Qformer(max_txt_len=32)`.
+pub const DEFAULT_MAX_TXT_LEN: usize = 32;
+
+/// Tiny sizes: [`Blip2Config::tiny`] (vocabulary grown to the tokenizer's if needed, positions to
+/// `max_txt_len`) — the same Q-Former as stage 2's tiny preset with the default `max_txt_len` 16.
 pub fn tiny_config(vocab_size: usize, max_txt_len: usize) -> Blip2Config {
     let mut c = Blip2Config::tiny();
-    c.qformer_config.vocab_size = vocab_size;
+    c.qformer_config.vocab_size = c.qformer_config.vocab_size.max(vocab_size);
     c.qformer_config.max_position_embeddings =
         c.qformer_config.max_position_embeddings.max(max_txt_len);
     c
@@ -103,7 +109,11 @@ impl<B: Backend> Stage1Components<B> {
                 let (blip, tok, tiny) = match cfg.preset.as_str() {
                     "tiny" => {
                         let tok = tiny_bert_tokenizer(&vocabulary())?;
-                        (tiny_config(tok.vocab_size(), cfg.max_txt_len), tok, true)
+                        (
+                            tiny_config(tok.vocab_size(), cfg.max_txt_len.unwrap_or(0)),
+                            tok,
+                            true,
+                        )
                     }
                     _ => (
                         Blip2Config::blipdiffusion(),
@@ -132,20 +142,32 @@ impl<B: Backend> Stage1Components<B> {
                 q.vocab_size
             )));
         }
-        if cfg.max_txt_len > q.max_position_embeddings {
+        let max_txt_len = cfg
+            .max_txt_len
+            .unwrap_or(DEFAULT_MAX_TXT_LEN.min(q.max_position_embeddings));
+        if max_txt_len > q.max_position_embeddings {
             return Err(Stage1Error::Config(format!(
-                "max_txt_len = {} exceeds the Q-Former's {} position embeddings",
-                cfg.max_txt_len, q.max_position_embeddings
+                "max_txt_len = {max_txt_len} exceeds the Q-Former's {} position embeddings",
+                q.max_position_embeddings
             )));
         }
+        let heads_sd = cfg.heads_init.as_deref().map(StateDict::read).transpose()?;
+        // embed_dim: explicit, else the heads file's, else the preset's (8 tiny, 256 LAVIS).
+        let file_dim = match &heads_sd {
+            Some(sd) => Some(sd.data("vision_proj.bias")?.shape.num_elements()),
+            None => None,
+        };
         let heads_config = QFormerHeadsConfig {
-            embed_dim: cfg.embed_dim.unwrap_or(if tiny { 8 } else { 256 }),
+            embed_dim: cfg
+                .embed_dim
+                .or(file_dim)
+                .unwrap_or(if tiny { 8 } else { 256 }),
             dec_token_id: i64::from(tokenizer.dec_id()),
             ..QFormerHeadsConfig::for_qformer(q)
         };
         let mut heads = heads_config.init::<B>(device)?;
-        if let Some(path) = &cfg.heads_init {
-            heads = heads.load_state_dict(StateDict::read(path)?)?;
+        if let Some(sd) = heads_sd {
+            heads = heads.load_state_dict(sd)?;
         }
         let image_size = blip.vision_config.image_size;
         let mut model = Stage1Model { qformer, heads };
@@ -158,6 +180,7 @@ impl<B: Backend> Stage1Components<B> {
             blip_config: blip,
             heads_config,
             image_size,
+            max_txt_len,
         })
     }
 }

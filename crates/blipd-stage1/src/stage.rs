@@ -17,6 +17,8 @@ pub struct Stage1<B: AutodiffBackend> {
     pub config: Stage1Config,
     pub tokenizer: BertTokenizer,
     pub image_size: usize,
+    /// Caption length in tokens.
+    pub max_txt_len: usize,
     pub options: LossOptions,
     pub device: B::Device,
 }
@@ -42,6 +44,7 @@ impl<B: AutodiffBackend> Stage1<B> {
         let stage = Self {
             tokenizer: parts.tokenizer,
             image_size: parts.image_size,
+            max_txt_len: parts.max_txt_len,
             options,
             device,
             config,
@@ -55,7 +58,7 @@ impl<B: AutodiffBackend> Stage1<B> {
             .iter()
             .map(|c| normalize_caption(c, self.config.caption_max_words))
             .collect();
-        tokenize_captions(&self.tokenizer, &norm, self.config.max_txt_len)
+        tokenize_captions(&self.tokenizer, &norm, self.max_txt_len)
     }
 
     /// `ln_vision(ViT(pixels))`: the frozen tower runs without autodiff; `ln_vision` with it.
