@@ -160,3 +160,124 @@ pub fn apply<B: Backend>(
         heads: model.heads.load_state_dict(hsd)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Stage1Components;
+    use crate::Stage1Config;
+
+    type NB = burn::backend::NdArray<f32>;
+
+    fn get(m: &BTreeMap<String, TensorData>, k: &str) -> Vec<f32> {
+        m[k].clone().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn bert_checkpoint_fills_body_and_lm_head() {
+        let dev = Default::default();
+        let cfg = Stage1Config::default();
+        let donor = Stage1Components::<NB>::from_config(&cfg, &dev)
+            .unwrap()
+            .model;
+        let target = Stage1Components::<NB>::from_config(&cfg, &dev)
+            .unwrap()
+            .model;
+        // A `BertForPreTraining`-style checkpoint made from the donor's text side (old gamma/beta names,
+        // one vocabulary row fewer: no [DEC]).
+        let own: BTreeMap<String, TensorData> =
+            collect_reference(&donor.qformer, &reverse_key_map())
+                .unwrap()
+                .into_iter()
+                .collect();
+        let heads: BTreeMap<String, TensorData> =
+            collect_reference(&donor.heads, &heads_reverse_key_map())
+                .unwrap()
+                .into_iter()
+                .collect();
+        let mut bert = Vec::new();
+        for (k, v) in &own {
+            let keep = k.starts_with("embeddings.")
+                || (k.starts_with("encoder.")
+                    && !k.contains("crossattention")
+                    && !k.contains("_query."));
+            if !keep {
+                continue;
+            }
+            let k2 = k
+                .replace(".attention.attention.", ".attention.self.")
+                .replace("LayerNorm.weight", "LayerNorm.gamma");
+            let v = if k == "embeddings.word_embeddings.weight" {
+                let s = v.shape.as_slice().to_vec();
+                let all = v.clone().convert::<f32>().to_vec::<f32>().unwrap();
+                TensorData::new(all[..(s[0] - 1) * s[1]].to_vec(), [s[0] - 1, s[1]])
+            } else {
+                v.clone()
+            };
+            bert.push((format!("bert.{k2}"), v));
+        }
+        for (k, v) in &heads {
+            if let Some(rest) = k.strip_prefix("Qformer.") {
+                bert.push((rest.to_string(), v.clone()));
+            }
+        }
+        bert.push((
+            "bert.embeddings.token_type_embeddings.weight".into(),
+            TensorData::new(vec![0f32; 64], [2, 32]),
+        ));
+        bert.push((
+            "bert.pooler.dense.bias".into(),
+            TensorData::new(vec![0f32; 32], [32]),
+        ));
+        let sd = StateDict::from_tensors("bert.safetensors", bert);
+        let before: BTreeMap<String, TensorData> =
+            collect_reference(&target.qformer, &reverse_key_map())
+                .unwrap()
+                .into_iter()
+                .collect();
+        let m = apply(target, sd).unwrap();
+        let after: BTreeMap<String, TensorData> = collect_reference(&m.qformer, &reverse_key_map())
+            .unwrap()
+            .into_iter()
+            .collect();
+        let k = "encoder.layer.1.intermediate.dense.weight";
+        assert_eq!(get(&after, k), get(&own, k));
+        // `*_query` FFNs copied from the text FFNs.
+        assert_eq!(
+            get(&after, "encoder.layer.1.intermediate_query.dense.weight"),
+            get(&own, k)
+        );
+        assert_eq!(
+            get(&after, "encoder.layer.0.output_query.LayerNorm.weight"),
+            get(&own, "encoder.layer.0.output.LayerNorm.weight")
+        );
+        // Cross-attention and queries keep their fresh values.
+        for k in [
+            "encoder.layer.0.crossattention.attention.key.weight",
+            "query_tokens",
+        ] {
+            assert_eq!(get(&after, k), get(&before, k), "{k}");
+        }
+        // Word embeddings: BERT rows + a new [DEC] row.
+        let w = get(&after, "embeddings.word_embeddings.weight");
+        let d = get(&own, "embeddings.word_embeddings.weight");
+        assert_eq!(w[..w.len() - 32], d[..d.len() - 32]);
+        let mh: BTreeMap<String, TensorData> =
+            collect_reference(&m.heads, &heads_reverse_key_map())
+                .unwrap()
+                .into_iter()
+                .collect();
+        let b = get(&mh, "Qformer.cls.predictions.bias");
+        assert_eq!(b.last(), Some(&0.0), "LM bias extended with 0");
+        // An unknown key is named.
+        let bad = StateDict::from_tensors(
+            "x",
+            vec![(
+                "bert.encoder.layer.9.attention.self.query.weight".into(),
+                TensorData::new(vec![0f32; 4], [2, 2]),
+            )],
+        );
+        let err = apply(m, bad).err().unwrap().to_string();
+        assert!(err.contains("encoder.layer.9"), "{err}");
+    }
+}
