@@ -30,7 +30,10 @@ pub struct ComponentReport {
 
 /// Inspect every component named in `model_index.json` (or every sub-folder with a `config.json`).
 /// Networks are built from their `config.json` and loaded strictly on `device`.
-pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ComponentReport>, crate::AppError> {
+pub fn inspect_folder<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<Vec<ComponentReport>, crate::AppError> {
     let folder = DiffusersFolder::open(dir)?;
     let mut out = Vec::new();
     for (name, class) in folder.components() {
@@ -44,15 +47,25 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
             problems: Vec::new(),
         };
         if !comp.dir.is_dir() {
-            rep.problems.push(format!("folder {} is missing", comp.dir.display()));
+            rep.problems
+                .push(format!("folder {} is missing", comp.dir.display()));
             out.push(rep);
             continue;
         }
         let kind = class.clone().unwrap_or_else(|| name.clone());
         let has_weights = matches!(
             kind.as_str(),
-            "Blip2QFormerModel" | "qformer" | "ContextCLIPTextModel" | "CLIPTextModel" | "text_encoder"
-                | "UNet2DConditionModel" | "unet" | "AutoencoderKL" | "vae" | "ControlNetModel" | "controlnet"
+            "Blip2QFormerModel"
+                | "qformer"
+                | "ContextCLIPTextModel"
+                | "CLIPTextModel"
+                | "text_encoder"
+                | "UNet2DConditionModel"
+                | "unet"
+                | "AutoencoderKL"
+                | "vae"
+                | "ControlNetModel"
+                | "controlnet"
         );
         if has_weights {
             match comp.weight_file() {
@@ -60,7 +73,11 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
                     match StateDict::read(&f) {
                         Ok(sd) => {
                             rep.num_params = sd.num_params();
-                            rep.dtypes = sd.tensors.values().map(|s| format!("{:?}", s.dtype)).collect();
+                            rep.dtypes = sd
+                                .tensors
+                                .values()
+                                .map(|s| format!("{:?}", s.dtype))
+                                .collect();
                         }
                         Err(e) => rep.problems.push(e.to_string()),
                     }
@@ -72,7 +89,8 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
         if rep.problems.is_empty() {
             let result: Result<(), String> = match kind.as_str() {
                 "Blip2QFormerModel" | "qformer" => (|| {
-                    let cfg = Blip2Config::from_file(&comp.config_path()).map_err(|e| e.to_string())?;
+                    let cfg =
+                        Blip2Config::from_file(&comp.config_path()).map_err(|e| e.to_string())?;
                     let m = cfg.init::<B>(device).map_err(|e| e.to_string())?;
                     let sd = comp.state_dict().map_err(|e| e.to_string())?;
                     m.load_state_dict(sd).map(|_| ()).map_err(|e| e.to_string())
@@ -82,7 +100,9 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
                         .map(|_| ())
                         .map_err(|e| e.to_string())
                 }
-                "UNet2DConditionModel" | "unet" => unet::load::<B>(&comp, device).map(|_| ()).map_err(|e| e.to_string()),
+                "UNet2DConditionModel" | "unet" => unet::load::<B>(&comp, device)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 "AutoencoderKL" | "vae" => AutoencoderKL::<B>::load(&comp, device)
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
@@ -91,9 +111,13 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
                     .map_err(|e| e.to_string()),
                 "PNDMScheduler" | "scheduler" => {
                     let p = comp.dir.join("scheduler_config.json");
-                    PndmSchedulerConfig::from_file(&p).map(|_| ()).map_err(|e| e.to_string())
+                    PndmSchedulerConfig::from_file(&p)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 }
-                "CLIPTokenizer" | "tokenizer" => ClipTokenizer::from_dir(&comp.dir).map(|_| ()).map_err(|e| e.to_string()),
+                "CLIPTokenizer" | "tokenizer" => ClipTokenizer::from_dir(&comp.dir)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 _ => Ok(()),
             };
             if let Err(e) = result {
@@ -105,7 +129,8 @@ pub fn inspect_folder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<
     if out.is_empty() {
         return Err(crate::AppError::Folder {
             path: dir.to_path_buf(),
-            message: "no components: expected model_index.json or sub-folders with config.json".into(),
+            message: "no components: expected model_index.json or sub-folders with config.json"
+                .into(),
         });
     }
     Ok(out)

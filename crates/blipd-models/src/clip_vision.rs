@@ -218,7 +218,7 @@ impl HiddenAct {
 
     pub fn apply<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => crate::nn::gelu(x),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::QuickGelu => quick_gelu(x),
             Self::Relu => activation::relu(x),

@@ -13,9 +13,13 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * activation::sigmoid(x * 1.702)
 }
 
-/// Exact (erf) GELU, as `torch.nn.functional.gelu` with `approximate="none"`.
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` with `approximate="none"`: `x · ½(1 + erf(x/√2))`.
+///
+/// Written with tensor ops rather than `burn::tensor::activation::gelu` because Burn 0.21's GELU
+/// backward uses the derivative of the tanh approximation while its forward is exact, which puts
+/// gradients ~3e-4 (relative) away from PyTorch's; through `erf` autodiff gets the exact derivative.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    activation::gelu(x)
+    x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5
 }
 
 /// A PyTorch-style `nn.Linear` (weights stored `[in, out]` in Burn; loaders transpose).

@@ -260,21 +260,17 @@ fn gradients_match_lavis() {
             .to_vec::<f32>()
             .unwrap()
     };
-    // Each gradient against LAVIS with Burn's GELU derivative (tight: the autodiff graph is the same),
-    // and against LAVIS with PyTorch's exact GELU derivative (Burn 0.21's `gelu_backward` uses the
-    // tanh approximation's derivative, ~3e-4 relative off inside the Q-Former).
+    // Each gradient against LAVIS's own (exact-erf GELU) gradients. `blipd_models::nn::gelu` goes
+    // through `erf`, so autodiff has the exact derivative (Burn 0.21's fused `gelu_backward` uses the
+    // tanh approximation's and was ~3e-4 relative off inside the Q-Former; this tolerance catches a
+    // regression to it). The fixture also keeps gradients computed with that approximate derivative
+    // (`grad_tanhgelu_*`).
     let both = |what: &str, key: &str, ours: Vec<f32>| {
-        check(
-            &format!("{what} (tanh-deriv GELU)"),
-            &ours,
-            &r(&format!("grad_tanhgelu_{key}")),
-            1e-5,
-        );
         check(
             &format!("{what} (torch GELU)"),
             &ours,
             &r(&format!("grad_{key}")),
-            2e-3,
+            1e-5,
         );
     };
     let g1 = |p: &burn::module::Param<Tensor<AB, 1>>| vals(p.val().grad(&grads).unwrap());

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
+use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::{synth_pair, vocabulary};
 use blipd_train::dist_sync::{DistConfig, KeyedSource};
-use blipd_train::{EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
+use blipd_train::{BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,10 @@ pub struct Stage2Data {
     /// Procedural pairs (the embedded default): `pairs` subjects composited onto procedural scenes.
     #[serde(default)]
     pub synthetic: Option<SyntheticData>,
+    /// Parquet shards written by `blipd data synth` (a folder with `manifest.json`). Takes precedence
+    /// over `synthetic`.
+    #[serde(default)]
+    pub shards: Option<PathBuf>,
     /// Target (VAE) resolution: 512 for SD-1.5; the tiny model uses 32.
     #[serde(default = "default_target")]
     pub target_size: usize,
@@ -58,6 +63,7 @@ impl Default for Stage2Data {
     fn default() -> Self {
         Self {
             synthetic: Some(SyntheticData { pairs: 64, seed: 0 }),
+            shards: None,
             target_size: 512,
             shuffle: true,
             per_sample_rng: false,
@@ -114,8 +120,143 @@ pub fn fit_stage2<B: AutodiffBackend>(
 
 /// Builds a batch from sample indices and the samples' global positions.
 pub type MakeBatch = Box<dyn FnMut(&[usize], &[u64]) -> blipd_train::Result<Stage2Batch>>;
-/// The stage-2 data source (one rank of one; `with_rank` splits it).
-pub type Source = KeyedSource<MakeBatch>;
+
+/// The stage-2 data source (one rank of one; `with_rank` splits it): procedural pairs or shards.
+pub enum Source {
+    Synthetic(KeyedSource<MakeBatch>),
+    Shards(Box<ShardSource>),
+}
+
+impl Source {
+    /// This rank's slice of every global batch.
+    pub fn with_rank(self, rank: usize, world_size: usize) -> Self {
+        match self {
+            Source::Synthetic(s) => Source::Synthetic(s.with_rank(rank, world_size)),
+            Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size))),
+        }
+    }
+}
+
+impl BatchSource for Source {
+    type Batch = Stage2Batch;
+    fn next_batch(&mut self) -> blipd_train::Result<Stage2Batch> {
+        match self {
+            Source::Synthetic(s) => s.next_batch(),
+            Source::Shards(s) => s.next_batch(),
+        }
+    }
+    fn state(&self) -> serde_json::Value {
+        match self {
+            Source::Synthetic(s) => s.state(),
+            Source::Shards(s) => s.state(),
+        }
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> blipd_train::Result<()> {
+        match self {
+            Source::Synthetic(s) => s.load_state(state),
+            Source::Shards(s) => s.load_state(state),
+        }
+    }
+}
+
+/// Batches from Parquet shards (`blipd data synth` output) through [`blipd_data::loader::PairLoader`]:
+/// deterministic per-epoch shuffle independent of the world size, per-rank slices, a saveable cursor.
+pub struct ShardSource {
+    dir: PathBuf,
+    opts: LoaderOptions,
+    loader: PairLoader,
+    batch_size: usize,
+    image_size: usize,
+    target_size: usize,
+    run_seed: u64,
+    per_sample_rng: bool,
+}
+
+impl ShardSource {
+    pub fn open(
+        dir: &std::path::Path,
+        cfg: &Stage2RunConfig,
+        image_size: usize,
+    ) -> Result<Self, Stage2Error> {
+        let opts = LoaderOptions {
+            seed: cfg.run.seed,
+            shuffle: cfg.data.shuffle,
+            ..LoaderOptions::default()
+        };
+        let loader = PairLoader::open(dir, opts.clone())
+            .map_err(|e| Stage2Error::Config(format!("[data] shards = {}: {e}", dir.display())))?;
+        if (loader.len() as usize) < cfg.train.batch_size {
+            return Err(Stage2Error::Config(format!(
+                "[data] shards = {}: {} pairs, fewer than train.batch_size = {}",
+                dir.display(),
+                loader.len(),
+                cfg.train.batch_size
+            )));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            opts,
+            loader,
+            batch_size: cfg.train.batch_size,
+            image_size,
+            target_size: cfg.data.target_size,
+            run_seed: cfg.run.seed,
+            per_sample_rng: cfg.data.per_sample_rng,
+        })
+    }
+
+    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
+        self.opts.rank = rank;
+        self.opts.world_size = world_size;
+        if let Ok(l) = PairLoader::open(&self.dir, self.opts.clone()) {
+            self.loader = l;
+        }
+        self
+    }
+}
+
+impl BatchSource for ShardSource {
+    type Batch = Stage2Batch;
+    fn next_batch(&mut self) -> blipd_train::Result<Stage2Batch> {
+        let items = self
+            .loader
+            .next_items(self.batch_size)
+            .map_err(blipd_train::TrainError::data)?;
+        let (s, t, b) = (self.image_size, self.target_size, items.len());
+        let mut input = Vec::with_capacity(b * 3 * s * s);
+        let mut target = Vec::with_capacity(b * 3 * t * t);
+        let mut subjects = Vec::with_capacity(b);
+        let mut captions = Vec::with_capacity(b);
+        let mut keys = Vec::with_capacity(b);
+        for it in items {
+            input.extend(clip_input(&it.input, s));
+            target.extend(vae_target(&it.target, t));
+            subjects.push(it.record.class_name);
+            captions.push(it.record.caption);
+            keys.push(it.key);
+        }
+        let (run_seed, per) = (self.run_seed, self.per_sample_rng);
+        Ok(Stage2Batch {
+            input: TensorData::new(input, [b, 3, s, s]),
+            target: TensorData::new(target, [b, 3, t, t]),
+            subjects,
+            captions,
+            sample_rngs: per.then(|| {
+                keys.iter()
+                    .map(|&k| TrainRng::new(run_seed, PER_SAMPLE_STREAM + k))
+                    .collect()
+            }),
+        })
+    }
+    fn state(&self) -> serde_json::Value {
+        self.loader.state_json()
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> blipd_train::Result<()> {
+        self.loader
+            .load_state_json(state)
+            .map_err(blipd_train::TrainError::data)
+    }
+}
 
 /// The pieces of a stage-2 run (for callers that drive the trainer themselves).
 pub fn build<B: AutodiffBackend>(
@@ -141,8 +282,34 @@ pub fn build<B: AutodiffBackend>(
     // Parameters initialise lazily: materialise them now, in module order, so the draws do not
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);
+    if let Some(dir) = &cfg.data.shards {
+        let src = ShardSource::open(dir, cfg, image_size)?;
+        // Validation samples: the first two pairs of the shards' order.
+        let mut peek = PairLoader::open(
+            dir,
+            LoaderOptions {
+                shuffle: false,
+                ..LoaderOptions::default()
+            },
+        )
+        .map_err(|e| Stage2Error::Config(format!("[data] shards = {}: {e}", dir.display())))?;
+        let n = 2.min(peek.len() as usize);
+        for it in peek
+            .next_items(n)
+            .map_err(|e| Stage2Error::Config(format!("[data] shards = {}: {e}", dir.display())))?
+        {
+            stage.sample_inputs.push((
+                clip_input(&it.input, image_size),
+                it.record.class_name.clone(),
+                "on a beach".into(),
+            ));
+        }
+        return Ok((stage, model, Source::Shards(Box::new(src))));
+    }
     let synthetic = cfg.data.synthetic.clone().ok_or_else(|| {
-        Stage2Error::Config("[data] needs a source: [data.synthetic] pairs = N".into())
+        Stage2Error::Config(
+            "[data] needs a source: `shards = \"DIR\"` or [data.synthetic] pairs = N".into(),
+        )
     })?;
     if synthetic.pairs < cfg.train.batch_size {
         return Err(Stage2Error::Config(format!(
@@ -195,7 +362,7 @@ pub fn build<B: AutodiffBackend>(
     Ok((
         stage,
         model,
-        KeyedSource::new(sampler, cfg.train.batch_size, make),
+        Source::Synthetic(KeyedSource::new(sampler, cfg.train.batch_size, make)),
     ))
 }
 

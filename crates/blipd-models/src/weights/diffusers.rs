@@ -123,6 +123,9 @@ impl DiffusersFolder {
 
     /// An integer entry of `model_index.json` (e.g. `ctx_begin_pos`).
     pub fn index_usize(&self, key: &str) -> Option<usize> {
-        self.index.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
+        self.index
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
     }
 }

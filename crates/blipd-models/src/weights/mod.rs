@@ -19,8 +19,8 @@ use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
-    BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore, TensorSnapshot,
+    BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    PytorchStore, SafetensorsStore, TensorSnapshot,
 };
 
 /// Everything that can go wrong reading, mapping, applying or writing weights.
@@ -111,7 +111,10 @@ impl StateDict {
             return Err(err("no such file".into()));
         }
         let mut store = SafetensorsStore::from_file(path);
-        let tensors = store.get_all_snapshots().map_err(|e| err(e.to_string()))?.clone();
+        let tensors = store
+            .get_all_snapshots()
+            .map_err(|e| err(e.to_string()))?
+            .clone();
         Ok(Self {
             source: path.to_path_buf(),
             tensors,
@@ -132,7 +135,10 @@ impl StateDict {
         if let Some(key) = top_level_key {
             store = store.with_top_level_key(key);
         }
-        let tensors = store.get_all_snapshots().map_err(|e| err(e.to_string()))?.clone();
+        let tensors = store
+            .get_all_snapshots()
+            .map_err(|e| err(e.to_string()))?
+            .clone();
         Ok(Self {
             source: path.to_path_buf(),
             tensors,
@@ -340,7 +346,10 @@ impl ModuleAdapter for CastAdapter {
 }
 
 fn is_float(d: DType) -> bool {
-    matches!(d, DType::F64 | DType::F32 | DType::F16 | DType::BF16 | DType::Flex32)
+    matches!(
+        d,
+        DType::F64 | DType::F32 | DType::F16 | DType::BF16 | DType::Flex32
+    )
 }
 
 /// Apply `sd` (already in our key space, or mapped through `map`) to `module`, strictly.
@@ -449,7 +458,10 @@ pub fn write_safetensors(
 /// Write bytes to `path` via a temp file in the same folder, fsync, then rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",

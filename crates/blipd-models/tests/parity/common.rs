@@ -44,14 +44,23 @@ pub fn int_tensor<const D: usize>(sd: &StateDict, name: &str) -> Tensor<B, D, In
 }
 
 /// Assert `max |actual - expected| <= tol`, printing both values at the worst element on failure.
-pub fn assert_close<const D: usize>(what: &str, actual: Tensor<B, D>, expected: Tensor<B, D>, tol: f32) -> f32 {
+pub fn assert_close<const D: usize>(
+    what: &str,
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+    tol: f32,
+) -> f32 {
     assert_eq!(
         actual.dims(),
         expected.dims(),
         "{what}: shape differs (actual vs expected)"
     );
     let a = actual.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-    let e = expected.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let e = expected
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
     let mut worst = (0usize, 0f32);
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
         let d = (x - y).abs();
@@ -63,7 +72,10 @@ pub fn assert_close<const D: usize>(what: &str, actual: Tensor<B, D>, expected: 
         }
     }
     let (i, err) = worst;
-    println!("parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e}, {} values)", a.len());
+    println!(
+        "parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e}, {} values)",
+        a.len()
+    );
     assert!(
         err <= tol,
         "{what}: max-abs error {err:e} > {tol:e} at flat index {i}: ours {} vs reference {}",
