@@ -1,0 +1,168 @@
+//! AVX2+FMA kernels for the closed-form matting solver's short-run loops (runs of unknown pixels are
+//! typically 10–60 pixels long, so the compiler's 16-wide vectorised loops would leave most of each run to a
+//! scalar remainder). Tails use masked loads and stores. Only called when the CPU has AVX2 and FMA.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+/// How [`group5`] combines the five-band product `Σ aᵢ·xᵢ` with `out`.
+pub(crate) const SET: u8 = 0;
+pub(crate) const ADD: u8 = 1;
+pub(crate) const SUB: u8 = 2;
+/// `out = (out − Σ) · scale`.
+pub(crate) const SUB_SCALE: u8 = 3;
+
+// Unaligned loads and stores as masked moves with every lane enabled: the `_mm*_loadu_*` wrappers and
+// `read_unaligned` go through `copy_nonoverlapping`, whose precondition checks (debug-assertion builds such as
+// the workspace's dev profile) cost more than the arithmetic in these short loops.
+const ALL64: i64 = -1;
+#[inline(always)]
+unsafe fn ld4(p: *const f32) -> __m128 {
+    // SAFETY: the caller guarantees four readable f32 at p and AVX support.
+    unsafe { _mm_maskload_ps(p, _mm_set1_epi32(-1)) }
+}
+#[inline(always)]
+unsafe fn ld8(p: *const f64) -> __m256d {
+    // SAFETY: the caller guarantees four readable f64 at p and AVX support.
+    unsafe { _mm256_maskload_pd(p, _mm256_set1_epi64x(ALL64)) }
+}
+#[inline(always)]
+unsafe fn st8(p: *mut f64, v: __m256d) {
+    // SAFETY: the caller guarantees four writable f64 at p and AVX support.
+    unsafe { _mm256_maskstore_pd(p, _mm256_set1_epi64x(ALL64), v) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn masks(rem: usize) -> (__m256i, __m128i) {
+    let m = |i: usize| if i < rem { -1 } else { 0 };
+    (
+        _mm256_setr_epi64x(m(0), m(1), m(2), m(3)),
+        _mm_setr_epi32(m(0) as i32, m(1) as i32, m(2) as i32, m(3) as i32),
+    )
+}
+
+/// `out[k] ⊕= Σ_{i<5} a[i][k] · x[i][k]` for `k < out.len()` (⊕ chosen by `MODE`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every slice must hold at least `out.len()` elements.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn group5<const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f64]; 5],
+    out: &mut [f64],
+    scale: &[f64],
+) {
+    let len = out.len();
+    let ap = a.map(|s| s.as_ptr());
+    let xp = x.map(|s| s.as_ptr());
+    let op = out.as_mut_ptr();
+    let sp = scale.as_ptr();
+    #[inline(always)]
+    fn combine<const MODE: u8>(old: __m256d, acc: __m256d, sc: __m256d) -> __m256d {
+        // SAFETY (all arms): plain AVX arithmetic on registers; the enclosing function requires AVX2.
+        unsafe {
+            match MODE {
+                SET => acc,
+                ADD => _mm256_add_pd(old, acc),
+                SUB => _mm256_sub_pd(old, acc),
+                _ => _mm256_mul_pd(_mm256_sub_pd(old, acc), sc),
+            }
+        }
+    }
+    let mut k = 0;
+    // SAFETY: k + 4 ≤ len in the loop, so every unaligned 4-lane load and store is in bounds.
+    unsafe {
+        while k + 4 <= len {
+            let mut acc = _mm256_mul_pd(
+                _mm256_cvtps_pd(ld4(ap[0].wrapping_add(k))),
+                ld8(xp[0].wrapping_add(k)),
+            );
+            for i in 1..5 {
+                acc = _mm256_fmadd_pd(
+                    _mm256_cvtps_pd(ld4(ap[i].wrapping_add(k))),
+                    ld8(xp[i].wrapping_add(k)),
+                    acc,
+                );
+            }
+            let old = if MODE == SET {
+                acc
+            } else {
+                ld8(op.wrapping_add(k))
+            };
+            let sc = if MODE == SUB_SCALE {
+                ld8(sp.wrapping_add(k))
+            } else {
+                acc
+            };
+            st8(op.wrapping_add(k), combine::<MODE>(old, acc, sc));
+            k += 4;
+        }
+    }
+    if k < len {
+        let (m64, m32) = masks(len - k);
+        // SAFETY: masked lanes beyond `len` are neither read nor written.
+        unsafe {
+            let mut acc = _mm256_mul_pd(
+                _mm256_cvtps_pd(_mm_maskload_ps(ap[0].wrapping_add(k), m32)),
+                _mm256_maskload_pd(xp[0].wrapping_add(k), m64),
+            );
+            for i in 1..5 {
+                acc = _mm256_fmadd_pd(
+                    _mm256_cvtps_pd(_mm_maskload_ps(ap[i].wrapping_add(k), m32)),
+                    _mm256_maskload_pd(xp[i].wrapping_add(k), m64),
+                    acc,
+                );
+            }
+            let old = if MODE == SET {
+                acc
+            } else {
+                _mm256_maskload_pd(op.wrapping_add(k), m64)
+            };
+            let sc = if MODE == SUB_SCALE {
+                _mm256_maskload_pd(sp.wrapping_add(k), m64)
+            } else {
+                acc
+            };
+            _mm256_maskstore_pd(op.wrapping_add(k), m64, combine::<MODE>(old, acc, sc));
+        }
+    }
+}
+
+/// `z[k] −= l[k] · t[k]` for `k < t.len()`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `l` and `z` must hold at least `t.len()` elements.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn sub_product(l: &[f32], t: &[f64], z: &mut [f64]) {
+    let len = t.len();
+    let (lp, tp, zp) = (l.as_ptr(), t.as_ptr(), z.as_mut_ptr());
+    let mut k = 0;
+    // SAFETY: k + 4 ≤ len, all slices hold len elements.
+    unsafe {
+        while k + 4 <= len {
+            let v = _mm256_fnmadd_pd(
+                _mm256_cvtps_pd(ld4(lp.wrapping_add(k))),
+                ld8(tp.wrapping_add(k)),
+                ld8(zp.wrapping_add(k)),
+            );
+            st8(zp.wrapping_add(k), v);
+            k += 4;
+        }
+    }
+    if k < len {
+        let (m64, m32) = masks(len - k);
+        // SAFETY: masked lanes beyond `len` are neither read nor written.
+        unsafe {
+            let v = _mm256_fnmadd_pd(
+                _mm256_cvtps_pd(_mm_maskload_ps(lp.wrapping_add(k), m32)),
+                _mm256_maskload_pd(tp.wrapping_add(k), m64),
+                _mm256_maskload_pd(zp.wrapping_add(k), m64),
+            );
+            _mm256_maskstore_pd(zp.wrapping_add(k), m64, v);
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! Unknown-only closed-form matting system on a padded pixel grid, its incomplete Cholesky preconditioner and
+//! preconditioned conjugate gradients (used by [`crate::matting`]).
+//!
+//! Layout (chosen so that every inner loop is a contiguous, vectorisable loop):
+//!
+//! * the image grid is padded by two pixels on each side, so a 5×5 neighbour of any pixel is at the constant
+//!   offset `dy·W + dx` (`W = width + 4`) without bounds checks;
+//! * unknown pixels are numbered in raster order (compact index `c`) and grouped into *runs*: maximal
+//!   horizontal segments of consecutive unknown pixels, so within a run both the compact index and the grid
+//!   index advance by one;
+//! * the matrix is stored as 25 bands (5×5 neighbourhood, raster order, band 12 is the diagonal) in structure-
+//!   of-arrays `f32` (`a[s·n + c]`); the entries are accumulated in `f64` and rounded once (rounding the matrix
+//!   to `f32` changes α by < 1e-5 on the benchmark photos, see `docs/data-pipeline.md`);
+//! * the vectors the stencil reads (`p` for the product, `z` for the triangular solves) live on the padded grid
+//!   with zeros at known pixels; the others are compact. All arithmetic on vectors is `f64`.
+//!
+//! The incomplete Cholesky factor keeps the 12 lower bands of the matrix (zero fill). Fill-in that IC(0) drops
+//! is compensated on the diagonal (Ajiz & Jennings 1984: a dropped `f` adds `κ|f|·√(aᵢᵢ/aⱼⱼ)` to `aᵢᵢ` and
+//! `κ|f|·√(aⱼⱼ/aᵢᵢ)` to `aⱼⱼ`); with κ = 1 this cannot break down in exact arithmetic, smaller κ give a
+//! stronger preconditioner and fall back to larger ones when a pivot fails.
+
+// Band and window loops read best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
+use super::simd;
+use crate::error::{DataError, Result};
+
+/// `for $k in 0..$len { $body }` (a plain loop, which LLVM vectorises).
+macro_rules! lanes {
+    ($len:expr, |$k:ident| $body:block) => {{
+        for $k in 0..$len $body
+    }};
+}
+
+/// `Σ_{k < len} $e`.
+macro_rules! lanes_sum {
+    ($len:expr, |$k:ident| $e:expr) => {{
+        let mut acc = 0.0f64;
+        for $k in 0..$len {
+            acc += $e;
+        }
+        acc
+    }};
+}
+
+/// Grid padding on each side (the stencil reaches two pixels).
+const PAD: usize = 2;
+/// Bands of the 5×5 stencil; band `DIAG` is the diagonal, bands below it are the lower neighbours.
+const BANDS: usize = 25;
+const DIAG: usize = 12;
+/// 1/9 (3×3 window size).
+const NINTH: f64 = 1.0 / 9.0;
+/// Marks a grid cell that is not an unknown pixel.
+pub(crate) const NONE: u32 = u32::MAX;
+
+/// (dy, dx) of band `s`.
+#[inline(always)]
+fn band_dyx(s: usize) -> (isize, isize) {
+    ((s / 5) as isize - 2, (s % 5) as isize - 2)
+}
+
+/// `out ⊕= Σ_{i<5} a[i]·x[i]` elementwise (⊕ by `MODE`, see `matting_simd.rs`); AVX2 kernel when `FMA`.
+#[inline(always)]
+fn group5<const FMA: bool, const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f64]; 5],
+    out: &mut [f64],
+    scale: &[f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is only true on the path selected after detecting AVX2 and FMA
+        // (`matting::solve_dispatch`); all slices have the run's length.
+        unsafe { simd::group5::<MODE>(a, x, out, scale) };
+        return;
+    }
+    let len = out.len();
+    let (a0, a1, a2, a3, a4) = (
+        &a[0][..len],
+        &a[1][..len],
+        &a[2][..len],
+        &a[3][..len],
+        &a[4][..len],
+    );
+    let (x0, x1, x2, x3, x4) = (
+        &x[0][..len],
+        &x[1][..len],
+        &x[2][..len],
+        &x[3][..len],
+        &x[4][..len],
+    );
+    for k in 0..len {
+        let v = f64::from(a0[k]) * x0[k]
+            + f64::from(a1[k]) * x1[k]
+            + f64::from(a2[k]) * x2[k]
+            + f64::from(a3[k]) * x3[k]
+            + f64::from(a4[k]) * x4[k];
+        out[k] = match MODE {
+            simd::SET => v,
+            simd::ADD => out[k] + v,
+            simd::SUB => out[k] - v,
+            _ => (out[k] - v) * scale[k],
+        };
+    }
+}
+
+/// `z −= l·t` elementwise; AVX2 kernel when `FMA`.
+#[inline(always)]
+fn sub_product<const FMA: bool>(l: &[f32], t: &[f64], z: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `group5`.
+        unsafe { simd::sub_product(l, t, z) };
+        return;
+    }
+    let len = t.len();
+    let (l, z) = (&l[..len], &mut z[..len]);
+    for k in 0..len {
+        z[k] -= f64::from(l[k]) * t[k];
+    }
+}
+
+/// One horizontal run of consecutive unknown pixels.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// Grid index of the first pixel.
+    g0: usize,
+    /// Compact index of the first pixel.
+    c0: usize,
+    len: usize,
+}
+
+/// Unknown-only system of one level.
+pub(crate) struct GridSystem {
+    /// Padded grid width and cell count.
+    gw: usize,
+    gsize: usize,
+    /// Unknown pixels.
+    pub(crate) n: usize,
+    /// Grid index of each unknown pixel, raster order.
+    pub(crate) cells: Vec<u32>,
+    /// Compact index per grid cell, or [`NONE`].
+    cidx: Vec<u32>,
+    runs: Vec<Run>,
+    /// Grid offset of each band.
+    off: [isize; BANDS],
+    /// Matrix bands `a[s·n + c]`.
+    a: Vec<f32>,
+    /// Right-hand side `−L_UK α_K`.
+    pub(crate) rhs: Vec<f64>,
+}
+
+impl GridSystem {
+    /// Image pixel (x, y) of grid index `g`.
+    #[inline(always)]
+    pub(crate) fn grid_xy(&self, g: usize) -> (usize, usize) {
+        (g % self.gw - PAD, g / self.gw - PAD)
+    }
+
+    /// Builds the system. `unknown[q]` / `fg[q]` classify image pixel `q`; `rgb` is interleaved (3 per pixel).
+    #[inline(always)]
+    pub(crate) fn build(
+        w: usize,
+        h: usize,
+        rgb: &[f64],
+        unknown: &[bool],
+        fg: &[bool],
+        eps: f64,
+    ) -> GridSystem {
+        let gw = w + 2 * PAD;
+        let gsize = gw * (h + 2 * PAD);
+        let mut cidx = vec![NONE; gsize];
+        let mut cells = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
+        for y in 0..h {
+            let mut open = false;
+            for x in 0..w {
+                if unknown[y * w + x] {
+                    let g = (y + PAD) * gw + x + PAD;
+                    let c = cells.len();
+                    cidx[g] = c as u32;
+                    cells.push(g as u32);
+                    if open {
+                        if let Some(r) = runs.last_mut() {
+                            r.len += 1;
+                        }
+                    } else {
+                        runs.push(Run {
+                            g0: g,
+                            c0: c,
+                            len: 1,
+                        });
+                        open = true;
+                    }
+                } else {
+                    open = false;
+                }
+            }
+        }
+        let n = cells.len();
+        let mut off = [0isize; BANDS];
+        for (s, o) in off.iter_mut().enumerate() {
+            let (dy, dx) = band_dyx(s);
+            *o = dy * gw as isize + dx;
+        }
+        let mut acc = vec![[0.0f64; BANDS]; n];
+        let mut rhs = vec![0.0f64; n];
+        // Band of pixel j of a 3×3 window in the row of pixel i.
+        let mut pair_band = [[0usize; 9]; 9];
+        for i in 0..9 {
+            for j in 0..9 {
+                let dy = (j / 3) as isize - (i / 3) as isize;
+                let dx = (j % 3) as isize - (i % 3) as isize;
+                pair_band[i][j] = ((dy + 2) * 5 + dx + 2) as usize;
+            }
+        }
+        // Windows touching an unknown pixel: those whose centre is within one pixel of one.
+        let mut near = vec![false; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                if unknown[y * w + x] {
+                    for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                        for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                            near[yy * w + xx] = true;
+                        }
+                    }
+                }
+            }
+        }
+        let mut c = [[0.0f64; 3]; 9];
+        let mut v = [[0.0f64; 3]; 9];
+        let mut wc = [NONE; 9];
+        let mut wfg = [false; 9];
+        for y in 1..h.saturating_sub(1) {
+            for x in 1..w.saturating_sub(1) {
+                if !near[y * w + x] {
+                    continue;
+                }
+                let mut mean = [0.0f64; 3];
+                for k in 0..9 {
+                    let q = (y + k / 3 - 1) * w + (x + k % 3 - 1);
+                    let o = q * 3;
+                    c[k] = [rgb[o], rgb[o + 1], rgb[o + 2]];
+                    mean[0] += c[k][0];
+                    mean[1] += c[k][1];
+                    mean[2] += c[k][2];
+                    wc[k] = cidx[(y + k / 3 - 1 + PAD) * gw + x + k % 3 - 1 + PAD];
+                    wfg[k] = fg[q];
+                }
+                for m in &mut mean {
+                    *m *= NINTH;
+                }
+                let (mut a00, mut a01, mut a02, mut a11, mut a12, mut a22) =
+                    (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+                for ck in c.iter_mut() {
+                    ck[0] -= mean[0];
+                    ck[1] -= mean[1];
+                    ck[2] -= mean[2];
+                    a00 += ck[0] * ck[0];
+                    a01 += ck[0] * ck[1];
+                    a02 += ck[0] * ck[2];
+                    a11 += ck[1] * ck[1];
+                    a12 += ck[1] * ck[2];
+                    a22 += ck[2] * ck[2];
+                }
+                // Window covariance + ε/9 (pymatting: (Σ c cᵀ + ε I) / 9 with ε added before the division).
+                let (a00, a01, a02, a11, a12, a22) = (
+                    (a00 + eps) * NINTH,
+                    a01 * NINTH,
+                    a02 * NINTH,
+                    (a11 + eps) * NINTH,
+                    a12 * NINTH,
+                    (a22 + eps) * NINTH,
+                );
+                let c00 = a11 * a22 - a12 * a12;
+                let c01 = a02 * a12 - a01 * a22;
+                let c02 = a01 * a12 - a02 * a11;
+                let c11 = a00 * a22 - a02 * a02;
+                let c12 = a01 * a02 - a00 * a12;
+                let c22 = a00 * a11 - a01 * a01;
+                // The inverse, pre-divided by the window size (g = δ − 1/9 − cᵢᵀ (M/9) cⱼ below).
+                let inv_det = 1.0 / (9.0 * (a00 * c00 + a01 * c01 + a02 * c02));
+                let (m00, m01, m02, m11, m12, m22) = (
+                    c00 * inv_det,
+                    c01 * inv_det,
+                    c02 * inv_det,
+                    c11 * inv_det,
+                    c12 * inv_det,
+                    c22 * inv_det,
+                );
+                for k in 0..9 {
+                    let [s, t, u] = c[k];
+                    v[k] = [
+                        m00 * s + m01 * t + m02 * u,
+                        m01 * s + m11 * t + m12 * u,
+                        m02 * s + m12 * t + m22 * u,
+                    ];
+                }
+                for i in 0..9 {
+                    let ci = wc[i];
+                    let vi = v[i];
+                    for j in i..9 {
+                        let cj = wc[j];
+                        if ci == NONE && cj == NONE {
+                            continue;
+                        }
+                        let g = (if i == j { 1.0 - NINTH } else { -NINTH })
+                            - (vi[0] * c[j][0] + vi[1] * c[j][1] + vi[2] * c[j][2]);
+                        match (ci != NONE, cj != NONE) {
+                            (true, true) => {
+                                acc[ci as usize][pair_band[i][j]] += g;
+                                if i != j {
+                                    acc[cj as usize][pair_band[j][i]] += g;
+                                }
+                            }
+                            (true, false) => {
+                                if wfg[j] {
+                                    rhs[ci as usize] -= g;
+                                }
+                            }
+                            (false, true) => {
+                                if wfg[i] {
+                                    rhs[cj as usize] -= g;
+                                }
+                            }
+                            (false, false) => {}
+                        }
+                    }
+                }
+            }
+        }
+        let mut a = vec![0.0f32; BANDS * n];
+        for (ci, row) in acc.iter().enumerate() {
+            for s in 0..BANDS {
+                a[s * n + ci] = row[s] as f32;
+            }
+        }
+        GridSystem {
+            gw,
+            gsize,
+            n,
+            cells,
+            cidx,
+            runs,
+            off,
+            a,
+            rhs,
+        }
+    }
+
+    /// `y = A x` for `x` on the grid (zeros at known cells); returns `xᵀ y`.
+    #[inline(always)]
+    fn matvec<const FMA: bool>(&self, x: &[f64], y: &mut [f64]) -> f64 {
+        let n = self.n;
+        let mut xy = 0.0;
+        for run in &self.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let yr = &mut y[c0..c0 + len];
+            let band = |s: usize| &self.a[s * n + c0..s * n + c0 + len];
+            let xin = |s: usize| {
+                let st = (g0 as isize + self.off[s]) as usize;
+                &x[st..st + len]
+            };
+            // One stencil row (five bands) at a time.
+            for row in 0..5 {
+                let s0 = row * 5;
+                let a5 = [
+                    band(s0),
+                    band(s0 + 1),
+                    band(s0 + 2),
+                    band(s0 + 3),
+                    band(s0 + 4),
+                ];
+                let x5 = [xin(s0), xin(s0 + 1), xin(s0 + 2), xin(s0 + 3), xin(s0 + 4)];
+                if row == 0 {
+                    group5::<FMA, { simd::SET }>(a5, x5, yr, &[]);
+                } else {
+                    group5::<FMA, { simd::ADD }>(a5, x5, yr, &[]);
+                }
+            }
+            let xr = &x[g0..g0 + len];
+            xy += lanes_sum!(len, |k| xr[k] * yr[k]);
+        }
+        xy
+    }
+
+    /// Diagonal entry of compact row `c`.
+    #[inline(always)]
+    fn diag(&self, c: usize) -> f64 {
+        f64::from(self.a[DIAG * self.n + c])
+    }
+}
+
+/// Incomplete Cholesky factor `A ≈ L Lᵀ` on the 12 lower bands, arranged for the triangular solves.
+pub(crate) struct Ic {
+    /// `l[s·n + c]`: bands 0–9 (rows above) hold `L_{c, c+off_s}`; the in-row bands 10 and 11 hold
+    /// `L_{c, c−2} / L_cc` and `L_{c, c−1} / L_cc` (forward recurrence).
+    l: Vec<f32>,
+    /// `L_{c+1, c} / L_cc` and `L_{c+2, c} / L_cc` when those pixels are in the same run, else 0
+    /// (backward recurrence).
+    b1: Vec<f32>,
+    b2: Vec<f32>,
+    /// 1 / L_cc.
+    dinv: Vec<f64>,
+}
+
+impl Ic {
+    /// Right-looking zero-fill factorisation with diagonal shift `shift` (relative) and fill compensation
+    /// `kappa`; `None` when a pivot is not positive.
+    #[inline(always)]
+    pub(crate) fn factor(sys: &GridSystem, shift: f64, kappa: f64) -> Option<Ic> {
+        let n = sys.n;
+        // Working copy: lower bands and diagonal of A per row, plus a zero dummy row `n` that stands for
+        // absent neighbours, so the elimination below runs without branches.
+        let mut lo = vec![[0.0f64; DIAG]; n + 1];
+        let mut d = vec![0.0f64; n + 1];
+        // √a_ii and 1/√a_ii of the unshifted diagonal (compensation weights).
+        let mut sq = vec![1.0f64; n + 1];
+        let mut isq = vec![1.0f64; n + 1];
+        for c in 0..n {
+            for s in 0..DIAG {
+                lo[c][s] = f64::from(sys.a[s * n + c]);
+            }
+            let d0 = sys.diag(c);
+            d[c] = d0 * (1.0 + shift);
+            if d0 > 0.0 {
+                sq[c] = d0.sqrt();
+                isq[c] = 1.0 / sq[c];
+            }
+        }
+        // Pairs of upper neighbours i = k − off(si), j = k − off(sj) of pivot k; j comes before i exactly when
+        // sj > si. `upd`: (si, sj, t) with i + off(t) = j inside i's lower stencil; `drop`: fill outside it.
+        let mut upd: Vec<(usize, usize, usize)> = Vec::new();
+        let mut drop: Vec<(usize, usize)> = Vec::new();
+        for si in 0..DIAG {
+            for sj in si + 1..DIAG {
+                let (yi, xi) = band_dyx(si);
+                let (yj, xj) = band_dyx(sj);
+                let (dy, dx) = (yi - yj, xi - xj);
+                let t = (dy + 2) * 5 + dx + 2;
+                if dy.abs() <= 2 && dx.abs() <= 2 && (t as usize) < DIAG {
+                    upd.push((si, sj, t as usize));
+                } else {
+                    drop.push((si, sj));
+                }
+            }
+        }
+        let mut dinv = vec![0.0f64; n];
+        let mut up = [0usize; DIAG];
+        let mut lv = [0.0f64; DIAG];
+        for k in 0..n {
+            let dk = d[k];
+            if dk.is_nan() || dk <= 1e-12 * sys.diag(k).abs() {
+                return None;
+            }
+            let inv = 1.0 / dk.sqrt();
+            dinv[k] = inv;
+            let gk = sys.cells[k] as isize;
+            for s in 0..DIAG {
+                let i = sys.cidx[(gk - sys.off[s]) as usize];
+                let i = if i == NONE { n } else { i as usize };
+                up[s] = i;
+                let v = lo[i][s] * inv;
+                lo[i][s] = v;
+                lv[s] = v;
+                d[i] -= v * v;
+            }
+            for &(si, sj, t) in &upd {
+                lo[up[si]][t] -= lv[si] * lv[sj];
+            }
+            if kappa > 0.0 {
+                for &(si, sj) in &drop {
+                    let (i, j) = (up[si], up[sj]);
+                    let fa = kappa * (lv[si] * lv[sj]).abs();
+                    d[i] += fa * sq[i] * isq[j];
+                    d[j] += fa * sq[j] * isq[i];
+                }
+            }
+        }
+        let mut l = vec![0.0f32; DIAG * n];
+        let (mut b1, mut b2) = (vec![0.0f32; n], vec![0.0f32; n]);
+        for (c, row) in lo[..n].iter().enumerate() {
+            for s in 0..DIAG - 2 {
+                l[s * n + c] = row[s] as f32;
+            }
+            l[(DIAG - 2) * n + c] = (row[DIAG - 2] * dinv[c]) as f32;
+            l[(DIAG - 1) * n + c] = (row[DIAG - 1] * dinv[c]) as f32;
+            let g = sys.cells[c] as usize;
+            if c + 1 < n && sys.cells[c + 1] as usize == g + 1 {
+                b1[c] = (lo[c + 1][DIAG - 1] * dinv[c]) as f32;
+            }
+            if c + 2 < n && sys.cells[c + 2] as usize == g + 2 {
+                b2[c] = (lo[c + 2][DIAG - 2] * dinv[c]) as f32;
+            }
+        }
+        Some(Ic { l, b1, b2, dinv })
+    }
+
+    /// `z = (L Lᵀ)⁻¹ r` with `r` compact and `z` on the grid (known cells stay zero). `FMA` selects fused
+    /// multiply-adds for the in-row recurrences (only where the CPU has them).
+    #[inline(always)]
+    fn apply<const FMA: bool>(
+        &self,
+        sys: &GridSystem,
+        r: &[f64],
+        z: &mut [f64],
+        tmp: &mut Vec<f64>,
+    ) {
+        #[inline(always)]
+        fn fnma<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+            // c − a·b
+            if FMA {
+                (-a).mul_add(b, c)
+            } else {
+                c - a * b
+            }
+        }
+        let n = sys.n;
+        let band = |s: usize, c0: usize, len: usize| &self.l[s * n + c0..s * n + c0 + len];
+        // Forward: L y = r, stored in z. In-row bands are kept pre-divided by the row's pivot (see `factor`).
+        for run in &sys.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            tmp.clear();
+            tmp.resize(len, 0.0);
+            let t = &mut tmp[..len];
+            let dv = &self.dinv[c0..c0 + len];
+            t.copy_from_slice(&r[c0..c0 + len]);
+            for half in 0..2 {
+                let s0 = half * 5;
+                let zin = |s: usize| {
+                    let st = (g0 as isize + sys.off[s]) as usize;
+                    &z[st..st + len]
+                };
+                let a5 = [
+                    band(s0, c0, len),
+                    band(s0 + 1, c0, len),
+                    band(s0 + 2, c0, len),
+                    band(s0 + 3, c0, len),
+                    band(s0 + 4, c0, len),
+                ];
+                let z5 = [zin(s0), zin(s0 + 1), zin(s0 + 2), zin(s0 + 3), zin(s0 + 4)];
+                if half == 0 {
+                    group5::<FMA, { simd::SUB }>(a5, z5, t, &[]);
+                } else {
+                    group5::<FMA, { simd::SUB_SCALE }>(a5, z5, t, dv);
+                }
+            }
+            let l2 = band(DIAG - 2, c0, len);
+            let l1 = band(DIAG - 1, c0, len);
+            // z[g0-1], z[g0-2]: known cells (zero) or the end of an earlier run in this row (final).
+            let (mut zm2, mut zm1) = (z[g0 - 2], z[g0 - 1]);
+            let zr = &mut z[g0..g0 + len];
+            for k in 0..len {
+                let u = fnma::<FMA>(f64::from(l2[k]), zm2, t[k]);
+                let zk = fnma::<FMA>(f64::from(l1[k]), zm1, u);
+                zr[k] = zk;
+                zm2 = zm1;
+                zm1 = zk;
+            }
+        }
+        // Backward: Lᵀ z = y, runs in reverse, scatter form.
+        for run in sys.runs.iter().rev() {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let dv = &self.dinv[c0..c0 + len];
+            let (b1, b2) = (&self.b1[c0..c0 + len], &self.b2[c0..c0 + len]);
+            tmp.clear();
+            tmp.resize(len, 0.0);
+            let t = &mut tmp[..len];
+            {
+                let zr = &z[g0..g0 + len];
+                let (mut zp1, mut zp2) = (0.0f64, 0.0f64);
+                for k in (0..len).rev() {
+                    let u = fnma::<FMA>(f64::from(b2[k]), zp2, zr[k] * dv[k]);
+                    let zk = fnma::<FMA>(f64::from(b1[k]), zp1, u);
+                    t[k] = zk;
+                    zp2 = zp1;
+                    zp1 = zk;
+                }
+            }
+            z[g0..g0 + len].copy_from_slice(t);
+            // In-row lower neighbours left of the run (zero coefficients where they are known cells); bands
+            // 10 and 11 hold L/L_kk, so multiply the pivot back.
+            let (f2, f1) = (band(DIAG - 2, c0, len), band(DIAG - 1, c0, len));
+            let piv = |k: usize| 1.0 / dv[k];
+            z[g0 - 1] -= f64::from(f1[0]) * piv(0) * t[0];
+            z[g0 - 2] -= f64::from(f2[0]) * piv(0) * t[0];
+            if len > 1 {
+                z[g0 - 1] -= f64::from(f2[1]) * piv(1) * t[1];
+            }
+            for s in 0..DIAG - 2 {
+                let lb = band(s, c0, len);
+                let st = (g0 as isize + sys.off[s]) as usize;
+                sub_product::<FMA>(lb, t, &mut z[st..st + len]);
+            }
+        }
+    }
+}
+
+/// Diagonal shifts tried in turn when a factorisation fails, as pymatting's `ichol` does.
+const SHIFTS: [f64; 12] = [
+    0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5,
+];
+
+/// Factorises with fill compensation `kappa`, then the shift ladder from `start`; returns the factor and
+/// the shift used.
+#[inline(always)]
+pub(crate) fn factor_robust(sys: &GridSystem, kappa: f64, start: f64) -> Result<(Ic, f64)> {
+    for &shift in SHIFTS.iter().filter(|&&s| s >= start) {
+        if let Some(f) = Ic::factor(sys, shift, kappa) {
+            return Ok((f, shift));
+        }
+        if let Some(f) = Ic::factor(sys, shift, 1.0) {
+            return Ok((f, shift));
+        }
+    }
+    Err(DataError::Solver(format!(
+        "incomplete Cholesky failed for all shifts up to {} ({} unknowns)",
+        SHIFTS[SHIFTS.len() - 1],
+        sys.n
+    )))
+}
+
+/// PCG from `x` (compact); returns (iterations, relative residual).
+#[inline(always)]
+pub(crate) fn pcg<const FMA: bool>(
+    sys: &GridSystem,
+    pre: &Ic,
+    x: &mut [f64],
+    tol: f64,
+    max_it: usize,
+) -> Result<(usize, f64)> {
+    let n = sys.n;
+    let nb = sys.rhs.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if nb == 0.0 {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return Ok((0, 0.0));
+    }
+    let mut p = vec![0.0f64; sys.gsize];
+    let mut z = vec![0.0f64; sys.gsize];
+    let mut r = vec![0.0f64; n];
+    let mut ap = vec![0.0f64; n];
+    let mut tmp = Vec::with_capacity(64);
+    for (c, &g) in sys.cells.iter().enumerate() {
+        p[g as usize] = x[c];
+    }
+    sys.matvec::<FMA>(&p, &mut r);
+    let mut rr = 0.0;
+    for (ri, bi) in r.iter_mut().zip(&sys.rhs) {
+        *ri = bi - *ri;
+        rr += *ri * *ri;
+    }
+    let mut rn = rr.sqrt();
+    if rn <= tol * nb {
+        return Ok((0, rn / nb));
+    }
+    pre.apply::<FMA>(sys, &r, &mut z, &mut tmp);
+    let mut rz = 0.0;
+    for run in &sys.runs {
+        let (g0, c0, len) = (run.g0, run.c0, run.len);
+        let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
+        p[g0..g0 + len].copy_from_slice(zr);
+        for k in 0..len {
+            rz += rr_[k] * zr[k];
+        }
+    }
+    for it in 1..=max_it {
+        let pap = sys.matvec::<FMA>(&p, &mut ap);
+        let alpha = rz / pap;
+        let mut rr = 0.0;
+        for run in &sys.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let pr = &p[g0..g0 + len];
+            let xr = &mut x[c0..c0 + len];
+            let rr_ = &mut r[c0..c0 + len];
+            let apr = &ap[c0..c0 + len];
+            rr += lanes_sum!(len, |k| {
+                xr[k] += alpha * pr[k];
+                rr_[k] -= alpha * apr[k];
+                rr_[k] * rr_[k]
+            });
+        }
+        rn = rr.sqrt();
+        if !rn.is_finite() {
+            break;
+        }
+        if rn <= tol * nb {
+            return Ok((it, rn / nb));
+        }
+        pre.apply::<FMA>(sys, &r, &mut z, &mut tmp);
+        let mut rz_new = 0.0;
+        for run in &sys.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
+            rz_new += lanes_sum!(len, |k| rr_[k] * zr[k]);
+        }
+        let beta = rz_new / rz;
+        rz = rz_new;
+        for run in &sys.runs {
+            let (g0, len) = (run.g0, run.len);
+            let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
+            lanes!(len, |k| {
+                pr[k] = zr[k] + beta * pr[k];
+            });
+        }
+    }
+    Err(DataError::Solver(format!(
+        "conjugate gradients did not reach relative residual {tol:e} in {max_it} iterations \
+         ({n} unknowns, residual {:.3e})",
+        rn / nb
+    )))
+}
