@@ -35,7 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Pre-train (stage 2; with no --config: the embedded tiny default, a few minutes on a CPU).
+    /// Pre-train: stage 1 then stage 2 of a plan (with no --config: the embedded tiny default, a few
+    /// minutes on a CPU).
     Pretrain {
         /// A plan config (configs/tiny.toml, configs/stage2/sd15.toml, ...).
         #[arg(long)]
@@ -287,7 +288,28 @@ fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
         plan.dir.display(),
         path.display()
     );
-    if let Some(cfg) = &plan.stage2 {
+    let mut stage2 = plan.stage2.clone();
+    if let Some(cfg) = &plan.stage1 {
+        let start = Instant::now();
+        tracing::info!(
+            "stage 1: {} steps × batch {} in {}",
+            cfg.train.max_steps,
+            cfg.train.batch_size,
+            cfg.run.dir.display()
+        );
+        let summary = blipd_stage1::run::run_stage1::<Train>(cfg, device())
+            .with_context(|| format!("stage 1 in {}", cfg.run.dir.display()))?;
+        report("stage 1", &summary, start, &cfg.run.dir);
+        // Stage 2 starts from the multimodal pre-training unless told otherwise.
+        if let Some(s2) = stage2.as_mut() {
+            if s2.stage.qformer_init == blipd_stage2::QFormerInit::Pretrained {
+                let export = blipd_stage1::run::export_dir(cfg).join("qformer/model.safetensors");
+                tracing::info!("stage 2: Q-Former from stage 1 ({})", export.display());
+                s2.stage.qformer_init = blipd_stage2::QFormerInit::Stage1(export);
+            }
+        }
+    }
+    if let Some(cfg) = &stage2 {
         let start = Instant::now();
         tracing::info!(
             "stage 2: {} steps × batch {} in {}",
@@ -297,24 +319,28 @@ fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
         );
         let summary = blipd_stage2::run::run_stage2::<Train>(cfg, device())
             .with_context(|| format!("stage 2 in {}", cfg.run.dir.display()))?;
-        let secs = start.elapsed().as_secs_f64();
-        let last = summary
-            .last
-            .as_ref()
-            .map(|s| format!("{:.4}", s.loss))
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "stage 2: step {} ({} run{}), last loss {last}, {secs:.1} s; outputs in {}",
-            summary.final_step,
-            summary.steps_run,
-            summary
-                .resumed_from
-                .map(|s| format!(", resumed from step {s}"))
-                .unwrap_or_default(),
-            cfg.run.dir.display()
-        );
+        report("stage 2", &summary, start, &cfg.run.dir);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn report(stage: &str, summary: &blipd_train::RunSummary, start: Instant, dir: &Path) {
+    let secs = start.elapsed().as_secs_f64();
+    let last = summary
+        .last
+        .as_ref()
+        .map(|s| format!("{:.4}", s.loss))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "{stage}: step {} ({} run{}), last loss {last}, {secs:.1} s; outputs in {}",
+        summary.final_step,
+        summary.steps_run,
+        summary
+            .resumed_from
+            .map(|s| format!(", resumed from step {s}"))
+            .unwrap_or_default(),
+        dir.display()
+    );
 }
 
 fn plot(run_dir: &Path, key: &str, log_y: bool) -> Result<ExitCode> {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use blipd_stage1::run::Stage1RunConfig;
 use blipd_stage2::run::Stage2RunConfig;
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,10 @@ pub const TINY: &str = include_str!("../../../configs/tiny.toml");
 pub struct PretrainPlan {
     /// Root folder of the run; stage run dirs that are relative are taken inside it.
     pub dir: PathBuf,
+    /// Stage 1: BLIP-2 multimodal representation learning (ITC, ITM, ITG). When it runs, stage 2's
+    /// Q-Former starts from its export unless `stage2.stage.qformer_init` says otherwise.
+    #[serde(default)]
+    pub stage1: Option<Stage1RunConfig>,
     /// Stage 2: subject representation learning.
     #[serde(default)]
     pub stage2: Option<Stage2RunConfig>,
@@ -32,13 +37,18 @@ impl PretrainPlan {
             plan.dir = d.to_path_buf();
         }
         let root = plan.dir.clone();
+        if let Some(s1) = plan.stage1.as_mut() {
+            if s1.run.dir.is_relative() {
+                s1.run.dir = root.join(&s1.run.dir);
+            }
+        }
         if let Some(s2) = plan.stage2.as_mut() {
             if s2.run.dir.is_relative() {
                 s2.run.dir = root.join(&s2.run.dir);
             }
         }
-        if plan.stage2.is_none() {
-            anyhow::bail!("the plan has no stage to run (add a [stage2] section)");
+        if plan.stage1.is_none() && plan.stage2.is_none() {
+            anyhow::bail!("the plan has no stage to run (add a [stage1] or [stage2] section)");
         }
         Ok(plan)
     }

@@ -85,6 +85,8 @@ fn pretrain_resume_and_plot() {
     let run = tmp.path().join("run");
     let short = [
         "--set",
+        "stage1.train.max_steps=3",
+        "--set",
         "stage2.train.max_steps=4",
         "--set",
         "stage2.checkpoint.every=2",
@@ -105,7 +107,17 @@ fn pretrain_resume_and_plot() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("stage 2: step 4"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stage 1: step 3"), "{stdout}");
+    assert!(stdout.contains("stage 2: step 4"), "{stdout}");
+    assert!(run
+        .join("stage1/export/qformer/model.safetensors")
+        .is_file());
+    let s2cfg = std::fs::read_to_string(run.join("stage2/config.toml")).unwrap();
+    assert!(
+        s2cfg.contains("stage1/export/qformer/model.safetensors"),
+        "stage 2 starts from stage 1:\n{s2cfg}"
+    );
     assert!(run.join("plan.toml").is_file());
     let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 4);
@@ -221,7 +233,7 @@ fn sweep_writes_one_table() {
     std::fs::write(
         &sweep,
         format!(
-            "base = {:?}\ndir = {:?}\nset = [\"stage2.train.max_steps=2\", \"stage2.sample.at_end=false\", \"stage2.data.synthetic.pairs=8\"]\n\
+            "base = {:?}\ndir = {:?}\nset = [\"stage1.train.max_steps=2\", \"stage2.train.max_steps=2\", \"stage2.sample.at_end=false\", \"stage2.data.synthetic.pairs=8\"]\n\
              [[variant]]\nname = \"full\"\n[[variant]]\nname = \"frozen_text\"\nset = [\"stage2.stage.train_text_encoder=false\"]\n",
             base.display().to_string(),
             tmp.path().join("out").display().to_string()
