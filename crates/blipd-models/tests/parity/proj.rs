@@ -74,3 +74,44 @@ fn proj_layer_load_reports_missing_keys() {
         "{err}"
     );
 }
+
+/// The released qformer/, text_encoder/ and vae/ weights are PyTorch `.bin` (torch.save zip + pickle):
+/// read them without executing pickle code (fixtures from scripts/reference/gen_pytorch_bin.py).
+#[test]
+fn pytorch_bin_loads_like_safetensors() {
+    let dir = fixture_dir("pytorch_bin");
+    let io = io("proj");
+    let from_bin = ProjConfig::tiny()
+        .init::<B>(&device())
+        .unwrap()
+        .load(StateDict::read(&dir.join("proj.bin")).unwrap())
+        .unwrap();
+    let y = from_bin.forward(tensor::<3>(&io, "x"));
+    assert_close("proj y from .bin", y, tensor::<3>(&io, "y"), 1e-4);
+
+    // LAVIS-style nested checkpoints: {"model": state_dict, ...}.
+    let nested = StateDict::read_pytorch(&dir.join("nested.bin"), Some("model")).unwrap();
+    assert_eq!(nested.len(), weights("proj").len());
+}
+
+#[test]
+fn pytorch_bin_never_runs_pickle_code() {
+    const MARKER: &str = "/tmp/blipd-pickle-was-executed";
+    let _ = std::fs::remove_file(MARKER);
+    let result = StateDict::read(&fixture_dir("pytorch_bin").join("evil.bin"));
+    assert!(
+        !std::path::Path::new(MARKER).exists(),
+        "loading evil.bin executed its os.system payload"
+    );
+    match result {
+        Err(e) => println!("evil.bin refused: {e}"),
+        Ok(sd) => {
+            // Only real tensors may come out of it; the payload must not be materialised as one.
+            let keys: Vec<&String> = sd.keys().collect();
+            assert!(
+                keys.iter().all(|k| k.starts_with("dense1.weight")),
+                "unexpected entries {keys:?}"
+            );
+        }
+    }
+}
