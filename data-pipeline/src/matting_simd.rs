@@ -131,38 +131,97 @@ pub(crate) unsafe fn group5<const MODE: u8>(
     }
 }
 
-/// `z[k] −= l[k] · t[k]` for `k < t.len()`.
+#[inline(always)]
+unsafe fn ld8f(p: *const f32, m: __m256i) -> __m256 {
+    // SAFETY: the caller guarantees that the lanes enabled in m are readable and AVX support.
+    unsafe { _mm256_maskload_ps(p, m) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn mask8(rem: usize) -> __m256i {
+    let m = |i: usize| if i < rem { -1 } else { 0 };
+    _mm256_setr_epi32(m(0), m(1), m(2), m(3), m(4), m(5), m(6), m(7))
+}
+
+/// `f32` version of [`group5`] (eight lanes).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every slice must hold at least `out.len()` elements (the safe
+/// wrapper in `matting_solver.rs` slices them to that length).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn group5_f32<const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f32]; 5],
+    out: &mut [f32],
+    scale: &[f32],
+) {
+    let len = out.len();
+    let ap = a.map(|s| s.as_ptr());
+    let xp = x.map(|s| s.as_ptr());
+    let op = out.as_mut_ptr();
+    let sp = scale.as_ptr();
+    let mut k = 0;
+    while k < len {
+        let m = if k + 8 <= len {
+            _mm256_set1_epi32(-1)
+        } else {
+            mask8(len - k)
+        };
+        // SAFETY: only lanes below `len` are enabled in `m`.
+        unsafe {
+            let mut acc = _mm256_mul_ps(
+                ld8f(ap[0].wrapping_add(k), m),
+                ld8f(xp[0].wrapping_add(k), m),
+            );
+            for i in 1..5 {
+                acc = _mm256_fmadd_ps(
+                    ld8f(ap[i].wrapping_add(k), m),
+                    ld8f(xp[i].wrapping_add(k), m),
+                    acc,
+                );
+            }
+            let v = match MODE {
+                SET => acc,
+                ADD => _mm256_add_ps(ld8f(op.wrapping_add(k), m), acc),
+                SUB => _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                _ => _mm256_mul_ps(
+                    _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                    ld8f(sp.wrapping_add(k), m),
+                ),
+            };
+            _mm256_maskstore_ps(op.wrapping_add(k), m, v);
+        }
+        k += 8;
+    }
+}
+
+/// `z[k] −= l[k] · t[k]` for `k < t.len()`, in `f32`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `l` and `z` must hold at least `t.len()` elements.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn sub_product(l: &[f32], t: &[f64], z: &mut [f64]) {
+pub(crate) unsafe fn sub_product_f32(l: &[f32], t: &[f32], z: &mut [f32]) {
     let len = t.len();
     let (lp, tp, zp) = (l.as_ptr(), t.as_ptr(), z.as_mut_ptr());
     let mut k = 0;
-    // SAFETY: k + 4 ≤ len, all slices hold len elements.
-    unsafe {
-        while k + 4 <= len {
-            let v = _mm256_fnmadd_pd(
-                _mm256_cvtps_pd(ld4(lp.wrapping_add(k))),
-                ld8(tp.wrapping_add(k)),
-                ld8(zp.wrapping_add(k)),
-            );
-            st8(zp.wrapping_add(k), v);
-            k += 4;
-        }
-    }
-    if k < len {
-        let (m64, m32) = masks(len - k);
-        // SAFETY: masked lanes beyond `len` are neither read nor written.
+    while k < len {
+        let m = if k + 8 <= len {
+            _mm256_set1_epi32(-1)
+        } else {
+            mask8(len - k)
+        };
+        // SAFETY: only lanes below `len` are enabled in `m`.
         unsafe {
-            let v = _mm256_fnmadd_pd(
-                _mm256_cvtps_pd(_mm_maskload_ps(lp.wrapping_add(k), m32)),
-                _mm256_maskload_pd(tp.wrapping_add(k), m64),
-                _mm256_maskload_pd(zp.wrapping_add(k), m64),
+            let v = _mm256_fnmadd_ps(
+                ld8f(lp.wrapping_add(k), m),
+                ld8f(tp.wrapping_add(k), m),
+                ld8f(zp.wrapping_add(k), m),
             );
-            _mm256_maskstore_pd(zp.wrapping_add(k), m64, v);
+            _mm256_maskstore_ps(zp.wrapping_add(k), m, v);
         }
+        k += 8;
     }
 }

@@ -12,25 +12,23 @@
 //!   of-arrays `f32` (`a[s·n + c]`); the entries are accumulated in `f64` and rounded once (rounding the matrix
 //!   to `f32` changes α by < 1e-5 on the benchmark photos, see `docs/data-pipeline.md`);
 //! * the vectors the stencil reads (`p` for the product, `z` for the triangular solves) live on the padded grid
-//!   with zeros at known pixels; the others are compact. All arithmetic on vectors is `f64`.
+//!   with zeros at known pixels; the others are compact. The conjugate-gradient vectors and the product are
+//!   `f64`; the preconditioner (factor, `z` and the triangular solves) is `f32`, which only changes the search
+//!   directions, not the residual that decides convergence (tolerance 1e-7 still reproduces pymatting);
+//! * the runs are short (10–60 pixels at 512²), so the hot loops use AVX2+FMA kernels with masked tails
+//!   (`matting_simd.rs`) when the CPU has them.
 //!
 //! The incomplete Cholesky factor keeps the 12 lower bands of the matrix (zero fill). Fill-in that IC(0) drops
 //! is compensated on the diagonal (Ajiz & Jennings 1984: a dropped `f` adds `κ|f|·√(aᵢᵢ/aⱼⱼ)` to `aᵢᵢ` and
 //! `κ|f|·√(aⱼⱼ/aᵢᵢ)` to `aⱼⱼ`); with κ = 1 this cannot break down in exact arithmetic, smaller κ give a
-//! stronger preconditioner and fall back to larger ones when a pivot fails.
+//! stronger preconditioner and fall back to κ = 1 and then to pymatting's diagonal-shift ladder when a pivot
+//! fails. κ = 0.3 needs no shift on the benchmark photos, where plain IC(0) needed a shift of 1e-2–1e-1.
 
 // Band and window loops read best with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
 use super::simd;
 use crate::error::{DataError, Result};
-
-/// `for $k in 0..$len { $body }` (a plain loop, which LLVM vectorises).
-macro_rules! lanes {
-    ($len:expr, |$k:ident| $body:block) => {{
-        for $k in 0..$len $body
-    }};
-}
 
 /// `Σ_{k < len} $e`.
 macro_rules! lanes_sum {
@@ -104,19 +102,57 @@ fn group5<const FMA: bool, const MODE: u8>(
     }
 }
 
-/// `z −= l·t` elementwise; AVX2 kernel when `FMA`.
+/// `f32` version of [`group5`].
 #[inline(always)]
-fn sub_product<const FMA: bool>(l: &[f32], t: &[f64], z: &mut [f64]) {
+fn group5_f32<const FMA: bool, const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f32]; 5],
+    out: &mut [f32],
+    scale: &[f32],
+) {
+    let len = out.len();
+    let a = a.map(|s| &s[..len]);
+    let x = x.map(|s| &s[..len]);
+    let scale = if MODE == simd::SUB_SCALE {
+        &scale[..len]
+    } else {
+        scale
+    };
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: as in `group5`.
-        unsafe { simd::sub_product(l, t, z) };
+        // SAFETY: FMA is only true on the path selected after detecting AVX2 and FMA
+        // (`matting::solve_dispatch`); all slices were cut to the output's length above.
+        unsafe { simd::group5_f32::<MODE>(a, x, out, scale) };
         return;
     }
+    for k in 0..len {
+        let v = a[0][k] * x[0][k]
+            + a[1][k] * x[1][k]
+            + a[2][k] * x[2][k]
+            + a[3][k] * x[3][k]
+            + a[4][k] * x[4][k];
+        out[k] = match MODE {
+            simd::SET => v,
+            simd::ADD => out[k] + v,
+            simd::SUB => out[k] - v,
+            _ => (out[k] - v) * scale[k],
+        };
+    }
+}
+
+/// `z −= l·t` elementwise in `f32`; AVX2 kernel when `FMA`.
+#[inline(always)]
+fn sub_product_f32<const FMA: bool>(l: &[f32], t: &[f32], z: &mut [f32]) {
     let len = t.len();
     let (l, z) = (&l[..len], &mut z[..len]);
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `group5_f32`.
+        unsafe { simd::sub_product_f32(l, t, z) };
+        return;
+    }
     for k in 0..len {
-        z[k] -= f64::from(l[k]) * t[k];
+        z[k] -= l[k] * t[k];
     }
 }
 
@@ -198,12 +234,8 @@ impl GridSystem {
             }
         }
         let n = cells.len();
-        let mut off = [0isize; BANDS];
-        for (s, o) in off.iter_mut().enumerate() {
-            let (dy, dx) = band_dyx(s);
-            *o = dy * gw as isize + dx;
-        }
-        let mut acc = vec![[0.0f64; BANDS]; n];
+        // Lower bands and diagonal (bands 0..=DIAG) per unknown pixel, accumulated in f64.
+        let mut acc = vec![[0.0f64; DIAG + 1]; n];
         let mut rhs = vec![0.0f64; n];
         // Band of pixel j of a 3×3 window in the row of pixel i.
         let mut pair_band = [[0usize; 9]; 9];
@@ -307,12 +339,9 @@ impl GridSystem {
                         let g = (if i == j { 1.0 - NINTH } else { -NINTH })
                             - (vi[0] * c[j][0] + vi[1] * c[j][1] + vi[2] * c[j][2]);
                         match (ci != NONE, cj != NONE) {
-                            (true, true) => {
-                                acc[ci as usize][pair_band[i][j]] += g;
-                                if i != j {
-                                    acc[cj as usize][pair_band[j][i]] += g;
-                                }
-                            }
+                            // j follows i in raster order: the entry is stored once, in j's lower
+                            // half (the upper bands are mirrored from it below).
+                            (true, true) => acc[cj as usize][pair_band[j][i]] += g,
                             (true, false) => {
                                 if wfg[j] {
                                     rhs[ci as usize] -= g;
@@ -329,10 +358,24 @@ impl GridSystem {
                 }
             }
         }
+        let mut off = [0isize; BANDS];
+        for (s, o) in off.iter_mut().enumerate() {
+            let (dy, dx) = band_dyx(s);
+            *o = dy * gw as isize + dx;
+        }
+        // Band s and band 24 − s are mirror offsets: the upper entry (c, c + off_s) is the lower entry
+        // (c + off_s, c) of the neighbour.
         let mut a = vec![0.0f32; BANDS * n];
         for (ci, row) in acc.iter().enumerate() {
-            for s in 0..BANDS {
+            for s in 0..=DIAG {
                 a[s * n + ci] = row[s] as f32;
+            }
+            let g = cells[ci] as isize;
+            for s in DIAG + 1..BANDS {
+                let cj = cidx[(g + off[s]) as usize];
+                if cj != NONE {
+                    a[s * n + ci] = acc[cj as usize][BANDS - 1 - s] as f32;
+                }
             }
         }
         GridSystem {
@@ -401,7 +444,7 @@ pub(crate) struct Ic {
     b1: Vec<f32>,
     b2: Vec<f32>,
     /// 1 / L_cc.
-    dinv: Vec<f64>,
+    dinv: Vec<f32>,
 }
 
 impl Ic {
@@ -493,6 +536,7 @@ impl Ic {
                 b2[c] = (lo[c + 2][DIAG - 2] * dinv[c]) as f32;
             }
         }
+        let dinv = dinv.iter().map(|&v| v as f32).collect();
         Some(Ic { l, b1, b2, dinv })
     }
 
@@ -503,11 +547,11 @@ impl Ic {
         &self,
         sys: &GridSystem,
         r: &[f64],
-        z: &mut [f64],
-        tmp: &mut Vec<f64>,
+        z: &mut [f32],
+        tmp: &mut Vec<f32>,
     ) {
         #[inline(always)]
-        fn fnma<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+        fn fnma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
             // c − a·b
             if FMA {
                 (-a).mul_add(b, c)
@@ -521,10 +565,9 @@ impl Ic {
         for run in &sys.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             tmp.clear();
-            tmp.resize(len, 0.0);
+            tmp.extend(r[c0..c0 + len].iter().map(|&v| v as f32));
             let t = &mut tmp[..len];
             let dv = &self.dinv[c0..c0 + len];
-            t.copy_from_slice(&r[c0..c0 + len]);
             for half in 0..2 {
                 let s0 = half * 5;
                 let zin = |s: usize| {
@@ -540,9 +583,9 @@ impl Ic {
                 ];
                 let z5 = [zin(s0), zin(s0 + 1), zin(s0 + 2), zin(s0 + 3), zin(s0 + 4)];
                 if half == 0 {
-                    group5::<FMA, { simd::SUB }>(a5, z5, t, &[]);
+                    group5_f32::<FMA, { simd::SUB }>(a5, z5, t, &[]);
                 } else {
-                    group5::<FMA, { simd::SUB_SCALE }>(a5, z5, t, dv);
+                    group5_f32::<FMA, { simd::SUB_SCALE }>(a5, z5, t, dv);
                 }
             }
             let l2 = band(DIAG - 2, c0, len);
@@ -551,8 +594,8 @@ impl Ic {
             let (mut zm2, mut zm1) = (z[g0 - 2], z[g0 - 1]);
             let zr = &mut z[g0..g0 + len];
             for k in 0..len {
-                let u = fnma::<FMA>(f64::from(l2[k]), zm2, t[k]);
-                let zk = fnma::<FMA>(f64::from(l1[k]), zm1, u);
+                let u = fnma::<FMA>(l2[k], zm2, t[k]);
+                let zk = fnma::<FMA>(l1[k], zm1, u);
                 zr[k] = zk;
                 zm2 = zm1;
                 zm1 = zk;
@@ -568,10 +611,10 @@ impl Ic {
             let t = &mut tmp[..len];
             {
                 let zr = &z[g0..g0 + len];
-                let (mut zp1, mut zp2) = (0.0f64, 0.0f64);
+                let (mut zp1, mut zp2) = (0.0f32, 0.0f32);
                 for k in (0..len).rev() {
-                    let u = fnma::<FMA>(f64::from(b2[k]), zp2, zr[k] * dv[k]);
-                    let zk = fnma::<FMA>(f64::from(b1[k]), zp1, u);
+                    let u = fnma::<FMA>(b2[k], zp2, zr[k] * dv[k]);
+                    let zk = fnma::<FMA>(b1[k], zp1, u);
                     t[k] = zk;
                     zp2 = zp1;
                     zp1 = zk;
@@ -582,15 +625,15 @@ impl Ic {
             // 10 and 11 hold L/L_kk, so multiply the pivot back.
             let (f2, f1) = (band(DIAG - 2, c0, len), band(DIAG - 1, c0, len));
             let piv = |k: usize| 1.0 / dv[k];
-            z[g0 - 1] -= f64::from(f1[0]) * piv(0) * t[0];
-            z[g0 - 2] -= f64::from(f2[0]) * piv(0) * t[0];
+            z[g0 - 1] -= f1[0] * piv(0) * t[0];
+            z[g0 - 2] -= f2[0] * piv(0) * t[0];
             if len > 1 {
-                z[g0 - 1] -= f64::from(f2[1]) * piv(1) * t[1];
+                z[g0 - 1] -= f2[1] * piv(1) * t[1];
             }
             for s in 0..DIAG - 2 {
                 let lb = band(s, c0, len);
                 let st = (g0 as isize + sys.off[s]) as usize;
-                sub_product::<FMA>(lb, t, &mut z[st..st + len]);
+                sub_product_f32::<FMA>(lb, t, &mut z[st..st + len]);
             }
         }
     }
@@ -636,7 +679,7 @@ pub(crate) fn pcg<const FMA: bool>(
         return Ok((0, 0.0));
     }
     let mut p = vec![0.0f64; sys.gsize];
-    let mut z = vec![0.0f64; sys.gsize];
+    let mut z = vec![0.0f32; sys.gsize];
     let mut r = vec![0.0f64; n];
     let mut ap = vec![0.0f64; n];
     let mut tmp = Vec::with_capacity(64);
@@ -658,9 +701,9 @@ pub(crate) fn pcg<const FMA: bool>(
     for run in &sys.runs {
         let (g0, c0, len) = (run.g0, run.c0, run.len);
         let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
-        p[g0..g0 + len].copy_from_slice(zr);
         for k in 0..len {
-            rz += rr_[k] * zr[k];
+            p[g0 + k] = f64::from(zr[k]);
+            rz += rr_[k] * f64::from(zr[k]);
         }
     }
     for it in 1..=max_it {
@@ -691,16 +734,16 @@ pub(crate) fn pcg<const FMA: bool>(
         for run in &sys.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
-            rz_new += lanes_sum!(len, |k| rr_[k] * zr[k]);
+            rz_new += lanes_sum!(len, |k| rr_[k] * f64::from(zr[k]));
         }
         let beta = rz_new / rz;
         rz = rz_new;
         for run in &sys.runs {
             let (g0, len) = (run.g0, run.len);
             let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
-            lanes!(len, |k| {
-                pr[k] = zr[k] + beta * pr[k];
-            });
+            for k in 0..len {
+                pr[k] = f64::from(zr[k]) + beta * pr[k];
+            }
         }
     }
     Err(DataError::Solver(format!(
