@@ -174,7 +174,7 @@ const KAPPA: f64 = 0.3;
 /// full-grid solution (constraint values at known pixels), the PCG iterations, the IC shift and the final
 /// relative residual.
 #[inline(always)]
-fn solve_level<const FMA: bool>(
+fn solve_level<const ISA: u8>(
     img: &Rgb,
     class: &[Class],
     coarse: Option<(&[f64], usize, usize)>,
@@ -202,7 +202,7 @@ fn solve_level<const FMA: bool>(
     let t2 = std::time::Instant::now();
     let (pre, shift) = solver::factor_robust(&sys, KAPPA, start_shift)?;
     let t3 = std::time::Instant::now();
-    let (it, rel) = solver::pcg::<FMA>(&sys, &pre, &mut x, tol, opts.max_iterations)?;
+    let (it, rel) = solver::pcg::<ISA>(&sys, &pre, &mut x, tol, opts.max_iterations)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
     tracing::trace!(
         unknown = sys.n,
@@ -223,7 +223,7 @@ fn solve_level<const FMA: bool>(
 
 /// Builds the coarse-to-fine pyramid and solves it from the coarsest level up.
 #[inline(always)]
-fn solve_pyramid<const FMA: bool>(
+fn solve_pyramid<const ISA: u8>(
     image: &Rgb,
     class: Vec<Class>,
     opts: &CfOptions,
@@ -255,18 +255,28 @@ fn solve_pyramid<const FMA: bool>(
     for (cimg, cclass) in coarse.iter().rev() {
         let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
         let (a, it, shift, _) =
-            solve_level::<FMA>(cimg, cclass, init, opts, opts.coarse_tolerance, start_shift)?;
+            solve_level::<ISA>(cimg, cclass, init, opts, opts.coarse_tolerance, start_shift)?;
         stats.coarse_iterations += it;
         start_shift = shift;
         prev = Some((a, cimg.width, cimg.height));
     }
     let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
     let (x, it, shift, rel) =
-        solve_level::<FMA>(image, &class, init, opts, opts.tolerance, start_shift)?;
+        solve_level::<ISA>(image, &class, init, opts, opts.tolerance, start_shift)?;
     stats.iterations = it;
     stats.shift = shift;
     stats.relative_residual = rel;
     Ok((x, stats))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn solve_pyramid_avx512(
+    image: &Rgb,
+    class: Vec<Class>,
+    opts: &CfOptions,
+) -> Result<(Vec<f64>, CfStats)> {
+    solve_pyramid::<{ solver::ISA_AVX512 }>(image, class, opts)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -276,7 +286,7 @@ unsafe fn solve_pyramid_avx2(
     class: Vec<Class>,
     opts: &CfOptions,
 ) -> Result<(Vec<f64>, CfStats)> {
-    solve_pyramid::<true>(image, class, opts)
+    solve_pyramid::<{ solver::ISA_AVX2 }>(image, class, opts)
 }
 
 fn solve_pyramid_generic(
@@ -284,15 +294,29 @@ fn solve_pyramid_generic(
     class: Vec<Class>,
     opts: &CfOptions,
 ) -> Result<(Vec<f64>, CfStats)> {
-    solve_pyramid::<false>(image, class, opts)
+    solve_pyramid::<{ solver::ISA_GENERIC }>(image, class, opts)
 }
 
-/// Runs the solver with AVX2+FMA code generation where the CPU has it.
+/// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it.
 fn solve_dispatch(image: &Rgb, class: Vec<Class>, opts: &CfOptions) -> Result<(Vec<f64>, CfStats)> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features `solve_pyramid_avx2` is compiled for (checked above).
-        return unsafe { solve_pyramid_avx2(image, class, opts) };
+    {
+        let (avx2, fma) = (
+            std::arch::is_x86_feature_detected!("avx2"),
+            std::arch::is_x86_feature_detected!("fma"),
+        );
+        if avx2
+            && fma
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU supports the features `solve_pyramid_avx512` is compiled for (checked above).
+            return unsafe { solve_pyramid_avx512(image, class, opts) };
+        }
+        if avx2 && fma {
+            // SAFETY: the CPU supports the features `solve_pyramid_avx2` is compiled for (checked above).
+            return unsafe { solve_pyramid_avx2(image, class, opts) };
+        }
     }
     solve_pyramid_generic(image, class, opts)
 }

@@ -15,8 +15,8 @@
 //!   with zeros at known pixels; the others are compact. The conjugate-gradient vectors and the product are
 //!   `f64`; the preconditioner (factor, `z` and the triangular solves) is `f32`, which only changes the search
 //!   directions, not the residual that decides convergence (tolerance 1e-7 still reproduces pymatting);
-//! * the runs are short (10–60 pixels at 512²), so the hot loops use AVX2+FMA kernels with masked tails
-//!   (`matting_simd.rs`) when the CPU has them.
+//! * the runs are short (30–80 pixels at 512²), so the hot loops use AVX-512 or AVX2+FMA kernels with masked
+//!   tails (`matting_simd.rs`) when the CPU has them (selected at run time).
 //!
 //! The incomplete Cholesky factor keeps the 12 lower bands of the matrix (zero fill). Fill-in that IC(0) drops
 //! is compensated on the diagonal (Ajiz & Jennings 1984: a dropped `f` adds `κ|f|·√(aᵢᵢ/aⱼⱼ)` to `aᵢᵢ` and
@@ -41,6 +41,13 @@ macro_rules! lanes_sum {
     }};
 }
 
+/// Instruction-set levels the solver is compiled for (selected at run time in `matting::solve_dispatch`).
+pub(crate) const ISA_GENERIC: u8 = 0;
+/// AVX2 + FMA.
+pub(crate) const ISA_AVX2: u8 = 1;
+/// AVX-512F (+ AVX2, FMA).
+pub(crate) const ISA_AVX512: u8 = 2;
+
 /// Grid padding on each side (the stencil reaches two pixels).
 const PAD: usize = 2;
 /// Bands of the 5×5 stencil; band `DIAG` is the diagonal, bands below it are the lower neighbours.
@@ -57,18 +64,22 @@ fn band_dyx(s: usize) -> (isize, isize) {
     ((s / 5) as isize - 2, (s % 5) as isize - 2)
 }
 
-/// `out ⊕= Σ_{i<5} a[i]·x[i]` elementwise (⊕ by `MODE`, see `matting_simd.rs`); AVX2 kernel when `FMA`.
+/// `out ⊕= Σ_{i<5} a[i]·x[i]` elementwise (⊕ by `MODE`, see `matting_simd.rs`); SIMD kernel per `ISA`.
 #[inline(always)]
-fn group5<const FMA: bool, const MODE: u8>(
+fn group5<const ISA: u8, const MODE: u8>(
     a: [&[f32]; 5],
     x: [&[f64]; 5],
     out: &mut [f64],
     scale: &[f64],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA is only true on the path selected after detecting AVX2 and FMA
-        // (`matting::solve_dispatch`); all slices have the run's length.
+    if ISA == ISA_AVX512 {
+        // SAFETY: ISA levels above generic are only used after run-time detection of the features
+        // (`matting::solve_dispatch`); all slices hold at least the run's length.
+        unsafe { simd::group5_512::<MODE>(a, x, out, scale) };
+        return;
+    } else if ISA == ISA_AVX2 {
+        // SAFETY: as above.
         unsafe { simd::group5::<MODE>(a, x, out, scale) };
         return;
     }
@@ -104,7 +115,7 @@ fn group5<const FMA: bool, const MODE: u8>(
 
 /// `f32` version of [`group5`].
 #[inline(always)]
-fn group5_f32<const FMA: bool, const MODE: u8>(
+fn group5_f32<const ISA: u8, const MODE: u8>(
     a: [&[f32]; 5],
     x: [&[f32]; 5],
     out: &mut [f32],
@@ -119,9 +130,13 @@ fn group5_f32<const FMA: bool, const MODE: u8>(
         scale
     };
     #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA is only true on the path selected after detecting AVX2 and FMA
+    if ISA == ISA_AVX512 {
+        // SAFETY: ISA levels above generic are only used after run-time detection of the features
         // (`matting::solve_dispatch`); all slices were cut to the output's length above.
+        unsafe { simd::group5_f32_512::<MODE>(a, x, out, scale) };
+        return;
+    } else if ISA == ISA_AVX2 {
+        // SAFETY: as above.
         unsafe { simd::group5_f32::<MODE>(a, x, out, scale) };
         return;
     }
@@ -140,13 +155,17 @@ fn group5_f32<const FMA: bool, const MODE: u8>(
     }
 }
 
-/// `z −= l·t` elementwise in `f32`; AVX2 kernel when `FMA`.
+/// `z −= l·t` elementwise in `f32`; SIMD kernel per `ISA`.
 #[inline(always)]
-fn sub_product_f32<const FMA: bool>(l: &[f32], t: &[f32], z: &mut [f32]) {
+fn sub_product_f32<const ISA: u8>(l: &[f32], t: &[f32], z: &mut [f32]) {
     let len = t.len();
     let (l, z) = (&l[..len], &mut z[..len]);
     #[cfg(target_arch = "x86_64")]
-    if FMA {
+    if ISA == ISA_AVX512 {
+        // SAFETY: as in `group5_f32`.
+        unsafe { simd::sub_product_f32_512(l, t, z) };
+        return;
+    } else if ISA == ISA_AVX2 {
         // SAFETY: as in `group5_f32`.
         unsafe { simd::sub_product_f32(l, t, z) };
         return;
@@ -393,7 +412,7 @@ impl GridSystem {
 
     /// `y = A x` for `x` on the grid (zeros at known cells); returns `xᵀ y`.
     #[inline(always)]
-    fn matvec<const FMA: bool>(&self, x: &[f64], y: &mut [f64]) -> f64 {
+    fn matvec<const ISA: u8>(&self, x: &[f64], y: &mut [f64]) -> f64 {
         let n = self.n;
         let mut xy = 0.0;
         for run in &self.runs {
@@ -416,9 +435,9 @@ impl GridSystem {
                 ];
                 let x5 = [xin(s0), xin(s0 + 1), xin(s0 + 2), xin(s0 + 3), xin(s0 + 4)];
                 if row == 0 {
-                    group5::<FMA, { simd::SET }>(a5, x5, yr, &[]);
+                    group5::<ISA, { simd::SET }>(a5, x5, yr, &[]);
                 } else {
-                    group5::<FMA, { simd::ADD }>(a5, x5, yr, &[]);
+                    group5::<ISA, { simd::ADD }>(a5, x5, yr, &[]);
                 }
             }
             let xr = &x[g0..g0 + len];
@@ -540,20 +559,14 @@ impl Ic {
         Some(Ic { l, b1, b2, dinv })
     }
 
-    /// `z = (L Lᵀ)⁻¹ r` with `r` compact and `z` on the grid (known cells stay zero). `FMA` selects fused
-    /// multiply-adds for the in-row recurrences (only where the CPU has them).
+    /// `z = (L Lᵀ)⁻¹ r` with `r` compact and `z` on the grid (known cells stay zero). `ISA` above generic
+    /// selects the SIMD kernels and fused multiply-adds for the in-row recurrences.
     #[inline(always)]
-    fn apply<const FMA: bool>(
-        &self,
-        sys: &GridSystem,
-        r: &[f64],
-        z: &mut [f32],
-        tmp: &mut Vec<f32>,
-    ) {
+    fn apply<const ISA: u8>(&self, sys: &GridSystem, r: &[f64], z: &mut [f32], tmp: &mut Vec<f32>) {
         #[inline(always)]
-        fn fnma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        fn fnma<const ISA: u8>(a: f32, b: f32, c: f32) -> f32 {
             // c − a·b
-            if FMA {
+            if ISA != ISA_GENERIC {
                 (-a).mul_add(b, c)
             } else {
                 c - a * b
@@ -583,9 +596,9 @@ impl Ic {
                 ];
                 let z5 = [zin(s0), zin(s0 + 1), zin(s0 + 2), zin(s0 + 3), zin(s0 + 4)];
                 if half == 0 {
-                    group5_f32::<FMA, { simd::SUB }>(a5, z5, t, &[]);
+                    group5_f32::<ISA, { simd::SUB }>(a5, z5, t, &[]);
                 } else {
-                    group5_f32::<FMA, { simd::SUB_SCALE }>(a5, z5, t, dv);
+                    group5_f32::<ISA, { simd::SUB_SCALE }>(a5, z5, t, dv);
                 }
             }
             let l2 = band(DIAG - 2, c0, len);
@@ -594,8 +607,8 @@ impl Ic {
             let (mut zm2, mut zm1) = (z[g0 - 2], z[g0 - 1]);
             let zr = &mut z[g0..g0 + len];
             for k in 0..len {
-                let u = fnma::<FMA>(l2[k], zm2, t[k]);
-                let zk = fnma::<FMA>(l1[k], zm1, u);
+                let u = fnma::<ISA>(l2[k], zm2, t[k]);
+                let zk = fnma::<ISA>(l1[k], zm1, u);
                 zr[k] = zk;
                 zm2 = zm1;
                 zm1 = zk;
@@ -613,8 +626,8 @@ impl Ic {
                 let zr = &z[g0..g0 + len];
                 let (mut zp1, mut zp2) = (0.0f32, 0.0f32);
                 for k in (0..len).rev() {
-                    let u = fnma::<FMA>(b2[k], zp2, zr[k] * dv[k]);
-                    let zk = fnma::<FMA>(b1[k], zp1, u);
+                    let u = fnma::<ISA>(b2[k], zp2, zr[k] * dv[k]);
+                    let zk = fnma::<ISA>(b1[k], zp1, u);
                     t[k] = zk;
                     zp2 = zp1;
                     zp1 = zk;
@@ -633,7 +646,7 @@ impl Ic {
             for s in 0..DIAG - 2 {
                 let lb = band(s, c0, len);
                 let st = (g0 as isize + sys.off[s]) as usize;
-                sub_product_f32::<FMA>(lb, t, &mut z[st..st + len]);
+                sub_product_f32::<ISA>(lb, t, &mut z[st..st + len]);
             }
         }
     }
@@ -665,7 +678,7 @@ pub(crate) fn factor_robust(sys: &GridSystem, kappa: f64, start: f64) -> Result<
 
 /// PCG from `x` (compact); returns (iterations, relative residual).
 #[inline(always)]
-pub(crate) fn pcg<const FMA: bool>(
+pub(crate) fn pcg<const ISA: u8>(
     sys: &GridSystem,
     pre: &Ic,
     x: &mut [f64],
@@ -686,7 +699,7 @@ pub(crate) fn pcg<const FMA: bool>(
     for (c, &g) in sys.cells.iter().enumerate() {
         p[g as usize] = x[c];
     }
-    sys.matvec::<FMA>(&p, &mut r);
+    sys.matvec::<ISA>(&p, &mut r);
     let mut rr = 0.0;
     for (ri, bi) in r.iter_mut().zip(&sys.rhs) {
         *ri = bi - *ri;
@@ -696,7 +709,7 @@ pub(crate) fn pcg<const FMA: bool>(
     if rn <= tol * nb {
         return Ok((0, rn / nb));
     }
-    pre.apply::<FMA>(sys, &r, &mut z, &mut tmp);
+    pre.apply::<ISA>(sys, &r, &mut z, &mut tmp);
     let mut rz = 0.0;
     for run in &sys.runs {
         let (g0, c0, len) = (run.g0, run.c0, run.len);
@@ -707,7 +720,7 @@ pub(crate) fn pcg<const FMA: bool>(
         }
     }
     for it in 1..=max_it {
-        let pap = sys.matvec::<FMA>(&p, &mut ap);
+        let pap = sys.matvec::<ISA>(&p, &mut ap);
         let alpha = rz / pap;
         let mut rr = 0.0;
         for run in &sys.runs {
@@ -729,7 +742,7 @@ pub(crate) fn pcg<const FMA: bool>(
         if rn <= tol * nb {
             return Ok((it, rn / nb));
         }
-        pre.apply::<FMA>(sys, &r, &mut z, &mut tmp);
+        pre.apply::<ISA>(sys, &r, &mut z, &mut tmp);
         let mut rz_new = 0.0;
         for run in &sys.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
