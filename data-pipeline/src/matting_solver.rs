@@ -54,6 +54,20 @@ const PAD: usize = 2;
 /// Bands of the 5×5 stencil; band `DIAG` is the diagonal, bands below it are the lower neighbours.
 const BANDS: usize = 25;
 const DIAG: usize = 12;
+/// Band of pixel `j` of a 3×3 window (raster index) in the row of pixel `i`.
+const PAIR_BAND: [[usize; 9]; 9] = {
+    let mut t = [[0usize; 9]; 9];
+    let mut i = 0;
+    while i < 9 {
+        let mut j = 0;
+        while j < 9 {
+            t[i][j] = (j / 3 + 2 - i / 3) * 5 + (j % 3 + 2 - i % 3);
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+};
 /// 1/9 (3×3 window size).
 const NINTH: f64 = 1.0 / 9.0;
 /// Marks a grid cell that is not an unknown pixel.
@@ -257,15 +271,6 @@ impl GridSystem {
         // Lower bands and diagonal (bands 0..=DIAG) per unknown pixel, accumulated in f64.
         let mut acc = vec![[0.0f64; DIAG + 1]; n];
         let mut rhs = vec![0.0f64; n];
-        // Band of pixel j of a 3×3 window in the row of pixel i.
-        let mut pair_band = [[0usize; 9]; 9];
-        for i in 0..9 {
-            for j in 0..9 {
-                let dy = (j / 3) as isize - (i / 3) as isize;
-                let dx = (j % 3) as isize - (i % 3) as isize;
-                pair_band[i][j] = ((dy + 2) * 5 + dx + 2) as usize;
-            }
-        }
         // Windows touching an unknown pixel: those whose centre is within one pixel of one.
         let mut near = vec![false; w * h];
         for y in 0..h {
@@ -348,6 +353,20 @@ impl GridSystem {
                         m02 * s + m12 * t + m22 * u,
                     ];
                 }
+                if wc.iter().all(|&q| q != NONE) {
+                    // Every pixel unknown (most windows): no branches, constant bands.
+                    for j in 0..9 {
+                        let cj = wc[j] as usize;
+                        let cjv = c[j];
+                        let row = &mut acc[cj];
+                        for i in 0..=j {
+                            let g = (if i == j { 1.0 - NINTH } else { -NINTH })
+                                - (v[i][0] * cjv[0] + v[i][1] * cjv[1] + v[i][2] * cjv[2]);
+                            row[PAIR_BAND[j][i]] += g;
+                        }
+                    }
+                    continue;
+                }
                 for i in 0..9 {
                     let ci = wc[i];
                     let vi = v[i];
@@ -361,7 +380,7 @@ impl GridSystem {
                         match (ci != NONE, cj != NONE) {
                             // j follows i in raster order: the entry is stored once, in j's lower
                             // half (the upper bands are mirrored from it below).
-                            (true, true) => acc[cj as usize][pair_band[j][i]] += g,
+                            (true, true) => acc[cj as usize][PAIR_BAND[j][i]] += g,
                             (true, false) => {
                                 if wfg[j] {
                                     rhs[ci as usize] -= g;
