@@ -316,18 +316,35 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             return Ok(());
         }
         let mut rng = ctx.rng;
-        let mut tiles = Vec::new();
-        for (pixels, subject, prompt) in self.sample_inputs.clone() {
+        let mut rows = Vec::new();
+        let mut legend = String::new();
+        for (i, (pixels, subject, prompt)) in self.sample_inputs.clone().into_iter().enumerate() {
             let img = self
                 .generate(model, &pixels, &subject, &prompt, &mut rng)
                 .map_err(blipd_train::TrainError::stage)?;
-            tiles.push(img);
+            let reference = clip_pixels_to_rgb(&pixels, self.image_size);
+            let reference = image::imageops::resize(
+                &reference,
+                img.width(),
+                img.height(),
+                image::imageops::FilterType::Triangle,
+            );
+            rows.push(grid(&[reference, img]));
+            legend.push_str(&format!(
+                "row {i}: subject {subject:?}, prompt {prompt:?}\n"
+            ));
         }
-        let grid = grid(&tiles);
+        let sheet = stack(&rows);
         let path = ctx.dir.join("samples.png");
-        grid.save(&path).map_err(|e| {
+        sheet.save(&path).map_err(|e| {
             blipd_train::TrainError::stage(format!("writing {}: {e}", path.display()))
         })?;
+        let txt = ctx.dir.join("samples.txt");
+        std::fs::write(
+            &txt,
+            format!("left: subject image, right: generated\n{legend}"),
+        )
+        .map_err(|e| blipd_train::TrainError::stage(format!("writing {}: {e}", txt.display())))?;
         Ok(())
     }
 }
@@ -418,6 +435,32 @@ pub fn to_rgb<B: Backend>(x: Tensor<B, 4>) -> image::RgbImage {
         }
     }
     img
+}
+
+/// A CLIP-normalised `[3, S, S]` image back to RGB.
+pub fn clip_pixels_to_rgb(pixels: &[f32], size: usize) -> image::RgbImage {
+    image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
+        let mut p = [0u8; 3];
+        for (c, pc) in p.iter_mut().enumerate() {
+            let v = pixels[c * size * size + y as usize * size + x as usize] * CLIP_STD[c]
+                + CLIP_MEAN[c];
+            *pc = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+        image::Rgb(p)
+    })
+}
+
+/// Rows stacked vertically.
+pub fn stack(rows: &[image::RgbImage]) -> image::RgbImage {
+    let w = rows.iter().map(|t| t.width()).max().unwrap_or(1);
+    let h: u32 = rows.iter().map(|t| t.height()).sum::<u32>().max(1);
+    let mut out = image::RgbImage::new(w, h);
+    let mut y0 = 0;
+    for r in rows {
+        image::imageops::overlay(&mut out, r, 0, y0 as i64);
+        y0 += r.height();
+    }
+    out
 }
 
 /// Tiles in one row.
