@@ -70,3 +70,29 @@ impl PretrainPlan {
         Ok(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped plan config parses (unknown keys would be errors) and names at least one stage.
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for sub in ["", "stage1", "stage2"] {
+            for e in std::fs::read_dir(root.join(sub)).unwrap().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "toml") {
+                    let plan = PretrainPlan::load(&p, &[], None)
+                        .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                    assert!(plan.stage1.is_some() || plan.stage2.is_some());
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 5, "found {n} plan configs");
+        let tiny = PretrainPlan::parse(TINY, &[], None).unwrap();
+        assert!(tiny.stage1.is_some() && tiny.stage2.is_some());
+    }
+}
