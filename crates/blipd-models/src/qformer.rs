@@ -669,6 +669,21 @@ fn causal_prefix_bias<B: Backend>(
 // The component.
 
 impl<B: Backend> Blip2QFormerModel<B> {
+    /// Set every dropout probability of the Q-Former and its projection (BERT's 0.1 by default; 0 gives
+    /// PyTorch's `eval()` behaviour on an autodiff backend, where Burn applies dropout).
+    pub fn set_dropout(&mut self, p: f64) {
+        self.embeddings.dropout.prob = p;
+        self.proj_layer.dropout.prob = p;
+        for l in &mut self.encoder.layer {
+            for a in std::iter::once(&mut l.attention).chain(l.crossattention.as_mut()) {
+                a.attention.dropout.prob = p;
+                a.output.dropout.prob = p;
+            }
+            l.output.dropout.prob = p;
+            l.output_query.dropout.prob = p;
+        }
+    }
+
     pub fn num_query_tokens(&self) -> usize {
         self.query_tokens.dims()[1]
     }

@@ -281,25 +281,18 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
                 (vn, dn, t, keep)
             }
         };
-        let latents = posterior.sample(vae_noise) * self.vae.scaling_factor;
-        let latents = Tensor::<B, 4>::from_inner(latents);
-
-        // DDPM forward process at a uniform random timestep per sample.
-        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
-        let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
-
-        // Subject embeddings → prompt → U-Net.
         let input = Tensor::<B, 4>::from_data(batch.input, &dev);
-        let ctx = self.subject_embeddings(&model.qformer, input, &batch.subjects)?;
-        let states = self.prompt_states(
-            &model.text_encoder,
-            ctx,
-            &batch.captions,
+        let loss = self.loss_from(
+            model,
+            input,
+            posterior,
             &batch.subjects,
+            &batch.captions,
+            t,
             &keep,
+            vae_noise,
+            noise,
         )?;
-        let pred = model.unet.forward(noisy, t_int.float(), states, None);
-        let loss = (pred - noise).powi_scalar(2).mean();
         let dropped = keep.iter().filter(|k| !**k).count() as f32 / b as f32;
         let out = StepOutput::new(loss.clone())
             .with_metric("mse", loss)
@@ -350,6 +343,37 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
 }
 
 impl<B: AutodiffBackend> Stage2<B> {
+    /// The stage-2 loss for given randomness: target latents `posterior.sample(vae_noise) · scale`,
+    /// DDPM-noised with `noise` at timesteps `t`; subject embeddings of `input` (CLIP-normalised
+    /// subject images) spliced into each caption's prompt where `keep[i]`, the text-only prompt
+    /// elsewhere; ε-prediction MSE (mean over all elements, as `F.mse_loss`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_from(
+        &self,
+        model: &Stage2Model<B>,
+        input: Tensor<B, 4>,
+        posterior: blipd_models::vae::DiagonalGaussian<B::InnerBackend>,
+        subjects: &[String],
+        captions: &[String],
+        t: Vec<i64>,
+        keep: &[bool],
+        vae_noise: Tensor<B::InnerBackend, 4>,
+        noise: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 1>, Stage2Error> {
+        let dev = self.device.clone();
+        let b = t.len();
+        let latents = posterior.sample(vae_noise) * self.vae.scaling_factor;
+        let latents = Tensor::<B, 4>::from_inner(latents);
+        // DDPM forward process at the given timestep per sample.
+        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
+        // Subject embeddings → prompt → U-Net.
+        let ctx = self.subject_embeddings(&model.qformer, input, subjects)?;
+        let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
+        let pred = model.unet.forward(noisy, t_int.float(), states, None);
+        Ok((pred - noise).powi_scalar(2).mean())
+    }
+
     /// Zero-shot generation with the current weights: PNDM (PLMS), classifier-free guidance with an
     /// empty negative prompt, one image.
     pub fn generate(

@@ -68,17 +68,7 @@ fn train(cfg: &Stage2RunConfig) -> blipd_train::Result<blipd_train::RunSummary> 
     let device = Default::default();
     <B as burn::tensor::backend::Backend>::seed(&device, cfg.run.seed);
     let (stage, mut model, data) = build::<B>(cfg, &device)?;
-    let q = &mut model.qformer;
-    q.embeddings.dropout.prob = 0.0;
-    q.proj_layer.dropout.prob = 0.0;
-    for l in &mut q.encoder.layer {
-        for a in std::iter::once(&mut l.attention).chain(l.crossattention.as_mut()) {
-            a.attention.dropout.prob = 0.0;
-            a.output.dropout.prob = 0.0;
-        }
-        l.output.dropout.prob = 0.0;
-        l.output_query.dropout.prob = 0.0;
-    }
+    model.qformer.set_dropout(0.0);
     fit_stage2(cfg, device, (stage, model, data))
 }
 
