@@ -14,6 +14,7 @@ pub mod masks;
 pub mod matte;
 pub mod matting;
 pub mod openimages;
+pub mod preprocess;
 pub mod shards;
 pub mod synth;
 pub mod synthetic;

@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::losses::TextBatch;
 use crate::Stage1Error;
 
-/// CLIP image normalisation (OpenAI CLIP mean / std).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+/// Image preprocessing shared with stage 2.
+pub use blipd_data::preprocess::{clip_input, CLIP_MEAN, CLIP_STD};
 
 /// One micro-batch of stage 1, on the host.
 #[derive(Clone, Debug)]
@@ -84,32 +83,6 @@ impl Default for Stage1Data {
             shuffle: true,
         }
     }
-}
-
-/// Shorter side to `size` (bicubic), centre crop, `[3, size, size]` CLIP-normalised (the BLIP-2 /
-/// BLIP-Diffusion eval transform; same as stage 2's subject input).
-pub fn clip_input(img: &image::RgbImage, size: usize) -> Vec<f32> {
-    let img = resize_crop(img, size);
-    let mut out = vec![0f32; 3 * size * size];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * size * size + y as usize * size + x as usize] =
-                (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
-        }
-    }
-    out
-}
-
-fn resize_crop(img: &image::RgbImage, size: usize) -> image::RgbImage {
-    let (w, h) = img.dimensions();
-    let s = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * s).round() as u32).max(size as u32),
-        ((h as f64 * s).round() as u32).max(size as u32),
-    );
-    let r = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
-    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-    image::imageops::crop_imm(&r, x0, y0, size as u32, size as u32).to_image()
 }
 
 /// transformers `tokenizer(texts, padding="max_length", truncation=True, max_length=max_len)`:

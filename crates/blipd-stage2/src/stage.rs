@@ -18,9 +18,7 @@ use crate::model::{Stage2Components, Stage2Model};
 use crate::prompt::PromptBuilder;
 use crate::Stage2Error;
 
-/// CLIP image normalisation (OpenAI CLIP mean / std).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+pub use blipd_data::preprocess::{clip_input, clip_pixels_to_rgb, vae_target, CLIP_MEAN, CLIP_STD};
 
 /// One micro-batch of stage 2, on the host.
 #[derive(Clone, Debug)]
@@ -47,45 +45,6 @@ impl Stage2Batch {
     pub fn is_empty(&self) -> bool {
         self.subjects.is_empty()
     }
-}
-
-/// Shorter side to `size` (bicubic), centre crop, `[3, size, size]` CLIP-normalised (LAVIS
-/// `blip_diffusion_inp_image_*`).
-pub fn clip_input(img: &image::RgbImage, size: usize) -> Vec<f32> {
-    let img = resize_crop(img, size);
-    let mut out = vec![0f32; 3 * size * size];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * size * size + y as usize * size + x as usize] =
-                (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
-        }
-    }
-    out
-}
-
-/// Shorter side to `size` (bicubic), centre crop, `[3, size, size]` in [−1, 1] (LAVIS
-/// `blip_diffusion_tgt_image_train`).
-pub fn vae_target(img: &image::RgbImage, size: usize) -> Vec<f32> {
-    let img = resize_crop(img, size);
-    let mut out = vec![0f32; 3 * size * size];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 127.5 - 1.0;
-        }
-    }
-    out
-}
-
-fn resize_crop(img: &image::RgbImage, size: usize) -> image::RgbImage {
-    let (w, h) = img.dimensions();
-    let s = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * s).round() as u32).max(size as u32),
-        ((h as f64 * s).round() as u32).max(size as u32),
-    );
-    let r = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
-    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-    image::imageops::crop_imm(&r, x0, y0, size as u32, size as u32).to_image()
 }
 
 /// Stage 2: owns the frozen VAE (on the inner backend: no autodiff graph), the noise schedule and
@@ -459,19 +418,6 @@ pub fn to_rgb<B: Backend>(x: Tensor<B, 4>) -> image::RgbImage {
         }
     }
     img
-}
-
-/// A CLIP-normalised `[3, S, S]` image back to RGB.
-pub fn clip_pixels_to_rgb(pixels: &[f32], size: usize) -> image::RgbImage {
-    image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
-        let mut p = [0u8; 3];
-        for (c, pc) in p.iter_mut().enumerate() {
-            let v = pixels[c * size * size + y as usize * size + x as usize] * CLIP_STD[c]
-                + CLIP_MEAN[c];
-            *pc = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
-        }
-        image::Rgb(p)
-    })
 }
 
 /// Rows stacked vertically.
