@@ -4,11 +4,13 @@
 //!   `BlipDiffusionPipeline` (and of LAVIS `BlipDiffusion.generate` with its preprocessing options).
 //! - [`preprocess`]: reference-image preprocessing (diffusers squash-resize or LAVIS shorter-side resize +
 //!   centre crop), byte-exact with Pillow's bicubic resampling.
+//! - [`segment`]: CLIPSeg subject masks from class names (`blipd data masks --source clipseg`).
 
 pub mod error;
 pub mod generate;
 pub mod inspect;
 pub mod preprocess;
+pub mod segment;
 
 pub use error::AppError;
 pub use generate::{BlipDiffusionPipeline, GenerateOptions, GenerateOutput};
