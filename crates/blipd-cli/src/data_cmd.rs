@@ -1,7 +1,7 @@
 //! `blipd data …`: the synthetic-pair data pipeline from the command line.
 //!
-//! `filter` (OpenImages CSVs → kept subjects), `masks` (OpenImages segmentation masks → a `<ImageID>.png`
-//! mask folder), `synth` (subjects → masks → trimap → matting → foreground → composite → Parquet shards),
+//! `filter` (OpenImages CSVs → kept subjects), `masks` (CLIPSeg prompted with the class name, or OpenImages
+//! segmentation masks → a `<ImageID>.png` mask folder), `synth` (subjects → masks → trimap → matting → foreground → composite → Parquet shards),
 //! `preview` (a PNG grid of stored input/target pairs) and `matte` (one image).
 
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use blipd_apps::segment::{write_clipseg_masks, ClipSegSegmenter, MaskEvent, MaskJobOptions};
 use blipd_data::masks::{MaskSource, MaskStore};
 use blipd_data::openimages::{filter_openimages, write_subjects_csv, FilterInputs, ImageDirSizes};
 use blipd_data::shards::{Manifest, ShardReader};
@@ -27,6 +28,14 @@ pub struct DataArgs {
 pub enum MaskSourceArg {
     Dir,
     Openimages,
+}
+
+/// Mask sources of `blipd data masks` (CLIPSeg computes masks; `synth` reads folders only).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MasksSourceArg {
+    Openimages,
+    Dir,
+    Clipseg,
 }
 
 impl From<MaskSourceArg> for MaskSource {
@@ -62,19 +71,41 @@ pub enum DataCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Collect one mask per kept subject into a <ImageID>.png folder (the `dir` source of `synth`). Source:
-    /// OpenImages segmentation masks (<ImageID>_<mid>_<BoxID>.png, best box IoU). CLIPSeg masks need the
-    /// released weights, which are not bundled: write them to a folder with any segmenter.
+    /// One mask per kept subject into a <ImageID>.png folder (the `dir` mask source of `synth`).
+    ///
+    /// `--source clipseg` (the paper's way): CLIPSeg rd64-refined prompted with the subject's class name
+    /// (`--prompt`, default "{}" = the class name alone). `--from` is a local copy of
+    /// CIDAS/clipseg-rd64-refined in the transformers layout (config.json, model.safetensors or
+    /// pytorch_model.bin, preprocessor_config.json, vocab.json + merges.txt); nothing is downloaded.
+    /// `--images` holds <ImageID>.{jpg,jpeg,png}. Writes sigmoid probabilities at the image size as 16-bit
+    /// grey PNGs; batched (`--batch-size`), resumable (masks already in `--out` are skipped), bad images
+    /// are listed in <out>/bad_inputs.tsv and the run goes on. Runs on the GPU in a `--features cuda` build.
+    ///
+    /// `--source openimages`: OpenImages segmentation masks in `--from` (<ImageID>_<mid>_<BoxID>.png, the
+    /// one whose box best overlaps the subject's). `--source dir`: re-export a <ImageID>.png folder.
     Masks {
+        /// Kept-subjects CSV (`blipd data filter`): ImageID, ClassName (the CLIPSeg prompt), box, …
         #[arg(long)]
         subjects: PathBuf,
         #[arg(long, value_enum, default_value = "openimages")]
-        source: MaskSourceArg,
-        /// Folder of source masks.
+        source: MasksSourceArg,
+        /// Folder of source masks (openimages, dir) or the CLIPSeg model folder (clipseg).
         #[arg(long)]
         from: PathBuf,
+        /// Folder of <ImageID>.<ext> images (clipseg).
+        #[arg(long)]
+        images: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Images per CLIPSeg forward.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// CLIPSeg prompt; `{}` is replaced by the class name.
+        #[arg(long, default_value = "{}")]
+        prompt: String,
+        /// Pipeline config: [read] limits and [synth] image_extensions (defaults when absent).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// The whole chain into resumable Parquet shards (rerun after an interruption to finish; completed
     /// shards are kept).
@@ -153,6 +184,107 @@ fn load_config(path: Option<&Path>) -> Result<PipelineConfig> {
     })
 }
 
+/// `blipd data masks --source clipseg`.
+fn clipseg_masks(
+    model_dir: &Path,
+    images: &Path,
+    subjects: &Path,
+    out: &Path,
+    batch_size: usize,
+    prompt: String,
+    cfg: &PipelineConfig,
+) -> Result<ExitCode> {
+    let t = Instant::now();
+    let device = crate::device();
+    let seg = ClipSegSegmenter::<crate::Inner>::load(model_dir, &device)
+        .with_context(|| format!("loading CLIPSeg from {}", model_dir.display()))?;
+    println!(
+        "CLIPSeg from {} ({:.1} s): {}×{} input, prompt {prompt:?}, batch {batch_size}",
+        model_dir.display(),
+        t.elapsed().as_secs_f64(),
+        seg.map_size(),
+        seg.map_size()
+    );
+    let rows = read_subjects_csv(subjects)?;
+    let mut opts = MaskJobOptions::new(images, out);
+    opts.batch_size = batch_size;
+    opts.prompt_template = prompt;
+    opts.image_extensions = cfg.synth.image_extensions.clone();
+    opts.limits = cfg.read;
+    let pb = bar(0, "clipseg");
+    let (ok, bad) = (AtomicU64::new(0), AtomicU64::new(0));
+    let progress = |e: MaskEvent| match e {
+        MaskEvent::Planned {
+            todo,
+            existing,
+            duplicates,
+        } => {
+            pb.set_length(todo);
+            pb.reset_eta();
+            if existing > 0 {
+                pb.println(format!(
+                    "resuming: {existing} masks already in {}",
+                    out.display()
+                ));
+            }
+            if duplicates > 0 {
+                pb.println(format!(
+                    "{duplicates} rows repeat an earlier ImageID (one mask per image: the first row's class is used)"
+                ));
+            }
+        }
+        MaskEvent::Image { ok: good } => {
+            if good { &ok } else { &bad }.fetch_add(1, Ordering::Relaxed);
+            pb.inc(1);
+            pb.set_message(format!(
+                "{} written, {} bad",
+                ok.load(Ordering::Relaxed),
+                bad.load(Ordering::Relaxed)
+            ));
+        }
+    };
+    let report = write_clipseg_masks(&seg, &rows, &opts, &progress)?;
+    pb.finish_and_clear();
+    println!(
+        "{}: {} masks written, {} already present, {} bad, of {} rows; {:.1} s = {:.2} images/s ({} batches, \
+         model {:.1} s = {:.2} images/s)",
+        out.display(),
+        report.written,
+        report.existing,
+        report.bad.len(),
+        report.rows,
+        report.elapsed_s,
+        report.images_per_s(),
+        report.batches,
+        report.model_s,
+        if report.model_s > 0.0 {
+            report.written as f64 / report.model_s
+        } else {
+            0.0
+        }
+    );
+    let tsv = out.join("bad_inputs.tsv");
+    if report.bad.is_empty() {
+        if tsv.is_file() {
+            std::fs::remove_file(&tsv).with_context(|| format!("removing {}", tsv.display()))?;
+        }
+    } else {
+        let mut text = String::from("row\tImageID\tstage\treason\n");
+        for b in &report.bad {
+            text.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                b.row, b.image_id, b.stage, b.reason
+            ));
+        }
+        std::fs::write(&tsv, text).with_context(|| format!("writing {}", tsv.display()))?;
+        println!("{} bad inputs → {}", report.bad.len(), tsv.display());
+        for b in report.bad.iter().take(10) {
+            println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: DataArgs) -> Result<ExitCode> {
     match args.command {
         DataCommand::Filter {
@@ -229,12 +361,33 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             subjects,
             source,
             from,
+            images,
             out,
+            batch_size,
+            prompt,
+            config,
         } => {
-            let store = MaskStore::open(source.into(), &from)?;
+            let source = match source {
+                MasksSourceArg::Clipseg => {
+                    let images = images.context("--source clipseg needs --images <folder>")?;
+                    let cfg = load_config(config.as_deref())?;
+                    return clipseg_masks(
+                        &from, &images, &subjects, &out, batch_size, prompt, &cfg,
+                    );
+                }
+                MasksSourceArg::Openimages => MaskSource::OpenImages,
+                MasksSourceArg::Dir => MaskSource::Dir,
+            };
+            if images.is_some() {
+                bail!("--images is only used by --source clipseg");
+            }
+            let store = MaskStore::open(source, &from)?;
             let rows = read_subjects_csv(&subjects)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let limits = blipd_data::ReadLimits::default();
+            let limits = match &config {
+                Some(p) => PipelineConfig::from_file(p)?.read,
+                None => blipd_data::ReadLimits::default(),
+            };
             let pb = bar(rows.len() as u64, "masks");
             let start = Instant::now();
             let (mut written, mut missing) = (0u64, Vec::new());
