@@ -2,7 +2,8 @@
 //! folder, runs closed-form matting and foreground estimation, writes `<name>_alpha_rs.png` (16-bit) and
 //! `<name>_fg_rs.png`, and prints per-image thread CPU times (best of `--repeat`) and an all-core throughput run.
 //!
-//! Usage: `matting_bench DIR [--repeat N] [--tolerance T]`
+//! Usage: `matting_bench DIR [--repeat N] [--tolerance T] [--suffix S]` (outputs `<name>_alpha_rs<S>.png`,
+//! `<name>_fg_rs<S>.png`).
 
 use blipd_data::{estimate_alpha_cf, estimate_foreground_ml, CfOptions, FgOptions, Gray, Rgb};
 use rayon::prelude::*;
@@ -22,15 +23,17 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(
         args.get(1)
-            .expect("usage: matting_bench DIR [--repeat N] [--tolerance T]"),
+            .expect("usage: matting_bench DIR [--repeat N] [--tolerance T] [--suffix S]"),
     );
     let mut repeat = 3usize;
+    let mut suffix = String::new();
     let mut opts = CfOptions::default();
     let mut i = 2;
     while i < args.len() {
         match args[i].as_str() {
             "--repeat" => repeat = args[i + 1].parse().expect("--repeat N"),
             "--tolerance" => opts.tolerance = args[i + 1].parse().expect("--tolerance T"),
+            "--suffix" => suffix = args[i + 1].clone(),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -53,6 +56,7 @@ fn main() {
             (n.clone(), Rgb::from_rgb8(&img), Gray::from_luma8(&tri))
         })
         .collect();
+    println!("RS_TOLERANCE {:e}", opts.tolerance);
     let fg_opts = FgOptions::default();
     let pool1 = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -72,11 +76,11 @@ fn main() {
                 out = Some((alpha, fg, stats));
             }
             let (alpha, fg, stats) = out.expect("repeat >= 1");
-            alpha.to_luma16().save(dir.join(format!("{name}_alpha_rs.png"))).expect("save alpha");
-            fg.to_rgb8().save(dir.join(format!("{name}_fg_rs.png"))).expect("save fg");
+            alpha.to_luma16().save(dir.join(format!("{name}_alpha_rs{suffix}.png"))).expect("save alpha");
+            fg.to_rgb8().save(dir.join(format!("{name}_fg_rs{suffix}.png"))).expect("save fg");
             println!(
-                "RS {name} cf_s {best_cf:.4} fg_s {best_fg:.4} unknown {} it {} coarse_it {} levels {} shift {:e} rel {:.2e}",
-                stats.unknown, stats.iterations, stats.coarse_iterations, stats.levels, stats.shift, stats.relative_residual
+                "RS {name} cf_s {best_cf:.4} fg_s {best_fg:.4} unknown {} it {} coarse_it {} levels {} shift {:e} rel {:.2e} restarts {}",
+                stats.unknown, stats.iterations, stats.coarse_iterations, stats.levels, stats.shift, stats.relative_residual, stats.restarts
             );
         }
     });

@@ -81,8 +81,12 @@ pub struct CfStats {
     pub levels: usize,
     /// Diagonal shift the full-resolution IC(0) factorisation needed.
     pub shift: f64,
-    /// Final relative residual ‖r‖/‖b‖ at full resolution.
+    /// Final relative residual ‖b − A x‖₂/‖b‖₂ at full resolution, computed with the `f64` matrix (the
+    /// quantity pymatting's `rtol` bounds).
     pub relative_residual: f64,
+    /// CG restarts at full resolution because the `f64` residual had not yet met the tolerance when the
+    /// recursively updated one had (see `matting_solver::pcg`).
+    pub restarts: usize,
 }
 
 /// Pixel class from the trimap.
@@ -171,8 +175,8 @@ fn upsample_at(coarse: &[f64], cw: usize, chh: usize, x: usize, y: usize) -> f64
 const KAPPA: f64 = 0.3;
 
 /// Solves one level from an optional coarse solution (full coarse grid, its width and height); returns the
-/// full-grid solution (constraint values at known pixels), the PCG iterations, the IC shift and the final
-/// relative residual.
+/// full-grid solution (constraint values at known pixels), the PCG iterations, the IC shift, the final
+/// relative residual and the CG restarts.
 #[inline(always)]
 fn solve_level<const ISA: u8>(
     img: &Rgb,
@@ -181,13 +185,13 @@ fn solve_level<const ISA: u8>(
     opts: &CfOptions,
     tol: f64,
     start_shift: f64,
-) -> Result<(Vec<f64>, usize, f64, f64)> {
+) -> Result<(Vec<f64>, usize, f64, f64, usize)> {
     let (w, h) = (img.width, img.height);
     let unknown: Vec<bool> = class.iter().map(|&c| c == Class::Unknown).collect();
     let fg: Vec<bool> = class.iter().map(|&c| c == Class::Fg).collect();
     let mut full: Vec<f64> = fg.iter().map(|&f| if f { 1.0 } else { 0.0 }).collect();
     if !unknown.iter().any(|&u| u) {
-        return Ok((full, 0, 0.0, 0.0));
+        return Ok((full, 0, 0.0, 0.0, 0));
     }
     let t0 = std::time::Instant::now();
     let sys = GridSystem::build(w, h, &img.data, &unknown, &fg, opts.epsilon);
@@ -202,12 +206,13 @@ fn solve_level<const ISA: u8>(
     let t2 = std::time::Instant::now();
     let (pre, shift) = solver::factor_robust(&sys, KAPPA, start_shift)?;
     let t3 = std::time::Instant::now();
-    let (it, rel) = solver::pcg::<ISA>(&sys, &pre, &mut x, tol, opts.max_iterations)?;
+    let (it, rel, restarts) = solver::pcg::<ISA>(&sys, &pre, &mut x, tol, opts.max_iterations)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
     tracing::trace!(
         unknown = sys.n,
         it,
         rel,
+        restarts,
         shift,
         build_ms = ms(t0, t1),
         factor_ms = ms(t2, t3),
@@ -218,7 +223,7 @@ fn solve_level<const ISA: u8>(
         let (px, py) = sys.grid_xy(g as usize);
         full[py * w + px] = xi;
     }
-    Ok((full, it, shift, rel))
+    Ok((full, it, shift, rel, restarts))
 }
 
 /// Builds the coarse-to-fine pyramid and solves it from the coarsest level up.
@@ -254,18 +259,19 @@ fn solve_pyramid<const ISA: u8>(
     let mut start_shift = 0.0;
     for (cimg, cclass) in coarse.iter().rev() {
         let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
-        let (a, it, shift, _) =
+        let (a, it, shift, _, _) =
             solve_level::<ISA>(cimg, cclass, init, opts, opts.coarse_tolerance, start_shift)?;
         stats.coarse_iterations += it;
         start_shift = shift;
         prev = Some((a, cimg.width, cimg.height));
     }
     let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
-    let (x, it, shift, rel) =
+    let (x, it, shift, rel, restarts) =
         solve_level::<ISA>(image, &class, init, opts, opts.tolerance, start_shift)?;
     stats.iterations = it;
     stats.shift = shift;
     stats.relative_residual = rel;
+    stats.restarts = restarts;
     Ok((x, stats))
 }
 

@@ -7,7 +7,7 @@ prepare DIR SIZE IMG...  : writes DIR/<name>.png (bicubic-resized to SIZE²) and
       3. fg = mask eroded by a disk of radius SIZE/32, bg = complement of mask dilated by the same disk,
          everything else unknown (stored as 128).
 time DIR REPEAT : times estimate_alpha_cf / estimate_foreground_ml (best CPU time of REPEAT), saves .npy results.
-compare DIR     : mean |Δα| (whole image and unknown region), max |Δα|, mean |ΔF| where α>0.01, speed ratios.
+compare DIR PY_LOG RS_LOG [SUFFIX] : mean |Δα| (whole image and unknown region), max |Δα|, mean |ΔF| where α>0.01, speed ratios.
 """
 import os, sys, time, glob
 import numpy as np
@@ -56,7 +56,7 @@ def time_ref(d, repeat):
         np.save(f"{d}/{n}_alpha_py.npy", a); np.save(f"{d}/{n}_fg_py.npy", f)
         print(f"PY {n} cf_s {best_cf:.4f} fg_s {best_fg:.4f} unknown {int(((tri > 0.1) & (tri < 0.9)).sum())}", flush=True)
 
-def compare(d, py_log, rs_log):
+def compare(d, py_log, rs_log, suffix=""):
     def parse(path, tag):
         out = {}
         for line in open(path):
@@ -65,23 +65,25 @@ def compare(d, py_log, rs_log):
                 out[p[1]] = dict(zip(p[2::2], p[3::2]))
         return out
     py, rs = parse(py_log, "PY"), parse(rs_log, "RS")
+    tol = next((l.split()[1] for l in open(rs_log) if l.startswith("RS_TOLERANCE")), "?")
     tot_py = tot_rs = tot_pyf = tot_rsf = 0.0
     errs = []
-    print(f"{'image':28s} {'py cf s':>8s} {'rs cf s':>8s} {'ratio':>6s} {'mean|da|':>9s} {'unk mean':>9s} {'max|da|':>8s} {'fg ratio':>8s} {'mean|dF|':>8s}")
+    print(f"blipd stopping criterion: ||b - A x||_2 <= {tol} ||b||_2 (pymatting: 1e-7, same norm)")
+    print(f"{'image':28s} {'py cf s':>8s} {'rs cf s':>8s} {'ratio':>6s} {'mean|da|':>9s} {'unk mean':>9s} {'max|da|':>8s} {'fg ratio':>8s} {'mean|dF|':>8s} {'it':>4s} {'rel res':>8s}")
     for n in names(d):
         a_py = np.load(f"{d}/{n}_alpha_py.npy")
-        a_rs = np.asarray(Image.open(f"{d}/{n}_alpha_rs.png"), dtype=np.float64) / 65535.0
+        a_rs = np.asarray(Image.open(f"{d}/{n}_alpha_rs{suffix}.png"), dtype=np.float64) / 65535.0
         tri = load(f"{d}/{n}_trimap.png", "L"); unk = (tri > 0.1) & (tri < 0.9)
         da = np.abs(a_py - a_rs)
         f_py = np.load(f"{d}/{n}_fg_py.npy")
-        f_rs = np.asarray(Image.open(f"{d}/{n}_fg_rs.png"), dtype=np.float64) / 255.0
+        f_rs = np.asarray(Image.open(f"{d}/{n}_fg_rs{suffix}.png"), dtype=np.float64) / 255.0
         sel = a_py > 0.01
         dF = np.abs(f_py - f_rs)[sel].mean()
         cp, cr = float(py[n]["cf_s"]), float(rs[n]["cf_s"]); fp, fr = float(py[n]["fg_s"]), float(rs[n]["fg_s"])
         tot_py += cp; tot_rs += cr; tot_pyf += fp; tot_rsf += fr
         errs.append(da.mean())
-        print(f"{n:28s} {cp:8.3f} {cr:8.3f} {cp / cr:6.1f} {da.mean():9.5f} {da[unk].mean():9.5f} {da.max():8.4f} {fp / fr:8.1f} {dF:8.5f}")
-    print(f"TOTAL single-thread closed-form: pymatting {tot_py:.3f} s, blipd {tot_rs:.3f} s, speed ratio {tot_py / tot_rs:.1f}x; "
+        print(f"{n:28s} {cp:8.3f} {cr:8.3f} {cp / cr:6.1f} {da.mean():9.5f} {da[unk].mean():9.5f} {da.max():8.4f} {fp / fr:8.1f} {dF:8.5f} {rs[n]['it']:>4s} {rs[n]['rel']:>8s}")
+    print(f"TOTAL single-thread closed-form (blipd tolerance {tol}): pymatting {tot_py:.3f} s, blipd {tot_rs:.3f} s, speed ratio {tot_py / tot_rs:.1f}x; "
           f"foreground: {tot_pyf:.3f} s vs {tot_rsf:.3f} s ({tot_pyf / tot_rsf:.1f}x); worst mean|da| {max(errs):.5f}")
     for line in open(rs_log):
         if line.startswith("RS_ALLCORE"):
@@ -96,7 +98,7 @@ if __name__ == "__main__":
     elif cmd == "time":
         time_ref(sys.argv[2], int(sys.argv[3]))
     elif cmd == "compare":
-        compare(sys.argv[2], sys.argv[3], sys.argv[4])
+        compare(sys.argv[2], sys.argv[3], sys.argv[4], *sys.argv[5:6])
 
 def fixture(out, S, images):
     """Writes parity fixtures for data-pipeline/tests: <name>.png, <name>_trimap.png (same recipe as prepare),
