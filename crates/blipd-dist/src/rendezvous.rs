@@ -76,6 +76,26 @@ impl Rendezvous {
         }
     }
 
+    /// The address peers can reach this rank at: rank 0's is `MASTER_ADDR` resolved; another
+    /// rank's is the local address of its connection to rank 0 (the interface that routes to the
+    /// master, as NCCL picks its socket interface). `None` for a world of one.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        if self.world.rank == 0 {
+            (self.world.master_addr.as_str(), self.world.master_port)
+                .to_socket_addrs()
+                .ok()?
+                .next()
+                .map(|a| a.ip())
+        } else {
+            self.peers
+                .first()?
+                .as_ref()?
+                .local_addr()
+                .ok()
+                .map(|a| a.ip())
+        }
+    }
+
     fn serve(world: &World, payload: &[u8], cfg: RendezvousConfig) -> Result<Self, DistError> {
         let op = "rendezvous (serve)";
         let io = |m: String| DistError::Io {
@@ -353,6 +373,16 @@ impl Rendezvous {
         let mut v = [if flag { 1.0f32 } else { 0.0 }];
         self.all_reduce_sum(&mut v, op)?;
         Ok(v[0] > 0.0)
+    }
+
+    /// [`Rendezvous::barrier`] with its own timeout (e.g. a short probe that names a silent peer).
+    pub fn barrier_within(&mut self, op: &str, timeout: Duration) -> Result<(), DistError> {
+        let saved = self.cfg.op_timeout;
+        self.cfg.op_timeout = timeout;
+        let r = self.set_timeouts().and_then(|_| self.barrier(op));
+        self.cfg.op_timeout = saved;
+        let restored = self.set_timeouts();
+        r.and(restored)
     }
 
     /// Wait until every rank reaches this point.

@@ -4,9 +4,10 @@
 //! source that hands each sample its position in the global sample stream, so per-sample randomness
 //! can be made independent of the number of ranks).
 //!
-//! This is the portable path: gradients go through the host and the TCP control channel (rank 0 sums
-//! the contributions in rank order, then sends the sum back), so results are deterministic and
-//! identical on every rank. It is meant for CPU runs, tests and small jobs; on GPUs the NCCL path
+//! This is the portable path: gradients are packed on the host and summed by burn-collective's ring
+//! all-reduce between the processes ([`crate::collective`], [`Transport::BurnCollective`], the
+//! default) or, with [`Transport::Tcp`], over the TCP control channel itself (rank 0 sums the
+//! contributions in rank order, then sends the sum back). Either way every rank gets identical values. It is meant for CPU runs, tests and small jobs; on GPUs the NCCL path
 //! (`blipd-dist` feature `nccl`) replaces the transport. Like PyTorch DDP, and unlike a naive
 //! per-tensor loop:
 //! - only trainable parameters are reduced, flattened into buckets of [`DistConfig::bucket_mb`]
@@ -19,8 +20,8 @@
 //!
 //! Differences from DDP: no overlap of communication with backward (the trainer calls
 //! [`GradSync::sync_grads`] after backward), so buckets are reduced in parameter order, not in
-//! reverse; and the transport is a star, so rank 0's link carries `2·(W−1)` times the gradient bytes
-//! per step (a ring carries `2·(W−1)/W`). See `docs/distributed.md` for the costs.
+//! reverse; and on the `tcp` transport (a star) rank 0's link carries `2·(W−1)` times the gradient
+//! bytes per step (a ring carries `2·(W−1)/W`). See `docs/distributed.md` for the costs.
 //!
 //! Non-finite gradients: every rank counts the non-finite values of its own gradients before
 //! reducing; the counts travel with the reduction, so every rank learns which ranks produced them and
@@ -43,6 +44,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::collective::{CollectiveLink, LinkError};
 use crate::data::{BatchSource, EpochSampler, SamplerState};
 use crate::error::{Result, TrainError};
 use crate::grads::{GradEntry, GradSet, GradSync};
@@ -56,6 +58,33 @@ pub const ENV_JOIN_TIMEOUT: &str = "BLIPD_JOIN_TIMEOUT_S";
 pub const ENV_BUCKET_MB: &str = "BLIPD_BUCKET_MB";
 /// `1`/`true`: round gradients to bf16 for the all-reduce.
 pub const ENV_GRAD_BF16: &str = "BLIPD_GRAD_BF16";
+/// Gradient transport: `tcp` or `burn-collective`.
+pub const ENV_GRAD_TRANSPORT: &str = "BLIPD_GRAD_TRANSPORT";
+
+/// What carries the gradient buckets (the control plane — join, layout check, control message,
+/// barriers, broadcasts — is always the TCP rendezvous).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// burn-collective 0.21's ring all-reduce between processes (see [`crate::collective`]):
+    /// `2·(W−1)/W` of the bucket bytes per link. The default.
+    #[default]
+    BurnCollective,
+    /// The rendezvous star: rank 0 sums in rank order and sends the sum back (bit-identical and
+    /// order-deterministic, but rank 0's link carries `2·(W−1)` times the bytes).
+    Tcp,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "burn-collective" | "burn_collective" | "collective" => Ok(Self::BurnCollective),
+            "tcp" => Ok(Self::Tcp),
+            _ => Err(format!("`{s}`: expected `burn-collective` or `tcp`")),
+        }
+    }
+}
 
 /// Settings of the data-parallel path. Every field can be overridden from the environment
 /// ([`DistConfig::with_env`]); the defaults follow PyTorch DDP where it has one.
@@ -82,6 +111,9 @@ pub struct DistConfig {
     /// `BLIPD_JOIN_TIMEOUT_S`.
     #[serde(default = "default_join_timeout")]
     pub join_timeout_s: f64,
+    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`burn-collective` | `tcp`).
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 fn default_bucket_mb() -> f64 {
@@ -101,6 +133,7 @@ impl Default for DistConfig {
             bf16_grads: false,
             collective_timeout_s: default_collective_timeout(),
             join_timeout_s: default_join_timeout(),
+            transport: Transport::default(),
         }
     }
 }
@@ -148,6 +181,11 @@ impl DistConfig {
                     )))
                 }
             };
+        }
+        if let Some(v) = get(ENV_GRAD_TRANSPORT) {
+            self.transport = v.parse().map_err(|e| {
+                TrainError::Sync(format!("environment variable {ENV_GRAD_TRANSPORT}: {e}"))
+            })?;
         }
         self.validate()?;
         Ok(self)
@@ -229,6 +267,8 @@ impl Slot {
 pub struct DistSync {
     rv: Rendezvous,
     cfg: DistConfig,
+    /// The gradient link when [`Transport::BurnCollective`] (world > 1).
+    link: Option<CollectiveLink>,
     layout: Option<Vec<Slot>>,
     stats: SyncStats,
     last_nonfinite: Vec<usize>,
@@ -264,14 +304,72 @@ impl DistSync {
             cfg.bf16_grads,
             cfg.collective_timeout_s
         );
-        Ok(Self::new(rv, cfg))
+        let mut sync = Self::new(rv, cfg);
+        if sync.cfg.transport == Transport::BurnCollective && world.world_size > 1 {
+            sync.link = Some(sync.connect_collective()?);
+        }
+        Ok(sync)
     }
 
-    /// Wraps an established rendezvous.
+    /// Rank 0 starts burn-collective's orchestrator on a free port and tells the others; every
+    /// rank picks a free port for its node's data service. The nodes register at the first
+    /// gradient sync (burn-collective registers per backend type).
+    fn connect_collective(&mut self) -> Result<CollectiveLink> {
+        let rank = self.rv.world.rank;
+        let port_err = |e: std::io::Error| {
+            TrainError::Sync(format!(
+                "rank {rank}: choosing a port for burn-collective: {e}"
+            ))
+        };
+        let mine = if rank == 0 {
+            let p = crate::collective::free_port().map_err(port_err)?;
+            crate::collective::spawn_orchestrator(p)?;
+            p.to_le_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        let got = self
+            .rv
+            .broadcast(&mine, "burn-collective orchestrator port")
+            .map_err(|e| self.err(e))?;
+        let orchestrator_port = match got.as_slice() {
+            [a, b] => u16::from_le_bytes([*a, *b]),
+            _ => {
+                return Err(TrainError::Sync(format!(
+                    "rank {rank}: bad orchestrator port message ({} bytes)",
+                    got.len()
+                )))
+            }
+        };
+        let ip = self.rv.local_ip().ok_or_else(|| {
+            TrainError::Sync(format!(
+                "rank {rank}: cannot tell this rank's address for burn-collective"
+            ))
+        })?;
+        let data_port = crate::collective::free_port().map_err(port_err)?;
+        let link = CollectiveLink::new(
+            rank,
+            self.rv.world.world_size,
+            &self.rv.world.master_addr,
+            orchestrator_port,
+            ip,
+            data_port,
+            Duration::from_secs_f64(self.cfg.collective_timeout_s),
+        );
+        tracing::info!(
+            "rank {rank}: gradient transport burn-collective (ring), node {}",
+            link.node_address()
+        );
+        Ok(link)
+    }
+
+    /// Wraps an established rendezvous (gradient buckets over the rendezvous, whatever
+    /// `cfg.transport` says; [`DistSync::establish`] sets up burn-collective).
     pub fn new(rv: Rendezvous, cfg: DistConfig) -> Self {
         Self {
             rv,
             cfg,
+            link: None,
             layout: None,
             stats: SyncStats::default(),
             last_nonfinite: Vec::new(),
@@ -300,6 +398,30 @@ impl DistSync {
             "rank {} of {}: {e}",
             self.rv.world.rank, self.rv.world.world_size
         ))
+    }
+
+    /// A failed burn-collective call, explained. After a timeout, a short barrier on the control
+    /// channel finds the silent peer (burn-collective cannot tell which node it waits for): the
+    /// error names it, at most `min(T/2, 10 s)` after the collective timeout `T`.
+    fn link_failure(&mut self, e: LinkError, op: &str) -> TrainError {
+        let (rank, w) = (self.rv.world.rank, self.rv.world.world_size);
+        let what = format!("rank {rank} of {w}: {op} (burn-collective ring)");
+        match e {
+            LinkError::Failed(m) => TrainError::Sync(format!("{what}: {m}")),
+            LinkError::Timeout(secs) => {
+                let probe = Duration::from_secs_f64((secs / 2.0).min(10.0));
+                let found = self
+                    .rv
+                    .barrier_within("finding the silent peer (control channel)", probe);
+                TrainError::Sync(match found {
+                    Err(de) => format!("{what} timed out after {secs:.1}s; {de}"),
+                    Ok(()) => format!(
+                        "{what} timed out after {secs:.1}s, yet every rank answers on the control \
+                         channel (a burn-collective failure, not a dead peer)"
+                    ),
+                })
+            }
+        }
     }
 
     fn reduce(&mut self, data: &mut [f32], op: &str) -> Result<()> {
@@ -562,6 +684,8 @@ impl DistSync {
             );
         }
 
+        failpoint_hang_after_control(rank, self.stats.syncs);
+
         let nb = buckets.len();
         let inv = 1.0 / w as f32;
         let mut out: Vec<GradEntry<B>> = Vec::with_capacity(layout.len());
@@ -577,7 +701,14 @@ impl DistSync {
                         p + 1
                     )
                 };
-                self.reduce(chunk, &op)?;
+                match self.link.as_mut() {
+                    Some(link) => {
+                        if let Err(e) = link.all_reduce_sum::<B>(chunk, &device) {
+                            return Err(self.link_failure(e, &op));
+                        }
+                    }
+                    None => self.reduce(chunk, &op)?,
+                }
                 self.stats.messages += 1;
                 self.stats.bytes += (chunk.len() * 4) as u64;
             }
@@ -667,6 +798,25 @@ impl<B: Backend> GradSync<B> for DistSync {
 
     fn barrier(&mut self) -> Result<()> {
         self.rv.barrier("barrier").map_err(|e| self.err(e))
+    }
+}
+
+/// Fault injection for the failure tests: `BLIPD_FAILPOINT_HANG=<rank>:<sync>` makes that rank go
+/// silent (sleep) right after the control message of its `<sync>`-th gradient synchronisation
+/// (0-based), i.e. while its peers are inside the bucket all-reduce.
+fn failpoint_hang_after_control(rank: usize, sync: u64) {
+    let Ok(v) = std::env::var("BLIPD_FAILPOINT_HANG") else {
+        return;
+    };
+    let parsed = v.split_once(':').and_then(|(r, s)| {
+        Some((
+            r.trim().parse::<usize>().ok()?,
+            s.trim().parse::<u64>().ok()?,
+        ))
+    });
+    if parsed == Some((rank, sync)) {
+        tracing::warn!("BLIPD_FAILPOINT_HANG: rank {rank} goes silent at sync {sync}");
+        std::thread::sleep(Duration::from_secs(24 * 3600));
     }
 }
 
@@ -913,6 +1063,9 @@ mod tests {
             bucket_mb,
             collective_timeout_s: 5.0,
             join_timeout_s: 10.0,
+            // Ranks are threads of one process here; burn-collective keeps one node per process,
+            // so its transport is tested with real processes (blipd-train/tests/collective.rs).
+            transport: Transport::Tcp,
             ..DistConfig::default()
         }
     }

@@ -14,6 +14,7 @@
 //! to an uninterrupted one (tested, including SIGKILL during a step and during a checkpoint write).
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod dist_sync;

@@ -1,0 +1,223 @@
+//! The gradient transport through **burn-collective** 0.21 (Burn's collective library): every
+//! process is one burn-collective *node* with one device, rank 0 also hosts the global
+//! orchestrator, and gradient buckets are summed with its ring all-reduce (`2·(W−1)/W` of the
+//! bucket bytes per link, like NCCL's ring), moving tensors peer to peer over websockets.
+//!
+//! [`crate::DistSync`] keeps its TCP rendezvous as the control plane (join, layout check, control
+//! message, barriers, broadcasts) — the role torch's `TCPStore` plays beside NCCL — and sends the
+//! gradient buckets through this link when [`crate::dist_sync::Transport::BurnCollective`] is chosen.
+//!
+//! **A burn-collective 0.21 bug and its workaround.** Its multi-node all-reduce ends every call with
+//! a `SyncService::sync` that waits until the set of peers that reported in equals the node list,
+//! then means to clear that set but clears a copy of it (`global/node/sync.rs`). The second
+//! all-reduce in a process therefore waits forever (reproduced by `tests/collective.rs` before the
+//! workaround: the first bucket went through, the second hung). Each call is therefore its own
+//! session: register (a fresh node, fresh sync state), all-reduce, `finish_collective`. That costs a
+//! few websocket handshakes per bucket — about 15 ms per call for 3 local processes here — which is
+//! noise next to a CPU training step, and the default 25 MiB buckets keep the calls few.
+//!
+//! burn-collective has no timeouts of its own (a dead peer blocks its calls forever), so every call
+//! runs on a helper thread and is waited for with the configured collective timeout; on expiry the
+//! error names this rank, the operation and the transport, and the trainer returns it (the stuck
+//! helper thread dies with the process — burn-collective's state cannot be aborted, like an NCCL
+//! communicator after `ncclCommAbort`).
+
+use std::any::TypeId;
+use std::net::IpAddr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+
+use crate::error::{Result, TrainError};
+
+/// How a burn-collective call failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkError {
+    /// No answer within the collective timeout (seconds).
+    Timeout(f64),
+    /// burn-collective returned an error or panicked, or the tensor could not be read back.
+    Failed(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout(s) => write!(f, "timed out after {s:.1}s"),
+            Self::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Addresses of one rank's burn-collective node.
+#[derive(Clone, Debug)]
+pub struct CollectiveLink {
+    rank: usize,
+    world_size: usize,
+    /// `ws://MASTER_ADDR:port` of the orchestrator (hosted by rank 0).
+    orchestrator: String,
+    /// `ws://<this rank's ip>:<data port>`.
+    node_address: String,
+    data_port: u16,
+    timeout: Duration,
+    /// The backend this process registered with (burn-collective keeps one client per backend).
+    registered: Option<TypeId>,
+}
+
+/// A port that was free a moment ago on every interface (the OS picks it).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("0.0.0.0:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts burn-collective's global orchestrator on `port` on a thread of its own (a one-worker
+/// tokio runtime), for the life of the process.
+pub fn spawn_orchestrator(port: u16) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("burn-collective-orchestrator")
+        .enable_all()
+        .build()
+        .map_err(|e| TrainError::Sync(format!("starting the collective orchestrator: {e}")))?;
+    std::thread::Builder::new()
+        .name("burn-collective-orchestrator".into())
+        .spawn(move || rt.block_on(burn_collective::start_global_orchestrator(port)))
+        .map_err(|e| TrainError::Sync(format!("starting the collective orchestrator: {e}")))?;
+    Ok(())
+}
+
+fn ws(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("ws://[{ip}]:{port}")
+    } else {
+        format!("ws://{ip}:{port}")
+    }
+}
+
+impl CollectiveLink {
+    /// The link of `rank`: the orchestrator at `master_addr:orchestrator_port`, this node's data
+    /// service at `local_ip:data_port`.
+    pub fn new(
+        rank: usize,
+        world_size: usize,
+        master_addr: &str,
+        orchestrator_port: u16,
+        local_ip: IpAddr,
+        data_port: u16,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            rank,
+            world_size,
+            orchestrator: ws(master_addr, orchestrator_port),
+            node_address: ws(&local_ip.to_string(), data_port),
+            data_port,
+            timeout,
+            registered: None,
+        }
+    }
+
+    pub fn node_address(&self) -> &str {
+        &self.node_address
+    }
+
+    fn config(&self) -> Result<CollectiveConfig> {
+        let parse = |s: &str| {
+            s.parse()
+                .map_err(|e| TrainError::Sync(format!("collective address `{s}`: {e}")))
+        };
+        Ok(CollectiveConfig::default()
+            .with_num_devices(1)
+            .with_num_nodes(self.world_size as u32)
+            .with_global_address(parse(&self.orchestrator)?)
+            .with_node_address(parse(&self.node_address)?)
+            .with_data_service_port(self.data_port)
+            .with_global_all_reduce_strategy(AllReduceStrategy::Ring))
+    }
+
+    /// Runs `f` on a helper thread and waits at most the collective timeout for it.
+    fn deadline<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+    ) -> std::result::Result<T, LinkError> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("burn-collective-call".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                    .unwrap_or_else(|_| Err("burn-collective panicked".into()));
+                let _ = tx.send(r);
+            })
+            .map_err(|e| LinkError::Failed(format!("starting a collective call: {e}")))?;
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r.map_err(LinkError::Failed),
+            Err(_) => Err(LinkError::Timeout(self.timeout.as_secs_f64())),
+        }
+    }
+
+    fn ensure_registered<B: Backend>(
+        &mut self,
+        device: &B::Device,
+    ) -> std::result::Result<(), LinkError> {
+        let ty = TypeId::of::<B>();
+        match self.registered {
+            Some(t) if t == ty => return Ok(()),
+            Some(_) => {
+                return Err(LinkError::Failed(
+                    "burn-collective is registered with another backend".into(),
+                ))
+            }
+            None => {}
+        }
+        let cfg = self
+            .config()
+            .map_err(|e| LinkError::Failed(e.to_string()))?;
+        let (id, device) = (PeerId(self.rank as u32), device.clone());
+        self.deadline(move || {
+            burn_collective::register::<B>(id, device, cfg)
+                .map_err(|e| format!("registering with the orchestrator: {e:?}"))
+        })?;
+        self.registered = Some(ty);
+        Ok(())
+    }
+
+    /// Sums `data` over all ranks in place (every rank gets the same values). The buffer travels
+    /// as a `B` tensor on `device`, zero-padded to a multiple of the world size (the ring slices it
+    /// into `W` equal parts).
+    pub fn all_reduce_sum<B: Backend>(
+        &mut self,
+        data: &mut [f32],
+        device: &B::Device,
+    ) -> std::result::Result<(), LinkError> {
+        self.ensure_registered::<B>(device)?;
+        let w = self.world_size;
+        let n = data.len();
+        let padded = n.div_ceil(w).max(1) * w;
+        let mut buf = Vec::with_capacity(padded);
+        buf.extend_from_slice(data);
+        buf.resize(padded, 0.0);
+        let t: Tensor<B, 1> = Tensor::from_data(TensorData::new(buf, [padded]), device);
+        let prim = t.into_primitive().tensor();
+        let id = PeerId(self.rank as u32);
+        let out = self.deadline(move || {
+            burn_collective::all_reduce::<B>(id, prim, ReduceOperation::Sum)
+                .map_err(|e| format!("{e:?}"))
+        })?;
+        // Work around burn-collective 0.21's node sync (module docs): a fresh node per call.
+        self.deadline(move || {
+            burn_collective::finish_collective::<B>(id).map_err(|e| format!("finish: {e:?}"))
+        })?;
+        self.registered = None;
+        let out: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(out));
+        let v = out
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| LinkError::Failed(format!("reading the reduced tensor back: {e:?}")))?;
+        data.copy_from_slice(&v[..n]);
+        Ok(())
+    }
+}
