@@ -20,11 +20,17 @@ Writes a complete local CLIPSeg folder in the transformers layout, as `blipd dat
     mask_0 (72, 96), mask_1 (88, 180)                       sigmoid(bilinear(logits → image size,
                                                             align_corners=False)); mask_1 at [::2, ::2]
 
+`--full-size DIR` instead writes a random-weight model at the real rd64-refined size (config = the hub
+config.json, 150.7 M parameters; the tiny vocabulary stands in for the 49,408-token one) to DIR/model and
+its probability maps for the two fixture images to DIR/io.safetensors, for the ignored full-width check
+`BLIPD_CLIPSEG_FULL=DIR cargo test -p blipd-apps --test segment full_size -- --ignored --nocapture`.
+
 The tiny model keeps the real checkpoint's structure at 352 px: ViT patch 16 and image_size 224 (the 14×14
 position table is bicubic-interpolated to the 22×22 grid), the refined head (two stride-4 transposed
 convolutions → 352×352 logits), the legacy text `eos_token_id: 2` (pooling at the argmax id: `<|endoftext|>`
 is the largest id of the tiny vocabulary too).
 """
+import argparse
 import json
 import pathlib
 import shutil
@@ -69,6 +75,58 @@ def make_images():
         im.save(p, optimize=True)
 
 
+def full_size(out):
+    """Random weights at the real size (the hub config.json of CIDAS/clipseg-rd64-refined)."""
+    out = pathlib.Path(out)
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    config = CLIPSegConfig(
+        text_config=dict(bos_token_id=0, eos_token_id=2),
+        vision_config=dict(patch_size=16),
+        extract_layers=[3, 6, 9],
+        reduce_dim=64,
+        use_complex_transposed_convolution=True,
+    )
+    model = CLIPSegForImageSegmentation(config).eval()
+    randomize_(model, s=11)
+    model.decoder.transposed_convolution[4].weight.mul_(12.0)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    save_processor(model_dir)
+    processor = CLIPSegProcessor.from_pretrained(model_dir)
+    model = CLIPSegForImageSegmentation.from_pretrained(model_dir).eval()
+    images = [Image.open(OUT / "images" / f"{i}.png").convert("RGB") for i, *_ in IMAGES]
+    classes = [c for _, c, *_ in IMAGES]
+    inputs = processor(text=classes, images=images, padding=True, return_tensors="pt")
+    probs = torch.sigmoid(model(**inputs).logits)
+    save_file({"probs": probs.contiguous()}, str(out / "io.safetensors"))
+    print("full size:", sum(p.numel() for p in model.parameters()), "parameters →", out,
+          "probs in", float(probs.min()), float(probs.max()))
+
+
+def save_processor(model_dir):
+    tokenizer = CLIPTokenizer(
+        str(TINY_CLIP / "vocab.json"),
+        str(TINY_CLIP / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    image_processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": 352, "width": 352},
+        resample=Image.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(model_dir)
+    pp = json.loads((model_dir / "preprocessor_config.json").read_text())
+    assert pp["resample"] == 2 and pp["size"] == {"height": 352, "width": 352}, pp
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     make_images()
@@ -110,27 +168,7 @@ def main():
     model.decoder.transposed_convolution[4].weight.mul_(12.0)
     model.decoder.transposed_convolution[4].bias.fill_(0.5)
     model.save_pretrained(model_dir, safe_serialization=True)
-
-    tokenizer = CLIPTokenizer(
-        str(TINY_CLIP / "vocab.json"),
-        str(TINY_CLIP / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
-    image_processor = ViTImageProcessor(
-        do_resize=True,
-        size={"height": 352, "width": 352},
-        resample=Image.BILINEAR,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-    processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    processor.save_pretrained(model_dir)
-    pp = json.loads((model_dir / "preprocessor_config.json").read_text())
-    assert pp["resample"] == 2 and pp["size"] == {"height": 352, "width": 352}, pp
+    save_processor(model_dir)
 
     # Reload everything from the folder, as a user of the hub checkpoint would.
     processor = CLIPSegProcessor.from_pretrained(model_dir)
@@ -180,4 +218,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full-size", metavar="DIR", help="write a real-size random model + reference to DIR")
+    args = ap.parse_args()
+    if args.full_size:
+        full_size(args.full_size)
+    else:
+        main()

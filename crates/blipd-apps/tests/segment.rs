@@ -355,3 +355,33 @@ fn resize_then_sigmoid_is_what_gets_written() {
     assert!(r.data.iter().all(|&p| (0.0..=1.0).contains(&p)));
     assert!(r.data[0] < 0.05 && r.data[3] > 0.95);
 }
+
+/// Full-width check against a real-size random-weight model (150.7 M parameters, the hub config):
+/// `python scripts/reference/gen_clipseg_masks.py --full-size DIR`, then
+/// `BLIPD_CLIPSEG_FULL=DIR cargo test -p blipd-apps --test segment full_size -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs BLIPD_CLIPSEG_FULL (a 600 MB model written by gen_clipseg_masks.py --full-size)"]
+fn full_size_probability_maps_match_transformers() {
+    let dir = PathBuf::from(std::env::var("BLIPD_CLIPSEG_FULL").expect("BLIPD_CLIPSEG_FULL"));
+    let t = std::time::Instant::now();
+    let seg = ClipSegSegmenter::<B>::load(&dir.join("model"), &Default::default()).unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    assert_eq!(
+        seg.config,
+        blipd_models::clipseg::ClipSegConfig::rd64_refined()
+    );
+    let reference = StateDict::read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let (_, reference) = f32s(&reference, "probs");
+    let t = std::time::Instant::now();
+    let probs = seg.probabilities(&images(), &CLASSES).unwrap();
+    let fwd_s = t.elapsed().as_secs_f64();
+    let ours: Vec<f32> = probs.iter().flat_map(|m| m.data.clone()).collect();
+    let err = max_abs(&ours, &reference);
+    let mid = reference.iter().filter(|&&p| p > 0.1 && p < 0.9).count();
+    println!(
+        "full-size CLIPSeg (random weights): load {load_s:.1} s, batch of 2 in {fwd_s:.1} s, 352² max-abs \
+         error {err:.3e} ({mid} of {} px in (0.1, 0.9))",
+        reference.len()
+    );
+    assert!(err <= 1e-4, "full-size probability max-abs error {err}");
+}
