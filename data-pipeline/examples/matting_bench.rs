@@ -2,8 +2,8 @@
 //! folder, runs closed-form matting and foreground estimation, writes `<name>_alpha_rs.png` (16-bit) and
 //! `<name>_fg_rs.png`, and prints per-image thread CPU times (best of `--repeat`) and an all-core throughput run.
 //!
-//! Usage: `matting_bench DIR [--repeat N] [--tolerance T] [--suffix S]` (outputs `<name>_alpha_rs<S>.png`,
-//! `<name>_fg_rs<S>.png`).
+//! Usage: `matting_bench DIR [--repeat N] [--tolerance T] [--coarse-tolerance T] [--suffix S]` (outputs
+//! `<name>_alpha_rs<S>.png` and `<name>_fg_rs<S>.png`; `RS_TOLERANCE` names the stopping tolerance).
 
 use blipd_data::{estimate_alpha_cf, estimate_foreground_ml, CfOptions, FgOptions, Gray, Rgb};
 use rayon::prelude::*;
@@ -34,6 +34,9 @@ fn main() {
             "--repeat" => repeat = args[i + 1].parse().expect("--repeat N"),
             "--tolerance" => opts.tolerance = args[i + 1].parse().expect("--tolerance T"),
             "--suffix" => suffix = args[i + 1].clone(),
+            "--coarse-tolerance" => {
+                opts.coarse_tolerance = args[i + 1].parse().expect("--coarse-tolerance T")
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 2;

@@ -359,3 +359,124 @@ pub fn estimate_alpha_cf(image: &Rgb, trimap: &Gray, opts: &CfOptions) -> Result
         stats,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense matting Laplacian of a small image written straight from the definition (pymatting's
+    /// `cf_laplacian`: 3×3 windows inside the image, all-known windows skipped).
+    fn dense_laplacian(w: usize, h: usize, rgb: &[f64], known: &[bool], eps: f64) -> Vec<Vec<f64>> {
+        let n = w * h;
+        let mut l = vec![vec![0.0; n]; n];
+        for y in 1..h - 1 {
+            for x in 1..w - 1 {
+                let px: Vec<usize> = (0..9)
+                    .map(|k| (y + k / 3 - 1) * w + x + k % 3 - 1)
+                    .collect();
+                if px.iter().all(|&q| known[q]) {
+                    continue;
+                }
+                let mut mu = [0.0; 3];
+                for &q in &px {
+                    for c in 0..3 {
+                        mu[c] += rgb[q * 3 + c] / 9.0;
+                    }
+                }
+                let mut s = [[0.0; 3]; 3];
+                for &q in &px {
+                    for a in 0..3 {
+                        for b in 0..3 {
+                            s[a][b] += (rgb[q * 3 + a] - mu[a]) * (rgb[q * 3 + b] - mu[b]);
+                        }
+                    }
+                }
+                for a in 0..3 {
+                    s[a][a] += eps;
+                    for b in 0..3 {
+                        s[a][b] /= 9.0;
+                    }
+                }
+                // Inverse by cofactors.
+                let det = s[0][0] * (s[1][1] * s[2][2] - s[1][2] * s[2][1])
+                    - s[0][1] * (s[1][0] * s[2][2] - s[1][2] * s[2][0])
+                    + s[0][2] * (s[1][0] * s[2][1] - s[1][1] * s[2][0]);
+                let mut inv = [[0.0; 3]; 3];
+                for a in 0..3 {
+                    for b in 0..3 {
+                        let (r0, r1) = ((b + 1) % 3, (b + 2) % 3);
+                        let (c0, c1) = ((a + 1) % 3, (a + 2) % 3);
+                        inv[a][b] = (s[r0][c0] * s[r1][c1] - s[r0][c1] * s[r1][c0]) / det;
+                    }
+                }
+                for &i in &px {
+                    for &j in &px {
+                        let mut q = 0.0;
+                        for a in 0..3 {
+                            for b in 0..3 {
+                                q +=
+                                    (rgb[i * 3 + a] - mu[a]) * inv[a][b] * (rgb[j * 3 + b] - mu[b]);
+                            }
+                        }
+                        l[i][j] += f64::from(u8::from(i == j)) - (1.0 + q) / 9.0;
+                    }
+                }
+            }
+        }
+        l
+    }
+
+    /// At pymatting's tolerance the solution meets ‖b − A x‖₂ ≤ 1e-7‖b‖₂ for the `f64` Laplacian built from
+    /// the definition, and the reported residual is that residual.
+    #[test]
+    fn tight_tolerance_meets_pymatting_criterion_on_f64_laplacian() {
+        let (w, h) = (14, 11);
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let rgb: Vec<f64> = (0..w * h * 3).map(|_| rnd()).collect();
+        let class: Vec<Class> = (0..w * h)
+            .map(|q| match q % w {
+                0..=3 => Class::Bg,
+                10.. => Class::Fg,
+                _ => Class::Unknown,
+            })
+            .collect();
+        let img = Rgb {
+            width: w,
+            height: h,
+            data: rgb.clone(),
+        };
+        let opts = CfOptions {
+            tolerance: 1e-7,
+            coarse_to_fine: false,
+            ..CfOptions::default()
+        };
+        let (x, _, _, rel, _) =
+            solve_level::<{ solver::ISA_GENERIC }>(&img, &class, None, &opts, 1e-7, 0.0).unwrap();
+        let known: Vec<bool> = class.iter().map(|&c| c != Class::Unknown).collect();
+        let l = dense_laplacian(w, h, &rgb, &known, opts.epsilon);
+        let unk: Vec<usize> = (0..w * h).filter(|&q| !known[q]).collect();
+        let (mut nr, mut nb) = (0.0, 0.0);
+        for &i in &unk {
+            // b = −L_UK α_K; r = b − L_UU x_U.
+            let b: f64 = -(0..w * h)
+                .filter(|&j| known[j])
+                .map(|j| l[i][j] * x[j])
+                .sum::<f64>();
+            let ax: f64 = unk.iter().map(|&j| l[i][j] * x[j]).sum();
+            nr += (b - ax) * (b - ax);
+            nb += b * b;
+        }
+        let rel_dense = (nr / nb).sqrt();
+        assert!(rel_dense <= 1e-7, "dense f64 residual {rel_dense:e}");
+        assert!(
+            (rel_dense - rel).abs() <= 1e-9,
+            "reported {rel:e} vs dense {rel_dense:e}"
+        );
+    }
+}
