@@ -2,11 +2,13 @@
 //!
 //! Pure stages (no Burn): OpenImages V6 filtering, trimap construction from a soft mask, closed-form matting
 //! and multi-level foreground estimation (pymatting semantics), and compositing onto random backgrounds.
-//! The CLIPSeg network lives in `blipd-models`; this crate consumes its masks as images.
+//! The CLIPSeg network lives in `blipd-models` and its mask writer in `blipd-apps` (`blipd data masks
+//! --source clipseg`); this crate consumes the masks as images.
 
 pub mod buffer;
 pub mod composite;
 pub mod error;
+pub mod font;
 pub mod foreground;
 pub mod imageio;
 pub mod loader;

@@ -2,7 +2,7 @@
 //!
 //! `filter` (OpenImages CSVs → kept subjects), `masks` (CLIPSeg prompted with the class name, or OpenImages
 //! segmentation masks → a `<ImageID>.png` mask folder), `synth` (subjects → masks → trimap → matting → foreground → composite → Parquet shards),
-//! `preview` (a PNG grid of stored input/target pairs) and `matte` (one image).
+//! `preview` (a PNG grid of stored input/target pairs with their class names and captions) and `matte` (one image).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -138,7 +138,8 @@ pub enum DataCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// A PNG grid of the first stored pairs: input (subject on a new background) | target, one pair per row.
+    /// A PNG grid of the first stored pairs: input (subject on a new background) | target, one pair per row,
+    /// with the class name, ImageID and caption written under each row.
     Preview {
         #[arg(long)]
         shards: PathBuf,
@@ -559,13 +560,38 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             if recs.is_empty() {
                 bail!("{} holds no pairs", shards.display());
             }
+            // Each row: input | target, then the class name and the caption (wrapped, at most 4
+            // lines) in the built-in 5×7 font.
             let gap = 4u32;
+            let scale = if cell >= 160 { 2 } else { 1 };
+            let line_h = blipd_data::font::LINE * scale;
+            let text_w = 2 * cell + gap;
+            let max_chars = blipd_data::font::chars_fitting(text_w, scale);
+            let labels: Vec<(String, Vec<String>)> = recs
+                .iter()
+                .map(|rec| {
+                    // The ImageID only when it fits beside the class name.
+                    let full = format!("[{}] {}", rec.class_name, rec.image_id);
+                    let head = if full.chars().count() <= max_chars {
+                        vec![full]
+                    } else {
+                        blipd_data::font::wrap_lines(&format!("[{}]", rec.class_name), max_chars, 1)
+                    };
+                    let caption = blipd_data::font::wrap_lines(&rec.caption, max_chars, 4);
+                    (head.concat(), caption)
+                })
+                .collect();
+            let row_h: Vec<u32> = labels
+                .iter()
+                .map(|(_, c)| cell + gap + (1 + c.len() as u32) * line_h + gap)
+                .collect();
             let mut grid = image::RgbImage::from_pixel(
                 2 * cell + 3 * gap,
-                recs.len() as u32 * (cell + gap) + gap,
+                row_h.iter().sum::<u32>() + gap,
                 image::Rgb([255, 255, 255]),
             );
             let limits = blipd_data::ReadLimits::default();
+            let mut y0 = gap;
             for (i, rec) in recs.iter().enumerate() {
                 for (j, bytes) in [&rec.input_image, &rec.target_image]
                     .into_iter()
@@ -575,15 +601,38 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                         blipd_data::imageio::decode_image(bytes, &rec.image_id, &limits)?.to_rgb8();
                     let s = f64::from(cell) / f64::from(img.width().max(img.height()));
                     let (w, h) = (
-                        ((f64::from(img.width()) * s).round() as u32).max(1),
-                        ((f64::from(img.height()) * s).round() as u32).max(1),
+                        ((f64::from(img.width()) * s).round() as u32).clamp(1, cell),
+                        ((f64::from(img.height()) * s).round() as u32).clamp(1, cell),
                     );
                     let small =
                         image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
                     let x = gap + j as u32 * (cell + gap) + (cell - w) / 2;
-                    let y = gap + i as u32 * (cell + gap) + (cell - h) / 2;
+                    let y = y0 + (cell - h) / 2;
                     image::imageops::replace(&mut grid, &small, i64::from(x), i64::from(y));
                 }
+                let (head, caption) = &labels[i];
+                let mut ty = i64::from(y0 + cell + gap);
+                let tx = i64::from(gap);
+                blipd_data::font::draw_text(
+                    &mut grid,
+                    tx,
+                    ty,
+                    head,
+                    scale,
+                    image::Rgb([20, 60, 160]),
+                );
+                for line in caption {
+                    ty += i64::from(line_h);
+                    blipd_data::font::draw_text(
+                        &mut grid,
+                        tx,
+                        ty,
+                        line,
+                        scale,
+                        image::Rgb([0, 0, 0]),
+                    );
+                }
+                y0 += row_h[i];
                 println!(
                     "row {i}: {} [{}] \"{}\" on {}",
                     rec.image_id, rec.class_name, rec.caption, rec.background_id
