@@ -64,6 +64,11 @@ pub struct Stage1Config {
     /// `max_words` words), as the BLIP-2 pre-training datasets apply it. 0 turns it off.
     #[serde(default = "default_max_words")]
     pub caption_max_words: usize,
+    /// Q-Former dropout probability (BERT's hidden and attention dropout). Default: the Q-Former
+    /// config's (0.1 for BLIP-2). 0 makes steps deterministic given the data, e.g. to compare a
+    /// data-parallel run with one process.
+    #[serde(default)]
+    pub dropout: Option<f64>,
 }
 
 fn default_preset() -> String {
@@ -96,6 +101,7 @@ impl Default for Stage1Config {
             hard_negatives: NegativeWeights::default(),
             train_ln_vision: true,
             caption_max_words: default_max_words(),
+            dropout: None,
         }
     }
 }
@@ -108,6 +114,9 @@ impl Stage1Config {
                 "preset = {:?}: expected \"tiny\" or \"full\" (or set model_dir)",
                 self.preset
             ));
+        }
+        if let Some(p) = self.dropout.filter(|p| !(0.0..1.0).contains(p)) {
+            return bad(format!("dropout = {p}: expected a probability in [0, 1)"));
         }
         if !(self.itc || self.itm || self.itg) {
             return bad("itc, itm and itg are all false: nothing to train".into());

@@ -18,7 +18,10 @@ pub mod tiny;
 
 pub use config::Stage1Config;
 pub use data::{Stage1Batch, Stage1Data};
-pub use losses::{stage1_losses, LossOptions, NegativeWeights, Negatives, Stage1Losses, TextBatch};
+pub use losses::{
+    stage1_losses, GatherFn, Gathered, LossOptions, NegativeWeights, Negatives, Stage1Losses,
+    TextBatch,
+};
 pub use model::{export, export_qformer, Stage1Components, Stage1Model};
 pub use run::{run_stage1, Stage1RunConfig};
 pub use stage::Stage1;
@@ -36,6 +39,9 @@ pub enum Stage1Error {
     Batch(String),
     #[error("stage 1 data: {0}")]
     Data(String),
+    /// A cross-rank collective of the loss (ITC/ITM gather) failed.
+    #[error("stage 1 gather across ranks: {0}")]
+    Gather(String),
 }
 
 impl From<Stage1Error> for blipd_train::TrainError {

@@ -160,6 +160,17 @@ pub struct Gathered<B: Backend> {
     pub offset: usize,
 }
 
+/// The data-parallel gather of [`stage1_losses`]: given this rank's detached ITC features
+/// (`image_feats [B, Q, E]`, `text_feat [B, E]`), its image tokens `[B, Nv, Dv]` (with gradient) and
+/// its texts, returns every rank's (see [`Gathered`]). Called once per step, after the features exist.
+pub type GatherFn<'a, B> = dyn FnMut(
+        &Tensor<B, 3>,
+        &Tensor<B, 2>,
+        &Tensor<B, 3>,
+        &TextBatch,
+    ) -> Result<Gathered<B>, Stage1Error>
+    + 'a;
+
 /// ITC result.
 pub struct Itc<B: Backend> {
     /// `[1]`.
@@ -436,7 +447,7 @@ pub fn stage1_losses<B: Backend>(
     heads: &QFormerHeads<B>,
     image_embeds: Tensor<B, 3>,
     text: &TextBatch,
-    gathered: Option<Gathered<B>>,
+    gather: Option<&mut GatherFn<'_, B>>,
     negatives: Negatives<'_>,
     opts: &LossOptions,
 ) -> Result<Stage1Losses<B>, Stage1Error> {
@@ -467,10 +478,19 @@ pub fn stage1_losses<B: Backend>(
     let (query_hidden, cache) = qformer.query_pass(&image_embeds);
     // ITC features (ITM needs the similarities for its negatives even when ITC is off).
     let mut itc = None;
+    let mut gathered: Option<Gathered<B>> = None;
     if opts.itc || opts.itm {
         let image_feats = heads.image_feats(query_hidden);
         let text_hidden = qformer.text_pass(text.ids_tensor(&device), text.mask_tensor(&device));
         let text_feat = heads.text_feat(text_hidden);
+        if let Some(f) = gather {
+            gathered = Some(f(
+                &image_feats.clone().detach(),
+                &text_feat.clone().detach(),
+                &image_embeds,
+                text,
+            )?);
+        }
         let (img_all, txt_all, offset) = match &gathered {
             Some(g) => (g.image_feats.clone(), g.text_feat.clone(), g.offset),
             None => (image_feats.clone(), text_feat.clone(), 0),

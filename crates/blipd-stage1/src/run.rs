@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use blipd_data::synthetic::synth_pair;
-use blipd_train::{EpochSampler, IndexedSource, RunConfig, RunSummary, TrainError, Trainer};
+use blipd_train::dist_sync::DistConfig;
+use blipd_train::{
+    EpochSampler, GradSync, IndexedSource, RunConfig, RunSummary, TrainError, Trainer,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -29,15 +32,35 @@ pub fn export_dir(cfg: &Stage1RunConfig) -> PathBuf {
 /// valid checkpoint of the run directory when there is one), then export the Q-Former to
 /// [`export_dir`] (`export/qformer/model.safetensors` is what stage 2's `qformer_init = { stage1 =
 /// … }` takes).
+///
+/// When the process is one rank of several (`WORLD_SIZE > 1`: torchrun, `blipd launch`, srun), it
+/// joins the job ([`blipd_train::dist_sync::from_env`]), takes rank 0's weights (the frozen ViT
+/// included), trains on its slice of every global batch with ITC/ITM seeing the whole global batch
+/// ([`Stage1`]'s `step_dist`) and the gradients averaged; rank 0 exports.
 pub fn run_stage1<B: AutodiffBackend>(
     cfg: &Stage1RunConfig,
     device: B::Device,
 ) -> Result<RunSummary, TrainError> {
-    let (stage, model, mut data, blip) = build::<B>(cfg, &device)?;
-    let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
+    let (stage, model, data, blip) = build::<B>(cfg, &device)?;
+    let mut data = data;
+    let mut trainer = match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)? {
+        None => Trainer::from_run_config(cfg, stage, model, device)?,
+        Some(mut sync) => {
+            let (rank, world) = (
+                GradSync::<B::InnerBackend>::rank(&sync),
+                GradSync::<B::InnerBackend>::world_size(&sync),
+            );
+            let model = sync.broadcast_module(model, "stage-1 model")?;
+            sync.track_params::<B, _>(&model)?;
+            data = data.with_rank(rank, world);
+            Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync))
+        }
+    };
     let summary = trainer.fit(&mut data)?;
-    let model: &Stage1Model<B> = trainer.model();
-    export(model, &blip, &trainer.stage().tokenizer, &export_dir(cfg))?;
+    if trainer.rank() == 0 {
+        let model: &Stage1Model<B> = trainer.model();
+        export(model, &blip, &trainer.stage().tokenizer, &export_dir(cfg))?;
+    }
     Ok(summary)
 }
 
@@ -60,6 +83,9 @@ pub fn build<B: AutodiffBackend>(
     let blip = parts.blip_config.clone();
     let size = parts.image_size;
     let (stage, model) = Stage1::new(cfg.stage.clone(), parts, device.clone())?;
+    // Parameters initialise lazily: materialise them now, in module order, so the draws do not
+    // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
+    blipd_train::params::param_infos::<B, _>(&model);
     let bs = cfg.train.batch_size;
     let (len, make): (usize, MakeBatch) = match (&cfg.data.synthetic, &cfg.data.list) {
         (Some(syn), None) => {

@@ -1,14 +1,14 @@
 //! The stage-1 [`Stage`] implementation: ITC + ITM + ITG on (image, caption) batches.
 
 use blipd_models::tokenizers::BertTokenizer;
-use blipd_train::{Stage, StepOutput, TrainRng};
+use blipd_train::{GradSync, Stage, StepOutput, TrainRng};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::Stage1Config;
 use crate::data::{normalize_caption, tokenize_captions, Stage1Batch};
-use crate::losses::{stage1_losses, LossOptions, Negatives, TextBatch};
+use crate::losses::{stage1_losses, GatherFn, Gathered, LossOptions, Negatives, TextBatch};
 use crate::model::{vit_body, Stage1Components, Stage1Model};
 use crate::Stage1Error;
 
@@ -40,7 +40,10 @@ impl<B: AutodiffBackend> Stage1<B> {
             dec_token_id: i64::from(parts.tokenizer.dec_id()),
             pad_token_id: i64::from(parts.tokenizer.pad_id()),
         };
-        let model = parts.model.with_frozen(config.train_ln_vision);
+        let mut model = parts.model.with_frozen(config.train_ln_vision);
+        if let Some(p) = config.dropout {
+            model.qformer.set_dropout(p);
+        }
         let stage = Self {
             tokenizer: parts.tokenizer,
             image_size: parts.image_size,
@@ -80,6 +83,125 @@ impl<B: AutodiffBackend> Stage<B> for Stage1<B> {
         batch: Stage1Batch,
         rng: &mut TrainRng,
     ) -> blipd_train::Result<StepOutput<B>> {
+        self.forward(model, batch, rng, None)
+    }
+
+    /// With several ranks, ITC compares every local image with every rank's texts (and the
+    /// reverse) and ITM draws its hard negatives from the whole global batch, as LAVIS does with
+    /// `concat_all_gather` (no gradient) and `all_gather_with_grad` (image tokens). The gather is
+    /// one host all-gather per step of this rank's features, image tokens and token ids; the local
+    /// image tokens keep their gradient, other ranks' arrive without one (so with a trainable
+    /// `ln_vision`, the ITM gradient through *another rank's* negative image tokens is not sent
+    /// back to that rank — LAVIS's `all_gather_with_grad` does send it).
+    fn step_dist(
+        &mut self,
+        model: &Stage1Model<B>,
+        batch: Stage1Batch,
+        rng: &mut TrainRng,
+        comm: &mut dyn GradSync<B::InnerBackend>,
+    ) -> blipd_train::Result<StepOutput<B>> {
+        if comm.world_size() == 1 {
+            return self.forward(model, batch, rng, None);
+        }
+        let rank = comm.rank();
+        let mut gather = |img: &Tensor<B, 3>,
+                          txt: &Tensor<B, 2>,
+                          emb: &Tensor<B, 3>,
+                          text: &TextBatch|
+         -> Result<Gathered<B>, Stage1Error> {
+            gather_across_ranks(comm, rank, img, txt, emb, text)
+        };
+        self.forward(model, batch, rng, Some(&mut gather))
+    }
+}
+
+/// Packs this rank's values into one buffer, all-gathers it, and rebuilds every rank's tensors
+/// (rank order; this rank's image tokens are the attached local tensor).
+fn gather_across_ranks<B: AutodiffBackend>(
+    comm: &mut dyn GradSync<B::InnerBackend>,
+    rank: usize,
+    img: &Tensor<B, 3>,
+    txt: &Tensor<B, 2>,
+    emb: &Tensor<B, 3>,
+    text: &TextBatch,
+) -> Result<Gathered<B>, Stage1Error> {
+    let host = |t: TensorData, what: &str| -> Result<Vec<f32>, Stage1Error> {
+        t.convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| Stage1Error::Gather(format!("reading {what}: {e:?}")))
+    };
+    let [b, q, e] = img.dims();
+    let [_, nv, dv] = emb.dims();
+    let t = text.len;
+    if text.ids.iter().any(|&id| !(0..1 << 24).contains(&id)) {
+        return Err(Stage1Error::Gather(
+            "token ids must be in [0, 2^24) to travel as f32".into(),
+        ));
+    }
+    let mut buf = host(img.to_data(), "image features")?;
+    buf.extend(host(txt.to_data(), "text features")?);
+    buf.extend(host(emb.clone().detach().into_data(), "image tokens")?);
+    buf.extend(text.ids.iter().map(|&v| v as f32));
+    buf.extend(text.mask.iter().map(|&v| v as f32));
+    let per = buf.len();
+    let all = comm
+        .all_gather(&buf)
+        .map_err(|e| Stage1Error::Gather(e.to_string()))?;
+    if per == 0 || all.len() % per != 0 {
+        return Err(Stage1Error::Gather(format!(
+            "gathered {} values, not a multiple of this rank's {per}",
+            all.len()
+        )));
+    }
+    let w = all.len() / per;
+    let device = img.device();
+    let (n_img, n_txt, n_emb, n_tok) = (b * q * e, b * e, b * nv * dv, b * t);
+    let (mut imgs, mut txts, mut embs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    let mut emb_parts: Vec<Tensor<B, 3>> = Vec::with_capacity(w);
+    for r in 0..w {
+        let part = &all[r * per..(r + 1) * per];
+        let (a, rest) = part.split_at(n_img);
+        let (tf, rest) = rest.split_at(n_txt);
+        let (em, rest) = rest.split_at(n_emb);
+        let (id, mk) = rest.split_at(n_tok);
+        imgs.extend_from_slice(a);
+        txts.extend_from_slice(tf);
+        ids.extend(id.iter().map(|&v| v as i64));
+        mask.extend(mk.iter().map(|&v| v as i64));
+        if r == rank {
+            emb_parts.push(emb.clone());
+        } else {
+            embs.clear();
+            embs.extend_from_slice(em);
+            emb_parts.push(Tensor::from_data(
+                TensorData::new(embs.clone(), [b, nv, dv]),
+                &device,
+            ));
+        }
+    }
+    Ok(Gathered {
+        image_feats: Tensor::from_data(TensorData::new(imgs, [w * b, q, e]), &device),
+        text_feat: Tensor::from_data(TensorData::new(txts, [w * b, e]), &device),
+        image_embeds: Tensor::cat(emb_parts, 0),
+        text: TextBatch {
+            ids,
+            mask,
+            batch: w * b,
+            len: t,
+        },
+        offset: rank * b,
+    })
+}
+
+impl<B: AutodiffBackend> Stage1<B> {
+    fn forward(
+        &mut self,
+        model: &Stage1Model<B>,
+        batch: Stage1Batch,
+        rng: &mut TrainRng,
+        gather: Option<&mut GatherFn<'_, B>>,
+    ) -> blipd_train::Result<StepOutput<B>> {
         let b = batch.len();
         let s = self.image_size;
         if b == 0 || batch.pixels.shape.as_slice() != [b, 3, s, s] {
@@ -96,7 +218,7 @@ impl<B: AutodiffBackend> Stage<B> for Stage1<B> {
             &model.heads,
             image_embeds,
             &text,
-            None,
+            gather,
             Negatives::Sample(rng),
             &self.options,
         )?;

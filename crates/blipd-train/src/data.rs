@@ -149,6 +149,12 @@ where
     pub fn new(sampler: EpochSampler, make: F) -> Self {
         Self { sampler, make }
     }
+
+    /// This rank's slice of every global batch ([`EpochSampler::with_rank`]).
+    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
+        self.sampler = self.sampler.with_rank(rank, world_size);
+        self
+    }
 }
 
 impl<F, T> BatchSource for IndexedSource<F>

@@ -799,6 +799,29 @@ impl<B: Backend> GradSync<B> for DistSync {
     fn barrier(&mut self) -> Result<()> {
         self.rv.barrier("barrier").map_err(|e| self.err(e))
     }
+
+    fn all_gather(&mut self, values: &[f32]) -> Result<Vec<f32>> {
+        if self.rv.world.world_size == 1 {
+            return Ok(values.to_vec());
+        }
+        // Every rank must bring the same length: agree on it first, so a mismatch is an error
+        // naming the ranks instead of a garbled gather.
+        let (w, r) = (self.rv.world.world_size, self.rv.world.rank);
+        let n = values.len();
+        // Two exact f32 parts (low 20 bits, the rest): lengths beyond 2^24 stay exact.
+        let parts = [(n & 0xF_FFFF) as f32, (n >> 20) as f32];
+        let got = DistSync::all_gather(self, &parts, "all-gather (lengths)")?;
+        let lens: Vec<usize> = got
+            .chunks_exact(2)
+            .map(|c| c[0] as usize | ((c[1] as usize) << 20))
+            .collect();
+        if lens.iter().any(|&l| l != n) {
+            return Err(TrainError::Sync(format!(
+                "rank {r} of {w}: all-gather of unequal lengths {lens:?} (per rank)"
+            )));
+        }
+        DistSync::all_gather(self, values, "all-gather (stage values)")
+    }
 }
 
 /// Fault injection for the failure tests: `BLIPD_FAILPOINT_HANG=<rank>:<sync>` makes that rank go

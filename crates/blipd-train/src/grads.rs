@@ -183,6 +183,18 @@ pub trait GradSync<B: Backend> {
     fn all_reduce_mean(&mut self, values: &mut [f64]) -> Result<()>;
     /// Blocks until every rank reached this point.
     fn barrier(&mut self) -> Result<()>;
+    /// Every rank's `values` (the same length on every rank), concatenated in rank order: for
+    /// losses that couple samples across ranks (stage 1's ITC/ITM, LAVIS's `concat_all_gather`).
+    /// Exact (no arithmetic on the values).
+    fn all_gather(&mut self, values: &[f32]) -> Result<Vec<f32>> {
+        if self.world_size() == 1 {
+            Ok(values.to_vec())
+        } else {
+            Err(crate::TrainError::Sync(
+                "this gradient synchronisation cannot all-gather".into(),
+            ))
+        }
+    }
 }
 
 /// Single-process "synchronisation": rank 0 of 1, nothing to communicate.

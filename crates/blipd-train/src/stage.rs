@@ -8,6 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
+use crate::grads::GradSync;
 use crate::rng::TrainRng;
 
 /// What one forward pass of a stage returns.
@@ -78,6 +79,21 @@ pub trait Stage<B: AutodiffBackend> {
         batch: Self::Batch,
         rng: &mut TrainRng,
     ) -> Result<StepOutput<B>>;
+
+    /// [`Stage::step`] for stages whose loss couples samples across data-parallel ranks (stage 1's
+    /// ITC/ITM compare each sample with the whole global batch): `comm` is the trainer's gradient
+    /// synchronisation, for [`GradSync::all_gather`] of host values. The trainer always calls this;
+    /// the default ignores `comm`.
+    fn step_dist(
+        &mut self,
+        model: &Self::Model,
+        batch: Self::Batch,
+        rng: &mut TrainRng,
+        comm: &mut dyn GradSync<B::InnerBackend>,
+    ) -> Result<StepOutput<B>> {
+        let _ = comm;
+        self.step(model, batch, rng)
+    }
 
     /// Produces samples (images, captions, validation losses) when `[sample]` says so; `model`
     /// is the EMA model when EMA is on, else the current weights, without autodiff.

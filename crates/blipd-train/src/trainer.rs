@@ -244,7 +244,9 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 if self.config.train.seed_backend {
                     B::seed(&self.device, self.rng.next_u64());
                 }
-                let out = self.stage.step(&model, batch, &mut self.rng)?;
+                let out = self
+                    .stage
+                    .step_dist(&model, batch, &mut self.rng, self.sync.as_mut())?;
                 let detached = out.loss.clone().inner();
                 loss_sum = Some(match loss_sum.take() {
                     Some(s) => s.add(detached),
@@ -615,6 +617,11 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 changed.join(", ")
             );
         }
+    }
+
+    /// This process's data-parallel rank (0 for a single process).
+    pub fn rank(&self) -> usize {
+        self.sync.rank()
     }
 
     /// Steps completed.
