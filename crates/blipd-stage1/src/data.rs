@@ -49,6 +49,10 @@ pub struct Stage1Data {
     /// Shuffle the sample order each epoch (seeded from `run.seed`).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// BLIP-2's random resized crop + horizontal flip ([`crate::augment::Augment`]); absent: the
+    /// evaluation transform (shorter side to the input size, centre crop).
+    #[serde(default)]
+    pub augment: Option<crate::augment::Augment>,
 }
 
 /// `[data.synthetic]`.
@@ -81,6 +85,7 @@ impl Default for Stage1Data {
             list: None,
             image_root: None,
             shuffle: true,
+            augment: None,
         }
     }
 }
@@ -194,6 +199,25 @@ pub fn read_list(path: &Path, image_root: Option<&Path>) -> Result<Vec<ListEntry
 
 /// Read and preprocess one list entry; decoding errors name the list file and line.
 pub fn load_entry(list: &Path, e: &ListEntry, size: usize) -> Result<Vec<f32>, Stage1Error> {
+    Ok(clip_input(&read_entry(list, e)?, size))
+}
+
+/// The CLIP input of `img`: through `augment` (drawing from `rng`) when given, else the
+/// evaluation transform.
+pub fn prepare(
+    img: &image::RgbImage,
+    size: usize,
+    augment: Option<&crate::augment::Augment>,
+    rng: &mut impl rand::Rng,
+) -> Vec<f32> {
+    match augment {
+        Some(a) => clip_input(&a.apply(img, size as u32, rng), size),
+        None => clip_input(img, size),
+    }
+}
+
+/// Read one list entry's image as RGB; decoding errors name the list file and line.
+pub fn read_entry(list: &Path, e: &ListEntry) -> Result<image::RgbImage, Stage1Error> {
     let at = |m: String| {
         Stage1Error::Data(format!(
             "{}:{}: image {}: {m}",
@@ -206,7 +230,7 @@ pub fn load_entry(list: &Path, e: &ListEntry, size: usize) -> Result<Vec<f32>, S
     let id = e.image.display().to_string();
     let img =
         decode_image(&bytes, &id, &ReadLimits::default()).map_err(|err| at(err.to_string()))?;
-    Ok(clip_input(&img.to_rgb8(), size))
+    Ok(img.to_rgb8())
 }
 
 #[cfg(test)]

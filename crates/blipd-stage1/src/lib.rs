@@ -7,6 +7,7 @@
 //! is exported in the diffusers `qformer/` layout ([`export_qformer`]) for stage 2
 //! (`QFormerInit::Stage1(path)`).
 
+pub mod augment;
 pub mod bert;
 pub mod config;
 pub mod data;

@@ -3,14 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use blipd_data::synthetic::synth_pair;
-use blipd_train::dist_sync::DistConfig;
-use blipd_train::{
-    EpochSampler, GradSync, IndexedSource, RunConfig, RunSummary, TrainError, Trainer,
-};
+use blipd_train::dist_sync::{DistConfig, KeyedSource};
+use blipd_train::{EpochSampler, GradSync, RunConfig, RunSummary, TrainError, TrainRng, Trainer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::data::{clip_input, load_entry, read_list, Stage1Batch, Stage1Data};
+use crate::augment::AUGMENT_STREAM;
+use crate::data::{prepare, read_entry, read_list, Stage1Batch, Stage1Data};
 use crate::model::{export, Stage1Components, Stage1Model};
 use crate::stage::Stage1;
 use crate::{Stage1Config, Stage1Error};
@@ -18,10 +17,11 @@ use crate::{Stage1Config, Stage1Error};
 /// The full stage-1 run config.
 pub type Stage1RunConfig = RunConfig<Stage1Config, Stage1Data>;
 
-/// Builds a batch from sample indices.
-pub type MakeBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<Stage1Batch>>;
+/// Builds a batch from sample indices and the samples' positions in the run's global sample stream
+/// (which key the per-sample augmentation streams).
+pub type MakeBatch = Box<dyn FnMut(&[usize], &[u64]) -> blipd_train::Result<Stage1Batch>>;
 /// The stage-1 data source.
-pub type Source = IndexedSource<MakeBatch>;
+pub type Source = KeyedSource<MakeBatch>;
 
 /// Where [`run_stage1`] exports the trained model: `<run.dir>/export` (`qformer/` + heads).
 pub fn export_dir(cfg: &Stage1RunConfig) -> PathBuf {
@@ -87,16 +87,21 @@ pub fn build<B: AutodiffBackend>(
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);
     let bs = cfg.train.batch_size;
+    if let Some(a) = &cfg.data.augment {
+        a.validate()?;
+    }
+    let (augment, run_seed) = (cfg.data.augment.clone(), cfg.run.seed);
+    let rng_of = move |key: u64| TrainRng::new(run_seed, AUGMENT_STREAM + key);
     let (len, make): (usize, MakeBatch) = match (&cfg.data.synthetic, &cfg.data.list) {
         (Some(syn), None) => {
             let (seed, px) = (syn.seed, syn.size);
-            let make: MakeBatch = Box::new(move |idx: &[usize]| {
+            let make: MakeBatch = Box::new(move |idx: &[usize], keys: &[u64]| {
                 let mut pixels = Vec::with_capacity(idx.len() * 3 * size * size);
                 let mut captions = Vec::with_capacity(idx.len());
-                for &i in idx {
+                for (&i, &k) in idx.iter().zip(keys) {
                     // Stage 1 sees the original scene and its caption.
                     let p = synth_pair(i as u64, seed, px);
-                    pixels.extend(clip_input(&p.target, size));
+                    pixels.extend(prepare(&p.target, size, augment.as_ref(), &mut rng_of(k)));
                     captions.push(p.caption);
                 }
                 Ok(Stage1Batch {
@@ -110,12 +115,13 @@ pub fn build<B: AutodiffBackend>(
             let entries = read_list(list, cfg.data.image_root.as_deref())?;
             let list = list.clone();
             let n = entries.len();
-            let make: MakeBatch = Box::new(move |idx: &[usize]| {
+            let make: MakeBatch = Box::new(move |idx: &[usize], keys: &[u64]| {
                 let mut pixels = Vec::with_capacity(idx.len() * 3 * size * size);
                 let mut captions = Vec::with_capacity(idx.len());
-                for &i in idx {
+                for (&i, &k) in idx.iter().zip(keys) {
                     let e = &entries[i];
-                    pixels.extend(load_entry(&list, e, size).map_err(TrainError::data)?);
+                    let img = read_entry(&list, e).map_err(TrainError::data)?;
+                    pixels.extend(prepare(&img, size, augment.as_ref(), &mut rng_of(k)));
                     captions.push(e.caption.clone());
                 }
                 Ok(Stage1Batch {
@@ -142,7 +148,7 @@ pub fn build<B: AutodiffBackend>(
         ));
     }
     let sampler = EpochSampler::new(len, bs, cfg.run.seed, cfg.data.shuffle);
-    Ok((stage, model, IndexedSource::new(sampler, make), blip))
+    Ok((stage, model, KeyedSource::new(sampler, bs, make), blip))
 }
 
 /// The run directory of a config.

@@ -2,7 +2,9 @@
 //! `run_stage1`, whose ITC compares each sample with the whole global batch (the all-gather of
 //! features) — so 2 ranks × 2 samples must train like 1 process × 4. ITM is off for the comparison
 //! (its hard negatives are drawn from each rank's own random stream); a second run with ITM on
-//! checks the gathered image tokens and texts feed the negatives.
+//! checks the gathered image tokens and texts feed the negatives. BLIP-2's random resized crop and
+//! flip are on: their per-sample streams are keyed by the global sample position, so they do not
+//! depend on the number of ranks either.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,6 +47,9 @@ itm = {itm}
 
 [data]
 shuffle = true
+
+[data.augment]
+scale = [0.5, 1.0]
 
 [data.synthetic]
 pairs = 12
