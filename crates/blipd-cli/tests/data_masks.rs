@@ -54,7 +54,11 @@ fn clipseg_masks_are_written_and_bad_images_reported() {
     let images = tmp.path().join("images");
     copy_dir(&fixture().join("images"), &images);
     // A corrupt JPEG (truncated header) and a PNG cut in half.
-    std::fs::write(images.join("c0ffee0000000001.jpg"), b"\xff\xd8\xff\xe0\x00\x10JFIF").unwrap();
+    std::fs::write(
+        images.join("c0ffee0000000001.jpg"),
+        b"\xff\xd8\xff\xe0\x00\x10JFIF",
+    )
+    .unwrap();
     let png = std::fs::read(images.join(format!("{}.png", IDS[1]))).unwrap();
     std::fs::write(images.join("c0ffee0000000003.png"), &png[..png.len() / 2]).unwrap();
     let csv = tmp.path().join("kept.csv");
@@ -106,8 +110,14 @@ fn clipseg_masks_are_written_and_bad_images_reported() {
     let o = masks(&fixture().join("model"), &images, &csv, &out);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("0 masks written, 2 already present, 3 bad"), "{t}");
-    assert_eq!(std::fs::read(out.join(format!("{}.png", IDS[0]))).unwrap(), before);
+    assert!(
+        t.contains("0 masks written, 2 already present, 3 bad"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read(out.join(format!("{}.png", IDS[0]))).unwrap(),
+        before
+    );
 
     // The masks feed `synth`'s `dir` source.
     let o = blipd()
