@@ -51,6 +51,66 @@ impl std::fmt::Display for LinkError {
     }
 }
 
+/// burn-collective 0.21 prints two `Connecting to ws://…` lines with `println!` every time a node
+/// connects to the orchestrator — here, every call (see the workaround above). While a call is in
+/// flight, standard output (file descriptor 1) points at `/dev/null`; blipd itself writes nothing to
+/// stdout during training (logs and progress go to stderr). `BLIPD_COLLECTIVE_STDOUT=1` keeps it.
+struct StdoutMute {
+    #[cfg(unix)]
+    saved: Option<i32>,
+}
+
+impl StdoutMute {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            if std::env::var_os("BLIPD_COLLECTIVE_STDOUT").is_some_and(|v| v == "1") {
+                return Self { saved: None };
+            }
+            let _ = std::io::stdout().flush();
+            // SAFETY: plain POSIX calls on file descriptors we own; on any failure nothing is
+            // redirected.
+            let saved = unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                if null < 0 {
+                    None
+                } else {
+                    let saved = libc::dup(1);
+                    let ok = saved >= 0 && libc::dup2(null, 1) >= 0;
+                    libc::close(null);
+                    if ok {
+                        Some(saved)
+                    } else {
+                        if saved >= 0 {
+                            libc::close(saved);
+                        }
+                        None
+                    }
+                }
+            };
+            Self { saved }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+}
+
+impl Drop for StdoutMute {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(fd) = self.saved.take() {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            // SAFETY: `fd` is the duplicate of stdout made in `new`.
+            unsafe {
+                libc::dup2(fd, 1);
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// Addresses of one rank's burn-collective node.
 #[derive(Clone, Debug)]
 pub struct CollectiveLink {
@@ -143,6 +203,7 @@ impl CollectiveLink {
         &self,
         f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
     ) -> std::result::Result<T, LinkError> {
+        let _quiet = StdoutMute::new();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("burn-collective-call".into())
