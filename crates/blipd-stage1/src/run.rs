@@ -61,6 +61,8 @@ pub fn run_stage1<B: AutodiffBackend>(
         let model: &Stage1Model<B> = trainer.model();
         export(model, &blip, &trainer.stage().tokenizer, &export_dir(cfg))?;
     }
+    // Stage 2 (next in a plan) reads the export on every rank.
+    trainer.barrier()?;
     Ok(summary)
 }
 

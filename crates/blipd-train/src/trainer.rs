@@ -624,6 +624,11 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         self.sync.rank()
     }
 
+    /// Waits for every rank (e.g. until rank 0 has written an export the others read next).
+    pub fn barrier(&mut self) -> Result<()> {
+        self.sync.barrier()
+    }
+
     /// Steps completed.
     pub fn step(&self) -> u64 {
         self.step
