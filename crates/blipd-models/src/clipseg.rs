@@ -411,7 +411,7 @@ pub struct ClipSegTextTransformer<B: Backend> {
 }
 
 impl<B: Backend> ClipSegTextTransformer<B> {
-    fn new(c: &ClipSegTextConfig, device: &B::Device) -> Self {
+    pub fn new(c: &ClipSegTextConfig, device: &B::Device) -> Self {
         Self {
             embeddings: ClipSegTextEmbeddings {
                 token_embedding: EmbeddingConfig::new(c.vocab_size, c.hidden_size).init(device),
@@ -596,7 +596,13 @@ fn cubic_weights(t: f64) -> [f64; 4] {
 /// Row-major `[n_out, n_in]` matrix of 1-D bicubic resampling with `align_corners=False` and the
 /// scale `n_in / n_out` (PyTorch `upsample_bicubic2d` given an output size), taps clamped to the border.
 pub fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
-    let scale = n_in as f64 / n_out as f64;
+    bicubic_matrix_with_scale(n_in, n_out, n_in as f64 / n_out as f64)
+}
+
+/// [`bicubic_matrix`] with an explicit source step `scale` (source coordinate `(o + ½)·scale − ½`):
+/// PyTorch `interpolate(scale_factor=f, mode="bicubic", align_corners=False)` uses `scale = 1/f`
+/// rather than `n_in / n_out` (transformers' ViT position interpolation relies on it).
+pub fn bicubic_matrix_with_scale(n_in: usize, n_out: usize, scale: f64) -> Vec<f32> {
     let mut m = vec![0f64; n_out * n_in];
     for o in 0..n_out {
         let src = (o as f64 + 0.5) * scale - 0.5;
@@ -621,7 +627,7 @@ pub struct ClipSegVisionTransformer<B: Backend> {
 }
 
 impl<B: Backend> ClipSegVisionTransformer<B> {
-    fn new(c: &ClipSegVisionConfig, device: &B::Device) -> Self {
+    pub fn new(c: &ClipSegVisionConfig, device: &B::Device) -> Self {
         let grid = c.image_size / c.patch_size;
         Self {
             embeddings: ClipSegVisionEmbeddings {

@@ -7,10 +7,12 @@
 pub mod nn;
 pub mod weights;
 
+pub mod clip;
 pub mod clip_vision;
 pub mod clipseg;
 pub mod controlnet;
 pub mod ctx_clip_text;
+pub mod dino;
 pub mod proj;
 pub mod qformer;
 pub mod schedulers;

@@ -5,10 +5,12 @@
 
 mod common;
 
+mod clip;
 mod clip_vision;
 mod clipseg;
 mod controlnet;
 mod ctx_clip_text;
+mod dino;
 mod proj;
 mod qformer;
 mod schedulers;
