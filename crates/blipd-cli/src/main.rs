@@ -26,8 +26,14 @@ type Train = burn::backend::Autodiff<Inner>;
     about = "BLIP-Diffusion pre-training, fine-tuning and inference on Burn"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `blipd_train=debug`.
-    #[arg(long, global = true, default_value = "info", env = "BLIPD_LOG")]
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `blipd_train=debug`. burn-collective's
+    /// per-transfer chatter is kept at `warn` by default.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info,burn_collective=warn,burn_communication=warn",
+        env = "BLIPD_LOG"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -325,6 +331,10 @@ fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
 }
 
 fn report(stage: &str, summary: &blipd_train::RunSummary, start: Instant, dir: &Path) {
+    // In a data-parallel job every rank ends with the same summary: rank 0 prints it.
+    if blipd_dist::World::from_env().is_ok_and(|w| w.rank != 0) {
+        return;
+    }
     let secs = start.elapsed().as_secs_f64();
     let last = summary
         .last
