@@ -46,6 +46,10 @@ pub struct Stage1Data {
     pub list: Option<PathBuf>,
     #[serde(default)]
     pub image_root: Option<PathBuf>,
+    /// Parquet shards written by `blipd data synth`: stage 1 trains on their target images (the
+    /// original photos) and captions, through the shard loader (per-rank slices, resumable cursor).
+    #[serde(default)]
+    pub shards: Option<PathBuf>,
     /// Shuffle the sample order each epoch (seeded from `run.seed`).
     #[serde(default = "yes")]
     pub shuffle: bool,
@@ -84,6 +88,7 @@ impl Default for Stage1Data {
             }),
             list: None,
             image_root: None,
+            shards: None,
             shuffle: true,
             augment: None,
         }

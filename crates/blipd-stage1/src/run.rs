@@ -2,13 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
+use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::synth_pair;
 use blipd_train::dist_sync::{DistConfig, KeyedSource};
-use blipd_train::{EpochSampler, GradSync, RunConfig, RunSummary, TrainError, TrainRng, Trainer};
+use blipd_train::{
+    BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainError, TrainRng, Trainer,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::augment::AUGMENT_STREAM;
+use crate::augment::{Augment, AUGMENT_STREAM};
 use crate::data::{prepare, read_entry, read_list, Stage1Batch, Stage1Data};
 use crate::model::{export, Stage1Components, Stage1Model};
 use crate::stage::Stage1;
@@ -20,8 +23,121 @@ pub type Stage1RunConfig = RunConfig<Stage1Config, Stage1Data>;
 /// Builds a batch from sample indices and the samples' positions in the run's global sample stream
 /// (which key the per-sample augmentation streams).
 pub type MakeBatch = Box<dyn FnMut(&[usize], &[u64]) -> blipd_train::Result<Stage1Batch>>;
-/// The stage-1 data source.
-pub type Source = KeyedSource<MakeBatch>;
+/// The stage-1 data source: procedural scenes or a list file (indexed), or Parquet shards.
+pub enum Source {
+    Indexed(KeyedSource<MakeBatch>),
+    Shards(Box<ShardSource>),
+}
+
+impl Source {
+    /// This rank's slice of every global batch.
+    pub fn with_rank(self, rank: usize, world_size: usize) -> Result<Self, Stage1Error> {
+        Ok(match self {
+            Source::Indexed(s) => Source::Indexed(s.with_rank(rank, world_size)),
+            Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size)?)),
+        })
+    }
+}
+
+impl BatchSource for Source {
+    type Batch = Stage1Batch;
+    fn next_batch(&mut self) -> blipd_train::Result<Stage1Batch> {
+        match self {
+            Source::Indexed(s) => s.next_batch(),
+            Source::Shards(s) => s.next_batch(),
+        }
+    }
+    fn state(&self) -> serde_json::Value {
+        match self {
+            Source::Indexed(s) => s.state(),
+            Source::Shards(s) => s.state(),
+        }
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> blipd_train::Result<()> {
+        match self {
+            Source::Indexed(s) => s.load_state(state),
+            Source::Shards(s) => s.load_state(state),
+        }
+    }
+}
+
+/// Stage-1 batches from `blipd data synth` shards: each pair's target image (the original photo)
+/// and its caption; the augmentation stream of a sample is keyed by the loader's global key.
+pub struct ShardSource {
+    dir: PathBuf,
+    opts: LoaderOptions,
+    loader: PairLoader,
+    batch_size: usize,
+    image_size: usize,
+    augment: Option<Augment>,
+    run_seed: u64,
+}
+
+impl ShardSource {
+    pub fn open(dir: &Path, cfg: &Stage1RunConfig, image_size: usize) -> Result<Self, Stage1Error> {
+        let opts = LoaderOptions {
+            seed: cfg.run.seed,
+            shuffle: cfg.data.shuffle,
+            ..LoaderOptions::default()
+        };
+        let loader = PairLoader::open(dir, opts.clone())
+            .map_err(|e| Stage1Error::Config(format!("[data] shards = {}: {e}", dir.display())))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            opts,
+            loader,
+            batch_size: cfg.train.batch_size,
+            image_size,
+            augment: cfg.data.augment.clone(),
+            run_seed: cfg.run.seed,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.loader.len() as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.loader.is_empty()
+    }
+
+    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Result<Self, Stage1Error> {
+        self.opts.rank = rank;
+        self.opts.world_size = world_size;
+        self.loader = PairLoader::open(&self.dir, self.opts.clone()).map_err(|e| {
+            Stage1Error::Config(format!("[data] shards = {}: {e}", self.dir.display()))
+        })?;
+        Ok(self)
+    }
+}
+
+impl BatchSource for ShardSource {
+    type Batch = Stage1Batch;
+    fn next_batch(&mut self) -> blipd_train::Result<Stage1Batch> {
+        let items = self
+            .loader
+            .next_items(self.batch_size)
+            .map_err(TrainError::data)?;
+        let (s, b) = (self.image_size, items.len());
+        let mut pixels = Vec::with_capacity(b * 3 * s * s);
+        let mut captions = Vec::with_capacity(b);
+        for it in items {
+            let mut rng = TrainRng::new(self.run_seed, AUGMENT_STREAM + it.key);
+            pixels.extend(prepare(&it.target, s, self.augment.as_ref(), &mut rng));
+            captions.push(it.record.caption);
+        }
+        Ok(Stage1Batch {
+            pixels: TensorData::new(pixels, [b, 3, s, s]),
+            captions,
+        })
+    }
+    fn state(&self) -> serde_json::Value {
+        self.loader.state_json()
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> blipd_train::Result<()> {
+        self.loader.load_state_json(state).map_err(TrainError::data)
+    }
+}
 
 /// Where [`run_stage1`] exports the trained model: `<run.dir>/export` (`qformer/` + heads).
 pub fn export_dir(cfg: &Stage1RunConfig) -> PathBuf {
@@ -52,7 +168,7 @@ pub fn run_stage1<B: AutodiffBackend>(
             );
             let model = sync.broadcast_module(model, "stage-1 model")?;
             sync.track_params::<B, _>(&model)?;
-            data = data.with_rank(rank, world);
+            data = data.with_rank(rank, world)?;
             Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync))
         }
     };
@@ -94,6 +210,16 @@ pub fn build<B: AutodiffBackend>(
     }
     let (augment, run_seed) = (cfg.data.augment.clone(), cfg.run.seed);
     let rng_of = move |key: u64| TrainRng::new(run_seed, AUGMENT_STREAM + key);
+    if let Some(dir) = &cfg.data.shards {
+        if cfg.data.synthetic.is_some() || cfg.data.list.is_some() {
+            return Err(Stage1Error::Config(
+                "[data] needs exactly one source: shards, list or [data.synthetic]".into(),
+            ));
+        }
+        let src = ShardSource::open(dir, cfg, size)?;
+        check_len(src.len(), cfg)?;
+        return Ok((stage, model, Source::Shards(Box::new(src)), blip));
+    }
     let (len, make): (usize, MakeBatch) = match (&cfg.data.synthetic, &cfg.data.list) {
         (Some(syn), None) => {
             let (seed, px) = (syn.seed, syn.size);
@@ -138,6 +264,18 @@ pub fn build<B: AutodiffBackend>(
                 .into(),
         )),
     };
+    check_len(len, cfg)?;
+    let sampler = EpochSampler::new(len, bs, cfg.run.seed, cfg.data.shuffle);
+    Ok((
+        stage,
+        model,
+        Source::Indexed(KeyedSource::new(sampler, bs, make)),
+        blip,
+    ))
+}
+
+fn check_len(len: usize, cfg: &Stage1RunConfig) -> Result<(), Stage1Error> {
+    let bs = cfg.train.batch_size;
     if len < bs {
         return Err(Stage1Error::Config(format!(
             "the data has {len} pairs, fewer than train.batch_size = {bs}"
@@ -149,8 +287,7 @@ pub fn build<B: AutodiffBackend>(
                 .into(),
         ));
     }
-    let sampler = EpochSampler::new(len, bs, cfg.run.seed, cfg.data.shuffle);
-    Ok((stage, model, KeyedSource::new(sampler, bs, make), blip))
+    Ok(())
 }
 
 /// The run directory of a config.
