@@ -1,6 +1,7 @@
 //! The `blipd` command line.
 
 mod data_cmd;
+mod eval_cmd;
 mod plan;
 mod sweep;
 
@@ -123,6 +124,8 @@ enum Command {
     },
     /// The synthetic-pair data pipeline (filter, masks, matting, compositing, shards).
     Data(data_cmd::DataArgs),
+    /// DreamBench DINO / CLIP-I / CLIP-T scores of generated images (DreamBooth's protocol, docs/eval.md).
+    Eval(eval_cmd::EvalArgs),
     /// Run a command as N local worker processes with torchrun's variables set
     /// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
     Launch {
@@ -198,6 +201,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => plot(&run_dir, &key, log_y),
         Command::InspectWeights { dir } => inspect(&dir),
         Command::Data(args) => data_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
         Command::Generate {
             model,
             image,

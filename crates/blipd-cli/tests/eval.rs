@@ -1,0 +1,169 @@
+//! `blipd eval` end to end on the tiny DINO / CLIP fixtures of blipd-models: a synthetic two-subject
+//! DreamBench, generated images with a copy of a real photo (DINO = CLIP-I = 1), a corrupt image reported
+//! with its path while the run goes on, the JSON + Markdown reports, and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn blipd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));
+    c.env("BLIPD_LOG", "warn");
+    c
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../blipd-models/tests/fixtures")
+        .join(name)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// transformers folders of the tiny models (tiny processor configs, weights as model.safetensors).
+fn model_dir(root: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let f = fixture(name);
+    std::fs::copy(f.join("config.json"), d.join("config.json")).unwrap();
+    std::fs::copy(f.join("weights.safetensors"), d.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        f.join("tiny_preprocessor_config.json"),
+        d.join("preprocessor_config.json"),
+    )
+    .unwrap();
+    for e in extra {
+        std::fs::copy(f.join(e), d.join(e)).unwrap();
+    }
+    d
+}
+
+const PROMPTS_FILE: &str = "Classes
+
+subject_name,class
+dog,dog
+vase,vase
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red cube shaped {0} {1}'.format(unique_token, class_token),
+'a {0} {1} on top of pink fabric'.format(unique_token, class_token)
+]
+";
+
+fn run_eval(clip: &Path, dino: &Path, bench: &Path, generated: &Path, out: &Path) -> Output {
+    blipd()
+        .arg("eval")
+        .arg("--generated")
+        .arg(generated)
+        .arg("--dreambench")
+        .arg(bench)
+        .arg("--clip")
+        .arg(clip)
+        .arg("--dino")
+        .arg(dino)
+        .arg("--out")
+        .arg(out)
+        .args(["--batch-size", "2"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn eval_scores_a_generated_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let clip = model_dir(root, "clip", &["vocab.json", "merges.txt"]);
+    let dino = model_dir(root, "dino", &[]);
+    let bench = root.join("bench");
+    let generated = root.join("generated");
+    for d in ["dog", "vase"] {
+        std::fs::create_dir_all(bench.join(d)).unwrap();
+        std::fs::create_dir_all(generated.join(d)).unwrap();
+    }
+    std::fs::write(bench.join("prompts_and_classes.txt"), PROMPTS_FILE).unwrap();
+    let photo = fixture("clip").join("image.png");
+    std::fs::copy(&photo, bench.join("dog/00.png")).unwrap();
+    // The vase's real image: a gradient, so the dog photo generated for it is not a copy.
+    let g = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    });
+    g.save(bench.join("vase/00.png")).unwrap();
+    for p in 0..3 {
+        std::fs::copy(&photo, generated.join(format!("dog/{p}_0.png"))).unwrap();
+    }
+    std::fs::copy(&photo, generated.join("vase/1_0.png")).unwrap();
+    std::fs::write(generated.join("vase/0_0.png"), b"\x89PNG broken").unwrap();
+
+    let out = root.join("report/scores.json");
+    let o = run_eval(&clip, &dino, &bench, &generated, &out);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("vase/0_0.png"), "bad image path reported: {t}");
+    assert!(t.contains("| dog | dog | 3 | 1.000 | 1.000 |"), "{t}");
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["n_images"], 4);
+    let bad = v["bad_images"].as_array().unwrap();
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0]["path"].as_str().unwrap().ends_with("vase/0_0.png"));
+    let dog = v["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subject"] == "dog")
+        .unwrap();
+    assert!((dog["dino"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    assert!((dog["clip_i"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    // CLIP-T of the dog photo with "a dog in the jungle" etc. = transformers' (gen_clip.py): mean of
+    // photo_clip_t.
+    let io =
+        blipd_models::weights::StateDict::read(&fixture("clip").join("io.safetensors")).unwrap();
+    let ct = io
+        .data("photo_clip_t")
+        .unwrap()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
+    let want = ct.iter().map(|&x| f64::from(x)).sum::<f64>() / 3.0;
+    assert!(
+        (dog["clip_t"].as_f64().unwrap() - want).abs() < 1e-4,
+        "{dog} vs {want}"
+    );
+    let vase = v["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subject"] == "vase")
+        .unwrap();
+    assert!(vase["dino"].as_f64().unwrap() < 0.999);
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("| vase | vase | 1 |"), "{md}");
+
+    // Errors: a missing model folder, no scorable image.
+    let o = run_eval(&clip, &root.join("no_dino"), &bench, &generated, &out);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no_dino"), "{}", text(&o));
+    let empty = root.join("empty");
+    std::fs::create_dir_all(empty.join("dog")).unwrap();
+    let o = run_eval(&clip, &dino, &bench, &empty, &root.join("e.json"));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no generated image"), "{}", text(&o));
+}
