@@ -800,6 +800,9 @@ pub struct Embeddings<B: Backend> {
     pub clip: Tensor<B, 2>,
 }
 
+/// Preprocessed pixels of one image: (DINO `[3·H·W]`, CLIP `[3·H'·W']`).
+pub type Pixels = (Vec<f32>, Vec<f32>);
+
 /// The two image processors (plain data, shared across decoding threads).
 #[derive(Clone, Copy)]
 struct Processors<'a> {
@@ -808,7 +811,7 @@ struct Processors<'a> {
 }
 
 impl Processors<'_> {
-    fn pixel_values(&self, img: &RgbImage) -> Result<(Vec<f32>, Vec<f32>), EvalError> {
+    fn pixel_values(&self, img: &RgbImage) -> Result<Pixels, EvalError> {
         let dino = self
             .dino
             .pixel_values(img)
@@ -942,7 +945,7 @@ impl<B: Backend> DreamBenchEval<B> {
     }
 
     /// Both processors' pixels for one image: (DINO `[3·H·W]`, CLIP `[3·H'·W']`).
-    pub fn pixel_values(&self, img: &RgbImage) -> Result<(Vec<f32>, Vec<f32>), EvalError> {
+    pub fn pixel_values(&self, img: &RgbImage) -> Result<Pixels, EvalError> {
         self.processors().pixel_values(img)
     }
 
@@ -954,10 +957,7 @@ impl<B: Backend> DreamBenchEval<B> {
     }
 
     /// Unit-norm DINO and CLIP embeddings of preprocessed images (`pixels` from [`Self::pixel_values`]).
-    pub fn embed_pixels(
-        &self,
-        pixels: &[(Vec<f32>, Vec<f32>)],
-    ) -> Result<Embeddings<B>, EvalError> {
+    pub fn embed_pixels(&self, pixels: &[Pixels]) -> Result<Embeddings<B>, EvalError> {
         let n = pixels.len();
         let (dh, dw) = self.dino_processor.size;
         let (ch, cw) = self.clip_processor.output_size().unwrap_or((0, 0));
@@ -1101,7 +1101,7 @@ impl<B: Backend> DreamBenchEval<B> {
         &mut self,
         bench: &DreamBench,
         subject: &DreamBenchSubject,
-        pixels: &[(Vec<f32>, Vec<f32>)],
+        pixels: &[Pixels],
         prompts: &[String],
         batch_size: usize,
     ) -> Result<Vec<Scores>, EvalError> {
@@ -1263,7 +1263,7 @@ impl<B: Backend> DreamBenchEval<B> {
             let mut subject_scores = Vec::new();
             for chunk in files.chunks(bs) {
                 let procs = self.processors();
-                let decoded: Vec<Result<(Vec<f32>, Vec<f32>), String>> = chunk
+                let decoded: Vec<Result<Pixels, String>> = chunk
                     .par_iter()
                     .map(|(path, _, _)| {
                         let img = read_rgb(path)?;

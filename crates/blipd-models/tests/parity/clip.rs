@@ -105,8 +105,7 @@ fn clip_state_dict_variants_and_round_trip() {
     let mut sd = weights("clip");
     sd.take("visual_projection.weight").unwrap();
     let err = ClipModel::<B>::from_state_dict(&config(), sd, &device())
-        .err()
-        .expect("missing key must fail")
+        .expect_err("missing key must fail")
         .to_string();
     assert!(err.contains("visual_projection"), "{err}");
 

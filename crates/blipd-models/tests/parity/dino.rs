@@ -76,8 +76,7 @@ fn dino_pooler_keys_are_dropped_and_round_trip() {
         TensorData::new(vec![0f32; 32], [1, 1, 32]),
     );
     let err = DinoVitModel::<B>::from_state_dict(&config(), sd, &device())
-        .err()
-        .expect("unexpected key must fail")
+        .expect_err("unexpected key must fail")
         .to_string();
     assert!(err.contains("mask_token"), "{err}");
 
