@@ -5,7 +5,7 @@ and tokenizer → crates/blipd-models/tests/fixtures/clip.
                                      the text config with the legacy `eos_token_id: 2` of the OpenAI
                                      checkpoints (pooling at the argmax id)
   vocab.json, merges.txt             the 544-token tiny CLIP vocabulary (tests/fixtures/tokenizers/tiny_clip)
-  preprocessor_config.json           openai/clip-vit-base-patch32's file, verbatim: CLIPFeatureExtractor,
+  preprocessor_config.json           openai/clip-vit-base-patch32's file (transcribed, not downloaded): CLIPFeatureExtractor,
                                      size 224 (shortest edge), crop_size 224, resample 3 (bicubic), CLIP
                                      mean/std
   tiny_preprocessor_config.json      the same at 32 (what the tiny model takes), for end-to-end tests
@@ -38,7 +38,7 @@ TINY_CLIP = ROOT / "crates" / "blipd-models" / "tests" / "fixtures" / "tokenizer
 NAME = "clip"
 PROMPTS = ["a dog in the jungle", "a red cube shaped dog", "a dog on top of pink fabric"]
 
-# openai/clip-vit-base-patch32 preprocessor_config.json (hub file, verbatim).
+# openai/clip-vit-base-patch32 preprocessor_config.json (transcribed from the hub file; no download here).
 HUB_PREPROCESSOR = {
     "crop_size": 224,
     "do_center_crop": True,

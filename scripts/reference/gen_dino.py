@@ -4,7 +4,7 @@
   config.json, weights.safetensors   tiny random ViTModel saved without the pooler, as the hub's DINO
                                      checkpoints are (`convert_dino_to_pytorch.py` builds
                                      `ViTModel(config, add_pooling_layer=False)`)
-  preprocessor_config.json           facebook/dino-vits16's file, verbatim: ViTFeatureExtractor, size 224
+  preprocessor_config.json           facebook/dino-vits16's file (transcribed, not downloaded): ViTFeatureExtractor, size 224
                                      (squash to 224×224, no crop), resample 2 (bilinear), ImageNet mean/std
   tiny_preprocessor_config.json      the same at size 32 (what the tiny model takes), for end-to-end tests
   image.png                          187×150 RGB photo (DreamBench dog/00.jpg, cropped and resized)
@@ -26,7 +26,7 @@ from common import ROOT, out_dir, randomize_, save_fixture, seed
 DREAMBENCH = ROOT.parent / "shared" / "dreambench"
 NAME = "dino"
 
-# facebook/dino-vits16 preprocessor_config.json (hub file, verbatim).
+# facebook/dino-vits16 preprocessor_config.json (transcribed from the hub file; no download here).
 HUB_PREPROCESSOR = {
     "do_normalize": True,
     "do_resize": True,
