@@ -287,8 +287,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The compute device: the CPU.
+#[cfg(not(feature = "cuda"))]
 fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
     Default::default()
+}
+
+/// The compute device: GPU `LOCAL_RANK` (torchrun and `blipd launch` give each rank of a node its
+/// own GPU; SLURM's `SLURM_LOCALID`; 0 for a single process). It is probed once, so a machine
+/// without a usable CUDA driver gets one clear error instead of a panic deep in a kernel launch.
+#[cfg(feature = "cuda")]
+fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
+    use burn::backend::cuda::CudaDevice;
+    static DEVICE: std::sync::OnceLock<CudaDevice> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let index = ["LOCAL_RANK", "SLURM_LOCALID"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let dev = CudaDevice::new(index);
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                burn::tensor::Tensor::<Inner, 1>::ones([4], &dev)
+                    .sum()
+                    .into_scalar()
+            }));
+            std::panic::set_hook(hook);
+            if let Err(p) = probe {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown failure".into());
+                eprintln!(
+                    "error: CUDA device {index} is not usable: {why}\n\
+                     (this blipd was built with `--features cuda`; it needs an NVIDIA driver and \
+                     GPU {index}; build without the feature for the CPU)"
+                );
+                std::process::exit(1);
+            }
+            dev
+        })
+        .clone()
 }
 
 fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
