@@ -274,6 +274,27 @@ pub struct DistSync {
     last_nonfinite: Vec<usize>,
 }
 
+impl Drop for DistSync {
+    /// The communication bill of the run (the cost the all-reduce adds to each step, since it runs
+    /// after backward rather than overlapped with it).
+    fn drop(&mut self) {
+        let st = &self.stats;
+        if st.syncs > 0 {
+            tracing::info!(
+                "rank {}: gradient sync ({:?}): {} syncs, {} messages, {:.1} MB sent, {:.2} s in \
+                 all ({:.1} ms per sync)",
+                self.rv.world.rank,
+                self.cfg.transport,
+                st.syncs,
+                st.messages,
+                st.bytes as f64 / 1e6,
+                st.seconds,
+                1e3 * st.seconds / st.syncs as f64
+            );
+        }
+    }
+}
+
 impl std::fmt::Debug for DistSync {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DistSync")
