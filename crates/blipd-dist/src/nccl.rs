@@ -1,7 +1,11 @@
 //! NCCL transport for data-parallel gradients on CUDA devices (feature `nccl`).
 //!
-//! **Untested**: written and compiled (`cargo check -p blipd-dist --features nccl`) on a machine
-//! without a GPU; it has never run. It is not yet used by `blipd_train::dist_sync::DistSync`.
+//! **Untested**: written and compiled (`cargo check -p blipd-dist --features nccl`) on machines
+//! without a GPU; it has never run. `blipd_train::dist_sync::DistSync` uses it for
+//! `BLIPD_GRAD_TRANSPORT=nccl` (blipd built with `--features nccl`): the packed host buckets are
+//! staged into one device buffer, summed with `ncclAllReduce`, and copied back
+//! ([`NcclComm::all_reduce_host_sum`]); `examples/nccl_bandwidth.rs` measures a 1 GiB all-reduce
+//! against a device-to-device copy.
 //!
 //! Bootstrap, as PyTorch's NCCL process group does it: rank 0 creates the NCCL unique id
 //! (`ncclGetUniqueId`, 128 bytes that embed rank 0's bootstrap socket) and ships it to every rank as
@@ -25,15 +29,31 @@ pub const NCCL_ID_BYTES: usize = 128;
 /// A rank's NCCL communicator plus the TCP control channel.
 pub struct NcclGroup {
     pub rv: Rendezvous,
-    comm: Option<Comm>,
-    stream: Arc<CudaStream>,
-    op_timeout: Duration,
+    pub comm: NcclComm,
 }
 
 impl std::fmt::Debug for NcclGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NcclGroup")
             .field("world", &self.rv.world)
+            .field("alive", &self.comm.comm.is_some())
+            .finish()
+    }
+}
+
+/// The NCCL communicator of one rank, its stream and a reusable device staging buffer.
+pub struct NcclComm {
+    rank: usize,
+    comm: Option<Comm>,
+    stream: Arc<CudaStream>,
+    op_timeout: Duration,
+    staging: Option<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComm")
+            .field("rank", &self.rank)
             .field("alive", &self.comm.is_some())
             .finish()
     }
@@ -84,12 +104,18 @@ impl NcclGroup {
         rv.barrier("NCCL communicator init")?;
         Ok(Self {
             rv,
-            comm: Some(comm),
-            stream,
-            op_timeout,
+            comm: NcclComm {
+                rank,
+                comm: Some(comm),
+                stream,
+                op_timeout,
+                staging: None,
+            },
         })
     }
+}
 
+impl NcclComm {
     /// The stream the collectives run on (gradients must be ready on it).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -97,7 +123,7 @@ impl NcclGroup {
 
     fn comm(&self, op: &str) -> Result<&Comm, DistError> {
         self.comm.as_ref().ok_or_else(|| DistError::Io {
-            rank: self.rv.world.rank,
+            rank: self.rank,
             op: op.into(),
             message: "the NCCL communicator was aborted by an earlier failure".into(),
         })
@@ -114,11 +140,61 @@ impl NcclGroup {
         self.comm(op)?
             .all_reduce_in_place(buf, &red)
             .map_err(|e| DistError::Io {
-                rank: self.rv.world.rank,
+                rank: self.rank,
                 op: op.into(),
                 message: format!("ncclAllReduce: {e:?}"),
             })?;
         self.wait(op)
+    }
+
+    /// Sums host values over all ranks in place: staged into a device buffer (kept between calls,
+    /// grown when needed), `ncclAllReduce` (sum) on it, copied back. The copy back is issued only
+    /// after the reduction completed within the timeout, so a dead peer cannot block the host.
+    pub fn all_reduce_host_sum(&mut self, data: &mut [f32], op: &str) -> Result<(), DistError> {
+        let rank = self.rank;
+        let cuda = |what: &str, e: cudarc::driver::DriverError| DistError::Io {
+            rank,
+            op: op.into(),
+            message: format!("{what}: {e:?}"),
+        };
+        let n = data.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.staging.as_ref().is_none_or(|b| b.len() < n) {
+            self.staging = None;
+            self.staging = Some(
+                self.stream
+                    .alloc_zeros::<f32>(n)
+                    .map_err(|e| cuda("allocating the staging buffer", e))?,
+            );
+        }
+        let mut buf = self.staging.take().expect("staging buffer allocated");
+        let result = (|| {
+            {
+                let mut view = buf.slice_mut(0..n);
+                self.stream
+                    .memcpy_htod(&*data, &mut view)
+                    .map_err(|e| cuda("copy to the device", e))?;
+                self.comm(op)?
+                    .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+                    .map_err(|e| DistError::Io {
+                        rank,
+                        op: op.into(),
+                        message: format!("ncclAllReduce: {e:?}"),
+                    })?;
+            }
+            self.wait(op)?;
+            let view = buf.slice(0..n);
+            self.stream
+                .memcpy_dtoh(&view, &mut *data)
+                .map_err(|e| cuda("copy to the host", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| cuda("synchronising the copy", e))
+        })();
+        self.staging = Some(buf);
+        result
     }
 
     /// Replaces `buf` by rank 0's values on every rank.
@@ -126,7 +202,7 @@ impl NcclGroup {
         self.comm(op)?
             .broadcast_in_place(buf, 0)
             .map_err(|e| DistError::Io {
-                rank: self.rv.world.rank,
+                rank: self.rank,
                 op: op.into(),
                 message: format!("ncclBroadcast: {e:?}"),
             })?;
@@ -135,7 +211,7 @@ impl NcclGroup {
 
     /// Waits for the stream's work with the operation timeout; on timeout, aborts the communicator.
     fn wait(&mut self, op: &str) -> Result<(), DistError> {
-        let rank = self.rv.world.rank;
+        let rank = self.rank;
         let event = self.stream.record_event(None).map_err(|e| DistError::Io {
             rank,
             op: op.into(),

@@ -73,6 +73,11 @@ pub enum Transport {
     /// The rendezvous star: rank 0 sums in rank order and sends the sum back (bit-identical and
     /// order-deterministic, but rank 0's link carries `2·(W−1)` times the bytes).
     Tcp,
+    /// NCCL on GPU `LOCAL_RANK` (blipd built with the `nccl` feature): rank 0 makes the NCCL id and
+    /// sends it in the rendezvous payload; each bucket is staged to the device, `ncclAllReduce`d
+    /// and copied back. With `WORLD_SIZE=1` set explicitly it still runs (a world of one), so the
+    /// path can be checked on a single GPU.
+    Nccl,
 }
 
 impl std::str::FromStr for Transport {
@@ -81,7 +86,8 @@ impl std::str::FromStr for Transport {
         match s.trim().to_ascii_lowercase().as_str() {
             "burn-collective" | "burn_collective" | "collective" => Ok(Self::BurnCollective),
             "tcp" => Ok(Self::Tcp),
-            _ => Err(format!("`{s}`: expected `burn-collective` or `tcp`")),
+            "nccl" => Ok(Self::Nccl),
+            _ => Err(format!("`{s}`: expected `burn-collective`, `tcp` or `nccl`")),
         }
     }
 }
@@ -229,7 +235,10 @@ impl DistConfig {
 /// single process (`WORLD_SIZE` unset or 1).
 pub fn from_env(cfg: &DistConfig) -> Result<Option<DistSync>> {
     let world = World::from_env().map_err(|e| TrainError::Sync(e.to_string()))?;
-    if world.world_size <= 1 {
+    // A world of one is a single process, except that NCCL runs when asked for explicitly
+    // (`WORLD_SIZE=1 BLIPD_GRAD_TRANSPORT=nccl`), to check that path on one GPU.
+    let nccl_of_one = cfg.transport == Transport::Nccl && std::env::var_os("WORLD_SIZE").is_some();
+    if world.world_size <= 1 && !nccl_of_one {
         return Ok(None);
     }
     DistSync::establish(&world, cfg.clone()).map(Some)
@@ -269,6 +278,9 @@ pub struct DistSync {
     cfg: DistConfig,
     /// The gradient link when [`Transport::BurnCollective`] (world > 1).
     link: Option<CollectiveLink>,
+    /// The NCCL communicator when [`Transport::Nccl`].
+    #[cfg(feature = "nccl")]
+    nccl: Option<blipd_dist::nccl::NcclComm>,
     layout: Option<Vec<Slot>>,
     stats: SyncStats,
     last_nonfinite: Vec<usize>,
@@ -309,6 +321,9 @@ impl DistSync {
     /// Establishes the rendezvous of `world` (CPU path: no payload) and wraps it.
     pub fn establish(world: &World, cfg: DistConfig) -> Result<Self> {
         cfg.validate()?;
+        if cfg.transport == Transport::Nccl {
+            return Self::establish_nccl(world, cfg);
+        }
         let t = Instant::now();
         let rv = Rendezvous::establish(world, &[], cfg.rendezvous()).map_err(|e| {
             TrainError::Sync(format!("rank {} of {}: {e}", world.rank, world.world_size))
@@ -330,6 +345,46 @@ impl DistSync {
             sync.link = Some(sync.connect_collective()?);
         }
         Ok(sync)
+    }
+
+    #[cfg(feature = "nccl")]
+    fn establish_nccl(world: &World, cfg: DistConfig) -> Result<Self> {
+        let t = Instant::now();
+        let group =
+            blipd_dist::nccl::NcclGroup::establish(world, world.local_rank, cfg.rendezvous())
+                .map_err(|e| {
+                    TrainError::Sync(format!("rank {} of {}: {e}", world.rank, world.world_size))
+                })?;
+        tracing::info!(
+            "data parallel: rank {} of {} joined with NCCL on GPU {} in {:.2}s",
+            world.rank,
+            world.world_size,
+            world.local_rank,
+            t.elapsed().as_secs_f64()
+        );
+        let mut sync = Self::new(group.rv, cfg);
+        sync.nccl = Some(group.comm);
+        Ok(sync)
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn establish_nccl(world: &World, _cfg: DistConfig) -> Result<Self> {
+        Err(TrainError::Sync(format!(
+            "rank {}: BLIPD_GRAD_TRANSPORT=nccl needs blipd built with `--features nccl`",
+            world.rank
+        )))
+    }
+
+    /// Whether gradients go through NCCL (then even a world of one synchronises, to exercise it).
+    fn uses_nccl(&self) -> bool {
+        #[cfg(feature = "nccl")]
+        {
+            self.nccl.is_some()
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            false
+        }
     }
 
     /// Rank 0 starts burn-collective's orchestrator on a free port and tells the others; every
@@ -391,6 +446,8 @@ impl DistSync {
             rv,
             cfg,
             link: None,
+            #[cfg(feature = "nccl")]
+            nccl: None,
             layout: None,
             stats: SyncStats::default(),
             last_nonfinite: Vec::new(),
@@ -722,6 +779,16 @@ impl DistSync {
                         p + 1
                     )
                 };
+                #[cfg(feature = "nccl")]
+                if let Some(n) = self.nccl.as_mut() {
+                    let rank = self.rv.world.rank;
+                    n.all_reduce_host_sum(chunk, &op).map_err(|e| {
+                        TrainError::Sync(format!("rank {rank} of {w}: {e} (NCCL)"))
+                    })?;
+                    self.stats.messages += 1;
+                    self.stats.bytes += (chunk.len() * 4) as u64;
+                    continue;
+                }
                 match self.link.as_mut() {
                     Some(link) => {
                         if let Err(e) = link.all_reduce_sum::<B>(chunk, &device) {
@@ -780,7 +847,7 @@ impl<B: Backend> GradSync<B> for DistSync {
     }
 
     fn sync_grads(&mut self, grads: &mut GradSet<B>, is_final_micro_step: bool) -> Result<()> {
-        if !is_final_micro_step || self.rv.world.world_size == 1 {
+        if !is_final_micro_step || (self.rv.world.world_size == 1 && !self.uses_nccl()) {
             return Ok(());
         }
         self.sync_now(grads)
