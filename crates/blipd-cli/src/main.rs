@@ -307,20 +307,32 @@ fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
                 .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
                 .unwrap_or(0);
             let dev = CudaDevice::new(index);
+            // Panics during the probe (also on the runtime's own threads, where the real cause
+            // is) are collected for the message instead of printed.
+            static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
             let hook = std::panic::take_hook();
-            std::panic::set_hook(Box::new(|_| {}));
+            std::panic::set_hook(Box::new(|info| {
+                let p = info.payload();
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown failure".into());
+                if let Ok(mut seen) = SEEN.lock() {
+                    seen.push(msg);
+                }
+            }));
             let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 burn::tensor::Tensor::<Inner, 1>::ones([4], &dev)
                     .sum()
                     .into_scalar()
             }));
             std::panic::set_hook(hook);
-            if let Err(p) = probe {
-                let why = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown failure".into());
+            if probe.is_err() {
+                let why = SEEN
+                    .lock()
+                    .map(|s| s.join("; "))
+                    .unwrap_or_else(|_| "unknown failure".into());
                 eprintln!(
                     "error: CUDA device {index} is not usable: {why}\n\
                      (this blipd was built with `--features cuda`; it needs an NVIDIA driver and \
