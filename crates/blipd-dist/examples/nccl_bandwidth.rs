@@ -31,14 +31,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut a = stream.alloc_zeros::<f32>(n)?;
     let mut b = stream.alloc_zeros::<f32>(n)?;
     for _ in 0..3 {
-        group.comm.all_reduce_f32(&mut a, false, "warm-up all-reduce")?;
+        group
+            .comm
+            .all_reduce_f32(&mut a, false, "warm-up all-reduce")?;
         stream.memcpy_dtod(&a, &mut b)?;
     }
     stream.synchronize()?;
 
     let t = Instant::now();
     for _ in 0..iters {
-        group.comm.all_reduce_f32(&mut a, false, "timed all-reduce")?;
+        group
+            .comm
+            .all_reduce_f32(&mut a, false, "timed all-reduce")?;
     }
     let ar = t.elapsed().as_secs_f64() / iters as f64;
 

@@ -87,7 +87,9 @@ impl std::str::FromStr for Transport {
             "burn-collective" | "burn_collective" | "collective" => Ok(Self::BurnCollective),
             "tcp" => Ok(Self::Tcp),
             "nccl" => Ok(Self::Nccl),
-            _ => Err(format!("`{s}`: expected `burn-collective`, `tcp` or `nccl`")),
+            _ => Err(format!(
+                "`{s}`: expected `burn-collective`, `tcp` or `nccl`"
+            )),
         }
     }
 }
@@ -782,9 +784,8 @@ impl DistSync {
                 #[cfg(feature = "nccl")]
                 if let Some(n) = self.nccl.as_mut() {
                     let rank = self.rv.world.rank;
-                    n.all_reduce_host_sum(chunk, &op).map_err(|e| {
-                        TrainError::Sync(format!("rank {rank} of {w}: {e} (NCCL)"))
-                    })?;
+                    n.all_reduce_host_sum(chunk, &op)
+                        .map_err(|e| TrainError::Sync(format!("rank {rank} of {w}: {e} (NCCL)")))?;
                     self.stats.messages += 1;
                     self.stats.bytes += (chunk.len() * 4) as u64;
                     continue;
