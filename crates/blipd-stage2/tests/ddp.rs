@@ -325,6 +325,34 @@ fn two_ranks_match_one_rank_resume_is_exact_and_a_stopped_rank_times_out() {
     for k in &keys {
         assert_eq!(values(&wb, k), values(&wa, k), "`{k}` differs after resume");
     }
+
+    // (d) Elastic resume: the 2-rank checkpoint of step 4 continued by 1 process × 4 samples (the
+    // same global batch) to step 6, next to the 1-process run continued to step 6. Every random
+    // draw is keyed per sample, so both continue the same global stream from (nearly) the same
+    // weights: their steps 5–6 must agree like the 2×2 and 1×4 runs did.
+    let cfg_b6: Stage2RunConfig = parse_config(&config_text(&b, 4, STEPS + 2), &[]).unwrap();
+    let sb = train(&cfg_b6).unwrap();
+    assert_eq!(
+        sb.resumed_from,
+        Some(STEPS),
+        "resumed the 2-rank checkpoint"
+    );
+    let cfg_s6: Stage2RunConfig = parse_config(&config_text(&single, 4, STEPS + 2), &[]).unwrap();
+    train(&cfg_s6).unwrap();
+    let (le, ls6) = (losses(&b), losses(&single));
+    assert_eq!(le.len(), STEPS as usize + 2);
+    let rel = le
+        .iter()
+        .zip(&ls6)
+        .skip(STEPS as usize)
+        .map(|(x, y)| (x - y).abs() / y.abs())
+        .fold(0.0, f64::max);
+    println!(
+        "(d) 2 ranks → 1 process resume: steps 5–6 {:?} vs {:?} (max rel {rel:.2e})",
+        &le[STEPS as usize..],
+        &ls6[STEPS as usize..]
+    );
+    assert!(rel < 1e-5, "elastic resume diverged: {le:?} vs {ls6:?}");
     println!("total {:.1}s", t_all.elapsed().as_secs_f64());
 }
 

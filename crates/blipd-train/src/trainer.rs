@@ -356,18 +356,36 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         };
         let dir = ckpt.dir;
         let state: TrainerState = read_json(&dir.join(files::TRAINER))?;
-        if state.world_size != self.sync.world_size() {
-            return Err(TrainError::Checkpoint {
-                path: dir.clone(),
-                reason: format!(
-                    "written by {} ranks, resuming with {}: per-rank RNG streams cannot be remapped",
-                    state.world_size,
-                    self.sync.world_size()
-                ),
-            });
-        }
-        let rank_file = files::rank(self.sync.rank());
+        // Another world size (elastic resume): the weights, optimizer and the global data cursor
+        // carry over (the data order does not depend on the world size, and every rank saved the
+        // same global position); the per-rank stage streams cannot be remapped, so each rank starts
+        // a fresh one keyed by (seed, rank, step). Bit-identity with an uninterrupted run is lost,
+        // except for what is keyed per sample (`per_sample_rng`).
+        let (world, me) = (self.sync.world_size(), self.sync.rank());
+        let elastic = state.world_size != world;
+        let rank_file = files::rank(if elastic { 0 } else { me });
         let rank: RankState = read_json(&dir.join(&rank_file))?;
+        if elastic {
+            let global_now =
+                (self.config.train.batch_size * self.config.train.grad_accum_steps * world) as u64;
+            let global_then = state.samples.checked_div(state.step).unwrap_or(global_now);
+            if me == 0 {
+                tracing::warn!(
+                    "resuming a checkpoint written by {} ranks with {world}: data continues at the \
+                     same global sample; each rank's stage random stream restarts (not \
+                     bit-identical to an uninterrupted run){}",
+                    state.world_size,
+                    if global_then != global_now {
+                        format!(
+                            "; the global batch changes from {global_then} to {global_now} \
+                             samples (learning-rate settings assumed the old one)"
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
 
         let model = self.model.take().expect("model present");
         let model = load_module(model, &dir.join(files::MODEL))?;
@@ -387,11 +405,17 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
             }
         }
         self.model = Some(model);
-        self.rng =
+        self.rng = if elastic {
+            TrainRng::new(
+                self.config.run.seed,
+                streams::STAGE + me as u64 + (state.step << 16),
+            )
+        } else {
             TrainRng::from_state(&rank.stage_rng).map_err(|reason| TrainError::Checkpoint {
                 path: dir.join(&rank_file),
                 reason,
-            })?;
+            })?
+        };
         data.load_state(&rank.data)?;
         let stage_dir = dir.join(files::STAGE_DIR);
         if stage_dir.is_dir() {
