@@ -21,6 +21,9 @@ pub struct Stage1Batch {
     pub pixels: TensorData,
     /// Captions (raw; the stage normalises and tokenizes them).
     pub captions: Vec<String>,
+    /// Each sample's position in the run's global sample stream (independent of the number of
+    /// ranks); keys its ITM negative draws. Empty: negatives come from the rank's stage stream.
+    pub keys: Vec<u64>,
 }
 
 impl Stage1Batch {

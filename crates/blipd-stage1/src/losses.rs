@@ -424,6 +424,10 @@ pub enum Negatives<'a> {
     /// Drawn from [`negative_weights`] with this generator (texts' images first, then images' texts,
     /// as LAVIS draws them).
     Sample(&'a mut dyn RngCore),
+    /// Drawn from [`negative_weights`] with one generator per local sample (its image's negative
+    /// text, then its text's negative image): the draws then do not depend on how the global batch
+    /// is split over ranks.
+    PerSample(&'a mut [Box<dyn RngCore>]),
 }
 
 /// All stage-1 losses of one batch.
@@ -530,6 +534,26 @@ pub fn stage1_losses<B: Backend>(
                 let w_i2t = negative_weights(&i2t, b, n, offset, opts.negative_weights);
                 let imgs = sample_negatives(&w_t2i, b, n, rng)?;
                 let txts = sample_negatives(&w_i2t, b, n, rng)?;
+                (imgs, txts)
+            }
+            Negatives::PerSample(rngs) => {
+                if rngs.len() != b {
+                    return Err(Stage1Error::Batch(format!(
+                        "{} per-sample generators for {b} samples",
+                        rngs.len()
+                    )));
+                }
+                let n = text_all.batch;
+                let t2i = host(r.sim_t2i.clone())?;
+                let i2t = host(r.sim_i2t.clone())?;
+                let w_t2i = negative_weights(&t2i, b, n, offset, opts.negative_weights);
+                let w_i2t = negative_weights(&i2t, b, n, offset, opts.negative_weights);
+                let (mut imgs, mut txts) = (Vec::with_capacity(b), Vec::with_capacity(b));
+                for (row, rng) in rngs.iter_mut().enumerate() {
+                    let span = row * n..(row + 1) * n;
+                    imgs.extend(sample_negatives(&w_t2i[span.clone()], 1, n, rng.as_mut())?);
+                    txts.extend(sample_negatives(&w_i2t[span], 1, n, rng.as_mut())?);
+                }
                 (imgs, txts)
             }
         };

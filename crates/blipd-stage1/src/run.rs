@@ -121,14 +121,17 @@ impl BatchSource for ShardSource {
         let (s, b) = (self.image_size, items.len());
         let mut pixels = Vec::with_capacity(b * 3 * s * s);
         let mut captions = Vec::with_capacity(b);
+        let mut keys = Vec::with_capacity(b);
         for it in items {
             let mut rng = TrainRng::new(self.run_seed, AUGMENT_STREAM + it.key);
             pixels.extend(prepare(&it.target, s, self.augment.as_ref(), &mut rng));
             captions.push(it.record.caption);
+            keys.push(it.key);
         }
         Ok(Stage1Batch {
             pixels: TensorData::new(pixels, [b, 3, s, s]),
             captions,
+            keys,
         })
     }
     fn state(&self) -> serde_json::Value {
@@ -200,7 +203,8 @@ pub fn build<B: AutodiffBackend>(
     let parts = Stage1Components::<B>::from_config(&cfg.stage, device)?;
     let blip = parts.blip_config.clone();
     let size = parts.image_size;
-    let (stage, model) = Stage1::new(cfg.stage.clone(), parts, device.clone())?;
+    let (mut stage, model) = Stage1::new(cfg.stage.clone(), parts, device.clone())?;
+    stage.sample_seed = cfg.run.seed;
     // Parameters initialise lazily: materialise them now, in module order, so the draws do not
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);
@@ -235,6 +239,7 @@ pub fn build<B: AutodiffBackend>(
                 Ok(Stage1Batch {
                     pixels: TensorData::new(pixels, [idx.len(), 3, size, size]),
                     captions,
+                    keys: keys.to_vec(),
                 })
             });
             (syn.pairs, make)
@@ -255,6 +260,7 @@ pub fn build<B: AutodiffBackend>(
                 Ok(Stage1Batch {
                     pixels: TensorData::new(pixels, [idx.len(), 3, size, size]),
                     captions,
+                    keys: keys.to_vec(),
                 })
             });
             (n, make)

@@ -21,7 +21,12 @@ pub struct Stage1<B: AutodiffBackend> {
     pub max_txt_len: usize,
     pub options: LossOptions,
     pub device: B::Device,
+    /// Seed of the per-sample ITM negative streams (the run seed; see [`ITM_STREAM`]).
+    pub sample_seed: u64,
 }
+
+/// Base of the per-sample ITM negative streams (`(run.seed, ITM_STREAM + global sample key)`).
+pub const ITM_STREAM: u64 = 0x4954_4d00_0000_0000;
 
 impl<B: AutodiffBackend> Stage1<B> {
     /// Split loaded components into the stage and its trainable model (vision tower frozen).
@@ -51,6 +56,7 @@ impl<B: AutodiffBackend> Stage1<B> {
             options,
             device,
             config,
+            sample_seed: 0,
         };
         Ok((stage, model))
     }
@@ -213,13 +219,32 @@ impl<B: AutodiffBackend> Stage1<B> {
         }
         let text = self.tokenize(&batch.captions)?;
         let image_embeds = self.image_embeds(model, batch.pixels);
+        // Batches that carry their samples' global keys draw each sample's ITM negatives from its
+        // own stream, so the draws do not depend on the number of ranks.
+        let mut per_sample: Vec<Box<dyn rand::RngCore>> = if batch.keys.len() == b {
+            batch
+                .keys
+                .iter()
+                .map(|&k| {
+                    Box::new(TrainRng::new(self.sample_seed, ITM_STREAM + k))
+                        as Box<dyn rand::RngCore>
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let negatives = if per_sample.is_empty() {
+            Negatives::Sample(rng)
+        } else {
+            Negatives::PerSample(&mut per_sample)
+        };
         let out = stage1_losses(
             &model.qformer,
             &model.heads,
             image_embeds,
             &text,
             gather,
-            Negatives::Sample(rng),
+            negatives,
             &self.options,
         )?;
         let mut step = StepOutput::new(out.total.clone());

@@ -1,10 +1,11 @@
 //! Stage 1 data-parallel: real rank processes (this test binary re-runs itself) through
 //! `run_stage1`, whose ITC compares each sample with the whole global batch (the all-gather of
-//! features) — so 2 ranks × 2 samples must train like 1 process × 4. ITM is off for the comparison
-//! (its hard negatives are drawn from each rank's own random stream); a second run with ITM on
-//! checks the gathered image tokens and texts feed the negatives. BLIP-2's random resized crop and
-//! flip are on: their per-sample streams are keyed by the global sample position, so they do not
-//! depend on the number of ranks either.
+//! features) and whose ITM draws each sample's hard negatives from the global batch with a stream
+//! keyed by the sample — so 2 ranks × 2 samples must train like 1 process × 4. `ln_vision` is frozen
+//! for the comparison (the ITM gradient through another rank's negative image tokens is not sent
+//! back, see `Stage1::step_dist`); a second run with it trainable checks that path runs. BLIP-2's
+//! random resized crop and flip are on: their per-sample streams are keyed by the global sample
+//! position too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +20,7 @@ type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
 const WORKER_ENV: &str = "BLIPD_TEST_STAGE1_DDP_CONFIG";
 const STEPS: u64 = 4;
 
-fn config_text(dir: &Path, batch: usize, itm: bool) -> String {
+fn config_text(dir: &Path, batch: usize, train_ln_vision: bool) -> String {
     format!(
         r#"
 [run]
@@ -43,7 +44,7 @@ at_end = true
 [stage]
 preset = "tiny"
 dropout = 0.0
-itm = {itm}
+train_ln_vision = {train_ln_vision}
 
 [data]
 shuffle = true
@@ -173,14 +174,7 @@ fn two_ranks_train_like_one_process_with_the_global_batch() {
     wait_all(ranks);
     println!("runs done after {:.1}s", t0.elapsed().as_secs_f64());
 
-    for m in ["itc", "itg", "temp"] {
-        println!(
-            "{m}: 2×2 {:?} vs 1×4 {:?}",
-            metric(&two, m),
-            metric(&one, m)
-        );
-    }
-    for m in ["loss", "itc", "itg"] {
+    for m in ["loss", "itc", "itm", "itg"] {
         let (a, b) = (metric(&two, m), metric(&one, m));
         assert_eq!(a.len(), STEPS as usize);
         let rel = a
@@ -230,13 +224,13 @@ fn two_ranks_train_like_one_process_with_the_global_batch() {
     assert!(rel <= 1e-6, "weights differ: {rel:.3e} (worst {worst})");
     assert!(key_bias_max <= 0.003 * STEPS as f64 * 2.0, "{key_bias_max}");
 
-    // ITM on: the negatives come from the gathered (global) batch; the run trains and exports.
+    // A trainable ln_vision across ranks: trains and exports.
     let l = metric(&itm, "itm");
     assert_eq!(l.len(), STEPS as usize);
     assert!(l.iter().all(|v| v.is_finite() && *v > 0.0), "itm {l:?}");
     assert!(itm.join("export/qformer/model.safetensors").is_file());
     println!(
-        "itm with 2 ranks: {l:?}; total {:.1}s",
+        "trainable ln_vision, 2 ranks: itm {l:?}; total {:.1}s",
         t0.elapsed().as_secs_f64()
     );
 }
