@@ -474,3 +474,32 @@ fn real_dreambench_layout() {
     );
     assert!(bench.eval_prompt(plush, 25).is_none());
 }
+
+#[test]
+fn oracle_scores_real_photos_against_each_other() {
+    let s = setup();
+    let device = Default::default();
+    let mut ev = DreamBenchEval::<B>::load(&s.clip, &s.dino, &device).unwrap();
+    let bench = DreamBench::open(&s.bench).unwrap();
+    let report = ev.oracle(&bench, &[], 4).unwrap();
+    // `dog` has one photo: nothing to compare it with.
+    assert_eq!(report.subjects.len(), 1, "{report:?}");
+    let (name, n, d, c) = report.subjects[0].clone();
+    assert_eq!((name.as_str(), n), ("teapot", 2));
+    let teapot = bench.subject("teapot").unwrap().clone();
+    let (real, _) = ev.real_embeddings(&bench, &teapot, 4).unwrap();
+    let (want_d, want_c) = (
+        dot(&real.dino, 0, &real.dino, 1),
+        dot(&real.clip, 0, &real.clip, 1),
+    );
+    println!("oracle teapot: DINO {d:.6} (cos {want_d:.6}), CLIP-I {c:.6} (cos {want_c:.6})");
+    assert!((d - want_d).abs() < 1e-6 && (c - want_c).abs() < 1e-6);
+    assert!(d < 0.999999, "two different photos are not identical: {d}");
+    assert_eq!(report.mean, Some((d, c)));
+    assert!(report.to_markdown().contains("| teapot | 2 |"));
+    assert!(ev
+        .oracle(&bench, &["dog".to_string()], 4)
+        .unwrap()
+        .mean
+        .is_none());
+}

@@ -157,6 +157,32 @@ fn eval_scores_a_generated_folder() {
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
     assert!(md.contains("| vase | vase | 1 |"), "{md}");
 
+    // The oracle row: a second dog photo (the first mirrored) against the first; the vase has one.
+    let mirrored = image::imageops::flip_horizontal(&image::open(&photo).unwrap().to_rgb8());
+    mirrored.save(bench.join("dog/01.png")).unwrap();
+    let oracle_out = root.join("oracle.json");
+    let o = blipd()
+        .arg("eval")
+        .arg("--oracle")
+        .arg("--dreambench")
+        .arg(&bench)
+        .arg("--clip")
+        .arg(&clip)
+        .arg("--dino")
+        .arg(&dino)
+        .arg("--out")
+        .arg(&oracle_out)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("| dog | 2 |") && !t.contains("| vase |"), "{t}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&oracle_out).unwrap()).unwrap();
+    let d = v["mean"]["dino"].as_f64().unwrap();
+    assert!(d > -1.0 && d < 0.99999, "{v}");
+    std::fs::remove_file(bench.join("dog/01.png")).unwrap();
+
     // Errors: a missing model folder, no scorable image.
     let o = run_eval(&clip, &root.join("no_dino"), &bench, &generated, &out);
     assert!(!o.status.success());
