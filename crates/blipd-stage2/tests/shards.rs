@@ -1,7 +1,6 @@
 //! Stage 2 trains from Parquet shards (the `blipd data synth` format) and resumes exactly there too.
 
-use blipd_data::shards::{sha256_file, Manifest, PairRecord, ShardEntry, ShardReader, ShardWriter};
-use blipd_data::synthetic::synth_pair;
+use blipd_data::synthetic::write_synthetic_shards;
 use blipd_stage2::run::{run_stage2, Stage2RunConfig};
 use blipd_train::parse_config;
 
@@ -10,51 +9,9 @@ type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
 /// Runs seed NdArray's process-wide generator: tests in this binary must not interleave.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-/// 8 synthetic pairs in one shard with its manifest.
+/// 8 synthetic pairs in one shard (2 row groups) with its manifest.
 fn write_shards(dir: &std::path::Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let file = dir.join("pairs-00000.parquet");
-    let mut w = ShardWriter::create(&file, 4).unwrap();
-    for i in 0..8u64 {
-        let p = synth_pair(i, 5, 32);
-        w.push(PairRecord {
-            row: i,
-            image_id: p.id.clone(),
-            mid: "/m/synthetic".into(),
-            class_name: p.subject.clone(),
-            caption: p.caption.clone(),
-            caption_source: "synthetic".into(),
-            bbox: [0.0, 1.0, 0.0, 1.0],
-            width: 32,
-            height: 32,
-            background_id: "procedural".into(),
-            seed: 5,
-            input_image: png(&p.input),
-            target_image: png(&p.target),
-            provenance: "{}".into(),
-        })
-        .unwrap();
-    }
-    let rows = w.finish().unwrap();
-    let mut m = Manifest::new("test".into(), 8, 8);
-    m.shards.push(ShardEntry {
-        index: 0,
-        file: "pairs-00000.parquet".into(),
-        first_row: 0,
-        slice_rows: 8,
-        rows,
-        bytes: std::fs::metadata(&file).unwrap().len(),
-        sha256: sha256_file(&file).unwrap(),
-        row_groups: ShardReader::open(&file).unwrap().row_group_sizes(),
-        bad: vec![],
-    });
-    m.save(dir).unwrap();
+    write_synthetic_shards(dir, 8, 5, 32, 4).unwrap();
 }
 
 fn config(run: &std::path::Path, shards: &std::path::Path, steps: u64) -> Stage2RunConfig {
