@@ -169,43 +169,6 @@ pub fn synth_pair(index: u64, seed: u64, size: u32) -> SyntheticPair {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deterministic_and_consistent() {
-        let a = synth_pair(3, 7, 32);
-        let b = synth_pair(3, 7, 32);
-        assert_eq!(a.input, b.input);
-        assert_eq!(a.target, b.target);
-        assert_eq!(a.caption, b.caption);
-        let c = synth_pair(4, 7, 32);
-        assert_ne!(a.target, c.target);
-        // Where the mask is full, input and target show the same subject pixel.
-        let mut full = 0;
-        for (x, y, m) in a.mask.enumerate_pixels() {
-            if m[0] == 255 {
-                assert_eq!(a.input.get_pixel(x, y), a.target.get_pixel(x, y));
-                full += 1;
-            }
-        }
-        assert!(full > 20, "subject covers {full} pixels");
-        // Where the mask is empty, the backgrounds differ somewhere.
-        let differs = a
-            .mask
-            .enumerate_pixels()
-            .filter(|(x, y, m)| {
-                m[0] == 0 && a.input.get_pixel(*x, *y) != a.target.get_pixel(*x, *y)
-            })
-            .count();
-        assert!(differs > 0);
-        for w in a.caption.split(' ') {
-            assert!(vocabulary().contains(&w), "{w} not in the vocabulary");
-        }
-    }
-}
-
 /// `pairs` procedural pairs ([`synth_pair`] at `size` px, PNG-encoded) as one shard
 /// `pairs-00000.parquet` in `dir` with its `manifest.json`: a complete shard folder in the format
 /// `blipd data synth` writes, for tests and quick experiments that want shard-backed training data
@@ -263,4 +226,41 @@ pub fn write_synthetic_shards(
     });
     m.save(dir)?;
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_and_consistent() {
+        let a = synth_pair(3, 7, 32);
+        let b = synth_pair(3, 7, 32);
+        assert_eq!(a.input, b.input);
+        assert_eq!(a.target, b.target);
+        assert_eq!(a.caption, b.caption);
+        let c = synth_pair(4, 7, 32);
+        assert_ne!(a.target, c.target);
+        // Where the mask is full, input and target show the same subject pixel.
+        let mut full = 0;
+        for (x, y, m) in a.mask.enumerate_pixels() {
+            if m[0] == 255 {
+                assert_eq!(a.input.get_pixel(x, y), a.target.get_pixel(x, y));
+                full += 1;
+            }
+        }
+        assert!(full > 20, "subject covers {full} pixels");
+        // Where the mask is empty, the backgrounds differ somewhere.
+        let differs = a
+            .mask
+            .enumerate_pixels()
+            .filter(|(x, y, m)| {
+                m[0] == 0 && a.input.get_pixel(*x, *y) != a.target.get_pixel(*x, *y)
+            })
+            .count();
+        assert!(differs > 0);
+        for w in a.caption.split(' ') {
+            assert!(vocabulary().contains(&w), "{w} not in the vocabulary");
+        }
+    }
 }
