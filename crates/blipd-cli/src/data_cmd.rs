@@ -391,17 +391,24 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             };
             let pb = bar(rows.len() as u64, "masks");
             let start = Instant::now();
-            let (mut written, mut missing) = (0u64, Vec::new());
+            let (mut written, mut present, mut missing) = (0u64, 0u64, Vec::new());
             for r in &rows {
                 match r {
                     Err(b) => missing.push(format!("{} (csv: {})", b.image_id, b.reason)),
+                    // Resumable: a mask already written (atomically, so complete) is kept.
+                    Ok(s) if out.join(format!("{}.png", s.image_id)).is_file() => present += 1,
                     Ok(s) => match store.load_native(s, &limits) {
                         Ok(m) => {
+                            // 16-bit grey like the CLIPSeg source (soft masks keep their levels),
+                            // written to a temporary name and renamed into place.
                             let p = out.join(format!("{}.png", s.image_id));
+                            let tmp = out.join(format!(".{}.png.tmp", s.image_id));
                             m.mask
-                                .to_luma8()
-                                .save(&p)
-                                .with_context(|| format!("writing {}", p.display()))?;
+                                .to_luma16()
+                                .save_with_format(&tmp, image::ImageFormat::Png)
+                                .with_context(|| format!("writing {}", tmp.display()))?;
+                            std::fs::rename(&tmp, &p)
+                                .with_context(|| format!("renaming into {}", p.display()))?;
                             written += 1;
                         }
                         Err(e) => missing.push(format!("{}: {e}", s.image_id)),
@@ -411,7 +418,7 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             }
             pb.finish_and_clear();
             println!(
-                "{written} masks → {} ({:.1} s), {} subjects without a mask",
+                "{written} masks → {} ({:.1} s), {present} already present, {} subjects without a mask",
                 out.display(),
                 start.elapsed().as_secs_f64(),
                 missing.len()

@@ -119,20 +119,42 @@ fn clipseg_masks_are_written_and_bad_images_reported() {
         before
     );
 
-    // The masks feed `synth`'s `dir` source.
-    let o = blipd()
-        .args(["data", "masks", "--source", "dir"])
-        .arg("--from")
-        .arg(&out)
-        .arg("--subjects")
-        .arg(&csv)
-        .arg("--out")
-        .arg(tmp.path().join("copy"))
-        .output()
-        .unwrap();
+    // The masks feed `synth`'s `dir` source; re-exported through it they stay 16-bit with the same
+    // levels, and a rerun keeps what is there.
+    let copy = tmp.path().join("copy");
+    let dir_masks = || {
+        blipd()
+            .args(["data", "masks", "--source", "dir"])
+            .arg("--from")
+            .arg(&out)
+            .arg("--subjects")
+            .arg(&csv)
+            .arg("--out")
+            .arg(&copy)
+            .output()
+            .unwrap()
+    };
+    let o = dir_masks();
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("2 masks"), "{t}");
+    assert!(
+        t.contains("2 masks") && t.contains("0 already present"),
+        "{t}"
+    );
+    let a = image::open(out.join(format!("{}.png", IDS[0]))).unwrap();
+    let b = image::open(copy.join(format!("{}.png", IDS[0]))).unwrap();
+    assert!(
+        matches!(b, image::DynamicImage::ImageLuma16(_)),
+        "{:?}",
+        b.color()
+    );
+    assert_eq!(a.to_luma16(), b.to_luma16());
+    let o = dir_masks();
+    let t = text(&o);
+    assert!(
+        t.contains("0 masks") && t.contains("2 already present"),
+        "{t}"
+    );
 }
 
 #[test]
