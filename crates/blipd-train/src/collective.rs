@@ -23,7 +23,6 @@
 //! helper thread dies with the process — burn-collective's state cannot be aborted, like an NCCL
 //! communicator after `ncclCommAbort`).
 
-use std::any::TypeId;
 use std::net::IpAddr;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -123,8 +122,6 @@ pub struct CollectiveLink {
     node_address: String,
     data_port: u16,
     timeout: Duration,
-    /// The backend this process registered with (burn-collective keeps one client per backend).
-    registered: Option<TypeId>,
 }
 
 /// A port that was free a moment ago on every interface (the OS picks it).
@@ -177,7 +174,6 @@ impl CollectiveLink {
             node_address: ws(&local_ip.to_string(), data_port),
             data_port,
             timeout,
-            registered: None,
         }
     }
 
@@ -220,32 +216,6 @@ impl CollectiveLink {
         }
     }
 
-    fn ensure_registered<B: Backend>(
-        &mut self,
-        device: &B::Device,
-    ) -> std::result::Result<(), LinkError> {
-        let ty = TypeId::of::<B>();
-        match self.registered {
-            Some(t) if t == ty => return Ok(()),
-            Some(_) => {
-                return Err(LinkError::Failed(
-                    "burn-collective is registered with another backend".into(),
-                ))
-            }
-            None => {}
-        }
-        let cfg = self
-            .config()
-            .map_err(|e| LinkError::Failed(e.to_string()))?;
-        let (id, device) = (PeerId(self.rank as u32), device.clone());
-        self.deadline(move || {
-            burn_collective::register::<B>(id, device, cfg)
-                .map_err(|e| format!("registering with the orchestrator: {e:?}"))
-        })?;
-        self.registered = Some(ty);
-        Ok(())
-    }
-
     /// Sums `data` over all ranks in place (every rank gets the same values). The buffer travels
     /// as a `B` tensor on `device`, zero-padded to a multiple of the world size (the ring slices it
     /// into `W` equal parts).
@@ -254,7 +224,9 @@ impl CollectiveLink {
         data: &mut [f32],
         device: &B::Device,
     ) -> std::result::Result<(), LinkError> {
-        self.ensure_registered::<B>(device)?;
+        let cfg = self
+            .config()
+            .map_err(|e| LinkError::Failed(e.to_string()))?;
         let w = self.world_size;
         let n = data.len();
         let padded = n.div_ceil(w).max(1) * w;
@@ -263,16 +235,17 @@ impl CollectiveLink {
         buf.resize(padded, 0.0);
         let t: Tensor<B, 1> = Tensor::from_data(TensorData::new(buf, [padded]), device);
         let prim = t.into_primitive().tensor();
-        let id = PeerId(self.rank as u32);
+        let (id, device) = (PeerId(self.rank as u32), device.clone());
+        // One session per call, the workaround for burn-collective 0.21's node sync (module docs):
+        // register (a fresh node), all-reduce, finish — all inside one deadline.
         let out = self.deadline(move || {
-            burn_collective::all_reduce::<B>(id, prim, ReduceOperation::Sum)
-                .map_err(|e| format!("{e:?}"))
+            burn_collective::register::<B>(id, device, cfg)
+                .map_err(|e| format!("registering with the orchestrator: {e:?}"))?;
+            let out = burn_collective::all_reduce::<B>(id, prim, ReduceOperation::Sum)
+                .map_err(|e| format!("{e:?}"))?;
+            burn_collective::finish_collective::<B>(id).map_err(|e| format!("finish: {e:?}"))?;
+            Ok(out)
         })?;
-        // Work around burn-collective 0.21's node sync (module docs): a fresh node per call.
-        self.deadline(move || {
-            burn_collective::finish_collective::<B>(id).map_err(|e| format!("finish: {e:?}"))
-        })?;
-        self.registered = None;
         let out: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(out));
         let v = out
             .into_data()

@@ -390,8 +390,8 @@ impl DistSync {
     }
 
     /// Rank 0 starts burn-collective's orchestrator on a free port and tells the others; every
-    /// rank picks a free port for its node's data service. The nodes register at the first
-    /// gradient sync (burn-collective registers per backend type).
+    /// rank picks a free port for its node's data service. Nodes register per call (a session for
+    /// each all-reduce, see [`crate::collective`]), with the gradients' backend.
     fn connect_collective(&mut self) -> Result<CollectiveLink> {
         let rank = self.rv.world.rank;
         let port_err = |e: std::io::Error| {
