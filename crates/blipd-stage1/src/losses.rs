@@ -528,10 +528,7 @@ pub fn stage1_losses<B: Backend>(
             Negatives::Given { images, texts } => (images, texts),
             Negatives::Sample(rng) => {
                 let n = text_all.batch;
-                let t2i = host(r.sim_t2i.clone())?;
-                let i2t = host(r.sim_i2t.clone())?;
-                let w_t2i = negative_weights(&t2i, b, n, offset, opts.negative_weights);
-                let w_i2t = negative_weights(&i2t, b, n, offset, opts.negative_weights);
+                let (w_t2i, w_i2t) = itm_weights(r, b, n, offset, opts.negative_weights)?;
                 let imgs = sample_negatives(&w_t2i, b, n, rng)?;
                 let txts = sample_negatives(&w_i2t, b, n, rng)?;
                 (imgs, txts)
@@ -544,10 +541,7 @@ pub fn stage1_losses<B: Backend>(
                     )));
                 }
                 let n = text_all.batch;
-                let t2i = host(r.sim_t2i.clone())?;
-                let i2t = host(r.sim_i2t.clone())?;
-                let w_t2i = negative_weights(&t2i, b, n, offset, opts.negative_weights);
-                let w_i2t = negative_weights(&i2t, b, n, offset, opts.negative_weights);
+                let (w_t2i, w_i2t) = itm_weights(r, b, n, offset, opts.negative_weights)?;
                 let (mut imgs, mut txts) = (Vec::with_capacity(b), Vec::with_capacity(b));
                 for (row, rng) in rngs.iter_mut().enumerate() {
                     let span = row * n..(row + 1) * n;
@@ -586,6 +580,22 @@ pub fn stage1_losses<B: Backend>(
         out.itg = Some(l);
     }
     Ok(out)
+}
+
+/// The hard-negative sampling weights of both directions (text → image, image → text), on the host.
+fn itm_weights<B: Backend>(
+    itc: &Itc<B>,
+    b: usize,
+    n: usize,
+    offset: usize,
+    kind: NegativeWeights,
+) -> Result<(Vec<f32>, Vec<f32>), Stage1Error> {
+    let t2i = host(itc.sim_t2i.clone())?;
+    let i2t = host(itc.sim_i2t.clone())?;
+    Ok((
+        negative_weights(&t2i, b, n, offset, kind),
+        negative_weights(&i2t, b, n, offset, kind),
+    ))
 }
 
 fn host<B: Backend>(t: Tensor<B, 2>) -> Result<Vec<f32>, Stage1Error> {

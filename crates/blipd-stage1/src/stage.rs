@@ -162,7 +162,7 @@ fn gather_across_ranks<B: AutodiffBackend>(
     let w = all.len() / per;
     let device = img.device();
     let (n_img, n_txt, n_emb, n_tok) = (b * q * e, b * e, b * nv * dv, b * t);
-    let (mut imgs, mut txts, mut embs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut imgs, mut txts) = (Vec::new(), Vec::new());
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     let mut emb_parts: Vec<Tensor<B, 3>> = Vec::with_capacity(w);
     for r in 0..w {
@@ -178,10 +178,8 @@ fn gather_across_ranks<B: AutodiffBackend>(
         if r == rank {
             emb_parts.push(emb.clone());
         } else {
-            embs.clear();
-            embs.extend_from_slice(em);
             emb_parts.push(Tensor::from_data(
-                TensorData::new(embs.clone(), [b, nv, dv]),
+                TensorData::new(em.to_vec(), [b, nv, dv]),
                 &device,
             ));
         }
