@@ -48,7 +48,9 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::preprocess::{RgbImage, CLIP_MEAN, CLIP_STD};
-use crate::segment::{pil_resize, ClipSegImageProcessor, PilResample, SegmentError};
+use crate::segment::{
+    pil_resize, processor_fields, ClipSegImageProcessor, PilResample, SegmentError,
+};
 
 /// Image extensions the evaluation reads (generated and real).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
@@ -176,13 +178,7 @@ impl ClipImageProcessor {
             }
         }
         let d = Self::vit_b32();
-        let flag = |key: &str| -> Result<bool, EvalError> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(true),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(o) => Err(bad(key, format!("expected true/false, found {o}"))),
-            }
-        };
+        let flag = |key: &str| processor_fields::flag(v, key, &bad);
         let int = |key: &str, x: &Value| -> Result<usize, EvalError> {
             x.as_u64()
                 .filter(|&n| n > 0)
@@ -228,36 +224,9 @@ impl ClipImageProcessor {
         } else {
             None
         };
-        let resample = match v.get("resample") {
-            None | Some(Value::Null) => d.resample,
-            Some(r) => r
-                .as_i64()
-                .and_then(PilResample::from_pil)
-                .ok_or_else(|| bad("resample", format!("{r} is not a Pillow filter (0–5)")))?,
-        };
-        let rescale_factor = match v.get("rescale_factor") {
-            None | Some(Value::Null) => d.rescale_factor,
-            Some(r) => r
-                .as_f64()
-                .ok_or_else(|| bad("rescale_factor", format!("{r} is not a number")))?,
-        };
-        let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3], EvalError> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| bad(key, format!("{x} is not a number")))?
-                            as f32;
-                    }
-                    Ok(out)
-                }
-                Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
-                Some(o) => Err(bad(key, format!("expected 3 numbers, found {o}"))),
-            }
-        };
+        let resample = processor_fields::resample(v, d.resample, &bad)?;
+        let rescale_factor = processor_fields::rescale_factor(v, d.rescale_factor, &bad)?;
+        let triple = |key: &str, default| processor_fields::triple(v, key, default, &bad);
         let image_std = triple("image_std", d.image_std)?;
         if image_std.contains(&0.0) {
             return Err(bad("image_std", "a zero standard deviation".into()));
@@ -339,23 +308,12 @@ impl ClipImageProcessor {
                     .map_err(|e| EvalError::DinoProcessor(SegmentError::Request(e.to_string())))?
             }
         };
-        let plane = img.width * img.height;
-        let mut chw = vec![0f32; 3 * plane];
-        for (i, px) in img.data.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                // numpy: uint8 → float64 · rescale_factor → float32; normalise in float32.
-                let mut x = if self.do_rescale {
-                    (f64::from(px[c]) * self.rescale_factor) as f32
-                } else {
-                    f32::from(px[c])
-                };
-                if self.do_normalize {
-                    x = (x - self.image_mean[c]) / self.image_std[c];
-                }
-                chw[c * plane + i] = x;
-            }
-        }
-        Ok(chw)
+        Ok(processor_fields::rescale_normalize(
+            &img.data,
+            self.do_rescale.then_some(self.rescale_factor),
+            self.do_normalize
+                .then_some((self.image_mean, self.image_std)),
+        ))
     }
 }
 

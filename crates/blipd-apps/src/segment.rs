@@ -350,6 +350,104 @@ fn pil_resize_nearest(img: &RgbImage, width: usize, height: usize) -> RgbImage {
 // Image processor
 // ---------------------------------------------------------------------------------------------
 
+/// What transformers' image processors share, for [`ClipSegImageProcessor`] and the CLIP processor
+/// of [`crate::eval`]: the `preprocessor_config.json` fields they read the same way (each with the
+/// processor's own default) and the rescale + normalise step.
+pub(crate) mod processor_fields {
+    use super::PilResample;
+    use serde_json::Value;
+
+    /// A `do_*` flag (absent or null: true).
+    pub(crate) fn flag<E>(
+        v: &Value,
+        key: &str,
+        bad: &dyn Fn(&str, String) -> E,
+    ) -> Result<bool, E> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(true),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(o) => Err(bad(key, format!("expected true/false, found {o}"))),
+        }
+    }
+
+    /// `resample` as a Pillow filter number.
+    pub(crate) fn resample<E>(
+        v: &Value,
+        default: PilResample,
+        bad: &dyn Fn(&str, String) -> E,
+    ) -> Result<PilResample, E> {
+        match v.get("resample") {
+            None | Some(Value::Null) => Ok(default),
+            Some(r) => r
+                .as_i64()
+                .and_then(PilResample::from_pil)
+                .ok_or_else(|| bad("resample", format!("{r} is not a Pillow filter (0–5)"))),
+        }
+    }
+
+    /// `rescale_factor`.
+    pub(crate) fn rescale_factor<E>(
+        v: &Value,
+        default: f64,
+        bad: &dyn Fn(&str, String) -> E,
+    ) -> Result<f64, E> {
+        match v.get("rescale_factor") {
+            None | Some(Value::Null) => Ok(default),
+            Some(r) => r
+                .as_f64()
+                .ok_or_else(|| bad("rescale_factor", format!("{r} is not a number"))),
+        }
+    }
+
+    /// `image_mean` / `image_std`: three numbers, or one for all channels.
+    pub(crate) fn triple<E>(
+        v: &Value,
+        key: &str,
+        default: [f32; 3],
+        bad: &dyn Fn(&str, String) -> E,
+    ) -> Result<[f32; 3], E> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(f64::from(default[0])) as f32; 3]),
+            Some(Value::Array(a)) if a.len() == 3 => {
+                let mut out = [0f32; 3];
+                for (o, x) in out.iter_mut().zip(a) {
+                    *o = x
+                        .as_f64()
+                        .ok_or_else(|| bad(key, format!("{x} is not a number")))?
+                        as f32;
+                }
+                Ok(out)
+            }
+            Some(o) => Err(bad(key, format!("expected 3 numbers, found {o}"))),
+        }
+    }
+
+    /// Interleaved RGB bytes → channel-major `[3, plane]` f32, as numpy does it in transformers:
+    /// uint8 · `rescale_factor` in float64, cast to float32, then `(x − mean) / std` in float32.
+    pub(crate) fn rescale_normalize(
+        rgb: &[u8],
+        rescale: Option<f64>,
+        normalize: Option<([f32; 3], [f32; 3])>,
+    ) -> Vec<f32> {
+        let plane = rgb.len() / 3;
+        let mut chw = vec![0f32; 3 * plane];
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let mut x = match rescale {
+                    Some(f) => (f64::from(px[c]) * f) as f32,
+                    None => f32::from(px[c]),
+                };
+                if let Some((mean, std)) = normalize {
+                    x = (x - mean[c]) / std[c];
+                }
+                chw[c * plane + i] = x;
+            }
+        }
+        chw
+    }
+}
+
 /// transformers `ViTImageProcessor` as configured by a CLIPSeg `preprocessor_config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipSegImageProcessor {
@@ -413,13 +511,7 @@ impl ClipSegImageProcessor {
                 }
             }
         }
-        let flag = |key: &str| -> Result<bool, SegmentError> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(true),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(o) => Err(bad(key, format!("expected true/false, found {o}"))),
-            }
-        };
+        let flag = |key: &str| processor_fields::flag(v, key, &bad);
         if !flag("do_resize")? {
             return Err(bad(
                 "do_resize",
@@ -456,36 +548,9 @@ impl ClipSegImageProcessor {
                 format!("CLIPSeg needs a square input, found {}×{}", size.1, size.0),
             ));
         }
-        let resample = match v.get("resample") {
-            None | Some(Value::Null) => PilResample::Bilinear,
-            Some(r) => r
-                .as_i64()
-                .and_then(PilResample::from_pil)
-                .ok_or_else(|| bad("resample", format!("{r} is not a Pillow filter (0–5)")))?,
-        };
-        let rescale_factor = match v.get("rescale_factor") {
-            None | Some(Value::Null) => 1.0 / 255.0,
-            Some(r) => r
-                .as_f64()
-                .ok_or_else(|| bad("rescale_factor", format!("{r} is not a number")))?,
-        };
-        let triple = |key: &str| -> Result<[f32; 3], SegmentError> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok([0.5; 3]),
-                Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.5) as f32; 3]),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| bad(key, format!("{x} is not a number")))?
-                            as f32;
-                    }
-                    Ok(out)
-                }
-                Some(o) => Err(bad(key, format!("expected 3 numbers, found {o}"))),
-            }
-        };
+        let resample = processor_fields::resample(v, PilResample::Bilinear, &bad)?;
+        let rescale_factor = processor_fields::rescale_factor(v, 1.0 / 255.0, &bad)?;
+        let triple = |key: &str| processor_fields::triple(v, key, [0.5; 3], &bad);
         let image_std = triple("image_std")?;
         if image_std.contains(&0.0) {
             return Err(bad("image_std", "a zero standard deviation".into()));
@@ -505,23 +570,12 @@ impl ClipSegImageProcessor {
     pub fn pixel_values(&self, img: &RgbImage) -> Result<Vec<f32>, SegmentError> {
         let (h, w) = self.size;
         let r = pil_resize(img, w, h, self.resample)?;
-        let plane = h * w;
-        let mut chw = vec![0f32; 3 * plane];
-        for (i, px) in r.data.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                // numpy: uint8 * python float → float64, then astype(float32); normalise in float32.
-                let mut x = if self.do_rescale {
-                    (f64::from(px[c]) * self.rescale_factor) as f32
-                } else {
-                    f32::from(px[c])
-                };
-                if self.do_normalize {
-                    x = (x - self.image_mean[c]) / self.image_std[c];
-                }
-                chw[c * plane + i] = x;
-            }
-        }
-        Ok(chw)
+        Ok(processor_fields::rescale_normalize(
+            &r.data,
+            self.do_rescale.then_some(self.rescale_factor),
+            self.do_normalize
+                .then_some((self.image_mean, self.image_std)),
+        ))
     }
 }
 
