@@ -58,76 +58,9 @@ impl RgbImage {
         Self::new(w as usize, h as usize, img.into_raw())
     }
 
-    fn px(&self, x: usize, y: usize, c: usize) -> u8 {
-        self.data[(y * self.width + x) * 3 + c]
-    }
-
-    /// `PIL.Image.resize((width, height), Image.BICUBIC)` (no `reducing_gap`).
+    /// `PIL.Image.resize((width, height), Image.BICUBIC)` (no `reducing_gap`): [`pil_resize`].
     pub fn resize_bicubic(&self, width: usize, height: usize) -> Result<Self, AppError> {
-        if width == 0 || height == 0 {
-            return Err(AppError::Image(format!(
-                "cannot resize to {width}×{height}"
-            )));
-        }
-        if (width, height) == (self.width, self.height) {
-            return Ok(self.clone());
-        }
-        let horiz = Coeffs::new(self.width, width);
-        let vert = Coeffs::new(self.height, height);
-        // Horizontal pass over the rows the vertical pass will read.
-        let tmp = if width != self.width {
-            let first = vert.bounds[0].0;
-            let (lmin, lsize) = vert.bounds[height - 1];
-            let last = lmin + lsize;
-            let mut out = vec![0u8; (last - first) * width * 3];
-            for (yo, y) in (first..last).enumerate() {
-                for xx in 0..width {
-                    let (xmin, xsize) = horiz.bounds[xx];
-                    let k = &horiz.kk[xx * horiz.ksize..xx * horiz.ksize + xsize];
-                    for c in 0..3 {
-                        let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                        for (i, &w) in k.iter().enumerate() {
-                            ss += i64::from(self.px(xmin + i, y, c)) * i64::from(w);
-                        }
-                        out[(yo * width + xx) * 3 + c] = clip8(ss);
-                    }
-                }
-            }
-            (
-                Self {
-                    width,
-                    height: last - first,
-                    data: out,
-                },
-                first,
-            )
-        } else {
-            (self.clone(), 0)
-        };
-        let (src, shift) = tmp;
-        if height == self.height {
-            return Ok(src);
-        }
-        let mut out = vec![0u8; width * height * 3];
-        for yy in 0..height {
-            let (ymin, ysize) = vert.bounds[yy];
-            let ymin = ymin - shift;
-            let k = &vert.kk[yy * vert.ksize..yy * vert.ksize + ysize];
-            for xx in 0..width {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        ss += i64::from(src.px(xx, ymin + i, c)) * i64::from(w);
-                    }
-                    out[(yy * width + xx) * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        Ok(Self {
-            width,
-            height,
-            data: out,
-        })
+        pil_resize(self, width, height, PilResample::Bicubic)
     }
 
     /// Crop `[left, left + w) × [top, top + h)`.
@@ -147,52 +80,132 @@ impl RgbImage {
     }
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
+// ---------------------------------------------------------------------------------------------
+// Pillow resampling
+// ---------------------------------------------------------------------------------------------
 
-fn clip8(ss: i64) -> u8 {
-    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+/// Pillow's resampling filters, by their `PIL.Image.Resampling` value (what `resample` holds in a
+/// `preprocessor_config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PilResample {
+    Nearest,
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
 }
 
-/// Keys cubic convolution kernel with a = −0.5 (Pillow's `bicubic_filter`), support 2.
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
+impl PilResample {
+    pub fn from_pil(v: i64) -> Option<Self> {
+        Some(match v {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            _ => return None,
+        })
+    }
+
+    /// Half-width of the kernel at scale 1 (Pillow's `filter->support`).
+    fn support(self) -> f64 {
+        match self {
+            Self::Nearest | Self::Box => 0.5,
+            Self::Bilinear | Self::Hamming => 1.0,
+            Self::Bicubic => 2.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn kernel(self, x: f64) -> f64 {
+        use std::f64::consts::PI;
+        match self {
+            Self::Nearest | Self::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Self::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Self::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * PI;
+                    x.sin() / x * (0.46 + 0.54 * x.cos())
+                }
+            }
+            Self::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Self::Lanczos => {
+                let sinc = |x: f64| {
+                    if x == 0.0 {
+                        1.0
+                    } else {
+                        (x * PI).sin() / (x * PI)
+                    }
+                };
+                if -3.0 < x && x < 3.0 {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
     }
 }
 
-/// Per-output-pixel source window `(first, len)` and fixed-point weights (Pillow `precompute_coeffs`
-/// followed by `normalize_coeffs_8bpc`).
-struct Coeffs {
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per-output-pixel source window and 8-bit fixed-point weights (Pillow `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`).
+struct PilCoeffs {
     ksize: usize,
     bounds: Vec<(usize, usize)>,
     kk: Vec<i32>,
 }
 
-impl Coeffs {
-    fn new(in_size: usize, out_size: usize) -> Self {
+impl PilCoeffs {
+    fn new(in_size: usize, out_size: usize, filter: PilResample) -> Self {
         let scale = in_size as f64 / out_size as f64;
         let filterscale = scale.max(1.0);
-        let support = 2.0 * filterscale;
+        let support = filter.support() * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
+        let ss = 1.0 / filterscale;
         let mut bounds = Vec::with_capacity(out_size);
         let mut kk = vec![0i32; out_size * ksize];
-        let ss = 1.0 / filterscale;
         let mut w = vec![0f64; ksize];
         for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
-            // C casts truncate toward zero.
+            // C `(int)` truncates toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let n = xmax.saturating_sub(xmin);
+            let n = xmax.saturating_sub(xmin).min(ksize);
             let mut total = 0.0;
             for (x, wx) in w.iter_mut().enumerate().take(n) {
-                *wx = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+                *wx = filter.kernel((x as f64 + xmin as f64 - center + 0.5) * ss);
                 total += *wx;
             }
             for x in 0..n {
@@ -207,6 +220,112 @@ impl Coeffs {
             bounds.push((xmin, n));
         }
         Self { ksize, bounds, kk }
+    }
+
+    fn weights(&self, i: usize) -> (usize, &[i32]) {
+        let (first, n) = self.bounds[i];
+        (first, &self.kk[i * self.ksize..i * self.ksize + n])
+    }
+}
+
+fn clip8(ss: i64) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// `PIL.Image.resize((width, height), resample)` of an 8-bit RGB image (no `box`, no `reducing_gap`),
+/// equal to Pillow's output byte for byte: separable fixed-point convolution, horizontal pass first, rows
+/// rounded and clipped to `u8` between the passes; `Nearest` is Pillow's affine nearest-neighbour scaling.
+pub fn pil_resize(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    filter: PilResample,
+) -> Result<RgbImage, AppError> {
+    if width == 0 || height == 0 {
+        return Err(AppError::Image(format!(
+            "cannot resize to {width}×{height}"
+        )));
+    }
+    if (width, height) == (img.width, img.height) {
+        return Ok(img.clone());
+    }
+    if filter == PilResample::Nearest {
+        return Ok(pil_resize_nearest(img, width, height));
+    }
+    let mut cur = img.clone();
+    if width != cur.width {
+        let c = PilCoeffs::new(cur.width, width, filter);
+        let mut out = vec![0u8; width * cur.height * 3];
+        for (src, dst) in cur
+            .data
+            .chunks_exact(cur.width * 3)
+            .zip(out.chunks_exact_mut(width * 3))
+        {
+            for xx in 0..width {
+                let (first, k) = c.weights(xx);
+                for ch in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        ss += i64::from(src[(first + i) * 3 + ch]) * i64::from(w);
+                    }
+                    dst[xx * 3 + ch] = clip8(ss);
+                }
+            }
+        }
+        cur = RgbImage {
+            width,
+            height: cur.height,
+            data: out,
+        };
+    }
+    if height != cur.height {
+        let c = PilCoeffs::new(cur.height, height, filter);
+        let row = width * 3;
+        let mut out = vec![0u8; height * row];
+        for (yy, dst) in out.chunks_exact_mut(row).enumerate() {
+            let (first, k) = c.weights(yy);
+            for (x, d) in dst.iter_mut().enumerate() {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &w) in k.iter().enumerate() {
+                    ss += i64::from(cur.data[(first + i) * row + x]) * i64::from(w);
+                }
+                *d = clip8(ss);
+            }
+        }
+        cur = RgbImage {
+            width,
+            height,
+            data: out,
+        };
+    }
+    Ok(cur)
+}
+
+/// Pillow `ImagingScaleAffine`: source coordinate accumulated in f64 from `scale / 2`, truncated.
+fn pil_resize_nearest(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let index = |n_in: usize, n_out: usize| -> Vec<usize> {
+        let a = n_in as f64 / n_out as f64;
+        let mut v = a * 0.5;
+        (0..n_out)
+            .map(|_| {
+                let i = (v as usize).min(n_in - 1);
+                v += a;
+                i
+            })
+            .collect()
+    };
+    let (xs, ys) = (index(img.width, width), index(img.height, height));
+    let mut data = Vec::with_capacity(width * height * 3);
+    for &y in &ys {
+        for &x in &xs {
+            let p = (y * img.width + x) * 3;
+            data.extend_from_slice(&img.data[p..p + 3]);
+        }
+    }
+    RgbImage {
+        width,
+        height,
+        data,
     }
 }
 

@@ -101,249 +101,17 @@ pub enum SegmentError {
 // Pillow resampling
 // ---------------------------------------------------------------------------------------------
 
-/// Pillow's resampling filters, by their `PIL.Image.Resampling` value (what `resample` holds in a
-/// `preprocessor_config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PilResample {
-    Nearest,
-    Lanczos,
-    Bilinear,
-    Bicubic,
-    Box,
-    Hamming,
-}
+pub use crate::preprocess::PilResample;
 
-impl PilResample {
-    pub fn from_pil(v: i64) -> Option<Self> {
-        Some(match v {
-            0 => Self::Nearest,
-            1 => Self::Lanczos,
-            2 => Self::Bilinear,
-            3 => Self::Bicubic,
-            4 => Self::Box,
-            5 => Self::Hamming,
-            _ => return None,
-        })
-    }
-
-    /// Half-width of the kernel at scale 1 (Pillow's `filter->support`).
-    fn support(self) -> f64 {
-        match self {
-            Self::Nearest | Self::Box => 0.5,
-            Self::Bilinear | Self::Hamming => 1.0,
-            Self::Bicubic => 2.0,
-            Self::Lanczos => 3.0,
-        }
-    }
-
-    fn kernel(self, x: f64) -> f64 {
-        use std::f64::consts::PI;
-        match self {
-            Self::Nearest | Self::Box => {
-                if x > -0.5 && x <= 0.5 {
-                    1.0
-                } else {
-                    0.0
-                }
-            }
-            Self::Bilinear => {
-                let x = x.abs();
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            }
-            Self::Hamming => {
-                let x = x.abs();
-                if x == 0.0 {
-                    1.0
-                } else if x >= 1.0 {
-                    0.0
-                } else {
-                    let x = x * PI;
-                    x.sin() / x * (0.46 + 0.54 * x.cos())
-                }
-            }
-            Self::Bicubic => {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            }
-            Self::Lanczos => {
-                let sinc = |x: f64| {
-                    if x == 0.0 {
-                        1.0
-                    } else {
-                        (x * PI).sin() / (x * PI)
-                    }
-                };
-                if -3.0 < x && x < 3.0 {
-                    sinc(x) * sinc(x / 3.0)
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
-}
-
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Per-output-pixel source window and 8-bit fixed-point weights (Pillow `precompute_coeffs` +
-/// `normalize_coeffs_8bpc`).
-struct PilCoeffs {
-    ksize: usize,
-    bounds: Vec<(usize, usize)>,
-    kk: Vec<i32>,
-}
-
-impl PilCoeffs {
-    fn new(in_size: usize, out_size: usize, filter: PilResample) -> Self {
-        let scale = in_size as f64 / out_size as f64;
-        let filterscale = scale.max(1.0);
-        let support = filter.support() * filterscale;
-        let ksize = support.ceil() as usize * 2 + 1;
-        let ss = 1.0 / filterscale;
-        let mut bounds = Vec::with_capacity(out_size);
-        let mut kk = vec![0i32; out_size * ksize];
-        let mut w = vec![0f64; ksize];
-        for xx in 0..out_size {
-            let center = (xx as f64 + 0.5) * scale;
-            // C `(int)` truncates toward zero.
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let n = xmax.saturating_sub(xmin).min(ksize);
-            let mut total = 0.0;
-            for (x, wx) in w.iter_mut().enumerate().take(n) {
-                *wx = filter.kernel((x as f64 + xmin as f64 - center + 0.5) * ss);
-                total += *wx;
-            }
-            for x in 0..n {
-                let v = if total != 0.0 { w[x] / total } else { w[x] };
-                let f = v * f64::from(1u32 << PRECISION_BITS);
-                kk[xx * ksize + x] = if v < 0.0 {
-                    (-0.5 + f) as i32
-                } else {
-                    (0.5 + f) as i32
-                };
-            }
-            bounds.push((xmin, n));
-        }
-        Self { ksize, bounds, kk }
-    }
-
-    fn weights(&self, i: usize) -> (usize, &[i32]) {
-        let (first, n) = self.bounds[i];
-        (first, &self.kk[i * self.ksize..i * self.ksize + n])
-    }
-}
-
-fn clip8(ss: i64) -> u8 {
-    (ss >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// `PIL.Image.resize((width, height), resample)` of an 8-bit RGB image (no `box`, no `reducing_gap`),
-/// equal to Pillow's output byte for byte: separable fixed-point convolution, horizontal pass first, rows
-/// rounded and clipped to `u8` between the passes; `Nearest` is Pillow's affine nearest-neighbour scaling.
+/// [`crate::preprocess::pil_resize`] with this module's error type.
 pub fn pil_resize(
     img: &RgbImage,
     width: usize,
     height: usize,
     filter: PilResample,
 ) -> Result<RgbImage, SegmentError> {
-    if width == 0 || height == 0 {
-        return Err(SegmentError::Request(format!(
-            "cannot resize to {width}×{height}"
-        )));
-    }
-    if (width, height) == (img.width, img.height) {
-        return Ok(img.clone());
-    }
-    if filter == PilResample::Nearest {
-        return Ok(pil_resize_nearest(img, width, height));
-    }
-    let mut cur = img.clone();
-    if width != cur.width {
-        let c = PilCoeffs::new(cur.width, width, filter);
-        let mut out = vec![0u8; width * cur.height * 3];
-        for (src, dst) in cur
-            .data
-            .chunks_exact(cur.width * 3)
-            .zip(out.chunks_exact_mut(width * 3))
-        {
-            for xx in 0..width {
-                let (first, k) = c.weights(xx);
-                for ch in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        ss += i64::from(src[(first + i) * 3 + ch]) * i64::from(w);
-                    }
-                    dst[xx * 3 + ch] = clip8(ss);
-                }
-            }
-        }
-        cur = RgbImage {
-            width,
-            height: cur.height,
-            data: out,
-        };
-    }
-    if height != cur.height {
-        let c = PilCoeffs::new(cur.height, height, filter);
-        let row = width * 3;
-        let mut out = vec![0u8; height * row];
-        for (yy, dst) in out.chunks_exact_mut(row).enumerate() {
-            let (first, k) = c.weights(yy);
-            for (x, d) in dst.iter_mut().enumerate() {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (i, &w) in k.iter().enumerate() {
-                    ss += i64::from(cur.data[(first + i) * row + x]) * i64::from(w);
-                }
-                *d = clip8(ss);
-            }
-        }
-        cur = RgbImage {
-            width,
-            height,
-            data: out,
-        };
-    }
-    Ok(cur)
-}
-
-/// Pillow `ImagingScaleAffine`: source coordinate accumulated in f64 from `scale / 2`, truncated.
-fn pil_resize_nearest(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let index = |n_in: usize, n_out: usize| -> Vec<usize> {
-        let a = n_in as f64 / n_out as f64;
-        let mut v = a * 0.5;
-        (0..n_out)
-            .map(|_| {
-                let i = (v as usize).min(n_in - 1);
-                v += a;
-                i
-            })
-            .collect()
-    };
-    let (xs, ys) = (index(img.width, width), index(img.height, height));
-    let mut data = Vec::with_capacity(width * height * 3);
-    for &y in &ys {
-        for &x in &xs {
-            let p = (y * img.width + x) * 3;
-            data.extend_from_slice(&img.data[p..p + 3]);
-        }
-    }
-    RgbImage {
-        width,
-        height,
-        data,
-    }
+    crate::preprocess::pil_resize(img, width, height, filter)
+        .map_err(|e| SegmentError::Request(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1309,7 +1077,8 @@ mod tests {
 
     #[test]
     fn generic_bicubic_equals_the_pillow_exact_bicubic_port() {
-        // `RgbImage::resize_bicubic` is checked byte for byte against Pillow in the pipeline tests.
+        // `RgbImage::resize_bicubic` is this resampler at `Bicubic` (one implementation) and is
+        // checked byte for byte against Pillow in the pipeline tests; this pins the two entry points.
         for (w, h, ow, oh) in [(37, 23, 64, 64), (90, 61, 33, 47), (20, 30, 20, 71)] {
             let img = ramp(w, h);
             let ours = pil_resize(&img, ow, oh, PilResample::Bicubic).unwrap();
