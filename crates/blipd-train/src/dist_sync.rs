@@ -917,16 +917,14 @@ impl<B: Backend> GradSync<B> for DistSync {
 /// silent (sleep) right after the control message of its `<sync>`-th gradient synchronisation
 /// (0-based), i.e. while its peers are inside the bucket all-reduce.
 fn failpoint_hang_after_control(rank: usize, sync: u64) {
-    let Ok(v) = std::env::var("BLIPD_FAILPOINT_HANG") else {
-        return;
-    };
-    let parsed = v.split_once(':').and_then(|(r, s)| {
-        Some((
-            r.trim().parse::<usize>().ok()?,
-            s.trim().parse::<u64>().ok()?,
-        ))
+    // Read once per process: this runs on every synchronisation.
+    static POINT: std::sync::OnceLock<Option<(usize, u64)>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| {
+        let v = std::env::var("BLIPD_FAILPOINT_HANG").ok()?;
+        let (r, s) = v.split_once(':')?;
+        Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
     });
-    if parsed == Some((rank, sync)) {
+    if *point == Some((rank, sync)) {
         tracing::warn!("BLIPD_FAILPOINT_HANG: rank {rank} goes silent at sync {sync}");
         std::thread::sleep(Duration::from_secs(24 * 3600));
     }
