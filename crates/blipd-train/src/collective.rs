@@ -13,8 +13,8 @@
 //! all-reduce in a process therefore waits forever (reproduced by `tests/collective.rs` before the
 //! workaround: the first bucket went through, the second hung). Each call is therefore its own
 //! session: register (a fresh node, fresh sync state), all-reduce, `finish_collective`. That costs a
-//! few websocket handshakes per bucket: 52–58 ms per sync of a 1.1 MB bucket on 2 local processes
-//! here, against 8–11 ms through the `tcp` star (docs/distributed.md); the default 25 MiB buckets
+//! few websocket handshakes per bucket: 49–62 ms per sync of a 1.1 MB bucket on 2 local processes
+//! here, against 8–16 ms through the `tcp` star (docs/distributed.md); the default 25 MiB buckets
 //! keep the calls few.
 //!
 //! burn-collective has no timeouts of its own (a dead peer blocks its calls forever), so every call
