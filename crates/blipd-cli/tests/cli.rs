@@ -125,6 +125,34 @@ fn pretrain_resume_and_plot() {
         run.join("stage2/samples").is_dir(),
         "a sample grid at the end"
     );
+    // The run ends with a pipeline folder that `blipd generate` takes.
+    let png = run.join("gen.png");
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(run.join("stage2/export"))
+        .arg("--image")
+        .arg(pipeline_fixture().join("reference.png"))
+        .args([
+            "--subject",
+            "ball",
+            "--prompt",
+            "on a beach",
+            "--steps",
+            "2",
+        ])
+        .args(["--height", "16", "--width", "16", "--out"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // As in diffusers, the latent size is height / 2^(U-Net levels − 1) (2 for the tiny U-Net), and
+    // the tiny VAE decodes ×4: 16 → 8×8 latents → 32×32 pixels (both factors are 8 for SD-1.5).
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (32, 32));
 
     // Resume with a longer schedule continues from step 4.
     let out = blipd()

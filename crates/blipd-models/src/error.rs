@@ -34,3 +34,27 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
         source,
     })
 }
+
+/// Write a value as pretty JSON (temp file + rename, so a reader never sees half a file), creating the
+/// parent folder; `class_name` adds diffusers' `_class_name` to an object.
+pub fn write_json<T: serde::Serialize>(
+    path: &std::path::Path,
+    value: &T,
+    class_name: Option<&str>,
+) -> Result<(), ModelError> {
+    let mut v = serde_json::to_value(value)
+        .map_err(|e| ModelError::Invalid(format!("serialising {}: {e}", path.display())))?;
+    if let (Some(name), Some(obj)) = (class_name, v.as_object_mut()) {
+        obj.insert("_class_name".into(), name.into());
+    }
+    let text = serde_json::to_string_pretty(&v)
+        .map_err(|e| ModelError::Invalid(format!("serialising {}: {e}", path.display())))?;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    crate::weights::atomic_write(path, text.as_bytes()).map_err(io)
+}

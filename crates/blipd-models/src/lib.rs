@@ -21,4 +21,4 @@ pub mod unet;
 pub mod vae;
 
 pub mod error;
-pub use error::{read_json, ModelError};
+pub use error::{read_json, write_json, ModelError};

@@ -235,6 +235,18 @@ pub fn write_clip_vocab_files(bpe_txt: &Path, out_dir: &Path) -> Result<(), Mode
     Ok(())
 }
 
+/// The model files of a tokenizer (`vocab.json` + `merges.txt` for BPE, `vocab.txt` for WordPiece).
+fn save_model_files(t: &Tokenizer, dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    use ::tokenizers::Model;
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    t.get_model()
+        .save(dir, None)
+        .map_err(|e| tok_err(format!("writing the tokenizer into {}", dir.display()), e))
+}
+
 impl ClipTokenizer {
     /// From HF `vocab.json` + `merges.txt`.
     pub fn from_vocab_merges(vocab_json: &Path, merges_txt: &Path) -> Result<Self, ModelError> {
@@ -311,6 +323,12 @@ impl ClipTokenizer {
                 path.display()
             ))),
         }
+    }
+
+    /// Write `vocab.json` + `merges.txt` into `dir` (created if needed), the files [`Self::from_dir`]
+    /// reads back into the same tokenizer.
+    pub fn save_dir(&self, dir: &Path) -> Result<(), ModelError> {
+        save_model_files(&self.inner, dir).map(|_| ())
     }
 
     /// From a tokenizer folder: `vocab.json` + `merges.txt` (preferred, what the released
@@ -765,6 +783,15 @@ impl BertTokenizer {
             .build()
             .map_err(|e| tok_err(format!("reading {}", vocab_txt.display()), e))?;
         Self::from_wordpiece(wp, &vocab_txt.display().to_string())
+    }
+
+    /// Write the WordPiece vocabulary as `dir/vocab.txt` (one token per line, id = line; without
+    /// `[DEC]`, which [`Self::from_vocab`] appends again) and return its path.
+    pub fn save_vocab(&self, dir: &Path) -> Result<PathBuf, ModelError> {
+        let files = save_model_files(&self.inner, dir)?;
+        files.into_iter().next().ok_or_else(|| {
+            ModelError::Tokenizer(format!("no vocabulary file written in {}", dir.display()))
+        })
     }
 
     /// From an in-memory vocabulary (id = index).

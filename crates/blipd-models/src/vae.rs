@@ -690,6 +690,16 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn save(&self, path: &std::path::Path) -> Result<(), ModelError> {
         Ok(save_safetensors(self, &Self::reverse_key_map(), path)?)
     }
+
+    /// Save as a diffusers component folder (`config.json` + `diffusion_pytorch_model.safetensors`),
+    /// what [`Self::load`] reads.
+    pub fn save_diffusers(
+        &self,
+        config: &VaeConfig,
+        dir: &std::path::Path,
+    ) -> Result<(), ModelError> {
+        crate::unet::save_component(self, config, &Self::reverse_key_map(), dir, "AutoencoderKL")
+    }
 }
 
 /// A batch of 8-bit images, `NHWC`, row-major.

@@ -8,6 +8,7 @@
 //! plain text-to-image ability.
 
 pub mod config;
+pub mod export;
 pub mod model;
 pub mod prompt;
 pub mod run;
@@ -15,6 +16,7 @@ pub mod stage;
 pub mod tiny;
 
 pub use config::{PromptTemplate, QFormerInit, Stage2Config};
+pub use export::export_pipeline;
 pub use model::{Stage2Components, Stage2Model};
 pub use prompt::PromptBuilder;
 pub use stage::{Stage2, Stage2Batch};

@@ -33,22 +33,6 @@ impl<B: Backend> Stage2Model<B> {
         }
         self
     }
-
-    /// Save in the diffusers layout (`qformer/`, `text_encoder/`, `unet/` safetensors).
-    pub fn save_diffusers(&self, dir: &Path) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir.join("qformer")).map_err(|source| ModelError::Io {
-            path: dir.join("qformer"),
-            source,
-        })?;
-        std::fs::create_dir_all(dir.join("text_encoder")).map_err(|source| ModelError::Io {
-            path: dir.join("text_encoder"),
-            source,
-        })?;
-        self.qformer.save(&dir.join("qformer/model.safetensors"))?;
-        self.text_encoder
-            .save(&dir.join("text_encoder/model.safetensors"))?;
-        self.unet.save_diffusers(&dir.join("unet"))
-    }
 }
 
 /// Everything stage 2 needs, built from a preset or loaded from a diffusers folder.
@@ -56,6 +40,9 @@ pub struct Stage2Components<B: Backend> {
     pub model: Stage2Model<B>,
     pub vae: AutoencoderKL<B>,
     pub vae_config: VaeConfig,
+    /// Configs of the trainable networks (the U-Net carries its own), for exporting.
+    pub blip_config: Blip2Config,
+    pub text_config: ClipTextConfig,
     pub clip_tokenizer: ClipTokenizer,
     pub bert_tokenizer: BertTokenizer,
     /// Vision tower input size (224 at full size).
@@ -128,6 +115,8 @@ impl<B: Backend> Stage2Components<B> {
             },
             vae: vae.init(device)?,
             vae_config: vae,
+            blip_config: blip,
+            text_config: text,
             clip_tokenizer,
             bert_tokenizer,
             image_size,
@@ -157,11 +146,14 @@ impl<B: Backend> Stage2Components<B> {
             }
         };
         let text_encoder = ContextClipTextModel::from_dir(&dir.join("text_encoder"), device)?;
+        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
         let unet = unet::load(&folder.component("unet"), device)?;
         let (vae, vae_config) = AutoencoderKL::load(&folder.component("vae"), device)?;
         let clip_tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let bert_tokenizer = BertTokenizer::resolve(Some(dir), cfg.bert_vocab.as_deref())?;
         Ok(Self {
+            blip_config: blip.clone(),
+            text_config,
             image_size: blip.vision_config.image_size,
             num_ctx: blip.num_query_tokens,
             max_text_len: text_encoder.max_position_embeddings,

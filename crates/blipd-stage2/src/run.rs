@@ -96,12 +96,9 @@ pub fn fit_stage2<B: AutodiffBackend>(
     device: B::Device,
     (mut stage, model, data): (Stage2<B>, crate::Stage2Model<B>, Source),
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)? {
-        None => {
-            let mut data = data;
-            let mut trainer = Trainer::from_run_config(cfg, stage, model, device)?;
-            trainer.fit(&mut data)
-        }
+    let (mut trainer, mut data) = match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)?
+    {
+        None => (Trainer::from_run_config(cfg, stage, model, device)?, data),
         Some(mut sync) => {
             let (rank, world) = (
                 GradSync::<B::InnerBackend>::rank(&sync),
@@ -110,12 +107,40 @@ pub fn fit_stage2<B: AutodiffBackend>(
             let model = sync.broadcast_module(model, "stage-2 model")?;
             stage.vae = sync.broadcast_module(stage.vae, "frozen VAE")?;
             sync.track_params::<B, _>(&model)?;
-            let mut data = data.with_rank(rank, world);
-            let mut trainer =
+            let data = data.with_rank(rank, world);
+            let trainer =
                 Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
-            trainer.fit(&mut data)
+            (trainer, data)
         }
+    };
+    let summary = trainer.fit(&mut data)?;
+    if trainer.rank() == 0 {
+        // With EMA on, the averaged weights are the ones to keep (as diffusers' training scripts save).
+        let dir = match trainer.ema_model() {
+            Some(ema) => crate::export::export_pipeline(trainer.stage(), ema, &export_dir(cfg))?,
+            None => {
+                crate::export::export_pipeline(trainer.stage(), trainer.model(), &export_dir(cfg))?
+            }
+        };
+        tracing::info!(
+            "stage 2: exported the pipeline{} to {}",
+            if trainer.ema_model().is_some() {
+                " (EMA weights)"
+            } else {
+                ""
+            },
+            dir.display()
+        );
     }
+    // Whoever runs next (generation, evaluation) may read the export on any rank.
+    trainer.barrier()?;
+    Ok(summary)
+}
+
+/// Where [`fit_stage2`] exports the trained pipeline: `<run.dir>/export` (a BlipDiffusion folder, see
+/// [`crate::export`]).
+pub fn export_dir(cfg: &Stage2RunConfig) -> PathBuf {
+    cfg.run.dir.join("export")
 }
 
 /// Builds a batch from sample indices and the samples' global positions.

@@ -1,11 +1,11 @@
 //! The stage-2 [`Stage`] implementation: diffusion loss on (composite → original) pairs.
 
-use std::path::Path;
-
+use blipd_models::ctx_clip_text::ClipTextConfig;
+use blipd_models::qformer::Blip2Config;
 use blipd_models::schedulers::ddpm::DdpmScheduler;
 use blipd_models::schedulers::pndm::PndmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
-use blipd_models::vae::AutoencoderKL;
+use blipd_models::vae::{AutoencoderKL, VaeConfig};
 use blipd_train::{SampleContext, Stage, StepOutput, TrainRng};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -52,6 +52,10 @@ impl Stage2Batch {
 pub struct Stage2<B: AutodiffBackend> {
     pub config: Stage2Config,
     pub vae: AutoencoderKL<B::InnerBackend>,
+    pub vae_config: VaeConfig,
+    /// Configs of the Q-Former composite and the text encoder (for [`crate::export::export_pipeline`]).
+    pub blip_config: Blip2Config,
+    pub text_config: ClipTextConfig,
     pub ddpm: DdpmScheduler,
     pub clip_tokenizer: ClipTokenizer,
     pub bert_tokenizer: BertTokenizer,
@@ -84,6 +88,9 @@ impl<B: AutodiffBackend> Stage2<B> {
         let model = parts.model.with_frozen(&config);
         let stage = Self {
             vae: parts.vae.valid(),
+            vae_config: parts.vae_config.clone(),
+            blip_config: parts.blip_config,
+            text_config: parts.text_config,
             ddpm: DdpmScheduler::sd15(),
             clip_tokenizer: parts.clip_tokenizer,
             bert_tokenizer: parts.bert_tokenizer,
@@ -444,9 +451,4 @@ pub fn grid(tiles: &[image::RgbImage]) -> image::RgbImage {
         x0 += t.width();
     }
     out
-}
-
-/// Save the trainable model in the diffusers layout.
-pub fn export<B: Backend>(model: &Stage2Model<B>, dir: &Path) -> Result<(), Stage2Error> {
-    Ok(model.save_diffusers(dir)?)
 }

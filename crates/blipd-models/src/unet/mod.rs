@@ -804,23 +804,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
 }
 
 /// Write `config.json` (with `_class_name`) and the weights of a diffusers component.
-pub(crate) fn save_component<B: Backend, M: burn_store::ModuleSnapshot<B>, C: Serialize>(
+pub fn save_component<B: Backend, M: burn_store::ModuleSnapshot<B>, C: Serialize>(
     module: &M,
     config: &C,
     reverse: &KeyMap,
     dir: &Path,
     class_name: &str,
 ) -> Result<(), ModelError> {
-    let mut value = serde_json::to_value(config).map_err(|e| invalid(e.to_string()))?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("_class_name".into(), class_name.into());
-    }
-    let text = serde_json::to_string_pretty(&value).map_err(|e| invalid(e.to_string()))?;
-    let cfg_path = dir.join("config.json");
-    crate::weights::atomic_write(&cfg_path, text.as_bytes()).map_err(|source| ModelError::Io {
-        path: cfg_path,
-        source,
-    })?;
+    crate::write_json(&dir.join("config.json"), config, Some(class_name))?;
     save_safetensors(
         module,
         reverse,
