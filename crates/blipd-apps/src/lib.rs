@@ -4,9 +4,11 @@
 //!   `BlipDiffusionPipeline` (and of LAVIS `BlipDiffusion.generate` with its preprocessing options).
 //! - [`preprocess`]: reference-image preprocessing (diffusers squash-resize or LAVIS shorter-side resize +
 //!   centre crop), byte-exact with Pillow's bicubic resampling.
+//! - [`dreambench`]: zero-shot DreamBench generation in the layout [`eval`] scores.
 //! - [`eval`]: DreamBench DINO / CLIP-I / CLIP-T scores (DreamBooth's protocol).
 //! - [`segment`]: CLIPSeg subject masks from class names (`blipd data masks --source clipseg`).
 
+pub mod dreambench;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -1,11 +1,13 @@
 //! `blipd eval`: DreamBench DINO / CLIP-I / CLIP-T scores of a folder of generated images (see
 //! `blipd_apps::eval` and docs/eval.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use blipd_apps::eval::{DreamBench, DreamBenchEval, EvalEvent, EvalOptions};
+use blipd_apps::dreambench::{generate_dreambench, DreamBenchGenOptions, GenEvent, GenSummary};
+use blipd_apps::eval::{DreamBench, DreamBenchEval, EvalEvent, EvalOptions, EvalReport};
+use blipd_apps::{BlipDiffusionPipeline, GenerateOptions};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -39,6 +41,127 @@ pub struct EvalArgs {
     /// photos (DINO, CLIP-I) — checks the metric setup (paper: 0.774 / 0.885). Needs no --generated.
     #[arg(long)]
     pub oracle: bool,
+    #[command(flatten)]
+    pub gen: GenArgs,
+}
+
+/// Generating the images first (`--model`).
+#[derive(Args, Clone, Debug)]
+pub struct GenArgs {
+    /// A BlipDiffusion pipeline folder (the released weights, or a stage-2 run's `export/`): generate
+    /// the DreamBench images into --generated first (images already there are kept), then score them.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// BERT `vocab.txt` when the pipeline folder has no `qformer/vocab.txt`.
+    #[arg(long)]
+    pub bert_vocab: Option<PathBuf>,
+    /// Samples per prompt (DreamBooth's protocol: 4).
+    #[arg(long, default_value_t = 4)]
+    pub images_per_prompt: usize,
+    /// Only the first N prompts of each subject (default: all 25).
+    #[arg(long)]
+    pub prompts_per_subject: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    #[arg(long, default_value = "")]
+    pub neg_prompt: String,
+    /// Output size (square).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenArgs {
+    pub fn options(&self, subjects: &[String]) -> DreamBenchGenOptions {
+        let mut generate = GenerateOptions {
+            num_inference_steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            neg_prompt: self.neg_prompt.clone(),
+            height: self.size,
+            width: self.size,
+            ..GenerateOptions::default()
+        };
+        generate.seed = self.seed;
+        DreamBenchGenOptions {
+            subjects: subjects.to_vec(),
+            prompts_per_subject: self.prompts_per_subject,
+            images_per_prompt: self.images_per_prompt,
+            generate,
+        }
+    }
+}
+
+/// Generates the DreamBench images of `model` into `out` with a progress bar (kept images skipped).
+pub fn generate_images(
+    model: &Path,
+    bert_vocab: Option<&Path>,
+    bench: &DreamBench,
+    opts: &DreamBenchGenOptions,
+    out: &Path,
+) -> Result<GenSummary> {
+    let device = super::device();
+    let pipe = BlipDiffusionPipeline::<super::Inner>::load(model, bert_vocab, &device)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "generate {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}",
+        )
+        .expect("static template"),
+    );
+    let summary = generate_dreambench(&pipe, bench, opts, out, &mut |e| match e {
+        GenEvent::Planned { images } => pb.set_length(images as u64),
+        GenEvent::Prompt {
+            subject,
+            prompt,
+            images,
+            skipped,
+        } => {
+            pb.set_message(format!(
+                "{subject}: {prompt}{}",
+                if skipped { " (kept)" } else { "" }
+            ));
+            pb.inc(images as u64);
+        }
+    })
+    .with_context(|| format!("generating DreamBench images into {}", out.display()))?;
+    pb.finish_and_clear();
+    tracing::info!(
+        "DreamBench generation: {} images written, {} kept, in {}",
+        summary.written,
+        summary.skipped,
+        out.display()
+    );
+    Ok(summary)
+}
+
+/// Scores the images in `generated` with a progress bar.
+pub fn score(
+    ev: &mut DreamBenchEval<super::Inner>,
+    bench: &DreamBench,
+    generated: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    let pb = bar();
+    let mut n_bad = 0u64;
+    let report = ev.evaluate(bench, generated, opts, |e| match e {
+        EvalEvent::Planned { images, .. } => pb.set_length(images as u64),
+        EvalEvent::RealEmbedded { subject, images } => {
+            pb.set_message(format!("{subject}: {images} real images embedded"))
+        }
+        EvalEvent::Image { ok } => {
+            if !ok {
+                n_bad += 1;
+                pb.set_message(format!("{n_bad} bad"));
+            }
+            pb.inc(1);
+        }
+    })?;
+    pb.finish_and_clear();
+    Ok(report)
 }
 
 fn bar() -> ProgressBar {
@@ -88,26 +211,20 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         .generated
         .clone()
         .context("--generated is required (or --oracle)")?;
+    if let Some(model) = &args.gen.model {
+        generate_images(
+            model,
+            args.gen.bert_vocab.as_deref(),
+            &bench,
+            &args.gen.options(&args.subjects),
+            &generated,
+        )?;
+    }
     let opts = EvalOptions {
         batch_size: args.batch_size,
         subjects: args.subjects.clone(),
     };
-    let pb = bar();
-    let mut n_bad = 0u64;
-    let report = ev.evaluate(&bench, &generated, &opts, |e| match e {
-        EvalEvent::Planned { images, .. } => pb.set_length(images as u64),
-        EvalEvent::RealEmbedded { subject, images } => {
-            pb.set_message(format!("{subject}: {images} real images embedded"))
-        }
-        EvalEvent::Image { ok } => {
-            if !ok {
-                n_bad += 1;
-                pb.set_message(format!("{n_bad} bad"));
-            }
-            pb.inc(1);
-        }
-    })?;
-    pb.finish_and_clear();
+    let report = score(&mut ev, &bench, &generated, &opts)?;
     let out = args
         .out
         .clone()

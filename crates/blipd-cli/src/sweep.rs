@@ -7,6 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use blipd_apps::eval::{DreamBench, DreamBenchEval, EvalOptions};
+
+use crate::eval_cmd::GenArgs;
 use crate::plan::PretrainPlan;
 
 /// A sweep file.
@@ -22,6 +25,76 @@ pub struct SweepConfig {
     pub set: Vec<String>,
     #[serde(rename = "variant")]
     pub variants: Vec<Variant>,
+    /// DreamBench scores of every variant's exported pipeline (the paper's Table 2 metrics).
+    #[serde(default)]
+    pub eval: Option<SweepEval>,
+}
+
+/// `[eval]` of a sweep file: generate DreamBench images with each variant's `stage2/export` and score
+/// them (DINO, CLIP-I, CLIP-T). Paths are relative to the sweep file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepEval {
+    /// DreamBench folder (`<subject>/*.jpg`, `prompts_and_classes.txt`).
+    pub dreambench: PathBuf,
+    /// transformers CLIPModel folder (openai/clip-vit-base-patch32 in DreamBooth's protocol).
+    pub clip: PathBuf,
+    /// transformers ViTModel folder of facebook/dino-vits16.
+    pub dino: PathBuf,
+    /// Only these subjects (default all 30).
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// The first N prompts of each subject (default all 25).
+    #[serde(default)]
+    pub prompts_per_subject: Option<usize>,
+    #[serde(default = "default_images_per_prompt")]
+    pub images_per_prompt: usize,
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+    #[serde(default)]
+    pub neg_prompt: String,
+    /// Output size (square).
+    #[serde(default = "default_size")]
+    pub size: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Images per scoring forward.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+fn default_images_per_prompt() -> usize {
+    4
+}
+fn default_steps() -> usize {
+    50
+}
+fn default_guidance() -> f64 {
+    7.5
+}
+fn default_size() -> usize {
+    512
+}
+fn default_batch() -> usize {
+    16
+}
+
+impl SweepEval {
+    fn gen_args(&self) -> GenArgs {
+        GenArgs {
+            model: None,
+            bert_vocab: None,
+            images_per_prompt: self.images_per_prompt,
+            prompts_per_subject: self.prompts_per_subject,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            neg_prompt: self.neg_prompt.clone(),
+            size: self.size,
+            seed: self.seed,
+        }
+    }
 }
 
 /// One row of the table.
@@ -47,6 +120,11 @@ pub struct VariantResult {
     /// Mean training loss over all steps.
     pub mean_loss: f64,
     pub wall_s: f64,
+    /// DreamBench means over all generated images (with `[eval]`).
+    pub dino: Option<f64>,
+    pub clip_i: Option<f64>,
+    pub clip_t: Option<f64>,
+    pub images_scored: Option<usize>,
 }
 
 pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
@@ -57,9 +135,24 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
     if sweep.variants.is_empty() {
         bail!("{}: no [[variant]]", path.display());
     }
-    let base = path.parent().unwrap_or(Path::new(".")).join(&sweep.base);
+    let here = path.parent().unwrap_or(Path::new("."));
+    let base = here.join(&sweep.base);
     let base_text = std::fs::read_to_string(&base)
         .with_context(|| format!("reading base plan {}", base.display()))?;
+    // The evaluation models and DreamBench load before any training, so a wrong path fails now.
+    let mut eval = match &sweep.eval {
+        None => None,
+        Some(e) => {
+            let bench = DreamBench::open(&here.join(&e.dreambench))?;
+            let ev = DreamBenchEval::<crate::Inner>::load(
+                &here.join(&e.clip),
+                &here.join(&e.dino),
+                &crate::device(),
+            )
+            .context("[eval]: loading the evaluation models")?;
+            Some((e, bench, ev))
+        }
+    };
     let mut results = Vec::new();
     for v in &sweep.variants {
         let mut sets = sweep.set.clone();
@@ -84,14 +177,52 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
         let tail = (losses.len() / 10).max(1);
         let final_loss = losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64;
         let mean_loss = losses.iter().sum::<f64>() / losses.len() as f64;
-        results.push(VariantResult {
+        let mut row = VariantResult {
             name: v.name.clone(),
             description: v.description.clone(),
             steps: losses.len() as u64,
             final_loss,
             mean_loss,
             wall_s,
-        });
+            dino: None,
+            clip_i: None,
+            clip_t: None,
+            images_scored: None,
+        };
+        if let Some((e, bench, ev)) = eval.as_mut() {
+            let generated = dir.join("dreambench");
+            let export = blipd_stage2::run::export_dir(s2);
+            crate::eval_cmd::generate_images(
+                &export,
+                None,
+                bench,
+                &e.gen_args().options(&e.subjects),
+                &generated,
+            )
+            .with_context(|| format!("variant {}", v.name))?;
+            let opts = EvalOptions {
+                batch_size: e.batch_size.max(1),
+                subjects: e.subjects.clone(),
+            };
+            let report = crate::eval_cmd::score(ev, bench, &generated, &opts)
+                .with_context(|| format!("variant {}: scoring", v.name))?;
+            report.write(&generated.join("scores.json"))?;
+            let mean = report
+                .mean
+                .with_context(|| format!("variant {}: no image could be scored", v.name))?;
+            (row.dino, row.clip_i, row.clip_t) =
+                (Some(mean.dino), Some(mean.clip_i), Some(mean.clip_t));
+            row.images_scored = Some(report.n_images());
+            tracing::info!(
+                "sweep: variant {}: DINO {:.3}, CLIP-I {:.3}, CLIP-T {:.3} over {} images",
+                v.name,
+                mean.dino,
+                mean.clip_i,
+                mean.clip_t,
+                report.n_images()
+            );
+        }
+        results.push(row);
     }
     std::fs::create_dir_all(&sweep.dir)?;
     let md = table(&results);
@@ -106,14 +237,32 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
 }
 
 fn table(rows: &[VariantResult]) -> String {
-    let mut s = String::from(
-        "| variant | change | steps | final loss (last 10%) | mean loss | wall s |\n|---|---|---:|---:|---:|---:|\n",
-    );
+    let scored = rows.iter().any(|r| r.dino.is_some());
+    let mut s = String::from("| variant | change | steps | final loss (last 10%) | mean loss |");
+    if scored {
+        s.push_str(" DINO | CLIP-I | CLIP-T | images |");
+    }
+    s.push_str(" wall s |\n|---|---|---:|---:|---:|");
+    if scored {
+        s.push_str("---:|---:|---:|---:|");
+    }
+    s.push_str("---:|\n");
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {:.1} |\n",
-            r.name, r.description, r.steps, r.final_loss, r.mean_loss, r.wall_s
+            "| {} | {} | {} | {:.4} | {:.4} |",
+            r.name, r.description, r.steps, r.final_loss, r.mean_loss
         ));
+        if scored {
+            s.push_str(&format!(
+                " {} | {} | {} | {} |",
+                f(r.dino),
+                f(r.clip_i),
+                f(r.clip_t),
+                r.images_scored.map_or("-".to_string(), |n| n.to_string())
+            ));
+        }
+        s.push_str(&format!(" {:.1} |\n", r.wall_s));
     }
     s
 }

@@ -1,5 +1,8 @@
 //! The `blipd` binary end to end: weights inspection (success and a full problem list), the embedded
-//! pre-training plan with overrides, resume, plots and config errors.
+//! pre-training plan with overrides, resume, plots, generation from the run's export, a sweep with
+//! DreamBench scores, and config errors.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -254,17 +257,23 @@ fn generate_writes_an_image() {
 }
 
 #[test]
-fn sweep_writes_one_table() {
+fn sweep_writes_one_table_with_dreambench_scores() {
     let tmp = tempfile::tempdir().unwrap();
-    let sweep = tmp.path().join("sweep.toml");
+    let root = tmp.path();
+    // The sweep file names these folders relative to itself.
+    common::model_dir(root, "clip", &["vocab.json", "merges.txt"]);
+    common::model_dir(root, "dino", &[]);
+    common::tiny_bench(root);
+    let sweep = root.join("sweep.toml");
     let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
     std::fs::write(
         &sweep,
         format!(
             "base = {:?}\ndir = {:?}\nset = [\"stage1.train.max_steps=2\", \"stage2.train.max_steps=2\", \"stage2.sample.at_end=false\", \"stage2.data.synthetic.pairs=8\"]\n\
-             [[variant]]\nname = \"full\"\n[[variant]]\nname = \"frozen_text\"\nset = [\"stage2.stage.train_text_encoder=false\"]\n",
+             [[variant]]\nname = \"full\"\n[[variant]]\nname = \"frozen_text\"\nset = [\"stage2.stage.train_text_encoder=false\"]\n\
+             [eval]\ndreambench = \"bench\"\nclip = \"clip\"\ndino = \"dino\"\nprompts_per_subject = 1\nimages_per_prompt = 1\nsteps = 2\nsize = 16\n",
             base.display().to_string(),
-            tmp.path().join("out").display().to_string()
+            root.join("out").display().to_string()
         ),
     )
     .unwrap();
@@ -274,9 +283,41 @@ fn sweep_writes_one_table() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let table = std::fs::read_to_string(tmp.path().join("out/ablation.md")).unwrap();
+    let table = std::fs::read_to_string(root.join("out/ablation.md")).unwrap();
+    println!("{table}");
     assert!(
         table.contains("| full |") && table.contains("| frozen_text |"),
         "{table}"
     );
+    assert!(table.contains("DINO | CLIP-I | CLIP-T"), "{table}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("out/ablation.json")).unwrap())
+            .unwrap();
+    for r in rows.as_array().unwrap() {
+        assert_eq!(r["images_scored"], 2, "{r}");
+        for k in ["dino", "clip_i", "clip_t"] {
+            let x = r[k].as_f64().unwrap();
+            assert!(x.is_finite() && x.abs() <= 1.0, "{k} = {x}");
+        }
+    }
+    for v in ["full", "frozen_text"] {
+        for f in ["dog/0_0.png", "vase/0_0.png", "scores.json"] {
+            assert!(root
+                .join("out")
+                .join(v)
+                .join("dreambench")
+                .join(f)
+                .is_file());
+        }
+    }
+    // A wrong evaluation path fails before any training.
+    let bad = std::fs::read_to_string(&sweep)
+        .unwrap()
+        .replace("dino = \"dino\"", "dino = \"no_dino\"");
+    std::fs::write(&sweep, bad).unwrap();
+    let out = blipd().arg("sweep").arg(&sweep).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no_dino"), "{err}");
+    assert!(!err.contains("stage 1:"), "trained before failing: {err}");
 }

@@ -2,70 +2,18 @@
 //! DreamBench, generated images with a copy of a real photo (DINO = CLIP-I = 1), a corrupt image reported
 //! with its path while the run goes on, the JSON + Markdown reports, and clear errors.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
+
+use common::{fixture, model_dir, text, tiny_bench};
 
 fn blipd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));
     c.env("BLIPD_LOG", "warn");
     c
 }
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../blipd-models/tests/fixtures")
-        .join(name)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// transformers folders of the tiny models (tiny processor configs, weights as model.safetensors).
-fn model_dir(root: &Path, name: &str, extra: &[&str]) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let f = fixture(name);
-    std::fs::copy(f.join("config.json"), d.join("config.json")).unwrap();
-    std::fs::copy(f.join("weights.safetensors"), d.join("model.safetensors")).unwrap();
-    std::fs::copy(
-        f.join("tiny_preprocessor_config.json"),
-        d.join("preprocessor_config.json"),
-    )
-    .unwrap();
-    for e in extra {
-        std::fs::copy(f.join(e), d.join(e)).unwrap();
-    }
-    d
-}
-
-const PROMPTS_FILE: &str = "Classes
-
-subject_name,class
-dog,dog
-vase,vase
-
-Prompts
-
-Object Prompts
-
-prompt_list = [
-'a {0} {1} in the jungle'.format(unique_token, class_token),
-'a red {0} {1}'.format(unique_token, class_token)
-]
-
-Live Subject Prompts
-
-prompt_list = [
-'a {0} {1} in the jungle'.format(unique_token, class_token),
-'a red cube shaped {0} {1}'.format(unique_token, class_token),
-'a {0} {1} on top of pink fabric'.format(unique_token, class_token)
-]
-";
 
 fn run_eval(clip: &Path, dino: &Path, bench: &Path, generated: &Path, out: &Path) -> Output {
     blipd()
@@ -91,20 +39,13 @@ fn eval_scores_a_generated_folder() {
     let root = tmp.path();
     let clip = model_dir(root, "clip", &["vocab.json", "merges.txt"]);
     let dino = model_dir(root, "dino", &[]);
-    let bench = root.join("bench");
+    // The vase's real image is a gradient, so the dog photo generated for it is not a copy.
+    let bench = tiny_bench(root);
     let generated = root.join("generated");
     for d in ["dog", "vase"] {
-        std::fs::create_dir_all(bench.join(d)).unwrap();
         std::fs::create_dir_all(generated.join(d)).unwrap();
     }
-    std::fs::write(bench.join("prompts_and_classes.txt"), PROMPTS_FILE).unwrap();
     let photo = fixture("clip").join("image.png");
-    std::fs::copy(&photo, bench.join("dog/00.png")).unwrap();
-    // The vase's real image: a gradient, so the dog photo generated for it is not a copy.
-    let g = image::RgbImage::from_fn(40, 30, |x, y| {
-        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
-    });
-    g.save(bench.join("vase/00.png")).unwrap();
     for p in 0..3 {
         std::fs::copy(&photo, generated.join(format!("dog/{p}_0.png"))).unwrap();
     }
@@ -192,4 +133,78 @@ fn eval_scores_a_generated_folder() {
     let o = run_eval(&clip, &dino, &bench, &empty, &root.join("e.json"));
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("no generated image"), "{}", text(&o));
+}
+
+#[test]
+fn eval_generates_with_a_pipeline_then_scores_and_keeps_what_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let clip = model_dir(root, "clip", &["vocab.json", "merges.txt"]);
+    let dino = model_dir(root, "dino", &[]);
+    let bench = tiny_bench(root);
+    let generated = root.join("generated");
+    let out = root.join("scores.json");
+    let gen = |extra: &[&str]| {
+        blipd()
+            .arg("eval")
+            .arg("--model")
+            .arg(fixture("pipeline"))
+            .arg("--generated")
+            .arg(&generated)
+            .arg("--dreambench")
+            .arg(&bench)
+            .arg("--clip")
+            .arg(&clip)
+            .arg("--dino")
+            .arg(&dino)
+            .arg("--out")
+            .arg(&out)
+            .args(["--prompts-per-subject", "1", "--images-per-prompt", "2"])
+            .args(["--steps", "2", "--size", "16"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = gen(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let files = ["dog/0_0.png", "dog/0_1.png", "vase/0_0.png", "vase/0_1.png"];
+    for f in files {
+        assert!(generated.join(f).is_file(), "{f} missing: {}", text(&o));
+    }
+    // The two samples of a prompt start from different noise.
+    let a = image::open(generated.join("dog/0_0.png"))
+        .unwrap()
+        .to_rgb8();
+    let b = image::open(generated.join("dog/0_1.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_ne!(a.as_raw(), b.as_raw());
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["n_images"], 4, "{v}");
+    let dino_mean = v["mean"]["dino"].as_f64().unwrap();
+    assert!(dino_mean.is_finite() && dino_mean.abs() <= 1.0, "{v}");
+
+    // A rerun keeps the images there (same bytes, untouched) and regenerates a deleted one identically.
+    let mtime = |f: &str| {
+        std::fs::metadata(generated.join(f))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = [mtime("vase/0_0.png"), mtime("dog/0_0.png")];
+    std::fs::remove_file(generated.join("dog/0_1.png")).unwrap();
+    let o = gen(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = [mtime("vase/0_0.png"), mtime("dog/0_0.png")];
+    assert_eq!(before, after, "an existing image was rewritten");
+    let b2 = image::open(generated.join("dog/0_1.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(b.as_raw(), b2.as_raw(), "the regenerated image differs");
+
+    // An unknown subject is a clear error.
+    let o = gen(&["--subject", "unicorn"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unicorn"), "{}", text(&o));
 }
