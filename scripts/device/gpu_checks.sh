@@ -12,7 +12,7 @@
 # (dist-bin/ is git-ignored.) Then, with the device tool: carry ["dist-bin"], run
 #   bash scripts/device/gpu_checks.sh
 # Outputs under $OUT: summary.txt (the figures), nvidia-smi.txt, nccl_bw.json, nccl_stage2.{out,err},
-# bench_b<B>.{out,err}, torch_baseline.log, baseline.json.
+# bench_b<B>.{out,err}, bench_bf16_b<B>.{out,err}, torch_baseline.log, baseline.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-checks}"
@@ -66,6 +66,20 @@ for b in $BATCHES; do
   say "== blipd stage-2 train, batch $b (rc $rc): $(mean_rate "$OUT/bench_b$b/metrics.jsonl" 2>&1) \
 $(grep -m1 -iE 'error|panick|out of memory' "$OUT/bench_b$b.err" | cut -c1-300)"
 done
+
+# 3b. The same with `[train] mixed_precision = "bf16"` (matrix products in bf16, f32 master weights).
+# Not in DRY mode: the CPU build's ndarray backend has no bf16 (the CPU tests use burn-flex instead).
+if [ "$DRY" != 1 ]; then
+  for b in ${BF16_BATCHES:-8 16}; do
+    rm -rf "$OUT/bench_bf16_b$b"
+    timeout 240 "$BIN/blipd" pretrain --config configs/stage2/bench-sd15.toml --set "dir=$OUT/bench_bf16_b$b" \
+      --set "stage2.train.batch_size=$b" --set 'stage2.train.mixed_precision="bf16"' \
+      > "$OUT/bench_bf16_b$b.out" 2> "$OUT/bench_bf16_b$b.err"
+    rc=$?
+    say "== blipd stage-2 train bf16, batch $b (rc $rc): $(mean_rate "$OUT/bench_bf16_b$b/metrics.jsonl" 2>&1) \
+$(grep -m1 -iE 'error|panick|out of memory' "$OUT/bench_bf16_b$b.err" | cut -c1-300)"
+  done
+fi
 
 # 4. The PyTorch reference in the same run, on the same card.
 if [ "$DRY" != 1 ]; then

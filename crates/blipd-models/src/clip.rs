@@ -193,9 +193,10 @@ impl<B: Backend> ClipModel<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        Ok(self
-            .text_projection
-            .forward(self.text_model.pooled(input_ids, attention_mask)?))
+        Ok(crate::amp::linear(
+            &self.text_projection,
+            self.text_model.pooled(input_ids, attention_mask)?,
+        ))
     }
 
     /// `get_image_features`: normalised pixels `[B, 3, S, S]` (S = `image_size`) → `[B, projection_dim]`.
@@ -223,9 +224,10 @@ impl<B: Backend> ClipModel<B> {
         };
         let [b, _, d] = last.dims();
         let cls = last.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        Ok(self
-            .visual_projection
-            .forward(self.vision_model.post_layernorm.forward(cls)))
+        Ok(crate::amp::linear(
+            &self.visual_projection,
+            self.vision_model.post_layernorm.forward(cls),
+        ))
     }
 
     /// `CLIPModel(...).text_embeds`: L2-normalised text features.

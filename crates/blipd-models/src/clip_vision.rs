@@ -283,7 +283,7 @@ pub struct VisionMlp<B: Backend> {
 impl<B: Backend> VisionEmbeddings<B> {
     /// `[B, 3, H, W]` → `[B, N+1, D]`.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let patches = self.patch_embedding.forward(pixel_values); // [B, D, g, g]
+        let patches = crate::amp::conv2d(&self.patch_embedding, pixel_values); // [B, D, g, g]
         let [b, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2); // [B, N, D]
         let cls = self.class_embedding.val().expand([b, 1, d]);
@@ -302,7 +302,7 @@ impl<B: Backend> VisionAttention<B> {
     /// `[B, L, D]` → `[B, L, D]` (bidirectional, no mask).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [_, _, d] = x.dims();
-        let qkv = self.qkv.forward(x);
+        let qkv = crate::amp::linear(&self.qkv, x);
         let mut parts = qkv.chunk(3, 2).into_iter();
         let (q, k, v) = match (parts.next(), parts.next(), parts.next()) {
             (Some(q), Some(k), Some(v)) => (q, k, v),
@@ -312,14 +312,16 @@ impl<B: Backend> VisionAttention<B> {
         let scale = ((d / h) as f64).powf(-0.5);
         let probs = attention_probs(split_heads(q, h), split_heads(k, h), scale, None);
         let probs = self.dropout.forward(probs);
-        self.projection
-            .forward(merge_heads(probs.matmul(split_heads(v, h))))
+        crate::amp::linear(
+            &self.projection,
+            merge_heads(crate::amp::matmul(probs, split_heads(v, h))),
+        )
     }
 }
 
 impl<B: Backend> VisionMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(self.act.apply(self.fc1.forward(x)))
+        crate::amp::linear(&self.fc2, self.act.apply(crate::amp::linear(&self.fc1, x)))
     }
 }
 

@@ -315,12 +315,11 @@ impl<B: Backend> ClipSegAttention<B> {
     /// `x`: `[B, L, D]`; `bias` broadcasts to `[B, H, L, L]` (additive mask).
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let [_, _, d] = x.dims();
-        let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
-        let v = split_heads(self.v_proj.forward(x), self.heads);
+        let q = split_heads(crate::amp::linear(&self.q_proj, x.clone()), self.heads);
+        let k = split_heads(crate::amp::linear(&self.k_proj, x.clone()), self.heads);
+        let v = split_heads(crate::amp::linear(&self.v_proj, x), self.heads);
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
-        self.out_proj
-            .forward(merge_heads(attention(q, k, v, scale, bias)))
+        crate::amp::linear(&self.out_proj, merge_heads(attention(q, k, v, scale, bias)))
     }
 }
 
@@ -342,7 +341,10 @@ impl<B: Backend> ClipSegMlp<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(activate(&self.act, self.fc1.forward(x)))
+        crate::amp::linear(
+            &self.fc2,
+            activate(&self.act, crate::amp::linear(&self.fc1, x)),
+        )
     }
 }
 
@@ -561,7 +563,7 @@ impl<B: Backend> ClipSegVisionEmbeddings<B> {
 
     /// `[B, C, H, W]` (square, H a multiple of the patch size) → `[B, 1 + g², D]`.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let patches = self.patch_embedding.forward(pixel_values); // [B, D, g, g]
+        let patches = crate::amp::conv2d(&self.patch_embedding, pixel_values); // [B, D, g, g]
         let [b, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let cls = self
@@ -712,9 +714,10 @@ impl<B: Backend> ClipSegModel<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        Ok(self
-            .text_projection
-            .forward(self.text_model.pooled(input_ids, attention_mask)?))
+        Ok(crate::amp::linear(
+            &self.text_projection,
+            self.text_model.pooled(input_ids, attention_mask)?,
+        ))
     }
 
     /// `get_image_features` (all vision layers, CLS → `post_layernorm` → `visual_projection`).
@@ -728,9 +731,10 @@ impl<B: Backend> ClipSegModel<B> {
             .ok_or_else(|| ModelError::Invalid("CLIPSeg vision: no encoder layers".into()))?;
         let [b, _, d] = last.dims();
         let cls = last.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        Ok(self
-            .visual_projection
-            .forward(self.vision_model.post_layernorm.forward(cls)))
+        Ok(crate::amp::linear(
+            &self.visual_projection,
+            self.vision_model.post_layernorm.forward(cls),
+        ))
     }
 }
 
@@ -775,7 +779,7 @@ impl<B: Backend> ClipSegHead<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = match &self.conv {
-            Some(c) => relu(c.forward(x)),
+            Some(c) => relu(crate::amp::conv2d(c, x)),
             None => x,
         };
         let x = self.up1.forward(x);
@@ -842,14 +846,14 @@ impl<B: Backend> ClipSegDecoder<B> {
             .zip(&self.reduces)
             .enumerate()
         {
-            let r = reduce.forward(act.clone());
+            let r = crate::amp::linear(reduce, act.clone());
             let mut o = match out {
                 Some(prev) => r + prev,
                 None => r,
             };
             if i == self.conditional_layer {
-                let mul = self.film_mul.forward(cond.clone()).unsqueeze_dim::<3>(1);
-                let add = self.film_add.forward(cond.clone()).unsqueeze_dim::<3>(1);
+                let mul = crate::amp::linear(&self.film_mul, cond.clone()).unsqueeze_dim::<3>(1);
+                let add = crate::amp::linear(&self.film_add, cond.clone()).unsqueeze_dim::<3>(1);
                 o = mul * o + add;
             }
             out = Some(layer.forward_post_ln(o));

@@ -388,11 +388,11 @@ pub struct ControlNetConditioningEmbedding<B: Backend> {
 
 impl<B: Backend> ControlNetConditioningEmbedding<B> {
     pub fn forward(&self, cond: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = silu(self.conv_in.forward(cond));
+        let mut x = silu(crate::amp::conv2d(&self.conv_in, cond));
         for block in &self.blocks {
-            x = silu(block.forward(x));
+            x = silu(crate::amp::conv2d(block, x));
         }
-        self.conv_out.forward(x)
+        crate::amp::conv2d(&self.conv_out, x)
     }
 }
 
@@ -486,7 +486,8 @@ impl<B: Backend> ControlNetModel<B> {
         let emb = self.time_embedding.forward(t_emb);
         let context = encoder_hidden_states;
 
-        let mut x = self.conv_in.forward(sample) + self.controlnet_cond_embedding.forward(cond);
+        let mut x = crate::amp::conv2d(&self.conv_in, sample)
+            + self.controlnet_cond_embedding.forward(cond);
         let mut skips = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
             let (out, res) = block.forward(x, emb.clone(), context.clone(), &mut actx, i);
@@ -499,9 +500,9 @@ impl<B: Backend> ControlNetModel<B> {
         let down: Vec<Tensor<B, 4>> = skips
             .into_iter()
             .zip(&self.controlnet_down_blocks)
-            .map(|(s, conv)| conv.forward(s))
+            .map(|(s, conv)| crate::amp::conv2d(conv, s))
             .collect();
-        let mid = self.controlnet_mid_block.forward(x);
+        let mid = crate::amp::conv2d(&self.controlnet_mid_block, x);
 
         let n = down.len();
         let (mut down, mut mid): (Vec<_>, _) = if guess_mode && !self.config.global_pool_conditions

@@ -228,11 +228,11 @@ impl<B: Backend> ClipAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let [_, _, d] = x.dims();
         let scale = ((d / self.num_heads) as f64).powf(-0.5);
-        let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.num_heads);
-        let v = split_heads(self.v_proj.forward(x), self.num_heads);
+        let q = split_heads(crate::amp::linear(&self.q_proj, x.clone()), self.num_heads);
+        let k = split_heads(crate::amp::linear(&self.k_proj, x.clone()), self.num_heads);
+        let v = split_heads(crate::amp::linear(&self.v_proj, x), self.num_heads);
         let out = merge_heads(attention(q, k, v, scale, bias));
-        self.out_proj.forward(out)
+        crate::amp::linear(&self.out_proj, out)
     }
 }
 
@@ -247,12 +247,12 @@ pub struct ClipMlp<B: Backend> {
 
 impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.fc1.forward(x);
+        let h = crate::amp::linear(&self.fc1, x);
         let h = match self.act {
             HiddenAct::QuickGelu => quick_gelu(h),
             HiddenAct::Gelu => gelu(h),
         };
-        self.fc2.forward(h)
+        crate::amp::linear(&self.fc2, h)
     }
 }
 

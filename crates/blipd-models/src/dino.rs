@@ -273,7 +273,7 @@ impl<B: Backend> DinoEmbeddings<B> {
                 s = g0 * p
             )));
         }
-        let patches = self.patch_embeddings.projection.forward(pixel_values); // [B, D, gh, gw]
+        let patches = crate::amp::conv2d(&self.patch_embeddings.projection, pixel_values); // [B, D, gh, gw]
         let [_, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let cls = self.cls_token.val().expand([b, 1, d]);

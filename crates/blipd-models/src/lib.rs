@@ -4,6 +4,7 @@
 //! presets that cite their source and a `tiny()` preset for tests. Models are single-device and free of
 //! training code. Weights load strictly through [`weights`].
 
+pub mod amp;
 pub mod nn;
 pub mod weights;
 

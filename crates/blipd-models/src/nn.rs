@@ -47,7 +47,7 @@ pub fn attention_probs<B: Backend>(
     scale: f64,
     bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
-    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    let mut scores = crate::amp::matmul(q, k.swap_dims(2, 3)) * scale;
     if let Some(bias) = bias {
         scores = scores + bias;
     }
@@ -62,7 +62,7 @@ pub fn attention<B: Backend>(
     scale: f64,
     bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
-    attention_probs(q, k, scale, bias).matmul(v)
+    crate::amp::matmul(attention_probs(q, k, scale, bias), v)
 }
 
 /// Causal additive mask `[1, 1, L, L]`: position i attends to j ≤ i.

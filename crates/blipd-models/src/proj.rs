@@ -110,7 +110,10 @@ impl<B: Backend> ProjLayer<B> {
     /// `[B, L, in_dim]` → `[B, L, out_dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.layer_norm.forward(x.clone());
-        let h = self.dense2.forward(quick_gelu(self.dense1.forward(h)));
+        let h = crate::amp::linear(
+            &self.dense2,
+            quick_gelu(crate::amp::linear(&self.dense1, h)),
+        );
         self.dropout.forward(h) + x
     }
 

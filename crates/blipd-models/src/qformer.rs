@@ -426,8 +426,8 @@ impl<B: Backend> QFormerMultiHeadAttention<B> {
     pub fn key_value(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let h = self.num_heads;
         (
-            split_heads(self.key.forward(x.clone()), h),
-            split_heads(self.value.forward(x), h),
+            split_heads(crate::amp::linear(&self.key, x.clone()), h),
+            split_heads(crate::amp::linear(&self.value, x), h),
         )
     }
 
@@ -440,10 +440,10 @@ impl<B: Backend> QFormerMultiHeadAttention<B> {
         bias: Option<Tensor<B, 4>>,
     ) -> Tensor<B, 3> {
         let h = self.num_heads;
-        let q = split_heads(self.query.forward(x), h);
+        let q = split_heads(crate::amp::linear(&self.query, x), h);
         let dh = q.dims()[3];
         let probs = attention_probs(q, kv.0, 1.0 / (dh as f64).sqrt(), bias);
-        merge_heads(self.dropout.forward(probs).matmul(kv.1))
+        merge_heads(crate::amp::matmul(self.dropout.forward(probs), kv.1))
     }
 }
 
@@ -458,7 +458,7 @@ impl<B: Backend> QFormerSelfOutput<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(crate::amp::linear(&self.dense, x)) + residual)
     }
 }
 
@@ -480,7 +480,7 @@ impl<B: Backend> QFormerIntermediate<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.act.apply(self.dense.forward(x))
+        self.act.apply(crate::amp::linear(&self.dense, x))
     }
 }
 
@@ -495,7 +495,7 @@ impl<B: Backend> QFormerOutput<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(crate::amp::linear(&self.dense, x)) + residual)
     }
 }
 
@@ -962,14 +962,14 @@ pub fn l2_normalize<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
 impl<B: Backend> QFormerHeads<B> {
     /// ITC image side: `normalize(vision_proj(query_hidden))`, `[B, Q, D]` → `[B, Q, E]`.
     pub fn image_feats(&self, query_hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        l2_normalize(self.vision_proj.forward(query_hidden))
+        l2_normalize(crate::amp::linear(&self.vision_proj, query_hidden))
     }
 
     /// ITC text side: `normalize(text_proj(text_hidden[:, 0]))` (the `[CLS]` row), `[B, T, D]` → `[B, E]`.
     pub fn text_feat(&self, text_hidden: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, _, d] = text_hidden.dims();
         let cls = text_hidden.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        l2_normalize(self.text_proj.forward(cls))
+        l2_normalize(crate::amp::linear(&self.text_proj, cls))
     }
 
     /// ITC similarities: `sim_i2t [Bi, Bt]` = max over queries of `⟨image_feat_q, text_feat⟩ / temp`,
@@ -1002,7 +1002,9 @@ impl<B: Backend> QFormerHeads<B> {
     ) -> Tensor<B, 2> {
         let [b, _, d] = multimodal_hidden.dims();
         let q = multimodal_hidden.slice([0..b, 0..num_query_tokens, 0..d]);
-        self.itm_head.forward(q).mean_dim(1).reshape([b, 2])
+        crate::amp::linear(&self.itm_head, q)
+            .mean_dim(1)
+            .reshape([b, 2])
     }
 
     /// LM logits `[B, T, V]` of ITG text states. `word_embeddings` is the Q-Former's (used when the
@@ -1016,10 +1018,10 @@ impl<B: Backend> QFormerHeads<B> {
         let t = &p.transform;
         let h = t
             .layer_norm
-            .forward(t.act.apply(t.dense.forward(text_hidden)));
+            .forward(t.act.apply(crate::amp::linear(&t.dense, text_hidden)));
         let [b, l, d] = h.dims();
         let logits = match &p.decoder {
-            Some(dec) => dec.forward(h),
+            Some(dec) => crate::amp::linear(dec, h),
             None => {
                 let w = word_embeddings.weight.val(); // [V, D]
                 let v = w.dims()[0];

@@ -249,10 +249,10 @@ impl<B: Backend> VaeResnetBlock<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = crate::amp::conv2d(&self.conv1, silu(self.norm1.forward(x.clone())));
+        let h = crate::amp::conv2d(&self.conv2, silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => crate::amp::conv2d(c, x),
             None => x,
         };
         skip + h
@@ -291,14 +291,12 @@ impl<B: Backend> VaeAttention<B> {
             .forward(x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
-        let q = split_heads(self.to_q.forward(hs.clone()), self.heads);
-        let k = split_heads(self.to_k.forward(hs.clone()), self.heads);
-        let v = split_heads(self.to_v.forward(hs), self.heads);
+        let q = split_heads(crate::amp::linear(&self.to_q, hs.clone()), self.heads);
+        let k = split_heads(crate::amp::linear(&self.to_k, hs.clone()), self.heads);
+        let v = split_heads(crate::amp::linear(&self.to_v, hs), self.heads);
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
         let out = merge_heads(attention(q, k, v, scale, None));
-        let out = self
-            .to_out
-            .forward(out)
+        let out = crate::amp::linear(&self.to_out, out)
             .swap_dims(1, 2)
             .reshape([b, c, h, w]);
         out + x
@@ -322,7 +320,7 @@ impl<B: Backend> VaeDownsample<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(x)
+        crate::amp::conv2d(&self.conv, x)
     }
 }
 
@@ -346,7 +344,7 @@ impl<B: Backend> VaeUpsample<B> {
             [2 * h, 2 * w],
             InterpolateOptions::new(InterpolateMode::Nearest),
         );
-        self.conv.forward(up)
+        crate::amp::conv2d(&self.conv, up)
     }
 }
 
@@ -458,10 +456,10 @@ impl<B: Backend> VaeEncoder<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.conv_in.forward(x);
+        let x = crate::amp::conv2d(&self.conv_in, x);
         let x = self.down_blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        crate::amp::conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
     }
 }
 
@@ -508,10 +506,10 @@ impl<B: Backend> VaeDecoder<B> {
     }
 
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.conv_in.forward(z);
+        let x = crate::amp::conv2d(&self.conv_in, z);
         let x = self.mid_block.forward(x);
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward(x));
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        crate::amp::conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
     }
 }
 
@@ -602,7 +600,7 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn encode(&self, x: Tensor<B, 4>) -> DiagonalGaussian<B> {
         let h = self.encoder.forward(x);
         let h = match &self.quant_conv {
-            Some(c) => c.forward(h),
+            Some(c) => crate::amp::conv2d(c, h),
             None => h,
         };
         DiagonalGaussian::from_moments(h)
@@ -611,7 +609,7 @@ impl<B: Backend> AutoencoderKL<B> {
     /// Unscaled latents `[B, latent, h, w]` → images `[B, out, h·f, w·f]` (roughly in `[-1, 1]`).
     pub fn decode(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z),
+            Some(c) => crate::amp::conv2d(c, z),
             None => z,
         };
         self.decoder.forward(z)

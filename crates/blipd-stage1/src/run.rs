@@ -199,12 +199,17 @@ pub fn build<B: AutodiffBackend>(
     ),
     Stage1Error,
 > {
+    cfg.train
+        .mixed_precision
+        .check_backend(&B::name(device))
+        .map_err(Stage1Error::Config)?;
     B::seed(device, cfg.run.seed);
     let parts = Stage1Components::<B>::from_config(&cfg.stage, device)?;
     let blip = parts.blip_config.clone();
     let size = parts.image_size;
     let (mut stage, model) = Stage1::new(cfg.stage.clone(), parts, device.clone())?;
     stage.sample_seed = cfg.run.seed;
+    stage.autocast = cfg.train.mixed_precision.dtype();
     // Parameters initialise lazily: materialise them now, in module order, so the draws do not
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);

@@ -23,6 +23,9 @@ pub struct Stage1<B: AutodiffBackend> {
     pub device: B::Device,
     /// Seed of the per-sample ITM negative streams (the run seed; see [`ITM_STREAM`]).
     pub sample_seed: u64,
+    /// Matrix products in this dtype during the forward pass (`[train] mixed_precision`; see
+    /// [`blipd_models::amp`]).
+    pub autocast: Option<burn::tensor::FloatDType>,
 }
 
 /// Base of the per-sample ITM negative streams (`(run.seed, ITM_STREAM + global sample key)`).
@@ -57,6 +60,7 @@ impl<B: AutodiffBackend> Stage1<B> {
             device,
             config,
             sample_seed: 0,
+            autocast: None,
         };
         Ok((stage, model))
     }
@@ -206,6 +210,7 @@ impl<B: AutodiffBackend> Stage1<B> {
         rng: &mut TrainRng,
         gather: Option<&mut GatherFn<'_, B>>,
     ) -> blipd_train::Result<StepOutput<B>> {
+        let _autocast = blipd_models::amp::Autocast::enter(self.autocast);
         let b = batch.len();
         let s = self.image_size;
         if b == 0 || batch.pixels.shape.as_slice() != [b, 3, s, s] {

@@ -288,6 +288,10 @@ pub fn build<B: AutodiffBackend>(
     cfg: &Stage2RunConfig,
     device: &B::Device,
 ) -> Result<(Stage2<B>, crate::Stage2Model<B>, Source), Stage2Error> {
+    cfg.train
+        .mixed_precision
+        .check_backend(&B::name(device))
+        .map_err(Stage2Error::Config)?;
     let parts = match &cfg.stage.model_dir {
         Some(dir) => Stage2Components::<B>::from_diffusers(dir, &cfg.stage, device)?,
         None => {
@@ -304,6 +308,7 @@ pub fn build<B: AutodiffBackend>(
     let image_size = parts.image_size;
     let target_size = cfg.data.target_size;
     let (mut stage, model) = Stage2::new(cfg.stage.clone(), parts, target_size, device.clone())?;
+    stage.autocast = cfg.train.mixed_precision.dtype();
     // Parameters initialise lazily: materialise them now, in module order, so the draws do not
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);

@@ -67,6 +67,9 @@ pub struct Stage2<B: AutodiffBackend> {
     pub device: B::Device,
     /// Validation inputs for [`Stage::sample`]: (subject image `[3,S,S]`, subject, prompt).
     pub sample_inputs: Vec<(Vec<f32>, String, String)>,
+    /// Matrix products in this dtype during the forward pass (`[train] mixed_precision`; see
+    /// [`blipd_models::amp`]).
+    pub autocast: Option<burn::tensor::FloatDType>,
 }
 
 impl<B: AutodiffBackend> Stage2<B> {
@@ -100,6 +103,7 @@ impl<B: AutodiffBackend> Stage2<B> {
             latent_factor: parts.vae_config.downsample_factor(),
             device,
             sample_inputs: Vec::new(),
+            autocast: None,
             config,
         };
         Ok((stage, model))
@@ -197,6 +201,7 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
         batch: Stage2Batch,
         rng: &mut TrainRng,
     ) -> blipd_train::Result<StepOutput<B>> {
+        let _autocast = blipd_models::amp::Autocast::enter(self.autocast);
         let dev = self.device.clone();
         let b = batch.len();
         if b == 0 || batch.captions.len() != b {

@@ -52,6 +52,42 @@ pub struct TrainSection {
     /// stage stream, so that backend randomness is part of the exact resume too.
     #[serde(default = "yes")]
     pub seed_backend: bool,
+    /// `"bf16"`: the stages run their matrix products (linear, convolution, attention) in bf16
+    /// under an autocast scope, with f32 weights, gradients and optimizer state ("master weights";
+    /// accelerate's `--mixed_precision bf16`). `"no"` (default): all f32. Needs a backend with bf16
+    /// kernels (the `cuda` build); fp16 is not offered (it would need loss scaling).
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
+}
+
+/// `[train] mixed_precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    #[default]
+    No,
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The autocast dtype (`None`: no autocast).
+    pub fn dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            MixedPrecision::No => None,
+            MixedPrecision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+        }
+    }
+
+    /// Checks that backend `name` (`Backend::name`) has the dtype's kernels: ndarray has no bf16.
+    pub fn check_backend(self, name: &str) -> std::result::Result<(), String> {
+        if self == MixedPrecision::Bf16 && name.contains("ndarray") {
+            return Err(format!(
+                "[train] mixed_precision = \"bf16\" needs a backend with bf16 kernels (build with \
+                 --features cuda); this build's backend is {name}, which has none: use \"no\""
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn one_usize() -> usize {

@@ -30,7 +30,7 @@ pub mod schedule;
 pub mod stage;
 pub mod trainer;
 
-pub use config::{load_config, parse_config, RunConfig, TrainerConfig};
+pub use config::{load_config, parse_config, MixedPrecision, RunConfig, TrainerConfig};
 pub use data::{BatchSource, EpochSampler, IndexedSource};
 pub use ema::{Ema, EmaConfig};
 pub use error::{ConfigError, Result, TrainError};

@@ -207,9 +207,9 @@ impl<B: Backend> Attention<B> {
         actx: &mut AttentionContext<'_, B>,
     ) -> Tensor<B, 3> {
         let kv = context.unwrap_or_else(|| x.clone());
-        let q = split_heads(self.to_q.forward(x), self.heads);
-        let k = split_heads(self.to_k.forward(kv.clone()), self.heads);
-        let v = split_heads(self.to_v.forward(kv), self.heads);
+        let q = split_heads(crate::amp::linear(&self.to_q, x), self.heads);
+        let k = split_heads(crate::amp::linear(&self.to_k, kv.clone()), self.heads);
+        let v = split_heads(crate::amp::linear(&self.to_v, kv), self.heads);
         let scale = (self.dim_head as f64).powf(-0.5);
 
         site.index = actx.next_index;
@@ -228,24 +228,32 @@ impl<B: Backend> Attention<B> {
                     expected,
                     "attention hook returned probabilities of the wrong shape at {site:?}"
                 );
-                probs.matmul(v)
+                crate::amp::matmul(probs, v)
             }
             None => match kernel {
-                AttentionKernel::Fused => fused_attention(
-                    q,
-                    k,
-                    v,
-                    None,
-                    None,
-                    AttentionModuleOptions {
-                        scale: Some(scale),
-                        ..Default::default()
-                    },
-                ),
-                AttentionKernel::Materialized => attention_probs(q, k, scale, None).matmul(v),
+                AttentionKernel::Fused => {
+                    let (q, back) = crate::amp::lower(q);
+                    let (k, _) = crate::amp::lower(k);
+                    let (v, _) = crate::amp::lower(v);
+                    let out = fused_attention(
+                        q,
+                        k,
+                        v,
+                        None,
+                        None,
+                        AttentionModuleOptions {
+                            scale: Some(scale),
+                            ..Default::default()
+                        },
+                    );
+                    crate::amp::restore(out, back)
+                }
+                AttentionKernel::Materialized => {
+                    crate::amp::matmul(attention_probs(q, k, scale, None), v)
+                }
             },
         };
-        self.to_out.forward(merge_heads(out))
+        crate::amp::linear(&self.to_out, merge_heads(out))
     }
 }
 
@@ -257,7 +265,7 @@ pub struct Geglu<B: Backend> {
 
 impl<B: Backend> Geglu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.proj.forward(x);
+        let h = crate::amp::linear(&self.proj, x);
         let mut parts = h.chunk(2, 2);
         let gate = parts.pop().expect("chunk(2) yields two parts");
         let h = parts.pop().expect("chunk(2) yields two parts");
@@ -285,7 +293,7 @@ impl<B: Backend> FeedForward<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.net_2.forward(self.net_0.forward(x))
+        crate::amp::linear(&self.net_2, self.net_0.forward(x))
     }
 }
 
@@ -395,7 +403,7 @@ impl<B: Backend> Transformer2DModel<B> {
     ) -> Tensor<B, 4> {
         let [b, _, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.proj_in.forward(self.norm.forward(x));
+        let x = crate::amp::conv2d(&self.proj_in, self.norm.forward(x));
         let inner = x.dims()[1];
         let mut t = x.permute([0, 2, 3, 1]).reshape([b, h * w, inner]);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
@@ -414,7 +422,7 @@ impl<B: Backend> Transformer2DModel<B> {
             t = block.forward(t, context.clone(), site, actx);
         }
         let x = t.reshape([b, h, w, inner]).permute([0, 3, 1, 2]);
-        self.proj_out.forward(x) + residual
+        crate::amp::conv2d(&self.proj_out, x) + residual
     }
 
     /// Number of attention calls one forward makes (self + cross per transformer block).

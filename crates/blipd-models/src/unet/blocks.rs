@@ -78,7 +78,7 @@ impl<B: Backend> TimestepEmbedding<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        crate::amp::linear(&self.linear_2, silu(crate::amp::linear(&self.linear_1, x)))
     }
 }
 
@@ -123,15 +123,15 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (ignored without `time_emb_proj`).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = crate::amp::conv2d(&self.conv1, silu(self.norm1.forward(x.clone())));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(silu(temb));
+            let t = crate::amp::linear(proj, silu(temb));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = crate::amp::conv2d(&self.conv2, silu(self.norm2.forward(h)));
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => crate::amp::conv2d(conv, x),
             None => x,
         };
         let out = shortcut + h;
@@ -166,7 +166,7 @@ impl<B: Backend> Downsample2D<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(x)
+        crate::amp::conv2d(&self.conv, x)
     }
 }
 
@@ -188,7 +188,7 @@ impl<B: Backend> Upsample2D<B> {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([2 * h, 2 * w]);
         let x = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
-        self.conv.forward(x)
+        crate::amp::conv2d(&self.conv, x)
     }
 }
 

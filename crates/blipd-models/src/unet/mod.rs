@@ -729,7 +729,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let emb = self.time_embed(timesteps, batch);
         let context = encoder_hidden_states;
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = crate::amp::conv2d(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
             let (out, res) = block.forward(x, emb.clone(), context.clone(), &mut actx, i);
@@ -788,7 +788,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
         actx.finish();
         let x = silu(self.conv_norm_out.forward(x));
-        self.conv_out.forward(x)
+        crate::amp::conv2d(&self.conv_out, x)
     }
 
     /// Save in the diffusers layout: `dir/config.json` and `dir/diffusion_pytorch_model.safetensors`.
