@@ -190,6 +190,115 @@ fn sub_product_f32<const ISA: u8>(l: &[f32], t: &[f32], z: &mut [f32]) {
     }
 }
 
+/// Windows per block of the vectorised assembly (eight `f64` lanes: one AVX-512 register, two AVX2 ones).
+const LANES: usize = 8;
+
+/// Lanes of a block.
+type Lanes = [f64; LANES];
+
+/// Adds the matting-Laplacian entries of the windows centred at grid columns `col0 .. col0 + LANES` of one
+/// window row (lanes where `valid` is false add nothing) to the lower-band ring. `rows[r]` is the offset of
+/// the planar colours of window row `r` (0..3, top to bottom) in `planes`; `slots[r]` its ring slot.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn window_block(
+    planes: &[f64],
+    rw: usize,
+    rows: [usize; 3],
+    col0: usize,
+    eps: f64,
+    valid: &[bool; LANES],
+    ring: &mut [f64],
+    slots: [usize; 3],
+) {
+    let zero: Lanes = [0.0; LANES];
+    // Centred colours c[k][ch] of window pixel k (raster order in the window).
+    let mut c = [[zero; 3]; 9];
+    let mut mean = [zero; 3];
+    for k in 0..9 {
+        for ch in 0..3 {
+            let src = &planes[rows[k / 3] + ch * rw + col0 + k % 3 - 1..][..LANES];
+            c[k][ch].copy_from_slice(src);
+            for l in 0..LANES {
+                mean[ch][l] += src[l];
+            }
+        }
+    }
+    for m in &mut mean {
+        for v in m.iter_mut() {
+            *v *= NINTH;
+        }
+    }
+    let mut cov = [zero; 6];
+    for ck in c.iter_mut() {
+        for l in 0..LANES {
+            let (r, g, b) = (
+                ck[0][l] - mean[0][l],
+                ck[1][l] - mean[1][l],
+                ck[2][l] - mean[2][l],
+            );
+            ck[0][l] = r;
+            ck[1][l] = g;
+            ck[2][l] = b;
+            cov[0][l] += r * r;
+            cov[1][l] += r * g;
+            cov[2][l] += r * b;
+            cov[3][l] += g * g;
+            cov[4][l] += g * b;
+            cov[5][l] += b * b;
+        }
+    }
+    // Inverse of the window covariance + ε/9 (see `build_scalar`), pre-divided by the window size.
+    let mut m = [zero; 6];
+    for l in 0..LANES {
+        let (a00, a01, a02, a11, a12, a22) = (
+            (cov[0][l] + eps) * NINTH,
+            cov[1][l] * NINTH,
+            cov[2][l] * NINTH,
+            (cov[3][l] + eps) * NINTH,
+            cov[4][l] * NINTH,
+            (cov[5][l] + eps) * NINTH,
+        );
+        let c00 = a11 * a22 - a12 * a12;
+        let c01 = a02 * a12 - a01 * a22;
+        let c02 = a01 * a12 - a02 * a11;
+        let c11 = a00 * a22 - a02 * a02;
+        let c12 = a01 * a02 - a00 * a12;
+        let c22 = a00 * a11 - a01 * a01;
+        let inv_det = 1.0 / (9.0 * (a00 * c00 + a01 * c01 + a02 * c02));
+        m[0][l] = c00 * inv_det;
+        m[1][l] = c01 * inv_det;
+        m[2][l] = c02 * inv_det;
+        m[3][l] = c11 * inv_det;
+        m[4][l] = c12 * inv_det;
+        m[5][l] = c22 * inv_det;
+    }
+    let mut v = [[zero; 3]; 9];
+    for k in 0..9 {
+        for l in 0..LANES {
+            let (s, t, u) = (c[k][0][l], c[k][1][l], c[k][2][l]);
+            v[k][0][l] = m[0][l] * s + m[1][l] * t + m[2][l] * u;
+            v[k][1][l] = m[1][l] * s + m[3][l] * t + m[4][l] * u;
+            v[k][2][l] = m[2][l] * s + m[4][l] * t + m[5][l] * u;
+        }
+    }
+    // Pixel columns right to left: a cell receives the entries of the windows of a block in window order
+    // (left to right), as in the one-window-at-a-time assembly.
+    for j in [2, 1, 0, 5, 4, 3, 8, 7, 6] {
+        let cj = c[j];
+        let dst0 = (slots[j / 3] * (DIAG + 1)) * rw + col0 + j % 3 - 1;
+        for i in 0..=j {
+            let base = if i == j { 1.0 - NINTH } else { -NINTH };
+            let vi = v[i];
+            let dst = &mut ring[dst0 + PAIR_BAND[j][i] * rw..][..LANES];
+            for l in 0..LANES {
+                let g = base - (vi[0][l] * cj[0][l] + vi[1][l] * cj[1][l] + vi[2][l] * cj[2][l]);
+                dst[l] += if valid[l] { g } else { 0.0 };
+            }
+        }
+    }
+}
+
 /// One horizontal run of consecutive unknown pixels.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -216,8 +325,9 @@ pub(crate) struct GridSystem {
     off: [isize; BANDS],
     /// Matrix bands `a[s·n + c]`.
     a: Vec<f32>,
-    /// The lower bands and diagonal (bands 0..=12) in `f64`, for the final residual check.
-    lo64: Vec<[f64; DIAG + 1]>,
+    /// The lower bands and diagonal (bands 0..=12, `lo64[s·n + c]`, zero where the neighbour is known) in
+    /// `f64`, for the final residual check.
+    lo64: Vec<f64>,
     /// Right-hand side `−L_UK α_K`.
     pub(crate) rhs: Vec<f64>,
 }
@@ -230,8 +340,237 @@ impl GridSystem {
     }
 
     /// Builds the system. `unknown[q]` / `fg[q]` classify image pixel `q`; `rgb` is interleaved (3 per pixel).
+    ///
+    /// Windows are processed a row at a time in blocks of [`LANES`] consecutive window centres, in structure-
+    /// of-arrays form (every per-window quantity is a `[f64; LANES]`), so the covariance, the 3×3 inverse and
+    /// each of the 45 pair entries are plain element-wise loops the compiler vectorises. The pair entry of
+    /// pixels `i ≤ j` of the windows of a block lands in lower band `PAIR_BAND[j][i]` of consecutive grid cells,
+    /// so the scatter is contiguous too. The lower bands of all cells (known ones included) are accumulated
+    /// in `f64` in a ring of five grid rows; a row is complete once the windows two rows further down are done,
+    /// and is then rounded into the `f32` bands of its unknown pixels (upper bands from the lower bands of the
+    /// rows below), with `−L_UK α_K` from its entries towards known foreground pixels. Per-window values and
+    /// summation order equal those of the one-window-at-a-time assembly.
     #[inline(always)]
     pub(crate) fn build(
+        w: usize,
+        h: usize,
+        rgb: &[f64],
+        unknown: &[bool],
+        fg: &[bool],
+        eps: f64,
+    ) -> GridSystem {
+        let (gw, gsize, cidx, cells, runs) = Self::layout(w, h, unknown);
+        let n = cells.len();
+
+        let mut off = [0isize; BANDS];
+        for (s, o) in off.iter_mut().enumerate() {
+            let (dy, dx) = band_dyx(s);
+            *o = dy * gw as isize + dx;
+        }
+        // Row length of the planar colour rows and the band ring: grid columns plus room for the lanes of a
+        // block that run past the last window (they read zeros and add masked zeros).
+        let rw = gw + LANES + 2;
+        const RING: usize = 5;
+        // Planar colours of image rows (ring of three, by row mod 3), at grid columns.
+        let mut planes = vec![0.0f64; 3 * 3 * rw];
+        // Column span of the unknown pixels of each row (empty: start > end).
+        let span: Vec<(usize, usize)> = (0..h)
+            .map(|y| {
+                let row = &unknown[y * w..(y + 1) * w];
+                match (row.iter().position(|&u| u), row.iter().rposition(|&u| u)) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => (usize::MAX, 0),
+                }
+            })
+            .collect();
+        // Union of the spans of rows y − r ..= y + r, widened by `grow` and clipped to the image.
+        let near_span = |y: usize, r: usize, grow: usize| {
+            let (mut a, mut b) = (usize::MAX, 0);
+            for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                a = a.min(span[yy].0);
+                b = b.max(span[yy].1);
+            }
+            (a != usize::MAX).then(|| (a.saturating_sub(grow), (b + grow).min(w - 1)))
+        };
+        // Only the columns that windows touching an unknown pixel read are filled (the others are not read,
+        // or only by masked lanes).
+        let fill_plane = |planes: &mut [f64], y: usize| {
+            let base = (y % 3) * 3 * rw;
+            let Some((xa, xb)) = near_span(y, 2, 2) else {
+                return;
+            };
+            for x in xa..=xb {
+                let o = (y * w + x) * 3;
+                for ch in 0..3 {
+                    planes[base + ch * rw + x + PAD] = rgb[o + ch];
+                }
+            }
+        };
+        // Lower bands of five grid rows (ring by image row mod 5): ring[(slot·13 + s)·rw + col].
+        let mut ring = vec![0.0f64; RING * (DIAG + 1) * rw];
+        // Grid foreground mask (1.0 at known foreground cells) for the right-hand side.
+        let mut fgg = vec![0.0f64; gsize];
+        for y in 0..h {
+            for x in 0..w {
+                if fg[y * w + x] && !unknown[y * w + x] {
+                    fgg[(y + PAD) * gw + x + PAD] = 1.0;
+                }
+            }
+        }
+        let mut a = vec![0.0f32; BANDS * n];
+        let mut lo64 = vec![0.0f64; (DIAG + 1) * n];
+        let mut rhs = vec![0.0f64; n];
+        let mut colu = vec![false; w];
+        let mut win = vec![false; w + LANES];
+        let mut next_run = 0usize;
+        if h >= 1 {
+            fill_plane(&mut planes, 0);
+        }
+        for y in 0..h + 3 {
+            if y + 1 < h {
+                fill_plane(&mut planes, y + 1);
+            }
+            // Windows centred on row y (inside the image) that touch an unknown pixel.
+            let mut wspan = None;
+            if y >= 1 && y + 1 < h {
+                if let Some((xa, xb)) = near_span(y, 1, 1) {
+                    let (xa, xb) = (xa.max(1), xb.min(w - 2));
+                    for x in xa - 1..=xb + 1 {
+                        colu[x] = unknown[(y - 1) * w + x]
+                            || unknown[y * w + x]
+                            || unknown[(y + 1) * w + x];
+                    }
+                    for x in xa..=xb {
+                        win[x] = colu[x - 1] || colu[x] || colu[x + 1];
+                    }
+                    wspan = (xa <= xb).then_some((xa, xb));
+                }
+            }
+            if let Some((xa, xb)) = wspan {
+                let rows = [(y - 1) % 3, y % 3, (y + 1) % 3].map(|r| r * 3 * rw);
+                let slots = [(y - 1) % RING, y % RING, (y + 1) % RING];
+                let mut x0 = xa;
+                while x0 <= xb {
+                    if !win[x0] {
+                        x0 += 1;
+                        continue;
+                    }
+                    let valid: [bool; LANES] = std::array::from_fn(|l| x0 + l <= xb && win[x0 + l]);
+                    window_block(&planes, rw, rows, x0 + PAD, eps, &valid, &mut ring, slots);
+                    x0 += LANES;
+                }
+            }
+            // Row p = y − 3 is complete (windows up to row p + 3 cannot reach it or the two rows below it).
+            if y >= 3 {
+                let p = y - 3;
+                let gy = (p + PAD) * gw;
+                while next_run < runs.len() && runs[next_run].g0 < gy + gw {
+                    let run = runs[next_run];
+                    next_run += 1;
+                    let (g0, c0, len) = (run.g0, run.c0, run.len);
+                    let col0 = g0 - gy;
+                    let rr = &mut rhs[c0..c0 + len];
+                    for s in 0..BANDS {
+                        let (dy, dx) = band_dyx(s);
+                        // Lower entries are stored in row p; the upper entry (c, c + off_s) is the lower entry
+                        // (band 24 − s) of the neighbour.
+                        let (slot, sb, col) = if s <= DIAG {
+                            (p % RING, s, col0)
+                        } else {
+                            (
+                                (p + dy as usize) % RING,
+                                BANDS - 1 - s,
+                                (col0 as isize + dx) as usize,
+                            )
+                        };
+                        let src = &ring[(slot * (DIAG + 1) + sb) * rw + col..][..len];
+                        let q0 = (g0 as isize + off[s]) as usize;
+                        let ci = &cidx[q0..q0 + len];
+                        let fgq = &fgg[q0..q0 + len];
+                        let dst = &mut a[s * n + c0..s * n + c0 + len];
+                        if s == DIAG {
+                            for k in 0..len {
+                                dst[k] = src[k] as f32;
+                            }
+                            lo64[s * n + c0..s * n + c0 + len].copy_from_slice(src);
+                            continue;
+                        }
+                        for k in 0..len {
+                            let v = if ci[k] != NONE { src[k] } else { 0.0 };
+                            dst[k] = v as f32;
+                            rr[k] -= src[k] * fgq[k];
+                        }
+                        if s < DIAG {
+                            let l64 = &mut lo64[s * n + c0..s * n + c0 + len];
+                            for k in 0..len {
+                                l64[k] = if ci[k] != NONE { src[k] } else { 0.0 };
+                            }
+                        }
+                    }
+                }
+                let slot = p % RING;
+                ring[slot * (DIAG + 1) * rw..(slot + 1) * (DIAG + 1) * rw].fill(0.0);
+            }
+        }
+        GridSystem {
+            gw,
+            gsize,
+            n,
+            cells,
+            cidx,
+            runs,
+            off,
+            a,
+            lo64,
+            rhs,
+        }
+    }
+
+    /// Padded grid, compact numbering and runs of the unknown pixels: (grid width, grid cells, compact index
+    /// per cell, grid index per unknown pixel, runs).
+    #[allow(clippy::type_complexity)]
+    fn layout(
+        w: usize,
+        h: usize,
+        unknown: &[bool],
+    ) -> (usize, usize, Vec<u32>, Vec<u32>, Vec<Run>) {
+        let gw = w + 2 * PAD;
+        let gsize = gw * (h + 2 * PAD);
+        let mut cidx = vec![NONE; gsize];
+        let mut cells = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
+        for y in 0..h {
+            let mut open = false;
+            for x in 0..w {
+                if unknown[y * w + x] {
+                    let g = (y + PAD) * gw + x + PAD;
+                    let c = cells.len();
+                    cidx[g] = c as u32;
+                    cells.push(g as u32);
+                    if open {
+                        if let Some(r) = runs.last_mut() {
+                            r.len += 1;
+                        }
+                    } else {
+                        runs.push(Run {
+                            g0: g,
+                            c0: c,
+                            len: 1,
+                        });
+                        open = true;
+                    }
+                } else {
+                    open = false;
+                }
+            }
+        }
+        (gw, gsize, cidx, cells, runs)
+    }
+
+    /// Straightforward per-window assembly (one 3×3 window at a time, entries scattered pair by pair); the
+    /// reference the vectorised [`GridSystem::build`] is tested against.
+    #[cfg(test)]
+    pub(crate) fn build_scalar(
         w: usize,
         h: usize,
         rgb: &[f64],
@@ -419,6 +758,18 @@ impl GridSystem {
                 }
             }
         }
+        let lo64 = (0..=DIAG)
+            .flat_map(|s| {
+                let (acc, cells, cidx) = (&acc, &cells, &cidx);
+                (0..n).map(move |c| {
+                    if cidx[(cells[c] as isize + off[s]) as usize] == NONE {
+                        0.0
+                    } else {
+                        acc[c][s]
+                    }
+                })
+            })
+            .collect();
         GridSystem {
             gw,
             gsize,
@@ -428,7 +779,7 @@ impl GridSystem {
             runs,
             off,
             a,
-            lo64: acc,
+            lo64,
             rhs,
         }
     }
@@ -439,16 +790,17 @@ impl GridSystem {
         r.copy_from_slice(&self.rhs);
         for (c, &g) in self.cells.iter().enumerate() {
             let g = g as isize;
-            let row = &self.lo64[c];
+            let n = self.n;
             let xc = x[g as usize];
-            let mut acc = row[DIAG] * xc;
+            let mut acc = self.lo64[DIAG * n + c] * xc;
             for s in 0..DIAG {
                 let q = (g + self.off[s]) as usize;
                 let j = self.cidx[q];
                 if j != NONE {
                     // Lower entry (c, j) and its mirror (j, c).
-                    acc += row[s] * x[q];
-                    r[j as usize] -= row[s] * xc;
+                    let v = self.lo64[s * n + c];
+                    acc += v * x[q];
+                    r[j as usize] -= v * xc;
                 }
             }
             r[c] -= acc;
@@ -822,4 +1174,75 @@ pub(crate) fn pcg<const ISA: u8>(
         restart.saturating_sub(1),
         rn / nb
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised assembly gives the matrix of the one-window-at-a-time assembly (same per-window values
+    /// and summation order, so the `f32` bands are equal bit for bit) and the same right-hand side up to
+    /// summation order, on random images whose unknown pixels touch the image border and form runs of every
+    /// length (including blocks with masked lanes).
+    #[test]
+    fn vectorised_build_matches_scalar_build() {
+        let mut seed = 99u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (w, h, p_unknown) in [
+            (23, 17, 0.5),
+            (40, 9, 0.9),
+            (3, 3, 0.5),
+            (31, 12, 0.1),
+            (9, 30, 1.0),
+            (37, 29, -1.0),
+            (64, 40, -1.0),
+        ] {
+            let rgb: Vec<f64> = (0..w * h * 3)
+                .map(|_| (rnd() * 255.0).round() / 255.0)
+                .collect();
+            // p_unknown < 0: an annulus of unknown pixels (row spans that move and split), else random.
+            let unknown: Vec<bool> = (0..w * h)
+                .map(|q| {
+                    let (x, y) = (
+                        (q % w) as f64 - w as f64 / 2.0,
+                        (q / w) as f64 - h as f64 / 2.0,
+                    );
+                    let d = (x * x + y * y).sqrt();
+                    let r = rnd();
+                    if p_unknown < 0.0 {
+                        (6.0..9.0).contains(&d) || (r < 0.02)
+                    } else {
+                        r < p_unknown
+                    }
+                })
+                .collect();
+            let fg: Vec<bool> = (0..w * h).map(|q| !unknown[q] && rnd() < 0.5).collect();
+            let v = GridSystem::build(w, h, &rgb, &unknown, &fg, 1e-7);
+            let s = GridSystem::build_scalar(w, h, &rgb, &unknown, &fg, 1e-7);
+            assert_eq!((v.n, &v.cells, &v.cidx), (s.n, &s.cells, &s.cidx));
+            assert_eq!(v.runs.len(), s.runs.len());
+            assert!(v.a == s.a, "{w}×{h}: f32 bands differ");
+            if let Some(i) = (0..v.lo64.len()).find(|&i| v.lo64[i] != s.lo64[i]) {
+                panic!(
+                    "{w}×{h}: f64 band {} row {}: {} vs {}",
+                    i / v.n,
+                    i % v.n,
+                    v.lo64[i],
+                    s.lo64[i]
+                );
+            }
+            let scale = s.a.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+            for (c, (x, y)) in v.rhs.iter().zip(&s.rhs).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-12 * scale,
+                    "{w}×{h}: rhs[{c}] {x} vs {y}"
+                );
+            }
+        }
+    }
 }
