@@ -52,10 +52,15 @@ fn two_processes_run_the_two_stage_plan() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines.len(),
-        2,
-        "one summary per stage, from rank 0: {stdout}"
+        3,
+        "one summary per stage and the export line, from rank 0: {stdout}"
     );
     assert!(lines[0].starts_with("stage 1: step 6") && lines[1].starts_with("stage 2: step 3"));
+    assert!(
+        lines[2].starts_with("stage 2: pipeline exported"),
+        "{stdout}"
+    );
+    assert!(dir.join("stage2/export/model_index.json").is_file());
     assert!(
         !stdout.contains("Connecting"),
         "burn-collective chatter on stdout"
