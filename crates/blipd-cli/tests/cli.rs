@@ -17,6 +17,26 @@ fn pipeline_fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
 }
 
+/// `blipd generate` at 16 px with 3 steps from the fixture's reference photo; asserts success.
+fn generate_16px(model: &Path, subject: &str, prompt: &str, out_png: &Path) {
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .arg("--image")
+        .arg(pipeline_fixture().join("reference.png"))
+        .args(["--subject", subject, "--prompt", prompt, "--steps", "3"])
+        .args(["--height", "16", "--width", "16", "--out"])
+        .arg(out_png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
@@ -130,29 +150,7 @@ fn pretrain_resume_and_plot() {
     );
     // The run ends with a pipeline folder that `blipd generate` takes.
     let png = run.join("gen.png");
-    let out = blipd()
-        .arg("generate")
-        .arg("--model")
-        .arg(run.join("stage2/export"))
-        .arg("--image")
-        .arg(pipeline_fixture().join("reference.png"))
-        .args([
-            "--subject",
-            "ball",
-            "--prompt",
-            "on a beach",
-            "--steps",
-            "2",
-        ])
-        .args(["--height", "16", "--width", "16", "--out"])
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    generate_16px(&run.join("stage2/export"), "ball", "on a beach", &png);
     // As in diffusers, the latent size is height / 2^(U-Net levels − 1) (2 for the tiny U-Net), and
     // the tiny VAE decodes ×4: 16 → 8×8 latents → 32×32 pixels (both factors are 8 for SD-1.5).
     assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (32, 32));
@@ -212,29 +210,7 @@ fn generate_writes_an_image() {
     let tmp = tempfile::tempdir().unwrap();
     let out_png = tmp.path().join("gen.png");
     let fx = pipeline_fixture();
-    let out = blipd()
-        .arg("generate")
-        .arg("--model")
-        .arg(&fx)
-        .arg("--image")
-        .arg(fx.join("reference.png"))
-        .args([
-            "--subject",
-            "dog",
-            "--prompt",
-            "swimming underwater",
-            "--steps",
-            "3",
-        ])
-        .args(["--height", "16", "--width", "16", "--out"])
-        .arg(&out_png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    generate_16px(&fx, "dog", "swimming underwater", &out_png);
     let img = image::open(&out_png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (16, 16));
     // A missing reference image is a clear error.
