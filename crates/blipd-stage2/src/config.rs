@@ -26,7 +26,9 @@ pub enum QFormerInit {
     Pretrained,
     /// From a stage-1 checkpoint's model weights (safetensors written by `blipd pretrain` stage 1).
     Stage1(PathBuf),
-    /// Random initialisation ("without multimodal pre-training" ablation with a random Q-Former).
+    /// Random initialisation. (For the paper's "without multimodal pre-training" ablation, a Q-Former
+    /// initialised from BERT, run the plan with `stage1.train.max_steps = 0`: stage 1 initialises from
+    /// its `bert_init` and exports without training, as `configs/sweeps/ablation.toml` does.)
     Random,
 }
 
