@@ -3,7 +3,8 @@
 //!
 //! Choices (documented in docs/eval.md):
 //! - the reference image is the subject's first photo (file-name order): BLIP-Diffusion is zero-shot and
-//!   takes one subject image;
+//!   takes one subject image; a fine-tuned pipeline (with a cached subject embedding) uses its cache
+//!   instead, so give it only its own subject (`subjects`);
 //! - the Q-Former's subject text is the class noun;
 //! - a DreamBooth template `"<pre>{0} {1}<post>"` becomes the pipeline's target subject `"<adjectives>
 //!   <class>"` (the words of `<pre>` after its article) and prompt `<post>`, so the pipeline's
@@ -138,12 +139,16 @@ pub fn generate_dreambench<B: Backend>(
     });
     let mut summary = GenSummary::default();
     for (si, subject) in subjects {
-        let reference = subject
-            .images
-            .first()
-            .ok_or_else(|| AppError::Request(format!("subject {} has no photo", subject.name)))?;
-        let pixels =
-            pipe.preprocess(&RgbImage::open(reference)?, opts.generate.reference_resize)?;
+        // A fine-tuned pipeline brings its subject embedding; otherwise the subject's first photo.
+        let pixels = match pipe.ctx_cache {
+            Some(_) => None,
+            None => {
+                let reference = subject.images.first().ok_or_else(|| {
+                    AppError::Request(format!("subject {} has no photo", subject.name))
+                })?;
+                Some(pipe.preprocess(&RgbImage::open(reference)?, opts.generate.reference_resize)?)
+            }
+        };
         let dir = out.join(&subject.name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| AppError::Request(format!("creating {}: {e}", dir.display())))?;
@@ -175,15 +180,12 @@ pub fn generate_dreambench<B: Backend>(
             let cond = vec![subject.class_name.as_str(); k];
             let tgts = vec![tgt.as_str(); k];
             let prompts = vec![prompt.as_str(); k];
-            let result = pipe.generate_batch(
-                pixels.clone(),
-                &cond,
-                &tgts,
-                &prompts,
-                &g,
-                None,
-                &mut |_| {},
-            )?;
+            let result = match &pixels {
+                Some(px) => {
+                    pipe.generate_batch(px.clone(), &cond, &tgts, &prompts, &g, None, &mut |_| {})?
+                }
+                None => pipe.generate_cached(&tgts, &prompts, &g, None, &mut |_| {})?,
+            };
             let imgs = result.to_uint8()?;
             let mut written = 0;
             for (j, path) in paths.iter().enumerate() {

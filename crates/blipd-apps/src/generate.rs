@@ -15,7 +15,9 @@
 
 use std::path::Path;
 
-use blipd_models::ctx_clip_text::{ContextClipTextModel, DEFAULT_CTX_BEGIN_POS};
+use blipd_models::ctx_clip_text::{
+    ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY, DEFAULT_CTX_BEGIN_POS,
+};
 use blipd_models::qformer::{Blip2Config, Blip2QFormerModel};
 use blipd_models::schedulers::{PndmScheduler, PndmSchedulerConfig};
 use blipd_models::tokenizers::{
@@ -138,6 +140,9 @@ pub struct BlipDiffusionPipeline<B: Backend> {
     pub image_std: [f32; 3],
     /// Where the subject embeddings are spliced into the prompt tokens (2: after BOS and "a").
     pub ctx_begin_pos: usize,
+    /// A fine-tuned folder's cached subject embedding `[1, N, D]` (`ctx_embeddings_cache.safetensors`,
+    /// written by `blipd finetune`): generation uses it instead of a reference image, as LAVIS does.
+    pub ctx_cache: Option<Tensor<B, 3>>,
     pub device: B::Device,
 }
 
@@ -257,8 +262,25 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         let ctx_begin_pos = folder
             .index_usize("ctx_begin_pos")
             .unwrap_or(DEFAULT_CTX_BEGIN_POS);
+        let cache_path = dir.join(CTX_CACHE_FILE);
+        let ctx_cache = if cache_path.is_file() {
+            let sd = StateDict::read(&cache_path)?;
+            let data = sd.data(CTX_CACHE_KEY)?.convert::<f32>();
+            let shape = data.shape.clone();
+            let q = qcfg.num_query_tokens;
+            if shape.len() != 3 || shape[0] != 1 || shape[1] != q {
+                return Err(folder_err(
+                    &cache_path,
+                    format!("`{CTX_CACHE_KEY}` has shape {shape:?}, expected [1, {q}, D]"),
+                ));
+            }
+            Some(Tensor::<B, 3>::from_data(data, device))
+        } else {
+            None
+        };
 
         Ok(Self {
+            ctx_cache,
             qformer,
             text_encoder,
             unet,
@@ -504,6 +526,27 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             images: self.decode(latents.clone()),
             latents,
         })
+    }
+
+    /// Generation with a fine-tuned folder's cached subject embedding ([`Self::ctx_cache`]), one image
+    /// per prompt.
+    pub fn generate_cached(
+        &self,
+        tgt_subjects: &[&str],
+        prompts: &[&str],
+        opts: &GenerateOptions,
+        latents: Option<Tensor<B, 4>>,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<GenerateOutput<B>, AppError> {
+        let ctx = self.ctx_cache.clone().ok_or_else(|| {
+            AppError::Request(
+                "this pipeline folder has no ctx_embeddings_cache (not a fine-tuned model): give a \
+                 reference image"
+                    .into(),
+            )
+        })?;
+        let ctx = ctx.repeat_dim(0, prompts.len());
+        self.generate_with_ctx(ctx, tgt_subjects, prompts, opts, latents, on_step)
     }
 
     /// Batched zero-shot generation from preprocessed reference pixels (`[B or 1, 3, S, S]`).

@@ -63,6 +63,19 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Fine-tune on a few photos of one subject (the released recipe: U-Net + cached subject
+    /// embedding, 40–120 steps) and export a pipeline folder that generates that subject.
+    Finetune {
+        /// A fine-tuning config (configs/finetune/dreambench-dog.toml, configs/finetune/tiny.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key, e.g. `--set train.max_steps=80` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// The run folder (replaces the config's `run.dir`).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
     /// Run the variants of a sweep file (the paper's ablations) and write one comparison table.
     Sweep {
         /// e.g. configs/sweeps/ablation.toml
@@ -89,9 +102,10 @@ enum Command {
         /// The pipeline folder (model_index.json, qformer/, text_encoder/, unet/, vae/, tokenizer/, …).
         #[arg(long)]
         model: PathBuf,
-        /// Reference image of the subject.
+        /// Reference image of the subject (not needed for a fine-tuned folder, whose cached subject
+        /// embedding is used instead).
         #[arg(long)]
-        image: PathBuf,
+        image: Option<PathBuf>,
         /// Subject category of the reference image (fed to the Q-Former), e.g. "dog".
         #[arg(long)]
         subject: String,
@@ -190,6 +204,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let plan = PretrainPlan::load(&path, &sets, Some(&run_dir))?;
             pretrain(plan)
         }
+        Command::Finetune {
+            config,
+            sets,
+            run_dir,
+        } => {
+            let mut cfg: blipd_stage2::finetune::FinetuneRunConfig =
+                blipd_train::load_config(&config, &sets)
+                    .with_context(|| format!("reading {}", config.display()))?;
+            if let Some(d) = run_dir {
+                cfg.run.dir = d;
+            }
+            let start = Instant::now();
+            tracing::info!(
+                "fine-tuning {:?}: {} steps × batch {} in {}",
+                cfg.stage.subject,
+                cfg.train.max_steps,
+                cfg.train.batch_size,
+                cfg.run.dir.display()
+            );
+            let summary = blipd_stage2::finetune::run_finetune::<Train>(&cfg, device())
+                .with_context(|| format!("fine-tuning in {}", cfg.run.dir.display()))?;
+            report("finetune", &summary, start, &cfg.run.dir);
+            if blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
+                println!(
+                    "finetune: pipeline exported to {} (blipd generate --model … needs no --image)",
+                    blipd_stage2::finetune::export_dir(&cfg).display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sweep { file, sets } => {
             sweep::run(&file, &sets)?;
             Ok(ExitCode::SUCCESS)
@@ -225,7 +269,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &device(),
             )
             .with_context(|| format!("loading {}", model.display()))?;
-            let reference = blipd_apps::RgbImage::open(&image)?;
             let mut opts = if lavis {
                 blipd_apps::GenerateOptions::lavis()
             } else {
@@ -238,7 +281,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.width = width;
             opts.seed = seed;
             let tgt = target_subject.unwrap_or_else(|| subject.clone());
-            let result = pipe.generate(&reference, &subject, &tgt, &prompt, &opts, None)?;
+            let result = match (&pipe.ctx_cache, &image) {
+                (Some(_), image) => {
+                    if let Some(i) = image {
+                        tracing::warn!(
+                            "{} is a fine-tuned folder: its cached subject embedding is used, {} is ignored",
+                            model.display(),
+                            i.display()
+                        );
+                    }
+                    pipe.generate_cached(&[&tgt], &[&prompt], &opts, None, &mut |_| {})?
+                }
+                (None, Some(image)) => {
+                    let reference = blipd_apps::RgbImage::open(image)?;
+                    pipe.generate(&reference, &subject, &tgt, &prompt, &opts, None)?
+                }
+                (None, None) => anyhow::bail!(
+                    "--image is required: {} has no cached subject embedding (not a fine-tuned model)",
+                    model.display()
+                ),
+            };
             let img = result.to_uint8()?;
             let rgb = image::RgbImage::from_raw(
                 img.width as u32,

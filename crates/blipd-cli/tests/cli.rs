@@ -297,3 +297,76 @@ fn sweep_writes_one_table_with_dreambench_scores() {
     assert!(err.contains("no_dino"), "{err}");
     assert!(!err.contains("stage 1:"), "trained before failing: {err}");
 }
+
+#[test]
+fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::copy(
+        pipeline_fixture().join("reference.png"),
+        photos.join("00.png"),
+    )
+    .unwrap();
+    let cfg = tmp.path().join("finetune.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\ndir = {:?}\n[train]\nmax_steps = 3\nbatch_size = 2\n[optimizer]\nlr = 0.001\n\
+             [stage]\nmodel_dir = {:?}\nsubject = \"dog\"\nsample_steps = 2\n[data]\nimages = {:?}\ntarget_size = 16\n",
+            tmp.path().join("run").display().to_string(),
+            pipeline_fixture().display().to_string(),
+            photos.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = blipd()
+        .arg("finetune")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("finetune: step 3"), "{stdout}");
+    let export = tmp.path().join("run/export");
+    assert!(export.join("ctx_embeddings_cache.safetensors").is_file());
+    let png = tmp.path().join("dog.png");
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(&export)
+        .args([
+            "--subject",
+            "dog",
+            "--prompt",
+            "on the beach",
+            "--steps",
+            "2",
+        ])
+        .args(["--height", "16", "--width", "16", "--out"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(png.is_file());
+    // Without a cache, a reference image is required, and the error says so.
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .args(["--subject", "dog", "--prompt", "x", "--out"])
+        .arg(tmp.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
+}

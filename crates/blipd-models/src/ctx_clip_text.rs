@@ -29,6 +29,12 @@ pub const NUM_CTX_TOKENS: usize = 16;
 /// Splice position used by the released pipeline (`model_index.json`: `ctx_begin_pos: 2`).
 pub const DEFAULT_CTX_BEGIN_POS: usize = 2;
 
+/// File of a fine-tuned pipeline's cached subject embedding (`[1, N, D]` under [`CTX_CACHE_KEY`];
+/// LAVIS `ctx_embeddings_cache`): generation uses it instead of a reference image.
+pub const CTX_CACHE_FILE: &str = "ctx_embeddings_cache.safetensors";
+/// Tensor name in [`CTX_CACHE_FILE`] (LAVIS' parameter name).
+pub const CTX_CACHE_KEY: &str = "ctx_embeddings_cache";
+
 /// transformers `CLIPTextConfig` (json field names). Missing fields take transformers' defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

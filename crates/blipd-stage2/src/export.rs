@@ -27,7 +27,7 @@ use crate::model::Stage2Model;
 use crate::stage::Stage2;
 use crate::Stage2Error;
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Stage2Error + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Stage2Error + '_ {
     move |e| Stage2Error::Config(format!("export {}: {e}", path.display()))
 }
 
@@ -38,6 +38,15 @@ pub fn export_pipeline<B: AutodiffBackend, M: Backend>(
     stage: &Stage2<B>,
     model: &Stage2Model<M>,
     dir: &Path,
+) -> Result<PathBuf, Stage2Error> {
+    replace_dir(dir, |tmp| write_folder(stage, model, tmp))
+}
+
+/// Writes a folder with `write` beside `dir` and swaps it in: the old folder is moved aside, the new
+/// one renamed into place, the old one removed. A reader sees the old folder or the new one.
+pub(crate) fn replace_dir(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<(), Stage2Error>,
 ) -> Result<PathBuf, Stage2Error> {
     let name = dir
         .file_name()
@@ -50,7 +59,7 @@ pub fn export_pipeline<B: AutodiffBackend, M: Backend>(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    write_folder(stage, model, &tmp)?;
+    write(&tmp)?;
     // Swap: move the old export aside, the new one in, then drop the old one.
     let old = parent.join(format!(".{name}.old"));
     if old.exists() {

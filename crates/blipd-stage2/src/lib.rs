@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod export;
+pub mod finetune;
 pub mod model;
 pub mod prompt;
 pub mod run;

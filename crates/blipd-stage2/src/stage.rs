@@ -162,7 +162,7 @@ impl<B: AutodiffBackend> Stage2<B> {
 }
 
 /// `n` standard normal draws (Box–Muller, cosine branch) from `rng`.
-fn std_normal(rng: &mut TrainRng, n: usize) -> Vec<f32> {
+pub(crate) fn std_normal(rng: &mut TrainRng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let u1: f64 = rng.random::<f64>().max(1e-12);
@@ -172,7 +172,7 @@ fn std_normal(rng: &mut TrainRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+pub(crate) fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
 }
@@ -376,38 +376,51 @@ impl<B: AutodiffBackend> Stage2<B> {
             encode_embeds(&model.text_encoder, e)
         };
         let states = Tensor::cat(vec![uncond, cond], 0);
-        let lat = self.target_size / self.latent_factor;
-        let channels = model.unet.conv_in.weight.dims()[1];
-        let noise: Vec<f32> = (0..channels * lat * lat)
-            .map(|_| {
-                // Box–Muller from the sampling stream.
-                let u1: f64 = rng.random::<f64>().max(1e-12);
-                let u2: f64 = rng.random();
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect();
-        let mut x =
-            Tensor::<I<B>, 4>::from_data(TensorData::new(noise, [1, channels, lat, lat]), dev);
-        let mut sched = PndmScheduler::<I<B>, 4>::blip_diffusion();
-        sched.set_timesteps(self.config.sample_steps.max(1))?;
-        let g = self.config.guidance_scale;
-        for &t in sched.timesteps().to_vec().iter() {
-            let xin = Tensor::cat(vec![x.clone(), x.clone()], 0);
-            let tt = Tensor::<I<B>, 1>::from_floats([t as f32, t as f32], dev);
-            let eps = model.unet.forward(xin, tt, states.clone(), None);
-            let [_, c, h, w] = eps.dims();
-            let eu = eps.clone().slice([0..1, 0..c, 0..h, 0..w]);
-            let ec = eps.slice([1..2, 0..c, 0..h, 0..w]);
-            let e = if g > 1.0 {
-                eu.clone() + (ec - eu) * g
-            } else {
-                ec
-            };
-            x = sched.step(e, t, x)?;
-        }
-        let img = self.vae.decode_latents(x);
-        Ok(to_rgb(img))
+        plms_image(
+            &model.unet,
+            &self.vae,
+            states,
+            self.target_size / self.latent_factor,
+            self.config.sample_steps,
+            self.config.guidance_scale,
+            rng,
+        )
     }
+}
+
+/// One image by PNDM (PLMS) sampling with classifier-free guidance: `states` are the text-encoder
+/// states `[uncond; cond]` (`[2, L, D]`), the initial `lat`×`lat` latents come from `rng`
+/// (Box–Muller), the result is decoded by `vae`. For sample sheets during training.
+pub fn plms_image<B: Backend>(
+    unet: &blipd_models::unet::UNet2DConditionModel<B>,
+    vae: &AutoencoderKL<B>,
+    states: Tensor<B, 3>,
+    lat: usize,
+    steps: usize,
+    guidance_scale: f64,
+    rng: &mut TrainRng,
+) -> Result<image::RgbImage, Stage2Error> {
+    let dev = &states.device();
+    let channels = unet.conv_in.weight.dims()[1];
+    let noise = std_normal(rng, channels * lat * lat);
+    let mut x = Tensor::<B, 4>::from_data(TensorData::new(noise, [1, channels, lat, lat]), dev);
+    let mut sched = PndmScheduler::<B, 4>::blip_diffusion();
+    sched.set_timesteps(steps.max(1))?;
+    for &t in sched.timesteps().to_vec().iter() {
+        let xin = Tensor::cat(vec![x.clone(), x.clone()], 0);
+        let tt = Tensor::<B, 1>::from_floats([t as f32, t as f32], dev);
+        let eps = unet.forward(xin, tt, states.clone(), None);
+        let [_, c, h, w] = eps.dims();
+        let eu = eps.clone().slice([0..1, 0..c, 0..h, 0..w]);
+        let ec = eps.slice([1..2, 0..c, 0..h, 0..w]);
+        let e = if guidance_scale > 1.0 {
+            eu.clone() + (ec - eu) * guidance_scale
+        } else {
+            ec
+        };
+        x = sched.step(e, t, x)?;
+    }
+    Ok(to_rgb(vae.decode_latents(x)))
 }
 
 /// `[1, 3, H, W]` in [−1, 1] → RGB image (diffusers postprocess: (x/2+0.5).clamp(0,1)·255, rounded).

@@ -1,0 +1,526 @@
+//! Subject fine-tuning (BLIP-Diffusion §3.4), the recipe of the released code (LAVIS
+//! `BlipDiffusion` with the `blip_diffusion_finetune` dataset; model.md §3.1–3.2):
+//!
+//! - before training, the subject's photos go through ViT → Q-Former (with the subject text) →
+//!   projection, and the mean over photos becomes a trainable subject embedding `ctx` (`[1, 16, D]`,
+//!   LAVIS `ctx_embeddings_cache`); the Q-Former is not used again;
+//! - every step: the targets (the photos at 512 in [−1, 1]) through the frozen VAE, DDPM noise at a
+//!   uniform timestep, the caption `"a {subject}"` tokenized *without padding* with `ctx` spliced after
+//!   token 2 (`[BOS, a, ctx×16, dog, EOS]`), the frozen text encoder, the U-Net, ε-prediction MSE;
+//! - trainable: the U-Net and `ctx` (the text encoder with `train_text_encoder = true`); no subject
+//!   dropping, no augmentation; AdamW lr 5e-6, weight decay 0.01 (matrices and `ctx`), batch 3, 40–120
+//!   steps, constant lr (`configs/finetune/dreambench-dog.toml`).
+//!
+//! The run ends with a pipeline folder (`<run.dir>/export`): the base folder's components with the
+//! trained U-Net and `ctx_embeddings_cache.safetensors`; `blipd generate` then uses the cached subject
+//! embedding instead of a reference image, as LAVIS does for fine-tuned checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use blipd_data::preprocess::{clip_input, vae_target};
+use blipd_models::ctx_clip_text::{
+    blip_diffusion_text_embeddings, ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY,
+};
+use blipd_models::schedulers::ddpm::DdpmScheduler;
+use blipd_models::tokenizers::{BertTokenizer, BlipDiffusionPrompt, ClipTokenizer};
+use blipd_models::unet::UNet2DConditionModel;
+use blipd_models::vae::AutoencoderKL;
+use blipd_models::weights::write_safetensors;
+use blipd_train::{
+    EpochSampler, GradSync, IndexedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput,
+    TrainRng, Trainer,
+};
+use burn::module::{AutodiffModule, Module, Param};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Distribution;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::export::{io, replace_dir};
+use crate::stage::{ids_tensor, plms_image};
+use crate::{Stage2Components, Stage2Config, Stage2Error};
+
+/// `[stage]` of a fine-tuning run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// The pipeline folder to start from (the released `Salesforce/blipdiffusion`, or a stage-2 run's
+    /// `export/`).
+    pub model_dir: PathBuf,
+    /// The subject's class noun, e.g. `"dog"`: the Q-Former's subject text and the caption's noun.
+    pub subject: String,
+    /// BERT `vocab.txt` when the folder has no `qformer/vocab.txt`.
+    #[serde(default)]
+    pub bert_vocab: Option<PathBuf>,
+    /// Train the subject embedding (LAVIS: yes).
+    #[serde(default = "yes")]
+    pub train_ctx: bool,
+    /// Train the CLIP text encoder too (LAVIS: no).
+    #[serde(default)]
+    pub train_text_encoder: bool,
+    /// Token index after which the subject embeddings go (2: after BOS and "a").
+    #[serde(default = "default_ctx_pos")]
+    pub ctx_begin_pos: usize,
+    /// Sample sheets: the prompt, PLMS steps and guidance (`[sample]` says when).
+    #[serde(default = "default_sample_prompt")]
+    pub sample_prompt: String,
+    #[serde(default = "default_sample_steps")]
+    pub sample_steps: usize,
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+}
+
+/// `[data]` of a fine-tuning run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneData {
+    /// A folder of the subject's photos (`.jpg`, `.jpeg`, `.png`, `.webp`).
+    pub images: PathBuf,
+    /// Target (VAE) resolution: 512 for SD-1.5.
+    #[serde(default = "default_target")]
+    pub target_size: usize,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+impl Default for FinetuneData {
+    fn default() -> Self {
+        Self {
+            images: PathBuf::new(),
+            target_size: default_target(),
+            shuffle: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_ctx_pos() -> usize {
+    2
+}
+fn default_sample_prompt() -> String {
+    "on the beach".into()
+}
+fn default_sample_steps() -> usize {
+    50
+}
+fn default_guidance() -> f64 {
+    7.5
+}
+fn default_target() -> usize {
+    512
+}
+
+/// The full fine-tuning run config.
+pub type FinetuneRunConfig = RunConfig<FinetuneConfig, FinetuneData>;
+
+/// What fine-tuning trains (the text encoder is frozen unless `train_text_encoder`; it is part of the
+/// model because the subject embedding's gradient flows through it).
+#[derive(Module, Debug)]
+pub struct FinetuneModel<B: Backend> {
+    pub unet: UNet2DConditionModel<B>,
+    pub text_encoder: ContextClipTextModel<B>,
+    /// The cached subject embedding `[1, N, D]`.
+    pub ctx: Param<Tensor<B, 3>>,
+}
+
+/// One micro-batch: targets `[B, 3, S, S]` in [−1, 1].
+#[derive(Clone, Debug)]
+pub struct FinetuneBatch {
+    pub target: TensorData,
+}
+
+/// The fine-tuning stage: frozen VAE, noise schedule, the fixed caption.
+pub struct Finetune<B: AutodiffBackend> {
+    pub config: FinetuneConfig,
+    pub vae: AutoencoderKL<B::InnerBackend>,
+    pub ddpm: DdpmScheduler,
+    pub clip_tokenizer: ClipTokenizer,
+    pub bert_tokenizer: BertTokenizer,
+    /// `[BOS] a {subject} [EOS]`, unpadded, truncated to `max_len − N`.
+    pub caption_ids: Vec<u32>,
+    pub max_text_len: usize,
+    pub num_ctx: usize,
+    pub target_size: usize,
+    pub latent_factor: usize,
+    pub device: B::Device,
+    pub autocast: Option<burn::tensor::FloatDType>,
+}
+
+/// The subject's photos in file-name order; an unreadable one is an error naming it.
+pub fn read_images(dir: &Path) -> Result<Vec<(PathBuf, image::RgbImage)>, Stage2Error> {
+    let rd = std::fs::read_dir(dir).map_err(io(dir))?;
+    let mut paths: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                matches!(
+                    e.to_ascii_lowercase().as_str(),
+                    "jpg" | "jpeg" | "png" | "webp"
+                )
+            })
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Stage2Error::Config(format!(
+            "[data] images = {}: no .jpg/.jpeg/.png/.webp file",
+            dir.display()
+        )));
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            // The pipeline's decoder: EXIF orientation, CMYK/grey/16-bit/alpha, size limits.
+            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            let id = p.display().to_string();
+            let img = blipd_data::imageio::decode_image(&bytes, &id, &Default::default())
+                .map_err(|e| Stage2Error::Config(format!("subject image {id}: {e}")))?
+                .to_rgb8();
+            Ok((p, img))
+        })
+        .collect()
+}
+
+impl<B: AutodiffBackend> Finetune<B> {
+    /// `ctx` `[b, N, D]` into the caption → text-encoder states `[b, L, D]`.
+    fn states<BB: Backend>(
+        &self,
+        text_encoder: &ContextClipTextModel<BB>,
+        ctx: Tensor<BB, 3>,
+    ) -> Result<Tensor<BB, 3>, Stage2Error> {
+        let [b, _, _] = ctx.dims();
+        let ids = ids_tensor::<BB>(&self.caption_ids, &ctx.device()).repeat_dim(0, b);
+        Ok(text_encoder.forward(ids, Some(ctx), self.config.ctx_begin_pos)?)
+    }
+}
+
+impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
+    type Model = FinetuneModel<B>;
+    type Batch = FinetuneBatch;
+
+    fn step(
+        &mut self,
+        model: &FinetuneModel<B>,
+        batch: FinetuneBatch,
+        rng: &mut TrainRng,
+    ) -> blipd_train::Result<StepOutput<B>> {
+        let _autocast = blipd_models::amp::Autocast::enter(self.autocast);
+        let dev = self.device.clone();
+        let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
+        let b = target.dims()[0];
+        let posterior = self.vae.encode(target);
+        let shape = posterior.mean().shape();
+        let vae_noise = Tensor::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
+        let latents =
+            Tensor::<B, 4>::from_inner(posterior.sample(vae_noise) * self.vae.scaling_factor);
+        let noise = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let n_train = self.ddpm.num_train_timesteps();
+        let t: Vec<i64> = (0..b)
+            .map(|_| rng.random_range(0..n_train) as i64)
+            .collect();
+        let t = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t.clone());
+        let [_, n, d] = model.ctx.val().dims();
+        let ctx = model.ctx.val().expand([b, n, d]);
+        let states = self.states(&model.text_encoder, ctx)?;
+        let pred = model.unet.forward(noisy, t.float(), states, None);
+        let loss = (pred - noise).powi_scalar(2).mean();
+        Ok(StepOutput::new(loss))
+    }
+
+    fn sample(
+        &mut self,
+        model: &<FinetuneModel<B> as AutodiffModule<B>>::InnerModule,
+        ctx: SampleContext,
+    ) -> blipd_train::Result<()> {
+        let mut rng = ctx.rng;
+        let prompt = BlipDiffusionPrompt {
+            num_ctx_tokens: self.num_ctx,
+            max_position_embeddings: self.max_text_len,
+            ..BlipDiffusionPrompt::default()
+        };
+        let states = blip_diffusion_text_embeddings(
+            &model.text_encoder,
+            &self.clip_tokenizer,
+            &prompt,
+            &[self.config.sample_prompt.as_str()],
+            &[self.config.subject.as_str()],
+            model.ctx.val(),
+            self.config.ctx_begin_pos,
+            Some(""),
+        )
+        .map_err(Stage2Error::from)?;
+        let img = plms_image(
+            &model.unet,
+            &self.vae,
+            states,
+            self.target_size / self.latent_factor,
+            self.config.sample_steps,
+            self.config.guidance_scale,
+            &mut rng,
+        )?;
+        let path = ctx.dir.join("samples.png");
+        img.save(&path).map_err(|e| {
+            blipd_train::TrainError::stage(format!("writing {}: {e}", path.display()))
+        })?;
+        let txt = ctx.dir.join("samples.txt");
+        std::fs::write(
+            &txt,
+            format!(
+                "\"a {} {}\" with the fine-tuned subject embedding\n",
+                self.config.subject, self.config.sample_prompt
+            ),
+        )
+        .map_err(|e| blipd_train::TrainError::stage(format!("writing {}: {e}", txt.display())))?;
+        Ok(())
+    }
+}
+
+/// The fine-tuning data: the subject's targets, sampled with repetition (LAVIS repeats the folder
+/// 100,000 times, so a batch of 3 from one photo is that photo three times).
+pub type FinetuneSource = IndexedSource<MakeFinetuneBatch>;
+
+/// Builds a fine-tuning batch from sample indices.
+pub type MakeFinetuneBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<FinetuneBatch>>;
+
+/// Builds the stage, the model (with the subject embedding computed from the photos) and the data.
+pub fn build<B: AutodiffBackend>(
+    cfg: &FinetuneRunConfig,
+    device: &B::Device,
+) -> Result<(Finetune<B>, FinetuneModel<B>, FinetuneSource), Stage2Error> {
+    cfg.train
+        .mixed_precision
+        .check_backend(&B::name(device))
+        .map_err(Stage2Error::Config)?;
+    let c = &cfg.stage;
+    if c.subject.trim().is_empty() {
+        return Err(Stage2Error::Config("[stage] subject is empty".into()));
+    }
+    let images = read_images(&cfg.data.images)?;
+    let base = Stage2Config {
+        model_dir: Some(c.model_dir.clone()),
+        bert_vocab: c.bert_vocab.clone(),
+        ..Stage2Config::default()
+    };
+    let parts = Stage2Components::<B>::from_diffusers(&c.model_dir, &base, device)?;
+    let size = cfg.data.target_size;
+    let latent_factor = parts.vae_config.downsample_factor();
+    if size == 0 || !size.is_multiple_of(latent_factor) {
+        return Err(Stage2Error::Config(format!(
+            "[data] target_size = {size} is not a positive multiple of the VAE's factor {latent_factor}"
+        )));
+    }
+
+    // The subject embedding: mean over the photos of ViT → Q-Former (subject text) → projection.
+    let qformer = parts.model.qformer.valid();
+    let s = parts.image_size;
+    let mut pixels = Vec::with_capacity(images.len() * 3 * s * s);
+    for (_, img) in &images {
+        pixels.extend(clip_input(img, s));
+    }
+    let n_img = images.len();
+    let input =
+        Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(pixels, [n_img, 3, s, s]), device);
+    let subjects = vec![c.subject.as_str(); n_img];
+    let toks = parts.bert_tokenizer.encode_batch(&subjects)?;
+    let image = qformer.image_embeds(input);
+    let hidden = qformer.multimodal(
+        &image,
+        toks.ids_tensor(device),
+        toks.mask_tensor::<B::InnerBackend>(device).int(),
+    );
+    let ctx = qformer.project(hidden).mean_dim(0); // [1, N, D]
+    let num_ctx = ctx.dims()[1];
+    let ctx = Param::from_tensor(Tensor::<B, 3>::from_inner(ctx)).set_require_grad(c.train_ctx);
+    let text_encoder = if c.train_text_encoder {
+        parts.model.text_encoder
+    } else {
+        parts.model.text_encoder.no_grad()
+    };
+
+    let max_text_len = parts.max_text_len;
+    let mut caption_ids = vec![parts.clip_tokenizer.bos_id()];
+    let mut body = parts.clip_tokenizer.tokenize(&format!("a {}", c.subject))?;
+    body.truncate(max_text_len.saturating_sub(num_ctx + 2));
+    caption_ids.extend(body);
+    caption_ids.push(parts.clip_tokenizer.eos_id());
+    if c.ctx_begin_pos > caption_ids.len() {
+        return Err(Stage2Error::Config(format!(
+            "[stage] ctx_begin_pos = {} is past the caption's {} tokens",
+            c.ctx_begin_pos,
+            caption_ids.len()
+        )));
+    }
+
+    let stage = Finetune {
+        config: c.clone(),
+        vae: parts.vae.valid(),
+        ddpm: DdpmScheduler::sd15(),
+        clip_tokenizer: parts.clip_tokenizer,
+        bert_tokenizer: parts.bert_tokenizer,
+        caption_ids,
+        max_text_len,
+        num_ctx,
+        target_size: size,
+        latent_factor,
+        device: device.clone(),
+        autocast: cfg.train.mixed_precision.dtype(),
+    };
+    let model = FinetuneModel {
+        unet: parts.model.unet,
+        text_encoder,
+        ctx,
+    };
+    blipd_train::params::param_infos::<B, _>(&model);
+
+    let targets: Vec<Vec<f32>> = images
+        .iter()
+        .map(|(_, img)| vae_target(img, size))
+        .collect();
+    tracing::info!(
+        "fine-tuning on {} photo(s) of {:?} from {} ({} subject embeddings)",
+        n_img,
+        c.subject,
+        cfg.data.images.display(),
+        num_ctx
+    );
+    let batch = cfg.train.batch_size;
+    // Enough repetitions that one epoch holds at least one global batch of any size used here.
+    let reps = batch.div_ceil(n_img).max(1) * 64;
+    let sampler = EpochSampler::new(n_img * reps, batch, cfg.run.seed, cfg.data.shuffle);
+    let make: MakeFinetuneBatch = Box::new(move |idx: &[usize]| {
+        let mut v = Vec::with_capacity(idx.len() * 3 * size * size);
+        for &i in idx {
+            v.extend_from_slice(&targets[i % targets.len()]);
+        }
+        Ok(FinetuneBatch {
+            target: TensorData::new(v, [idx.len(), 3, size, size]),
+        })
+    });
+    Ok((stage, model, IndexedSource::new(sampler, make)))
+}
+
+/// Where [`run_finetune`] exports: `<run.dir>/export`.
+pub fn export_dir(cfg: &FinetuneRunConfig) -> PathBuf {
+    cfg.run.dir.join("export")
+}
+
+/// Builds, trains to `train.max_steps` (resuming from the newest checkpoint of the run folder), and
+/// exports the fine-tuned pipeline (EMA weights when EMA is on). Data-parallel when launched as one
+/// rank of several.
+pub fn run_finetune<B: AutodiffBackend>(
+    cfg: &FinetuneRunConfig,
+    device: B::Device,
+) -> Result<RunSummary, blipd_train::TrainError> {
+    B::seed(&device, cfg.run.seed);
+    let (stage, model, data) = build::<B>(cfg, &device)?;
+    let dist = blipd_train::dist_sync::from_env(&blipd_train::dist_sync::DistConfig::from_env()?)?;
+    let (mut trainer, mut data) = match dist {
+        None => (Trainer::from_run_config(cfg, stage, model, device)?, data),
+        Some(mut sync) => {
+            let (rank, world) = (
+                GradSync::<B::InnerBackend>::rank(&sync),
+                GradSync::<B::InnerBackend>::world_size(&sync),
+            );
+            let model = sync.broadcast_module(model, "fine-tuning model")?;
+            sync.track_params::<B, _>(&model)?;
+            let data = data.with_rank(rank, world);
+            let trainer =
+                Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
+            (trainer, data)
+        }
+    };
+    let summary = trainer.fit(&mut data)?;
+    if trainer.rank() == 0 {
+        let out = export_dir(cfg);
+        match trainer.ema_model() {
+            Some(ema) => export_finetuned(trainer.stage(), ema, &cfg.stage.model_dir, &out)?,
+            None => export_finetuned(trainer.stage(), trainer.model(), &cfg.stage.model_dir, &out)?,
+        };
+        tracing::info!("fine-tuned pipeline exported to {}", out.display());
+    }
+    trainer.barrier()?;
+    Ok(summary)
+}
+
+/// Links `from` to `to` (same filesystem), else copies it.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), Stage2Error> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).map_err(io(from))?;
+    }
+    Ok(())
+}
+
+/// Copies `from` into `to` recursively, leaving out the top-level entries in `skip`.
+fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<(), Stage2Error> {
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for e in std::fs::read_dir(from).map_err(io(from))?.flatten() {
+        let name = e.file_name();
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(&name));
+        if src.is_dir() {
+            copy_tree(&src, &dst, &[])?;
+        } else {
+            link_or_copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fine-tuned pipeline: `base`'s components with `model`'s U-Net (and text encoder when trained),
+/// the BERT vocabulary, and the subject embedding in [`CTX_CACHE_FILE`], named in `model_index.json`.
+pub fn export_finetuned<B: AutodiffBackend, M: Backend>(
+    stage: &Finetune<B>,
+    model: &FinetuneModel<M>,
+    base: &Path,
+    out: &Path,
+) -> Result<PathBuf, Stage2Error> {
+    replace_dir(out, |tmp| {
+        let mut skip = vec!["unet", "model_index.json", CTX_CACHE_FILE];
+        if stage.config.train_text_encoder {
+            skip.push("text_encoder");
+        }
+        copy_tree(base, tmp, &skip)?;
+        model.unet.save_diffusers(&tmp.join("unet"))?;
+        if stage.config.train_text_encoder {
+            let t = tmp.join("text_encoder");
+            std::fs::create_dir_all(&t).map_err(io(&t))?;
+            link_or_copy(
+                &base.join("text_encoder/config.json"),
+                &t.join("config.json"),
+            )?;
+            model.text_encoder.save(&t.join("model.safetensors"))?;
+        }
+        let vocab = tmp.join("qformer/vocab.txt");
+        if !vocab.is_file() {
+            stage.bert_tokenizer.save_vocab(&tmp.join("qformer"))?;
+        }
+        let ctx = model.ctx.val().into_data().convert::<f32>();
+        write_safetensors(
+            &tmp.join(CTX_CACHE_FILE),
+            &[(CTX_CACHE_KEY.to_string(), ctx)],
+            None,
+        )?;
+        let idx_path = base.join("model_index.json");
+        let mut index: serde_json::Value = if idx_path.is_file() {
+            blipd_models::read_json(&idx_path)?
+        } else {
+            serde_json::json!({"_class_name": "BlipDiffusionPipeline"})
+        };
+        if let Some(obj) = index.as_object_mut() {
+            obj.insert(CTX_CACHE_KEY.into(), CTX_CACHE_FILE.into());
+            obj.insert(
+                "_blipd_finetuned_subject".into(),
+                stage.config.subject.clone().into(),
+            );
+        }
+        blipd_models::write_json(&tmp.join("model_index.json"), &index, None)?;
+        Ok(())
+    })
+}
