@@ -21,6 +21,7 @@ use blipd_data::preprocess::{clip_input, vae_target};
 use blipd_models::ctx_clip_text::{
     blip_diffusion_text_embeddings, ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY,
 };
+use blipd_models::qformer::Blip2QFormerModel;
 use blipd_models::schedulers::ddpm::DdpmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, BlipDiffusionPrompt, ClipTokenizer};
 use blipd_models::unet::UNet2DConditionModel;
@@ -186,6 +187,30 @@ pub fn read_images(dir: &Path) -> Result<Vec<(PathBuf, image::RgbImage)>, Stage2
 }
 
 impl<B: AutodiffBackend> Finetune<B> {
+    /// The fine-tuning loss for given randomness: target latents `posterior.sample(vae_noise) · scale`,
+    /// DDPM-noised with `noise` at timesteps `t`, the caption with the subject embedding, ε-prediction
+    /// MSE (mean over all elements).
+    pub fn loss_from(
+        &self,
+        model: &FinetuneModel<B>,
+        target: Tensor<B::InnerBackend, 4>,
+        vae_noise: Tensor<B::InnerBackend, 4>,
+        noise: Tensor<B, 4>,
+        t: Vec<i64>,
+    ) -> Result<Tensor<B, 1>, Stage2Error> {
+        let b = t.len();
+        let posterior = self.vae.encode(target);
+        let latents =
+            Tensor::<B, 4>::from_inner(posterior.sample(vae_noise) * self.vae.scaling_factor);
+        let t = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &self.device);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t.clone());
+        let [_, n, d] = model.ctx.val().dims();
+        let ctx = model.ctx.val().expand([b, n, d]);
+        let states = self.states(&model.text_encoder, ctx)?;
+        let pred = model.unet.forward(noisy, t.float(), states, None);
+        Ok((pred - noise).powi_scalar(2).mean())
+    }
+
     /// `ctx` `[b, N, D]` into the caption → text-encoder states `[b, L, D]`.
     fn states<BB: Backend>(
         &self,
@@ -211,24 +236,17 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
         let _autocast = blipd_models::amp::Autocast::enter(self.autocast);
         let dev = self.device.clone();
         let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
-        let b = target.dims()[0];
-        let posterior = self.vae.encode(target);
-        let shape = posterior.mean().shape();
-        let vae_noise = Tensor::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
-        let latents =
-            Tensor::<B, 4>::from_inner(posterior.sample(vae_noise) * self.vae.scaling_factor);
+        let [b, _, h, w] = target.dims();
+        let f = self.latent_factor;
+        let channels = model.unet.conv_in.weight.dims()[1];
+        let shape = [b, channels, h / f, w / f];
+        let vae_noise = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &dev);
         let noise = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
         let n_train = self.ddpm.num_train_timesteps();
         let t: Vec<i64> = (0..b)
             .map(|_| rng.random_range(0..n_train) as i64)
             .collect();
-        let t = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
-        let noisy = self.ddpm.add_noise(latents, noise.clone(), t.clone());
-        let [_, n, d] = model.ctx.val().dims();
-        let ctx = model.ctx.val().expand([b, n, d]);
-        let states = self.states(&model.text_encoder, ctx)?;
-        let pred = model.unet.forward(noisy, t.float(), states, None);
-        let loss = (pred - noise).powi_scalar(2).mean();
+        let loss = self.loss_from(model, target, vae_noise, noise, t)?;
         Ok(StepOutput::new(loss))
     }
 
@@ -280,6 +298,26 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
     }
 }
 
+/// The initial subject embedding `[1, N, D]`: the mean over the photos (`pixels` `[n, 3, S, S]`,
+/// CLIP-normalised) of ViT → Q-Former (with the subject text) → projection (LAVIS `before_training`).
+pub fn subject_embedding<IB: Backend>(
+    qformer: &Blip2QFormerModel<IB>,
+    tokenizer: &BertTokenizer,
+    pixels: Tensor<IB, 4>,
+    subject: &str,
+) -> Result<Tensor<IB, 3>, Stage2Error> {
+    let device = pixels.device();
+    let n = pixels.dims()[0];
+    let toks = tokenizer.encode_batch(&vec![subject; n])?;
+    let image = qformer.image_embeds(pixels);
+    let hidden = qformer.multimodal(
+        &image,
+        toks.ids_tensor(&device),
+        toks.mask_tensor::<IB>(&device).int(),
+    );
+    Ok(qformer.project(hidden).mean_dim(0))
+}
+
 /// The fine-tuning data: the subject's targets, sampled with repetition (LAVIS repeats the folder
 /// 100,000 times, so a batch of 3 from one photo is that photo three times).
 pub type FinetuneSource = IndexedSource<MakeFinetuneBatch>;
@@ -315,8 +353,6 @@ pub fn build<B: AutodiffBackend>(
         )));
     }
 
-    // The subject embedding: mean over the photos of ViT → Q-Former (subject text) → projection.
-    let qformer = parts.model.qformer.valid();
     let s = parts.image_size;
     let mut pixels = Vec::with_capacity(images.len() * 3 * s * s);
     for (_, img) in &images {
@@ -325,15 +361,12 @@ pub fn build<B: AutodiffBackend>(
     let n_img = images.len();
     let input =
         Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(pixels, [n_img, 3, s, s]), device);
-    let subjects = vec![c.subject.as_str(); n_img];
-    let toks = parts.bert_tokenizer.encode_batch(&subjects)?;
-    let image = qformer.image_embeds(input);
-    let hidden = qformer.multimodal(
-        &image,
-        toks.ids_tensor(device),
-        toks.mask_tensor::<B::InnerBackend>(device).int(),
-    );
-    let ctx = qformer.project(hidden).mean_dim(0); // [1, N, D]
+    let ctx = subject_embedding(
+        &parts.model.qformer.valid(),
+        &parts.bert_tokenizer,
+        input,
+        &c.subject,
+    )?;
     let num_ctx = ctx.dims()[1];
     let ctx = Param::from_tensor(Tensor::<B, 3>::from_inner(ctx)).set_require_grad(c.train_ctx);
     let text_encoder = if c.train_text_encoder {

@@ -1,7 +1,9 @@
 //! Subject fine-tuning on the tiny BlipDiffusion pipeline fixture (crates/blipd-models/tests/fixtures/
-//! pipeline) with generated subject photos: the subject embedding starts as the mean of the Q-Former's
-//! outputs over the photos, only the U-Net and the embedding train (the loss falls), the export holds
-//! the trained U-Net and embedding beside the untouched base components, and bad inputs are named.
+//! pipeline) with generated subject photos: the subject embedding and the loss against the released
+//! forward computed with diffusers (`scripts/reference/gen_finetune_loss.py` → fixtures/finetune_loss),
+//! the subject embedding starts as the mean of the Q-Former's outputs over the photos, only the U-Net and
+//! the embedding train (the loss falls), the export holds the trained U-Net and embedding beside the
+//! untouched base components, and bad inputs are named.
 
 use blipd_models::ctx_clip_text::{CTX_CACHE_FILE, CTX_CACHE_KEY};
 use blipd_models::weights::{collect_reference, KeyMap, StateDict};
@@ -188,4 +190,79 @@ fn bad_inputs_are_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("02.jpg"), "{err}");
+}
+
+#[test]
+fn subject_embedding_and_loss_match_the_released_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("photos");
+    photos(&images);
+    let cfg = config(&tmp.path().join("run"), &images, 1);
+    let dev = Default::default();
+    let (stage, mut model, _) = build::<B>(&cfg, &dev).unwrap();
+    let io = StateDict::read(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../blipd-models/tests/fixtures/finetune_loss/io.safetensors"),
+    )
+    .unwrap();
+    let t4 = |k: &str| Tensor::<I, 4>::from_data(io.data(k).unwrap().convert::<f32>(), &dev);
+    let ids: Vec<u32> = io
+        .data("caption_ids")
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    assert_eq!(stage.caption_ids, ids, "\"a dog\" without padding");
+
+    let base = Stage2Config {
+        model_dir: Some(fixture()),
+        ..Stage2Config::default()
+    };
+    let parts = Stage2Components::<I>::from_diffusers(&fixture(), &base, &dev).unwrap();
+    let ctx = blipd_stage2::finetune::subject_embedding(
+        &parts.model.qformer,
+        &parts.bert_tokenizer,
+        t4("photos"),
+        "dog",
+    )
+    .unwrap();
+    let want = io
+        .data("ctx")
+        .unwrap()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
+    let err = max_abs(&ctx.into_data().to_vec::<f32>().unwrap(), &want);
+    println!("subject embedding (mean of 3 photos) vs diffusers: max |Δ| {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+
+    model.ctx = burn::module::Param::from_tensor(Tensor::<B, 3>::from_data(
+        io.data("ctx").unwrap().convert::<f32>(),
+        &dev,
+    ));
+    let t: Vec<i64> = io
+        .data("t")
+        .unwrap()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    let eps = Tensor::<B, 4>::from_data(io.data("eps").unwrap().convert::<f32>(), &dev);
+    let loss = stage
+        .loss_from(&model, t4("target"), t4("vae_noise"), eps, t)
+        .unwrap()
+        .into_scalar();
+    let want = io
+        .data("loss")
+        .unwrap()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()[0];
+    println!("fine-tuning loss: ours {loss:.6}, diffusers {want:.6}");
+    assert!(
+        (loss - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{loss} vs {want}"
+    );
 }
