@@ -15,6 +15,7 @@
 
 use std::path::Path;
 
+use blipd_models::controlnet::{self, ControlNetModel};
 use blipd_models::ctx_clip_text::{
     ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY, DEFAULT_CTX_BEGIN_POS,
 };
@@ -54,6 +55,8 @@ pub struct GenerateOptions {
     pub reference_resize: ReferenceResize,
     /// Seed for the initial latents when none are given (Burn's RNG; not torch's).
     pub seed: u64,
+    /// Weight of the ControlNet residuals (diffusers `controlnet_conditioning_scale`, 1.0).
+    pub controlnet_conditioning_scale: f64,
 }
 
 impl Default for GenerateOptions {
@@ -69,6 +72,7 @@ impl Default for GenerateOptions {
             normalization: TextNormalization::None,
             reference_resize: ReferenceResize::Diffusers,
             seed: 42,
+            controlnet_conditioning_scale: 1.0,
         }
     }
 }
@@ -143,6 +147,9 @@ pub struct BlipDiffusionPipeline<B: Backend> {
     /// A fine-tuned folder's cached subject embedding `[1, N, D]` (`ctx_embeddings_cache.safetensors`,
     /// written by `blipd finetune`): generation uses it instead of a reference image, as LAVIS does.
     pub ctx_cache: Option<Tensor<B, 3>>,
+    /// A ControlNet (the folder's `controlnet/`, as `Salesforce/blipdiffusion-controlnet`, or one added
+    /// with [`Self::with_controlnet`]) for structure-conditioned generation and stylization.
+    pub controlnet: Option<ControlNetModel<B>>,
     pub device: B::Device,
 }
 
@@ -279,7 +286,14 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             None
         };
 
+        let controlnet = if dir.join("controlnet").join("config.json").is_file() {
+            Some(controlnet::load(&folder.component("controlnet"), device)?)
+        } else {
+            None
+        };
+
         Ok(Self {
+            controlnet,
             ctx_cache,
             qformer,
             text_encoder,
@@ -294,6 +308,39 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             ctx_begin_pos,
             device: device.clone(),
         })
+    }
+
+    /// Adds (or replaces) the ControlNet from a diffusers `ControlNetModel` folder (config.json + weights,
+    /// e.g. a local copy of `lllyasviel/sd-controlnet-canny`).
+    pub fn with_controlnet(mut self, dir: &Path) -> Result<Self, AppError> {
+        let component = blipd_models::weights::ComponentDir {
+            name: "controlnet".into(),
+            dir: dir.to_path_buf(),
+        };
+        self.controlnet = Some(controlnet::load(&component, &self.device)?);
+        Ok(self)
+    }
+
+    /// A ControlNet condition image (edges, depth, …) as diffusers prepares it: Pillow bicubic resize
+    /// to `width`×`height`, `/255`, no normalisation → `[1, 3, H, W]` in `[0, 1]`.
+    pub fn control_image(
+        &self,
+        image: &RgbImage,
+        height: usize,
+        width: usize,
+    ) -> Result<Tensor<B, 4>, AppError> {
+        let img = image.resize_bicubic(width, height)?;
+        let plane = height * width;
+        let mut v = vec![0f32; 3 * plane];
+        for (i, px) in img.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                v[c * plane + i] = f32::from(px[c]) / 255.0;
+            }
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(v, [1, 3, height, width]),
+            &self.device,
+        ))
     }
 
     /// Reference image → normalised pixels `[1, 3, S, S]`.
@@ -442,7 +489,46 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         opts: &GenerateOptions,
         on_step: &mut dyn FnMut(StepInfo<'_, B>),
     ) -> Result<Tensor<B, 4>, AppError> {
+        self.denoise_controlled(latents, text_embeddings, None, opts, on_step)
+    }
+
+    /// [`Self::denoise`] with an optional ControlNet condition `control` (`[B or 1, 3, H, W]` in
+    /// `[0, 1]`, from [`Self::control_image`]): each step the ControlNet sees the same latents, timestep
+    /// and text as the U-Net (duplicated for guidance, as diffusers' `BlipDiffusionControlNetPipeline`)
+    /// and its residuals, × `controlnet_conditioning_scale`, are added to the U-Net's skips.
+    pub fn denoise_controlled(
+        &self,
+        latents: Tensor<B, 4>,
+        text_embeddings: Tensor<B, 3>,
+        control: Option<Tensor<B, 4>>,
+        opts: &GenerateOptions,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<Tensor<B, 4>, AppError> {
         let cfg = opts.do_cfg();
+        let control = match control {
+            None => None,
+            Some(c) => {
+                let net = self.controlnet.as_ref().ok_or_else(|| {
+                    AppError::Request(
+                        "a condition image needs a ControlNet (the folder's controlnet/ or --controlnet)"
+                            .into(),
+                    )
+                })?;
+                let [b, _, _, _] = latents.dims();
+                let [cb, _, _, _] = c.dims();
+                let c = if cb == 1 && b > 1 {
+                    c.repeat_dim(0, b)
+                } else {
+                    c
+                };
+                let c = if cfg {
+                    Tensor::cat(vec![c.clone(), c], 0)
+                } else {
+                    c
+                };
+                Some((net, c))
+            }
+        };
         let [b, _, _, _] = latents.dims();
         let [tb, _, _] = text_embeddings.dims();
         let expected = if cfg { 2 * b } else { b };
@@ -464,7 +550,20 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             };
             let input = scheduler.scale_model_input(input, t);
             let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
-            let eps = self.unet.forward(input, tt, text_embeddings.clone(), None);
+            let eps = match &control {
+                None => self.unet.forward(input, tt, text_embeddings.clone(), None),
+                Some((net, cond)) => {
+                    let res = net.forward(
+                        input.clone(),
+                        tt.clone(),
+                        text_embeddings.clone(),
+                        cond.clone(),
+                        opts.controlnet_conditioning_scale,
+                    );
+                    self.unet
+                        .forward(input, tt, text_embeddings.clone(), Some(res.into_extras()))
+                }
+            };
             let eps = if cfg {
                 let mut halves = eps.chunk(2, 0);
                 let cond = halves.pop().expect("two halves");
@@ -504,6 +603,23 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         latents: Option<Tensor<B, 4>>,
         on_step: &mut dyn FnMut(StepInfo<'_, B>),
     ) -> Result<GenerateOutput<B>, AppError> {
+        self.generate_with_ctx_controlled(ctx, tgt_subjects, prompts, None, opts, latents, on_step)
+    }
+
+    /// [`Self::generate_with_ctx`] with a ControlNet condition image (see [`Self::denoise_controlled`]):
+    /// diffusers' `BlipDiffusionControlNetPipeline`, and BLIP-Diffusion's stylization when the subject
+    /// embeddings come from a style image.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with_ctx_controlled(
+        &self,
+        ctx: Tensor<B, 3>,
+        tgt_subjects: &[&str],
+        prompts: &[&str],
+        control: Option<Tensor<B, 4>>,
+        opts: &GenerateOptions,
+        latents: Option<Tensor<B, 4>>,
+        on_step: &mut dyn FnMut(StepInfo<'_, B>),
+    ) -> Result<GenerateOutput<B>, AppError> {
         let b = prompts.len();
         let text = self.text_embeddings(ctx, prompts, tgt_subjects, opts)?;
         let latents = match latents {
@@ -521,11 +637,43 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             }
             None => self.initial_latents(b, opts),
         };
-        let latents = self.denoise(latents, text, opts, on_step)?;
+        let latents = self.denoise_controlled(latents, text, control, opts, on_step)?;
         Ok(GenerateOutput {
             images: self.decode(latents.clone()),
             latents,
         })
+    }
+
+    /// Subject interpolation (LAVIS `forward_ctx_embeddings` with several (image, subject) pairs): the
+    /// weighted sum of subject embeddings `[1, Q, D]` with `ratios` summing to 1 (uniform when empty).
+    pub fn mix_subject_embeddings(
+        ctxs: Vec<Tensor<B, 3>>,
+        ratios: &[f64],
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let n = ctxs.len();
+        if n == 0 {
+            return Err(AppError::Request("no subject embeddings to mix".into()));
+        }
+        let ratios: Vec<f64> = if ratios.is_empty() {
+            vec![1.0 / n as f64; n]
+        } else {
+            ratios.to_vec()
+        };
+        if ratios.len() != n {
+            return Err(AppError::Request(format!(
+                "{} ratios for {n} subjects",
+                ratios.len()
+            )));
+        }
+        let sum: f64 = ratios.iter().sum();
+        if (sum - 1.0).abs() > 1e-6 || ratios.iter().any(|r| !r.is_finite()) {
+            return Err(AppError::Request(format!(
+                "subject ratios {ratios:?} must be finite and sum to 1 (they sum to {sum})"
+            )));
+        }
+        let mut it = ctxs.into_iter().zip(ratios);
+        let (first, r0) = it.next().expect("n > 0");
+        Ok(it.fold(first.mul_scalar(r0), |acc, (c, r)| acc + c.mul_scalar(r)))
     }
 
     /// Generation with a fine-tuned folder's cached subject embedding ([`Self::ctx_cache`]), one image

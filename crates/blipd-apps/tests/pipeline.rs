@@ -230,3 +230,98 @@ fn blip_diffusion_pipeline_3_steps() {
 fn reference_image() -> RgbImage {
     RgbImage::open(&fixture().join("reference.png")).unwrap()
 }
+
+/// diffusers 0.33.1 `BlipDiffusionControlNetPipeline` on the same components plus a tiny random
+/// ControlNet (`scripts/reference/gen_pipeline_controlnet.py` → fixtures/pipeline_controlnet): the
+/// condition image's preparation and the 3-step image.
+#[test]
+fn blip_diffusion_controlnet_pipeline_3_steps() {
+    let cn_dir = fixture().join("../pipeline_controlnet");
+    let sd = StateDict::read(&cn_dir.join("io.safetensors")).unwrap();
+    let dev = Default::default();
+    let pipe = BlipDiffusionPipeline::<B>::load(&fixture(), None, &dev)
+        .unwrap()
+        .with_controlnet(&cn_dir.join("controlnet"))
+        .unwrap();
+    let req: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("request.json")).unwrap())
+            .unwrap();
+    let s = |k: &str| req[k].as_str().unwrap().to_string();
+    let opts = GenerateOptions {
+        guidance_scale: req["guidance_scale"].as_f64().unwrap(),
+        num_inference_steps: req["steps"].as_u64().unwrap() as usize,
+        height: req["height"].as_u64().unwrap() as usize,
+        width: req["width"].as_u64().unwrap() as usize,
+        neg_prompt: s("neg_prompt"),
+        ..GenerateOptions::default()
+    };
+    let cond_img = RgbImage::open(&cn_dir.join("cond.png")).unwrap();
+    let control = pipe
+        .control_image(&cond_img, opts.height, opts.width)
+        .unwrap();
+    max_abs(
+        "controlnet cond_pixels",
+        control.clone(),
+        tensor(&sd, "cond_pixels"),
+        1e-6,
+    );
+    let reference = RgbImage::open(&fixture().join("reference.png")).unwrap();
+    let pixels = pipe
+        .preprocess(&reference, ReferenceResize::Diffusers)
+        .unwrap();
+    let ctx = pipe
+        .subject_embeddings(pixels, &[&s("cond_subject")], opts.normalization)
+        .unwrap();
+    let out = pipe
+        .generate_with_ctx_controlled(
+            ctx.clone(),
+            &[&s("tgt_subject")],
+            &[&s("prompt")],
+            Some(control),
+            &opts,
+            Some(tensor(&sd, "latents0")),
+            &mut |_| {},
+        )
+        .unwrap();
+    max_abs(
+        "controlnet image",
+        out.images.clone(),
+        tensor(&sd, "image"),
+        1e-4,
+    );
+    // The ControlNet matters: without it the image differs.
+    let plain = pipe
+        .generate_with_ctx(
+            ctx,
+            &[&s("tgt_subject")],
+            &[&s("prompt")],
+            &opts,
+            Some(tensor(&sd, "latents0")),
+            &mut |_| {},
+        )
+        .unwrap();
+    let diff = (plain.images - out.images).abs().max().into_scalar();
+    assert!(diff > 1e-3, "the ControlNet changed nothing ({diff})");
+}
+
+/// Subject interpolation: weights 1/0 give the first subject's embedding, uniform weights the mean, and
+/// bad weights are refused.
+#[test]
+fn subject_embeddings_mix_by_ratio() {
+    let dev = Default::default();
+    let a = Tensor::<B, 3>::from_floats([[[1.0, 2.0], [3.0, 4.0]]], &dev);
+    let b = Tensor::<B, 3>::from_floats([[[5.0, 6.0], [7.0, 8.0]]], &dev);
+    type P = BlipDiffusionPipeline<B>;
+    let first = P::mix_subject_embeddings(vec![a.clone(), b.clone()], &[1.0, 0.0]).unwrap();
+    max_abs("mix 1/0", first, a.clone(), 0.0);
+    let mean = P::mix_subject_embeddings(vec![a.clone(), b.clone()], &[]).unwrap();
+    max_abs("mix uniform", mean, (a.clone() + b.clone()) / 2.0, 1e-7);
+    let err = P::mix_subject_embeddings(vec![a.clone(), b.clone()], &[0.7, 0.7])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sum to 1"), "{err}");
+    let err = P::mix_subject_embeddings(vec![a, b], &[1.0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 ratios for 2 subjects"), "{err}");
+}

@@ -103,12 +103,26 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Reference image of the subject (not needed for a fine-tuned folder, whose cached subject
-        /// embedding is used instead).
+        /// embedding is used instead). Repeat with --subject for subject interpolation: the subject
+        /// embeddings are mixed by --ratio (LAVIS' multi-subject input).
         #[arg(long)]
-        image: Option<PathBuf>,
-        /// Subject category of the reference image (fed to the Q-Former), e.g. "dog".
+        image: Vec<PathBuf>,
+        /// Subject category of each reference image (fed to the Q-Former), e.g. "dog".
+        #[arg(long, required = true)]
+        subject: Vec<String>,
+        /// Mixing weights of the subjects (sum 1; default uniform).
         #[arg(long)]
-        subject: String,
+        ratio: Vec<f64>,
+        /// A ControlNet condition image (canny edges, depth, …; resized bicubic to the output size):
+        /// structure-controlled generation, or stylization with a style image as the subject.
+        #[arg(long)]
+        control_image: Option<PathBuf>,
+        /// A diffusers ControlNetModel folder (e.g. lllyasviel/sd-controlnet-canny) when the model
+        /// folder has no controlnet/.
+        #[arg(long)]
+        controlnet: Option<PathBuf>,
+        #[arg(long, default_value_t = 1.0)]
+        controlnet_scale: f64,
         /// Subject category named in the prompt (defaults to --subject), e.g. "tiger".
         #[arg(long)]
         target_subject: Option<String>,
@@ -250,6 +264,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             image,
             subject,
+            ratio,
+            control_image,
+            controlnet,
+            controlnet_scale,
             target_subject,
             prompt,
             steps,
@@ -263,12 +281,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
         } => {
             let start = Instant::now();
-            let pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
+            let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
                 &model,
                 bert_vocab.as_deref(),
                 &device(),
             )
             .with_context(|| format!("loading {}", model.display()))?;
+            if let Some(dir) = &controlnet {
+                pipe = pipe
+                    .with_controlnet(dir)
+                    .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
+            }
             let mut opts = if lavis {
                 blipd_apps::GenerateOptions::lavis()
             } else {
@@ -280,27 +303,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.height = height;
             opts.width = width;
             opts.seed = seed;
-            let tgt = target_subject.unwrap_or_else(|| subject.clone());
-            let result = match (&pipe.ctx_cache, &image) {
-                (Some(_), image) => {
-                    if let Some(i) = image {
+            opts.controlnet_conditioning_scale = controlnet_scale;
+            let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
+            let ctx = match &pipe.ctx_cache {
+                Some(cache) => {
+                    if !image.is_empty() {
                         tracing::warn!(
-                            "{} is a fine-tuned folder: its cached subject embedding is used, {} is ignored",
-                            model.display(),
-                            i.display()
+                            "{} is a fine-tuned folder: its cached subject embedding is used, --image is ignored",
+                            model.display()
                         );
                     }
-                    pipe.generate_cached(&[&tgt], &[&prompt], &opts, None, &mut |_| {})?
+                    cache.clone()
                 }
-                (None, Some(image)) => {
-                    let reference = blipd_apps::RgbImage::open(image)?;
-                    pipe.generate(&reference, &subject, &tgt, &prompt, &opts, None)?
+                None => {
+                    if image.is_empty() {
+                        anyhow::bail!(
+                            "--image is required: {} has no cached subject embedding (not a fine-tuned model)",
+                            model.display()
+                        );
+                    }
+                    if image.len() != subject.len() {
+                        anyhow::bail!(
+                            "{} --image and {} --subject: give one subject per image",
+                            image.len(),
+                            subject.len()
+                        );
+                    }
+                    let mut ctxs = Vec::with_capacity(image.len());
+                    for (path, subj) in image.iter().zip(&subject) {
+                        let reference = blipd_apps::RgbImage::open(path)?;
+                        let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
+                        ctxs.push(pipe.subject_embeddings(pixels, &[subj], opts.normalization)?);
+                    }
+                    blipd_apps::BlipDiffusionPipeline::<Inner>::mix_subject_embeddings(
+                        ctxs, &ratio,
+                    )?
                 }
-                (None, None) => anyhow::bail!(
-                    "--image is required: {} has no cached subject embedding (not a fine-tuned model)",
-                    model.display()
-                ),
             };
+            let control = match &control_image {
+                None => None,
+                Some(p) => {
+                    Some(pipe.control_image(&blipd_apps::RgbImage::open(p)?, height, width)?)
+                }
+            };
+            let result = pipe.generate_with_ctx_controlled(
+                ctx,
+                &[&tgt],
+                &[&prompt],
+                control,
+                &opts,
+                None,
+                &mut |_| {},
+            )?;
             let img = result.to_uint8()?;
             let rgb = image::RgbImage::from_raw(
                 img.width as u32,

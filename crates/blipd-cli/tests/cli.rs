@@ -370,3 +370,99 @@ fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
 }
+
+#[test]
+fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = pipeline_fixture();
+    let cn = fx.join("../pipeline_controlnet");
+    let run = |extra: &[&str], out_png: &Path| {
+        blipd()
+            .arg("generate")
+            .arg("--model")
+            .arg(&fx)
+            .args([
+                "--prompt",
+                "on the beach",
+                "--steps",
+                "2",
+                "--height",
+                "16",
+                "--width",
+                "16",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(out_png)
+            .output()
+            .unwrap()
+    };
+    let reference = fx.join("reference.png").display().to_string();
+    let small = fx.join("small.png").display().to_string();
+    let cond = cn.join("cond.png").display().to_string();
+    let controlnet = cn.join("controlnet").display().to_string();
+    let png = tmp.path().join("control.png");
+    let o = run(
+        &[
+            "--image",
+            &reference,
+            "--subject",
+            "dog",
+            "--control-image",
+            &cond,
+            "--controlnet",
+            &controlnet,
+        ],
+        &png,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(png.is_file());
+    // A condition image without a ControlNet is a clear error.
+    let o = run(
+        &[
+            "--image",
+            &reference,
+            "--subject",
+            "dog",
+            "--control-image",
+            &cond,
+        ],
+        &png,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ControlNet"));
+    // Two subjects mixed 30/70.
+    let mix = tmp.path().join("mix.png");
+    let o = run(
+        &[
+            "--image",
+            &reference,
+            "--subject",
+            "dog",
+            "--image",
+            &small,
+            "--subject",
+            "cat",
+            "--ratio",
+            "0.3",
+            "--ratio",
+            "0.7",
+        ],
+        &mix,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(mix.is_file());
+    let o = run(
+        &[
+            "--image",
+            &reference,
+            "--subject",
+            "dog",
+            "--subject",
+            "cat",
+        ],
+        &mix,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("one subject per image"));
+}
