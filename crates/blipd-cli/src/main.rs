@@ -40,6 +40,22 @@ struct Cli {
     command: Command,
 }
 
+/// `--mixed-precision` of inference commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    No,
+    Bf16,
+}
+
+impl From<Precision> for blipd_train::MixedPrecision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::No => blipd_train::MixedPrecision::No,
+            Precision::Bf16 => blipd_train::MixedPrecision::Bf16,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pre-train: stage 1 then stage 2 of a plan (with no --config: the embedded tiny default, a few
@@ -123,6 +139,10 @@ enum Command {
         controlnet: Option<PathBuf>,
         #[arg(long, default_value_t = 1.0)]
         controlnet_scale: f64,
+        /// `bf16`: matrix products in bf16 (autocast, as diffusers users run fp16/bf16 pipelines);
+        /// needs the cuda build.
+        #[arg(long, value_enum, default_value_t = Precision::No)]
+        mixed_precision: Precision,
         /// Subject category named in the prompt (defaults to --subject), e.g. "tiger".
         #[arg(long)]
         target_subject: Option<String>,
@@ -268,6 +288,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             control_image,
             controlnet,
             controlnet_scale,
+            mixed_precision,
             target_subject,
             prompt,
             steps,
@@ -305,6 +326,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.seed = seed;
             opts.controlnet_conditioning_scale = controlnet_scale;
             let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
+            let mp: blipd_train::MixedPrecision = mixed_precision.into();
+            mp.check_backend(&<Inner as burn::tensor::backend::Backend>::name(&device()))
+                .map_err(|m| {
+                    anyhow::anyhow!(m.replace("[train] mixed_precision = ", "--mixed-precision "))
+                })?;
+            let _autocast = blipd_models::amp::Autocast::enter(mp.dtype());
             let ctx = match &pipe.ctx_cache {
                 Some(cache) => {
                     if !image.is_empty() {

@@ -465,4 +465,22 @@ fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("one subject per image"));
+    // bf16 inference on the CPU build (ndarray has no bf16) is refused with the reason.
+    let o = run(
+        &[
+            "--image",
+            &reference,
+            "--subject",
+            "dog",
+            "--mixed-precision",
+            "bf16",
+        ],
+        &mix,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--mixed-precision") && err.contains("ndarray"),
+        "{err}"
+    );
 }
