@@ -578,36 +578,7 @@ impl GridSystem {
         fg: &[bool],
         eps: f64,
     ) -> GridSystem {
-        let gw = w + 2 * PAD;
-        let gsize = gw * (h + 2 * PAD);
-        let mut cidx = vec![NONE; gsize];
-        let mut cells = Vec::new();
-        let mut runs: Vec<Run> = Vec::new();
-        for y in 0..h {
-            let mut open = false;
-            for x in 0..w {
-                if unknown[y * w + x] {
-                    let g = (y + PAD) * gw + x + PAD;
-                    let c = cells.len();
-                    cidx[g] = c as u32;
-                    cells.push(g as u32);
-                    if open {
-                        if let Some(r) = runs.last_mut() {
-                            r.len += 1;
-                        }
-                    } else {
-                        runs.push(Run {
-                            g0: g,
-                            c0: c,
-                            len: 1,
-                        });
-                        open = true;
-                    }
-                } else {
-                    open = false;
-                }
-            }
-        }
+        let (gw, gsize, cidx, cells, runs) = Self::layout(w, h, unknown);
         let n = cells.len();
         // Lower bands and diagonal (bands 0..=DIAG) per unknown pixel, accumulated in f64.
         let mut acc = vec![[0.0f64; DIAG + 1]; n];
