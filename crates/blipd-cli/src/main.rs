@@ -527,7 +527,7 @@ fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
         let summary = blipd_stage2::run::run_stage2::<Train>(cfg, device())
             .with_context(|| format!("stage 2 in {}", cfg.run.dir.display()))?;
         report("stage 2", &summary, start, &cfg.run.dir);
-        if blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
+        if cfg.stage.export && blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
             println!(
                 "stage 2: pipeline exported to {} (blipd generate --model …)",
                 blipd_stage2::run::export_dir(cfg).display()

@@ -71,6 +71,10 @@ pub struct Stage2Config {
     pub sample_steps: usize,
     #[serde(default = "default_guidance")]
     pub guidance_scale: f64,
+    /// Write the trained pipeline to `<run.dir>/export` at the end of the run (default on; throughput
+    /// benchmarks turn it off: a full-size export is about 6 GB).
+    #[serde(default = "yes")]
+    pub export: bool,
 }
 
 fn default_preset() -> String {
@@ -110,6 +114,7 @@ impl Default for Stage2Config {
             bert_vocab: None,
             sample_steps: default_sample_steps(),
             guidance_scale: default_guidance(),
+            export: true,
         }
     }
 }

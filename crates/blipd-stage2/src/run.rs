@@ -114,7 +114,7 @@ pub fn fit_stage2<B: AutodiffBackend>(
         }
     };
     let summary = trainer.fit(&mut data)?;
-    if trainer.rank() == 0 {
+    if cfg.stage.export && trainer.rank() == 0 {
         // With EMA on, the averaged weights are the ones to keep (as diffusers' training scripts save).
         let dir = match trainer.ema_model() {
             Some(ema) => crate::export::export_pipeline(trainer.stage(), ema, &export_dir(cfg))?,
