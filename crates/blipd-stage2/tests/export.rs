@@ -130,7 +130,11 @@ fn a_run_exports_at_its_end_and_stage2_trains_from_the_export() {
     println!("trained 1 step from the export: {summary:?}");
     assert!(export_dir(&cfg2).join("unet/config.json").is_file());
     // Benchmarks turn the export off.
-    let cfg3 = config(&tmp.path().join("c"), 1, &["stage.export=false".to_string()]);
+    let cfg3 = config(
+        &tmp.path().join("c"),
+        1,
+        &["stage.export=false".to_string()],
+    );
     run_stage2::<B>(&cfg3, Default::default()).unwrap();
     assert!(!export_dir(&cfg3).exists());
 }
