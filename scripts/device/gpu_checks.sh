@@ -7,7 +7,7 @@
 #   cargo build --release -p blipd-cli --features nccl
 #   cargo build --release -p blipd-dist --features nccl --example nccl_bandwidth
 #   mkdir -p dist-bin/wheels && cp target/release/blipd target/release/examples/nccl_bandwidth dist-bin/
-#   strip dist-bin/blipd dist-bin/nccl_bandwidth && cp ../shared/bench/torch_baseline.py dist-bin/
+#   strip dist-bin/blipd dist-bin/nccl_bandwidth && cp ../shared/bench/torch_{baseline,finetune}.py dist-bin/
 #   pip download --no-deps diffusers==0.42.1 importlib_metadata -d dist-bin/wheels
 # (dist-bin/ is git-ignored.) Then, with the device tool: carry ["dist-bin"], run
 #   bash scripts/device/gpu_checks.sh
@@ -81,10 +81,32 @@ $(grep -m1 -iE 'error|panick|out of memory' "$OUT/bench_bf16_b$b.err" | cut -c1-
   done
 fi
 
+# 3c. FINETUNE=1: subject fine-tuning at full size against ../shared/bench/torch_finetune.py (80 steps, batch 3,
+# bf16): a random full-size pipeline is exported by a 1-step stage-2 run, then fine-tuned on three photos.
+if [ "${FINETUNE:-0}" = 1 ] && [ "$DRY" != 1 ]; then
+  rm -rf "$OUT/ft_base" "$OUT/ft_run" "$OUT/ft_photos"; mkdir -p "$OUT/ft_photos"
+  python3 -c 'import sys, numpy as np; from PIL import Image
+for i in range(3): Image.fromarray((np.random.default_rng(i).random((512, 512, 3)) * 255).astype("uint8")).save(f"{sys.argv[1]}/{i}.png")' "$OUT/ft_photos"
+  timeout 240 "$BIN/blipd" pretrain --config configs/stage2/bench-sd15.toml --set "dir=$OUT/ft_base" \
+    --set stage2.train.max_steps=1 --set stage2.stage.export=true > "$OUT/ft_base.out" 2> "$OUT/ft_base.err"
+  timeout 240 "$BIN/blipd" finetune --config configs/finetune/dreambench-dog.toml --run-dir "$OUT/ft_run" \
+    --set "stage.model_dir=\"$OUT/ft_base/export\"" --set "data.images=\"$OUT/ft_photos\"" \
+    --set train.max_steps=83 --set 'train.mixed_precision="bf16"' --set checkpoint.every=0 \
+    --set checkpoint.at_end=false --set sample.every=0 --set sample.at_end=false \
+    > "$OUT/ft_run.out" 2> "$OUT/ft_run.err"
+  rc=$?
+  say "== blipd fine-tuning 83 steps, batch 3, bf16 (rc $rc): $(mean_rate "$OUT/ft_run/metrics.jsonl" 2>&1) \
+$(grep -m1 -iE 'error|panick|out of memory' "$OUT/ft_run.err" | cut -c1-300)"
+fi
+
 # 4. The PyTorch reference in the same run, on the same card.
 if [ "$DRY" != 1 ]; then
   python3 -m pip install -q --no-deps "$BIN"/wheels/*.whl > "$OUT/pip.log" 2>&1
   OUT="$OUT" timeout 240 python3 "$BIN/torch_baseline.py" > "$OUT/torch_baseline.log" 2>&1
   say "== torch baseline (rc $?): $(grep -E 'train_b(1|8|16)' "$OUT/torch_baseline.log" | tr '\n' ' ')"
+  if [ "${FINETUNE:-0}" = 1 ] && [ -f "$BIN/torch_finetune.py" ]; then
+    OUT="$OUT" timeout 240 python3 "$BIN/torch_finetune.py" > "$OUT/torch_finetune.log" 2>&1
+    say "== torch fine-tuning (rc $?): $(tr '\n' ' ' < "$OUT/torch_finetune.log" | cut -c1-400)"
+  fi
 fi
 say "== done"
