@@ -27,8 +27,12 @@ use crate::model::Stage2Model;
 use crate::stage::Stage2;
 use crate::Stage2Error;
 
+/// An I/O error with the path it concerns.
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Stage2Error + '_ {
-    move |e| Stage2Error::Config(format!("export {}: {e}", path.display()))
+    move |source| Stage2Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `model` (with the stage's frozen VAE, tokenizers and configs) as a pipeline folder at `dir`,

@@ -33,6 +33,12 @@ pub enum Stage2Error {
     Config(String),
     #[error("stage 2 batch: {0}")]
     Batch(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<Stage2Error> for blipd_train::TrainError {
