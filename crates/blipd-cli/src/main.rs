@@ -16,7 +16,9 @@ use plan::{PretrainPlan, PLAN_FILE};
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda<f32>;
-#[cfg(not(feature = "cuda"))]
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+type Inner = burn::backend::Flex;
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 type Inner = burn::backend::NdArray<f32>;
 type Train = burn::backend::Autodiff<Inner>;
 
