@@ -76,15 +76,15 @@ pub struct GenArgs {
 
 impl GenArgs {
     pub fn options(&self, subjects: &[String]) -> DreamBenchGenOptions {
-        let mut generate = GenerateOptions {
+        let generate = GenerateOptions {
             num_inference_steps: self.steps,
             guidance_scale: self.guidance_scale,
             neg_prompt: self.neg_prompt.clone(),
             height: self.size,
             width: self.size,
+            seed: self.seed,
             ..GenerateOptions::default()
         };
-        generate.seed = self.seed;
         DreamBenchGenOptions {
             subjects: subjects.to_vec(),
             prompts_per_subject: self.prompts_per_subject,

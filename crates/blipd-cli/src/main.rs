@@ -329,10 +329,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.controlnet_conditioning_scale = controlnet_scale;
             let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
             let mp: blipd_train::MixedPrecision = mixed_precision.into();
-            mp.check_backend(&<Inner as burn::tensor::backend::Backend>::name(&device()))
-                .map_err(|m| {
-                    anyhow::anyhow!(m.replace("[train] mixed_precision = ", "--mixed-precision "))
-                })?;
+            mp.check_backend(
+                &<Inner as burn::tensor::backend::Backend>::name(&device()),
+                "--mixed-precision",
+            )
+            .map_err(anyhow::Error::msg)?;
             let _autocast = blipd_models::amp::Autocast::enter(mp.dtype());
             let ctx = match &pipe.ctx_cache {
                 Some(cache) => {

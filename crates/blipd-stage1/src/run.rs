@@ -201,7 +201,7 @@ pub fn build<B: AutodiffBackend>(
 > {
     cfg.train
         .mixed_precision
-        .check_backend(&B::name(device))
+        .check_backend(&B::name(device), "[train] mixed_precision")
         .map_err(Stage1Error::Config)?;
     B::seed(device, cfg.run.seed);
     let parts = Stage1Components::<B>::from_config(&cfg.stage, device)?;

@@ -332,7 +332,7 @@ pub fn build<B: AutodiffBackend>(
 ) -> Result<(Finetune<B>, FinetuneModel<B>, FinetuneSource), Stage2Error> {
     cfg.train
         .mixed_precision
-        .check_backend(&B::name(device))
+        .check_backend(&B::name(device), "[train] mixed_precision")
         .map_err(Stage2Error::Config)?;
     let c = &cfg.stage;
     if c.subject.trim().is_empty() {

@@ -290,7 +290,7 @@ pub fn build<B: AutodiffBackend>(
 ) -> Result<(Stage2<B>, crate::Stage2Model<B>, Source), Stage2Error> {
     cfg.train
         .mixed_precision
-        .check_backend(&B::name(device))
+        .check_backend(&B::name(device), "[train] mixed_precision")
         .map_err(Stage2Error::Config)?;
     let parts = match &cfg.stage.model_dir {
         Some(dir) => Stage2Components::<B>::from_diffusers(dir, &cfg.stage, device)?,

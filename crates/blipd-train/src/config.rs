@@ -79,11 +79,12 @@ impl MixedPrecision {
     }
 
     /// Checks that backend `name` (`Backend::name`) has the dtype's kernels: ndarray has no bf16.
-    pub fn check_backend(self, name: &str) -> std::result::Result<(), String> {
+    /// `setting` names where the user chose it (`[train] mixed_precision`, `--mixed-precision`).
+    pub fn check_backend(self, name: &str, setting: &str) -> std::result::Result<(), String> {
         if self == MixedPrecision::Bf16 && name.contains("ndarray") {
             return Err(format!(
-                "[train] mixed_precision = \"bf16\" needs a backend with bf16 kernels (build with \
-                 --features cuda); this build's backend is {name}, which has none: use \"no\""
+                "{setting} bf16 needs a backend with bf16 kernels (build with --features cuda or \
+                 flex); this build's backend is {name}, which has none: use \"no\""
             ));
         }
         Ok(())
