@@ -22,10 +22,13 @@
 use crate::buffer::{Gray, Rgb};
 use crate::error::{DataError, Result};
 
+#[path = "matting_pool.rs"]
+mod pool;
 #[path = "matting_simd.rs"]
 mod simd;
 #[path = "matting_solver.rs"]
 mod solver;
+use pool::Buf;
 use solver::GridSystem;
 
 /// Options of [`estimate_alpha_cf`].
@@ -49,7 +52,10 @@ pub struct CfOptions {
     pub max_iterations: usize,
     /// Initialise from a recursively solved half-resolution problem.
     pub coarse_to_fine: bool,
-    /// No coarser level is built once a level has fewer unknown pixels than this.
+    /// No coarser level is built once a level has fewer unknown pixels than this. A coarse level costs about
+    /// as much as the fine iterations it saves until the fine level has several tens of thousands of unknowns:
+    /// at 15000, a 512² benchmark photo (~48k unknowns) gets one coarse level and a 256² one none, the fastest
+    /// choice at both sizes (`scripts/bench/matting.sh`; 2000, which gave 4 and 3 levels, was 5–10 % slower).
     pub min_coarse_unknowns: usize,
 }
 
@@ -63,7 +69,7 @@ impl Default for CfOptions {
             coarse_tolerance: 1e-3,
             max_iterations: 10_000,
             coarse_to_fine: true,
-            min_coarse_unknowns: 2_000,
+            min_coarse_unknowns: 15_000,
         }
     }
 }
@@ -159,16 +165,26 @@ fn downsample(img: &Rgb, class: &[Class]) -> (Rgb, Vec<Class>) {
     )
 }
 
-/// Bilinear sample (pixel centres aligned) of a coarse grid at fine pixel (x, y).
-fn upsample_at(coarse: &[f64], cw: usize, chh: usize, x: usize, y: usize) -> f64 {
-    let u = ((x as f64 + 0.5) / 2.0 - 0.5).clamp(0.0, (cw - 1) as f64);
+/// Bilinear samples (pixel centres aligned) of a coarse grid of size `cw`×`chh` at the fine pixels
+/// `x0 .. x0 + out.len()` of fine row `y` (the fine grid is twice the coarse one, edges clamped).
+fn upsample_row(coarse: &[f64], cw: usize, chh: usize, x0: usize, y: usize, out: &mut [f64]) {
     let v = ((y as f64 + 0.5) / 2.0 - 0.5).clamp(0.0, (chh - 1) as f64);
-    let (x0, y0) = (u.floor() as usize, v.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(cw - 1), (y0 + 1).min(chh - 1));
-    let (fx, fy) = (u - x0 as f64, v - y0 as f64);
-    let a = coarse[y0 * cw + x0] * (1.0 - fx) + coarse[y0 * cw + x1] * fx;
-    let b = coarse[y1 * cw + x0] * (1.0 - fx) + coarse[y1 * cw + x1] * fx;
-    a * (1.0 - fy) + b * fy
+    let ya = v.floor() as usize;
+    let yb = (ya + 1).min(chh - 1);
+    let fy = v - ya as f64;
+    let (ra, rb) = (
+        &coarse[ya * cw..(ya + 1) * cw],
+        &coarse[yb * cw..(yb + 1) * cw],
+    );
+    for (k, o) in out.iter_mut().enumerate() {
+        let u = ((x0 + k) as f64 * 0.5 - 0.25).clamp(0.0, (cw - 1) as f64);
+        let xa = u as usize;
+        let xb = (xa + 1).min(cw - 1);
+        let fx = u - xa as f64;
+        let a = ra[xa] + (ra[xb] - ra[xa]) * fx;
+        let b = rb[xa] + (rb[xb] - rb[xa]) * fx;
+        *o = a + (b - a) * fy;
+    }
 }
 
 /// Fill-compensation factor κ of the incomplete Cholesky factorisation (see `matting_solver.rs`).
@@ -185,22 +201,25 @@ fn solve_level<const ISA: u8>(
     opts: &CfOptions,
     tol: f64,
     start_shift: f64,
-) -> Result<(Vec<f64>, usize, f64, f64, usize)> {
+) -> Result<(Buf<f64>, usize, f64, f64, usize)> {
     let (w, h) = (img.width, img.height);
-    let unknown: Vec<bool> = class.iter().map(|&c| c == Class::Unknown).collect();
-    let fg: Vec<bool> = class.iter().map(|&c| c == Class::Fg).collect();
-    let mut full: Vec<f64> = fg.iter().map(|&f| if f { 1.0 } else { 0.0 }).collect();
+    let unknown = Buf::collect(class.len(), class.iter().map(|&c| c == Class::Unknown));
+    let fg = Buf::collect(class.len(), class.iter().map(|&c| c == Class::Fg));
+    let mut full = Buf::collect(class.len(), fg.iter().map(|&f| if f { 1.0 } else { 0.0 }));
     if !unknown.iter().any(|&u| u) {
         return Ok((full, 0, 0.0, 0.0, 0));
     }
     let t0 = std::time::Instant::now();
     let sys = GridSystem::build(w, h, &img.data, &unknown, &fg, opts.epsilon);
     let t1 = std::time::Instant::now();
-    let mut x = vec![0.0; sys.n];
+    let mut x = if coarse.is_some() {
+        Buf::for_overwrite(sys.n, 0.0)
+    } else {
+        Buf::filled(sys.n, 0.0)
+    };
     if let Some((calpha, cw, chh)) = coarse {
-        for (xi, &g) in x.iter_mut().zip(&sys.cells) {
-            let (px, py) = sys.grid_xy(g as usize);
-            *xi = upsample_at(calpha, cw, chh, px, py);
+        for (px, py, c0, len) in sys.pixel_runs() {
+            upsample_row(calpha, cw, chh, px, py, &mut x[c0..c0 + len]);
         }
     }
     let t2 = std::time::Instant::now();
@@ -219,9 +238,8 @@ fn solve_level<const ISA: u8>(
         pcg_ms = ms(t3, std::time::Instant::now()),
         "closed-form level solved"
     );
-    for (&xi, &g) in x.iter().zip(&sys.cells) {
-        let (px, py) = sys.grid_xy(g as usize);
-        full[py * w + px] = xi;
+    for (px, py, c0, len) in sys.pixel_runs() {
+        full[py * w + px..py * w + px + len].copy_from_slice(&x[c0..c0 + len]);
     }
     Ok((full, it, shift, rel, restarts))
 }
@@ -230,14 +248,14 @@ fn solve_level<const ISA: u8>(
 #[inline(always)]
 fn solve_pyramid<const ISA: u8>(
     image: &Rgb,
-    class: Vec<Class>,
+    class: &[Class],
     opts: &CfOptions,
-) -> Result<(Vec<f64>, CfStats)> {
+) -> Result<(Buf<f64>, CfStats)> {
     let fine_unknown = class.iter().filter(|&&c| c == Class::Unknown).count();
     // levels[0] is the finest; each next one is its 2×2 downsample.
     let mut coarse: Vec<(Rgb, Vec<Class>)> = Vec::new();
     if opts.coarse_to_fine {
-        let (mut cur_img, mut cur_class, mut cur_unknown) = (image, &class, fine_unknown);
+        let (mut cur_img, mut cur_class, mut cur_unknown) = (image, class, fine_unknown);
         while cur_unknown >= opts.min_coarse_unknowns
             && cur_unknown > 0
             && cur_img.width >= 16
@@ -255,7 +273,7 @@ fn solve_pyramid<const ISA: u8>(
         levels: coarse.len() + 1,
         ..CfStats::default()
     };
-    let mut prev: Option<(Vec<f64>, usize, usize)> = None;
+    let mut prev: Option<(Buf<f64>, usize, usize)> = None;
     let mut start_shift = 0.0;
     for (cimg, cclass) in coarse.iter().rev() {
         let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
@@ -267,7 +285,7 @@ fn solve_pyramid<const ISA: u8>(
     }
     let init = prev.as_ref().map(|(a, w, h)| (a.as_slice(), *w, *h));
     let (x, it, shift, rel, restarts) =
-        solve_level::<ISA>(image, &class, init, opts, opts.tolerance, start_shift)?;
+        solve_level::<ISA>(image, class, init, opts, opts.tolerance, start_shift)?;
     stats.iterations = it;
     stats.shift = shift;
     stats.relative_residual = rel;
@@ -279,9 +297,9 @@ fn solve_pyramid<const ISA: u8>(
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn solve_pyramid_avx512(
     image: &Rgb,
-    class: Vec<Class>,
+    class: &[Class],
     opts: &CfOptions,
-) -> Result<(Vec<f64>, CfStats)> {
+) -> Result<(Buf<f64>, CfStats)> {
     solve_pyramid::<{ solver::ISA_AVX512 }>(image, class, opts)
 }
 
@@ -289,22 +307,22 @@ unsafe fn solve_pyramid_avx512(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn solve_pyramid_avx2(
     image: &Rgb,
-    class: Vec<Class>,
+    class: &[Class],
     opts: &CfOptions,
-) -> Result<(Vec<f64>, CfStats)> {
+) -> Result<(Buf<f64>, CfStats)> {
     solve_pyramid::<{ solver::ISA_AVX2 }>(image, class, opts)
 }
 
 fn solve_pyramid_generic(
     image: &Rgb,
-    class: Vec<Class>,
+    class: &[Class],
     opts: &CfOptions,
-) -> Result<(Vec<f64>, CfStats)> {
+) -> Result<(Buf<f64>, CfStats)> {
     solve_pyramid::<{ solver::ISA_GENERIC }>(image, class, opts)
 }
 
 /// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it.
-fn solve_dispatch(image: &Rgb, class: Vec<Class>, opts: &CfOptions) -> Result<(Vec<f64>, CfStats)> {
+fn solve_dispatch(image: &Rgb, class: &[Class], opts: &CfOptions) -> Result<(Buf<f64>, CfStats)> {
     #[cfg(target_arch = "x86_64")]
     {
         let (avx2, fma) = (
@@ -337,7 +355,7 @@ pub fn estimate_alpha_cf(image: &Rgb, trimap: &Gray, opts: &CfOptions) -> Result
         )));
     }
     let class = classify(trimap, opts);
-    let (x, stats) = solve_dispatch(image, class.clone(), opts)?;
+    let (x, stats) = solve_dispatch(image, &class, opts)?;
     let data = x
         .iter()
         .zip(&class)

@@ -28,6 +28,7 @@
 // Band and window loops read best with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
+use super::pool::Buf;
 use super::simd;
 use crate::error::{DataError, Result};
 
@@ -317,26 +318,29 @@ pub(crate) struct GridSystem {
     /// Unknown pixels.
     pub(crate) n: usize,
     /// Grid index of each unknown pixel, raster order.
-    pub(crate) cells: Vec<u32>,
+    pub(crate) cells: Buf<u32>,
     /// Compact index per grid cell, or [`NONE`].
-    cidx: Vec<u32>,
+    cidx: Buf<u32>,
     runs: Vec<Run>,
     /// Grid offset of each band.
     off: [isize; BANDS],
     /// Matrix bands `a[s·n + c]`.
-    a: Vec<f32>,
+    a: Buf<f32>,
     /// The lower bands and diagonal (bands 0..=12, `lo64[s·n + c]`, zero where the neighbour is known) in
     /// `f64`, for the final residual check.
-    lo64: Vec<f64>,
+    lo64: Buf<f64>,
     /// Right-hand side `−L_UK α_K`.
-    pub(crate) rhs: Vec<f64>,
+    pub(crate) rhs: Buf<f64>,
 }
 
 impl GridSystem {
-    /// Image pixel (x, y) of grid index `g`.
-    #[inline(always)]
-    pub(crate) fn grid_xy(&self, g: usize) -> (usize, usize) {
-        (g % self.gw - PAD, g / self.gw - PAD)
+    /// The runs of unknown pixels as (image x of the first pixel, image y, compact index of the first pixel,
+    /// length).
+    pub(crate) fn pixel_runs(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        self.runs.iter().map(|r| {
+            let (gy, gx) = (r.g0 / self.gw, r.g0 % self.gw);
+            (gx - PAD, gy - PAD, r.c0, r.len)
+        })
     }
 
     /// Builds the system. `unknown[q]` / `fg[q]` classify image pixel `q`; `rgb` is interleaved (3 per pixel).
@@ -409,7 +413,7 @@ impl GridSystem {
         // Lower bands of five grid rows (ring by image row mod 5): ring[(slot·13 + s)·rw + col].
         let mut ring = vec![0.0f64; RING * (DIAG + 1) * rw];
         // Grid foreground mask (1.0 at known foreground cells) for the right-hand side.
-        let mut fgg = vec![0.0f64; gsize];
+        let mut fgg = Buf::filled(gsize, 0.0f64);
         for y in 0..h {
             for x in 0..w {
                 if fg[y * w + x] && !unknown[y * w + x] {
@@ -417,9 +421,10 @@ impl GridSystem {
                 }
             }
         }
-        let mut a = vec![0.0f32; BANDS * n];
-        let mut lo64 = vec![0.0f64; (DIAG + 1) * n];
-        let mut rhs = vec![0.0f64; n];
+        // Every entry of `a` and `lo64` is written below (all bands of every run).
+        let mut a = Buf::for_overwrite(BANDS * n, 0.0f32);
+        let mut lo64 = Buf::for_overwrite((DIAG + 1) * n, 0.0f64);
+        let mut rhs = Buf::filled(n, 0.0f64);
         let mut colu = vec![false; w];
         let mut win = vec![false; w + LANES];
         let mut next_run = 0usize;
@@ -533,11 +538,11 @@ impl GridSystem {
         w: usize,
         h: usize,
         unknown: &[bool],
-    ) -> (usize, usize, Vec<u32>, Vec<u32>, Vec<Run>) {
+    ) -> (usize, usize, Buf<u32>, Buf<u32>, Vec<Run>) {
         let gw = w + 2 * PAD;
         let gsize = gw * (h + 2 * PAD);
-        let mut cidx = vec![NONE; gsize];
-        let mut cells = Vec::new();
+        let mut cidx = Buf::filled(gsize, NONE);
+        let mut cells = Buf::filled(0, 0u32);
         let mut runs: Vec<Run> = Vec::new();
         for y in 0..h {
             let mut open = false;
@@ -740,7 +745,7 @@ impl GridSystem {
                     }
                 })
             })
-            .collect();
+            .collect::<Vec<f64>>();
         GridSystem {
             gw,
             gsize,
@@ -749,34 +754,58 @@ impl GridSystem {
             cidx,
             runs,
             off,
-            a,
-            lo64,
-            rhs,
+            a: a.into(),
+            lo64: lo64.into(),
+            rhs: rhs.into(),
         }
     }
 
     /// `r = b − A x` with the matrix in `f64` (the entries as assembled, before rounding to `f32`) for `x` on
     /// the grid (zeros at known cells); returns `‖r‖₂`. This is the residual pymatting's criterion is about.
-    pub(crate) fn residual64(&self, x: &[f64], r: &mut [f64]) -> f64 {
-        r.copy_from_slice(&self.rhs);
-        for (c, &g) in self.cells.iter().enumerate() {
-            let g = g as isize;
-            let n = self.n;
-            let xc = x[g as usize];
-            let mut acc = self.lo64[DIAG * n + c] * xc;
+    ///
+    /// Only the lower half is stored, so every lower entry `(c, c + off)` is used twice, run by run: gathered
+    /// into row `c` and scattered (mirrored) into `mirror`, a grid-sized scratch that is added at the end. Both
+    /// are contiguous over a run, so the loops vectorise; the mirror writes that land on known cells are
+    /// never read.
+    #[inline(always)]
+    pub(crate) fn residual64(&self, x: &[f64], r: &mut [f64], mirror: &mut Vec<f64>) -> f64 {
+        let n = self.n;
+        mirror.clear();
+        mirror.resize(self.gsize, 0.0);
+        for run in &self.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let xr = &x[g0..g0 + len];
+            let rr = &mut r[c0..c0 + len];
+            let (b, d) = (
+                &self.rhs[c0..c0 + len],
+                &self.lo64[DIAG * n + c0..DIAG * n + c0 + len],
+            );
+            for k in 0..len {
+                rr[k] = b[k] - d[k] * xr[k];
+            }
             for s in 0..DIAG {
-                let q = (g + self.off[s]) as usize;
-                let j = self.cidx[q];
-                if j != NONE {
-                    // Lower entry (c, j) and its mirror (j, c).
-                    let v = self.lo64[s * n + c];
-                    acc += v * x[q];
-                    r[j as usize] -= v * xc;
+                let v = &self.lo64[s * n + c0..s * n + c0 + len];
+                let st = (g0 as isize + self.off[s]) as usize;
+                let xn = &x[st..st + len];
+                for k in 0..len {
+                    rr[k] -= v[k] * xn[k];
+                }
+                let m = &mut mirror[st..st + len];
+                for k in 0..len {
+                    m[k] += v[k] * xr[k];
                 }
             }
-            r[c] -= acc;
         }
-        r.iter().map(|v| v * v).sum::<f64>().sqrt()
+        let mut rn = 0.0;
+        for run in &self.runs {
+            let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let (rr, m) = (&mut r[c0..c0 + len], &mirror[g0..g0 + len]);
+            rn += lanes_sum!(len, |k| {
+                rr[k] -= m[k];
+                rr[k] * rr[k]
+            });
+        }
+        rn.sqrt()
     }
 
     /// `y = A x` for `x` on the grid (zeros at known cells); returns `xᵀ y`.
@@ -822,17 +851,55 @@ impl GridSystem {
     }
 }
 
+/// Pairs of lower-stencil neighbours `(si, sj)`, `si < sj`, of a pivot `k`: rows `i = k − off(si)` and
+/// `j = k − off(sj)` (`j` comes before `i`). Whether `j` is inside `i`'s lower stencil (band `t`) decides if
+/// the pivot's update `L_ik L_jk` lands on a stored entry (`UPD`: (si, sj, t)) or is dropped fill (`DROP`).
+const fn pair_split<const U: usize, const D: usize>() -> ([Upd; U], [(usize, usize); D]) {
+    let mut upd = [(0, 0, 0); U];
+    let mut drop = [(0, 0); D];
+    let (mut nu, mut nd) = (0, 0);
+    let mut si = 0;
+    while si < DIAG {
+        let mut sj = si + 1;
+        while sj < DIAG {
+            let dy = (si / 5) as isize - (sj / 5) as isize;
+            let dx = (si % 5) as isize - (sj % 5) as isize;
+            let t = (dy + 2) * 5 + dx + 2;
+            if dy.abs() <= 2 && dx.abs() <= 2 && (t as usize) < DIAG {
+                upd[nu] = (si, sj, t as usize);
+                nu += 1;
+            } else {
+                drop[nd] = (si, sj);
+                nd += 1;
+            }
+            sj += 1;
+        }
+        si += 1;
+    }
+    assert!(nu == U && nd == D);
+    (upd, drop)
+}
+/// An update `(si, sj, t)`.
+type Upd = (usize, usize, usize);
+#[allow(clippy::type_complexity)]
+const PAIRS: ([Upd; 48], [(usize, usize); 18]) = pair_split::<48, 18>();
+const UPD: [Upd; 48] = PAIRS.0;
+const DROP: [(usize, usize); 18] = PAIRS.1;
+
+/// The CG update fused into the forward sweep: (α, x, p on the grid, Ap).
+type CgStep<'a> = (f64, &'a mut [f64], &'a [f64], &'a [f64]);
+
 /// Incomplete Cholesky factor `A ≈ L Lᵀ` on the 12 lower bands, arranged for the triangular solves.
 pub(crate) struct Ic {
     /// `l[s·n + c]`: bands 0–9 (rows above) hold `L_{c, c+off_s}`; the in-row bands 10 and 11 hold
     /// `L_{c, c−2} / L_cc` and `L_{c, c−1} / L_cc` (forward recurrence).
-    l: Vec<f32>,
+    l: Buf<f32>,
     /// `L_{c+1, c} / L_cc` and `L_{c+2, c} / L_cc` when those pixels are in the same run, else 0
     /// (backward recurrence).
-    b1: Vec<f32>,
-    b2: Vec<f32>,
+    b1: Buf<f32>,
+    b2: Buf<f32>,
     /// 1 / L_cc.
-    dinv: Vec<f32>,
+    dinv: Buf<f32>,
 }
 
 impl Ic {
@@ -843,32 +910,19 @@ impl Ic {
         let n = sys.n;
         // Working copy: lower bands and diagonal of A per row, plus a zero dummy row `n` that stands for
         // absent neighbours, so the elimination below runs without branches.
-        let mut lo = vec![[0.0f64; DIAG]; n + 1];
-        let mut d = vec![0.0f64; n + 1];
+        // (Row-major `[f64; DIAG]` rows in one flat pooled vector.)
+        let mut lo_buf = Buf::for_overwrite((n + 1) * DIAG, 0.0f64);
+        let lo: &mut [[f64; DIAG]] = lo_buf.as_chunks_mut::<DIAG>().0;
+        let mut d = Buf::for_overwrite(n + 1, 0.0f64);
+        lo[n] = [0.0; DIAG];
+        d[n] = 0.0;
         for c in 0..n {
             for s in 0..DIAG {
                 lo[c][s] = f64::from(sys.a[s * n + c]);
             }
             d[c] = sys.diag(c) * (1.0 + shift);
         }
-        // Pairs of upper neighbours i = k − off(si), j = k − off(sj) of pivot k; j comes before i exactly when
-        // sj > si. `upd`: (si, sj, t) with i + off(t) = j inside i's lower stencil; `drop`: fill outside it.
-        let mut upd: Vec<(usize, usize, usize)> = Vec::new();
-        let mut drop: Vec<(usize, usize)> = Vec::new();
-        for si in 0..DIAG {
-            for sj in si + 1..DIAG {
-                let (yi, xi) = band_dyx(si);
-                let (yj, xj) = band_dyx(sj);
-                let (dy, dx) = (yi - yj, xi - xj);
-                let t = (dy + 2) * 5 + dx + 2;
-                if dy.abs() <= 2 && dx.abs() <= 2 && (t as usize) < DIAG {
-                    upd.push((si, sj, t as usize));
-                } else {
-                    drop.push((si, sj));
-                }
-            }
-        }
-        let mut dinv = vec![0.0f64; n];
+        let mut dinv = Buf::for_overwrite(n, 0.0f64);
         let mut up = [0usize; DIAG];
         let mut lv = [0.0f64; DIAG];
         for k in 0..n {
@@ -888,11 +942,11 @@ impl Ic {
                 lv[s] = v;
                 d[i] -= v * v;
             }
-            for &(si, sj, t) in &upd {
+            for &(si, sj, t) in UPD.iter() {
                 lo[up[si]][t] -= lv[si] * lv[sj];
             }
             if kappa > 0.0 {
-                for &(si, sj) in &drop {
+                for &(si, sj) in DROP.iter() {
                     let (i, j) = (up[si], up[sj]);
                     let fa = kappa * (lv[si] * lv[sj]).abs();
                     d[i] += fa;
@@ -900,8 +954,8 @@ impl Ic {
                 }
             }
         }
-        let mut l = vec![0.0f32; DIAG * n];
-        let (mut b1, mut b2) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut l = Buf::for_overwrite(DIAG * n, 0.0f32);
+        let (mut b1, mut b2) = (Buf::filled(n, 0.0f32), Buf::filled(n, 0.0f32));
         for (c, row) in lo[..n].iter().enumerate() {
             for s in 0..DIAG - 2 {
                 l[s * n + c] = row[s] as f32;
@@ -916,28 +970,52 @@ impl Ic {
                 b2[c] = (lo[c + 2][DIAG - 2] * dinv[c]) as f32;
             }
         }
-        let dinv = dinv.iter().map(|&v| v as f32).collect();
+        let dinv = Buf::collect(n, dinv.iter().map(|&v| v as f32));
         Some(Ic { l, b1, b2, dinv })
     }
 
-    /// `z = (L Lᵀ)⁻¹ r` with `r` compact and `z` on the grid (known cells stay zero). `ISA` above generic
-    /// selects the SIMD kernels and fused multiply-adds for the in-row recurrences.
+    /// `z = (L Lᵀ)⁻¹ r` with `r` compact and `z` on the grid (known cells stay zero); returns `rᵀ z`. `ISA`
+    /// above generic selects the SIMD kernels and fused multiply-adds for the in-row recurrences.
     #[inline(always)]
-    fn apply<const ISA: u8>(&self, sys: &GridSystem, r: &[f64], z: &mut [f32], tmp: &mut Vec<f32>) {
-        #[inline(always)]
-        fn fnma<const ISA: u8>(a: f32, b: f32, c: f32) -> f32 {
-            // c − a·b
-            if ISA != ISA_GENERIC {
-                (-a).mul_add(b, c)
-            } else {
-                c - a * b
-            }
-        }
+    fn apply<const ISA: u8>(
+        &self,
+        sys: &GridSystem,
+        r: &mut [f64],
+        z: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) -> f64 {
+        self.forward::<ISA>(sys, r, z, tmp, None);
+        self.backward::<ISA>(sys, r, z, tmp)
+    }
+
+    /// Forward sweep `L y = r` into `z`. With `step = (α, x, p, Ap)` it first applies the CG update
+    /// `x += α p`, `r −= α Ap` run by run (the data is then in cache for the sweep) and returns `‖r‖²` of the
+    /// updated residual (else 0).
+    #[inline(always)]
+    fn forward<const ISA: u8>(
+        &self,
+        sys: &GridSystem,
+        r: &mut [f64],
+        z: &mut [f32],
+        tmp: &mut Vec<f32>,
+        mut step: Option<CgStep<'_>>,
+    ) -> f64 {
         let n = sys.n;
         let band = |s: usize, c0: usize, len: usize| &self.l[s * n + c0..s * n + c0 + len];
-        // Forward: L y = r, stored in z. In-row bands are kept pre-divided by the row's pivot (see `factor`).
+        // In-row bands are kept pre-divided by the row's pivot (see `factor`).
+        let mut rr = 0.0;
         for run in &sys.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
+            if let Some((alpha, x, p, ap)) = step.as_mut() {
+                let alpha = *alpha;
+                let (xr, pr, apr) = (&mut x[c0..c0 + len], &p[g0..g0 + len], &ap[c0..c0 + len]);
+                let rr_ = &mut r[c0..c0 + len];
+                rr += lanes_sum!(len, |k| {
+                    xr[k] += alpha * pr[k];
+                    rr_[k] -= alpha * apr[k];
+                    rr_[k] * rr_[k]
+                });
+            }
             tmp.clear();
             tmp.extend(r[c0..c0 + len].iter().map(|&v| v as f32));
             let t = &mut tmp[..len];
@@ -975,7 +1053,21 @@ impl Ic {
                 zm1 = zk;
             }
         }
-        // Backward: Lᵀ z = y, runs in reverse, scatter form.
+        rr
+    }
+
+    /// Backward sweep `Lᵀ z = y` in place on `z` (runs in reverse, scatter form); returns `rᵀ z`.
+    #[inline(always)]
+    fn backward<const ISA: u8>(
+        &self,
+        sys: &GridSystem,
+        r: &[f64],
+        z: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) -> f64 {
+        let n = sys.n;
+        let band = |s: usize, c0: usize, len: usize| &self.l[s * n + c0..s * n + c0 + len];
+        let mut rz = 0.0;
         for run in sys.runs.iter().rev() {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let dv = &self.dinv[c0..c0 + len];
@@ -995,6 +1087,8 @@ impl Ic {
                 }
             }
             z[g0..g0 + len].copy_from_slice(t);
+            let rr_ = &r[c0..c0 + len];
+            rz += lanes_sum!(len, |k| rr_[k] * f64::from(t[k]));
             // In-row lower neighbours left of the run (zero coefficients where they are known cells); bands
             // 10 and 11 hold L/L_kk, so multiply the pivot back.
             let (f2, f1) = (band(DIAG - 2, c0, len), band(DIAG - 1, c0, len));
@@ -1010,6 +1104,17 @@ impl Ic {
                 sub_product_f32::<ISA>(lb, t, &mut z[st..st + len]);
             }
         }
+        rz
+    }
+}
+
+/// `c − a·b` (a fused multiply-add above the generic ISA level).
+#[inline(always)]
+fn fnma<const ISA: u8>(a: f32, b: f32, c: f32) -> f32 {
+    if ISA != ISA_GENERIC {
+        (-a).mul_add(b, c)
+    } else {
+        c - a * b
     }
 }
 
@@ -1063,11 +1168,13 @@ pub(crate) fn pcg<const ISA: u8>(
         x.iter_mut().for_each(|v| *v = 0.0);
         return Ok((0, 0.0, 0));
     }
-    let mut p = vec![0.0f64; sys.gsize];
-    let mut z = vec![0.0f32; sys.gsize];
-    let mut r = vec![0.0f64; n];
-    let mut ap = vec![0.0f64; n];
+    let mut p = Buf::filled(sys.gsize, 0.0f64);
+    let mut z = Buf::filled(sys.gsize, 0.0f32);
+    // `r` is set by `residual64`, `ap` by every product before it is read.
+    let mut r = Buf::for_overwrite(n, 0.0f64);
+    let mut ap = Buf::for_overwrite(n, 0.0f64);
     let mut tmp = Vec::with_capacity(64);
+    let mut mirror = Buf::filled(0, 0.0f64);
     let mut it = 0;
     let mut rn;
     let mut restart = 0usize;
@@ -1075,7 +1182,7 @@ pub(crate) fn pcg<const ISA: u8>(
         for (c, &g) in sys.cells.iter().enumerate() {
             p[g as usize] = x[c];
         }
-        rn = sys.residual64(&p, &mut r);
+        rn = sys.residual64(&p, &mut r, &mut mirror);
         if rn <= tol * nb {
             return Ok((it, rn / nb, restart.saturating_sub(1)));
         }
@@ -1090,44 +1197,31 @@ pub(crate) fn pcg<const ISA: u8>(
             );
         }
         restart += 1;
-        pre.apply::<ISA>(sys, &r, &mut z, &mut tmp);
-        let mut rz = 0.0;
+        let mut rz = pre.apply::<ISA>(sys, &mut r, &mut z, &mut tmp);
         for run in &sys.runs {
-            let (g0, c0, len) = (run.g0, run.c0, run.len);
-            let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
+            let (g0, len) = (run.g0, run.len);
+            let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
             for k in 0..len {
-                p[g0 + k] = f64::from(zr[k]);
-                rz += rr_[k] * f64::from(zr[k]);
+                pr[k] = f64::from(zr[k]);
             }
         }
         while it < max_it {
             it += 1;
             let pap = sys.matvec::<ISA>(&p, &mut ap);
             let alpha = rz / pap;
-            let mut rr = 0.0;
-            for run in &sys.runs {
-                let (g0, c0, len) = (run.g0, run.c0, run.len);
-                let pr = &p[g0..g0 + len];
-                let xr = &mut x[c0..c0 + len];
-                let rr_ = &mut r[c0..c0 + len];
-                let apr = &ap[c0..c0 + len];
-                rr += lanes_sum!(len, |k| {
-                    xr[k] += alpha * pr[k];
-                    rr_[k] -= alpha * apr[k];
-                    rr_[k] * rr_[k]
-                });
-            }
+            // x += α p, r −= α Ap inside the forward sweep; the backward sweep only runs if not converged.
+            let rr = pre.forward::<ISA>(
+                sys,
+                &mut r,
+                &mut z,
+                &mut tmp,
+                Some((alpha, &mut x[..], &p[..], &ap[..])),
+            );
             rn = rr.sqrt();
             if !rn.is_finite() || rn <= tol * nb {
                 break;
             }
-            pre.apply::<ISA>(sys, &r, &mut z, &mut tmp);
-            let mut rz_new = 0.0;
-            for run in &sys.runs {
-                let (g0, c0, len) = (run.g0, run.c0, run.len);
-                let (zr, rr_) = (&z[g0..g0 + len], &r[c0..c0 + len]);
-                rz_new += lanes_sum!(len, |k| rr_[k] * f64::from(zr[k]));
-            }
+            let rz_new = pre.backward::<ISA>(sys, &r, &mut z, &mut tmp);
             let beta = rz_new / rz;
             rz = rz_new;
             for run in &sys.runs {

@@ -114,6 +114,17 @@ fn coarse_to_fine_and_single_level_agree() {
     assert_eq!(stats.levels, 1);
     let (mean, _, _) = alpha_errors(&alpha, &reference, &tri);
     assert!(mean <= 1e-4, "single-level mean |Δα| {mean}");
+    // The fixture is small (~4k unknowns, below the default `min_coarse_unknowns`): force the pyramid.
+    let opts = CfOptions {
+        tolerance: 1e-6,
+        min_coarse_unknowns: 500,
+        ..CfOptions::default()
+    };
+    let (alpha, stats) = estimate_alpha_cf(&img, &tri, &opts).unwrap();
+    assert!(stats.levels >= 3, "levels {}", stats.levels);
+    assert!(stats.coarse_iterations > 0);
+    let (mean, _, _) = alpha_errors(&alpha, &reference, &tri);
+    assert!(mean <= 1e-4, "coarse-to-fine mean |Δα| {mean} ({stats:?})");
 }
 
 #[test]
