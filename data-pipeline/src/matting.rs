@@ -55,7 +55,7 @@ pub struct CfOptions {
     /// No coarser level is built once a level has fewer unknown pixels than this. A coarse level costs about
     /// as much as the fine iterations it saves until the fine level has several tens of thousands of unknowns:
     /// at 15000, a 512² benchmark photo (~48k unknowns) gets one coarse level and a 256² one none, the fastest
-    /// choice at both sizes (`scripts/bench/matting.sh`; 2000, which gave 4 and 3 levels, was 5–10 % slower).
+    /// choice at both sizes (`scripts/bench/matting.sh`; 2000, which gave 4 and 3 levels, was 2–15 % slower).
     pub min_coarse_unknowns: usize,
 }
 
