@@ -497,4 +497,77 @@ mod tests {
             "reported {rel:e} vs dense {rel_dense:e}"
         );
     }
+
+    /// The generic, AVX2 and AVX-512 code paths (whichever this CPU has) give the same solution on an image
+    /// whose unknown pixels form runs of every length, odd and even (masked tails, bf16 pair reads) and touch
+    /// each other across rows (the backward sweep's shifted row scatter).
+    #[test]
+    fn instruction_set_paths_agree() {
+        let (w, h) = (61, 47);
+        let mut seed = 777u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let rgb: Vec<f64> = (0..w * h * 3).map(|_| rnd()).collect();
+        let class: Vec<Class> = (0..w * h)
+            .map(|q| {
+                let (x, y) = ((q % w) as f64 - 30.0, (q / w) as f64 - 23.0);
+                let d = (x * x + y * y).sqrt() + 3.0 * rnd();
+                if d < 8.0 {
+                    Class::Fg
+                } else if d < 19.0 {
+                    Class::Unknown
+                } else {
+                    Class::Bg
+                }
+            })
+            .collect();
+        let img = Rgb {
+            width: w,
+            height: h,
+            data: rgb,
+        };
+        let opts = CfOptions {
+            tolerance: 1e-9,
+            min_coarse_unknowns: 100,
+            ..CfOptions::default()
+        };
+        let (reference, stats) = solve_pyramid_generic(&img, &class, &opts).unwrap();
+        assert!(stats.levels >= 2, "{stats:?}");
+        let mut paths = 0;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let check = |x: &[f64], name: &str| {
+                let d = x
+                    .iter()
+                    .zip(reference.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                println!("{name}: max diff {d:e}");
+                assert!(d <= 1e-6, "{name} differs from the generic path by {d:e}");
+            };
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the features were detected above.
+                let (x, _) = unsafe { solve_pyramid_avx2(&img, &class, &opts) }.unwrap();
+                check(&x, "AVX2");
+                paths += 1;
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                let (x, _) = unsafe { solve_pyramid_avx512(&img, &class, &opts) }.unwrap();
+                check(&x, "AVX-512");
+                paths += 1;
+            }
+        }
+        println!("compared {paths} SIMD path(s) with the generic one");
+    }
 }

@@ -39,6 +39,7 @@ macro_rules! pooled {
 pooled!(f64, POOL_F64);
 pooled!(f32, POOL_F32);
 pooled!(u32, POOL_U32);
+pooled!(u16, POOL_U16);
 pooled!(bool, POOL_BOOL);
 
 /// A `Vec<T>` whose storage comes from, and returns to, the calling thread's pool.

@@ -145,18 +145,39 @@ fn mask8(rem: usize) -> __m256i {
     _mm256_setr_epi32(m(0), m(1), m(2), m(3), m(4), m(5), m(6), m(7))
 }
 
-/// `f32` version of [`group5`] (eight lanes).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every slice must hold at least `out.len()` elements (the safe
-/// wrapper in `matting_solver.rs` slices them to that length).
+/// Eight bf16 values (the high halves of `f32`s) at `p` as `f32`; `m2` enables the 32-bit pairs to read
+/// (the pair holding the last wanted value may hold one more, which must be readable and is ignored).
+#[inline(always)]
+unsafe fn ld8bf(p: *const u16, m2: __m128i) -> __m256 {
+    // SAFETY: the caller guarantees that the pairs enabled in m2 are readable and AVX2 support.
+    unsafe {
+        let w = _mm_maskload_epi32(p as *const i32, m2);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(w)))
+    }
+}
+
+/// Mask of the 32-bit pairs that hold the first `rem` bf16 values (at most four pairs).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn group5_f32<const MODE: u8>(
-    a: [&[f32]; 5],
+fn mask_pairs4(rem: usize) -> __m128i {
+    let pairs = rem.div_ceil(2);
+    let m = |i: usize| if i < pairs { -1 } else { 0 };
+    _mm_setr_epi32(m(0), m(1), m(2), m(3))
+}
+
+/// `out[k] ⊕= Σ_{i<5} a[i][k] · x[i][k]` in `f32` with bf16 bands `a` (and bf16 `scale` for `SUB_SCALE`),
+/// eight lanes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` must hold at least `out.len()` elements, `a` and `scale` (for
+/// `SUB_SCALE`) one more when `out.len()` is odd (the safe wrapper in `matting_solver.rs` checks this).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn group5_bf16<const MODE: u8>(
+    a: [&[u16]; 5],
     x: [&[f32]; 5],
     out: &mut [f32],
-    scale: &[f32],
+    scale: &[u16],
 ) {
     let len = out.len();
     let ap = a.map(|s| s.as_ptr());
@@ -165,20 +186,20 @@ pub(crate) unsafe fn group5_f32<const MODE: u8>(
     let sp = scale.as_ptr();
     let mut k = 0;
     while k < len {
-        let m = if k + 8 <= len {
-            _mm256_set1_epi32(-1)
+        let (m, m2) = if k + 8 <= len {
+            (_mm256_set1_epi32(-1), _mm_set1_epi32(-1))
         } else {
-            mask8(len - k)
+            (mask8(len - k), mask_pairs4(len - k))
         };
-        // SAFETY: only lanes below `len` are enabled in `m`.
+        // SAFETY: only lanes below `len` (and the pair partner of the last one) are enabled.
         unsafe {
             let mut acc = _mm256_mul_ps(
-                ld8f(ap[0].wrapping_add(k), m),
+                ld8bf(ap[0].wrapping_add(k), m2),
                 ld8f(xp[0].wrapping_add(k), m),
             );
             for i in 1..5 {
                 acc = _mm256_fmadd_ps(
-                    ld8f(ap[i].wrapping_add(k), m),
+                    ld8bf(ap[i].wrapping_add(k), m2),
                     ld8f(xp[i].wrapping_add(k), m),
                     acc,
                 );
@@ -189,7 +210,7 @@ pub(crate) unsafe fn group5_f32<const MODE: u8>(
                 SUB => _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
                 _ => _mm256_mul_ps(
                     _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
-                    ld8f(sp.wrapping_add(k), m),
+                    ld8bf(sp.wrapping_add(k), m2),
                 ),
             };
             _mm256_maskstore_ps(op.wrapping_add(k), m, v);
@@ -198,29 +219,38 @@ pub(crate) unsafe fn group5_f32<const MODE: u8>(
     }
 }
 
-/// `z[k] −= l[k] · t[k]` for `k < t.len()`, in `f32`.
+/// `z[j] −= Σ_{i<5} l[i][j + 4 − i] · t[j + 4 − i]` for `j < z.len()` with bf16 `l` (see
+/// `matting_solver::scatter_row5`).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `l` and `z` must hold at least `t.len()` elements.
+/// The CPU must support AVX2 and FMA; `l[i]` and `t` must hold at least `z.len() + 5` values.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn sub_product_f32(l: &[f32], t: &[f32], z: &mut [f32]) {
-    let len = t.len();
-    let (lp, tp, zp) = (l.as_ptr(), t.as_ptr(), z.as_mut_ptr());
+pub(crate) unsafe fn scatter_row5(l: [&[u16]; 5], t: &[f32], z: &mut [f32]) {
+    let len = z.len();
+    let lp = l.map(|s| s.as_ptr());
+    let (tp, zp) = (t.as_ptr(), z.as_mut_ptr());
     let mut k = 0;
     while k < len {
-        let m = if k + 8 <= len {
-            _mm256_set1_epi32(-1)
+        let (m, m2) = if k + 8 <= len {
+            (_mm256_set1_epi32(-1), _mm_set1_epi32(-1))
         } else {
-            mask8(len - k)
+            (mask8(len - k), mask_pairs4(len - k))
         };
-        // SAFETY: only lanes below `len` are enabled in `m`.
+        // SAFETY: lane j reads l[i] and t at j + 4 − i ≤ len + 3 (+1 for the pair), z at j < len.
         unsafe {
-            let v = _mm256_fnmadd_ps(
-                ld8f(lp.wrapping_add(k), m),
-                ld8f(tp.wrapping_add(k), m),
-                ld8f(zp.wrapping_add(k), m),
+            let mut acc = _mm256_mul_ps(
+                ld8bf(lp[0].wrapping_add(k + 4), m2),
+                ld8f(tp.wrapping_add(k + 4), m),
             );
+            for i in 1..5 {
+                acc = _mm256_fmadd_ps(
+                    ld8bf(lp[i].wrapping_add(k + 4 - i), m2),
+                    ld8f(tp.wrapping_add(k + 4 - i), m),
+                    acc,
+                );
+            }
+            let v = _mm256_sub_ps(ld8f(zp.wrapping_add(k), m), acc);
             _mm256_maskstore_ps(zp.wrapping_add(k), m, v);
         }
         k += 8;
@@ -292,17 +322,33 @@ pub(crate) unsafe fn group5_512<const MODE: u8>(
     }
 }
 
-/// AVX-512 version of [`group5_f32`] (sixteen f32 lanes).
+/// Sixteen bf16 values at `p` as `f32`; `m2` enables the 32-bit pairs to read (see [`ld8bf`]).
+#[inline(always)]
+unsafe fn ld16bf(p: *const u16, m2: __mmask8) -> __m512 {
+    // SAFETY: the caller guarantees that the pairs enabled in m2 are readable and AVX-512 support.
+    unsafe {
+        let w = _mm256_maskz_loadu_epi32(m2, p as *const i32);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(w)))
+    }
+}
+
+/// Pair mask for the first `rem` of sixteen bf16 values.
+#[inline(always)]
+fn kpairs8(rem: usize) -> __mmask8 {
+    kmask8(rem.div_ceil(2))
+}
+
+/// AVX-512 version of [`group5_bf16`] (sixteen f32 lanes).
 ///
 /// # Safety
-/// The CPU must support AVX-512F; every slice must hold at least `out.len()` elements.
+/// As [`group5_bf16`], with AVX-512F instead of AVX2.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn group5_f32_512<const MODE: u8>(
-    a: [&[f32]; 5],
+pub(crate) unsafe fn group5_bf16_512<const MODE: u8>(
+    a: [&[u16]; 5],
     x: [&[f32]; 5],
     out: &mut [f32],
-    scale: &[f32],
+    scale: &[u16],
 ) {
     let len = out.len();
     let ap = a.map(|s| s.as_ptr());
@@ -312,18 +358,20 @@ pub(crate) unsafe fn group5_f32_512<const MODE: u8>(
     let mut k = 0;
     while k < len {
         let m = kmask16(len - k);
-        // SAFETY: only lanes below `len` are enabled in `m`.
+        let m2 = kpairs8(len - k);
+        // SAFETY: only lanes below `len` (and the pair partner of the last one) are enabled.
         unsafe {
             let ld = |p: *const f32| _mm512_maskz_loadu_ps(m, p.wrapping_add(k));
-            let mut acc = _mm512_mul_ps(ld(ap[0]), ld(xp[0]));
+            let lb = |p: *const u16| ld16bf(p.wrapping_add(k), m2);
+            let mut acc = _mm512_mul_ps(lb(ap[0]), ld(xp[0]));
             for i in 1..5 {
-                acc = _mm512_fmadd_ps(ld(ap[i]), ld(xp[i]), acc);
+                acc = _mm512_fmadd_ps(lb(ap[i]), ld(xp[i]), acc);
             }
             let v = match MODE {
                 SET => acc,
                 ADD => _mm512_add_ps(ld(op), acc),
                 SUB => _mm512_sub_ps(ld(op), acc),
-                _ => _mm512_mul_ps(_mm512_sub_ps(ld(op), acc), ld(sp)),
+                _ => _mm512_mul_ps(_mm512_sub_ps(ld(op), acc), lb(sp)),
             };
             _mm512_mask_storeu_ps(op.wrapping_add(k), m, v);
         }
@@ -331,25 +379,35 @@ pub(crate) unsafe fn group5_f32_512<const MODE: u8>(
     }
 }
 
-/// AVX-512 version of [`sub_product_f32`].
+/// AVX-512 version of [`scatter_row5`].
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `l` and `z` must hold at least `t.len()` elements.
+/// As [`scatter_row5`], with AVX-512F instead of AVX2.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn sub_product_f32_512(l: &[f32], t: &[f32], z: &mut [f32]) {
-    let len = t.len();
-    let (lp, tp, zp) = (l.as_ptr(), t.as_ptr(), z.as_mut_ptr());
+pub(crate) unsafe fn scatter_row5_512(l: [&[u16]; 5], t: &[f32], z: &mut [f32]) {
+    let len = z.len();
+    let lp = l.map(|s| s.as_ptr());
+    let (tp, zp) = (t.as_ptr(), z.as_mut_ptr());
     let mut k = 0;
     while k < len {
         let m = kmask16(len - k);
-        // SAFETY: only lanes below `len` are enabled in `m`.
+        let m2 = kpairs8(len - k);
+        // SAFETY: lane j reads l[i] and t at j + 4 − i ≤ len + 3 (+1 for the pair), z at j < len.
         unsafe {
-            let v = _mm512_fnmadd_ps(
-                _mm512_maskz_loadu_ps(m, lp.wrapping_add(k)),
-                _mm512_maskz_loadu_ps(m, tp.wrapping_add(k)),
-                _mm512_maskz_loadu_ps(m, zp.wrapping_add(k)),
-            );
+            let lt = |i: usize| {
+                (
+                    ld16bf(lp[i].wrapping_add(k + 4 - i), m2),
+                    _mm512_maskz_loadu_ps(m, tp.wrapping_add(k + 4 - i)),
+                )
+            };
+            let (l0, t0) = lt(0);
+            let mut acc = _mm512_mul_ps(l0, t0);
+            for i in 1..5 {
+                let (li, ti) = lt(i);
+                acc = _mm512_fmadd_ps(li, ti, acc);
+            }
+            let v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, zp.wrapping_add(k)), acc);
             _mm512_mask_storeu_ps(zp.wrapping_add(k), m, v);
         }
         k += 16;
