@@ -127,29 +127,25 @@ fn downsample(img: &Rgb, class: &[Class]) -> (Rgb, Vec<Class>) {
     let mut data = vec![0.0; cw * ch * 3];
     let mut cc = vec![Class::Unknown; cw * ch];
     for y in 0..ch {
+        let (ya, yb) = (2 * y, (2 * y + 1).min(h - 1));
+        let (ia, ib) = (
+            &img.data[ya * w * 3..(ya + 1) * w * 3],
+            &img.data[yb * w * 3..(yb + 1) * w * 3],
+        );
+        let (ka, kb) = (&class[ya * w..(ya + 1) * w], &class[yb * w..(yb + 1) * w]);
+        let (drow, crow) = (
+            &mut data[y * cw * 3..(y + 1) * cw * 3],
+            &mut cc[y * cw..(y + 1) * cw],
+        );
         for x in 0..cw {
-            let mut sum = [0.0; 3];
-            let (mut fg, mut bg) = (0, 0);
-            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let (yy, xx) = ((2 * y + dy).min(h - 1), (2 * x + dx).min(w - 1));
-                let px = img.pixel(xx, yy);
-                for c in 0..3 {
-                    sum[c] += px[c];
-                }
-                match class[yy * w + xx] {
-                    Class::Fg => fg += 1,
-                    Class::Bg => bg += 1,
-                    Class::Unknown => {}
-                }
-            }
-            let o = (y * cw + x) * 3;
+            let (xa, xb) = (2 * x, (2 * x + 1).min(w - 1));
             for c in 0..3 {
-                data[o + c] = sum[c] / 4.0;
+                drow[x * 3 + c] =
+                    (ia[xa * 3 + c] + ia[xb * 3 + c] + ib[xa * 3 + c] + ib[xb * 3 + c]) / 4.0;
             }
-            cc[y * cw + x] = if fg == 4 {
-                Class::Fg
-            } else if bg == 4 {
-                Class::Bg
+            let k = ka[xa];
+            crow[x] = if k != Class::Unknown && ka[xb] == k && kb[xa] == k && kb[xb] == k {
+                k
             } else {
                 Class::Unknown
             };

@@ -153,8 +153,22 @@ fn group5_bf16<const ISA: u8, const MODE: u8>(
     scale: &[u16],
 ) {
     let len = out.len();
-    let a = a.map(|s| &s[..len + 1]);
-    let x = x.map(|s| &s[..len]);
+    // (Explicit arrays, not `map`: the solver is one large function after inlining, and LLVM leaves small
+    // generic helpers such as `array::map` or closures as calls there, once per run and band.)
+    let a = [
+        &a[0][..len + 1],
+        &a[1][..len + 1],
+        &a[2][..len + 1],
+        &a[3][..len + 1],
+        &a[4][..len + 1],
+    ];
+    let x = [
+        &x[0][..len],
+        &x[1][..len],
+        &x[2][..len],
+        &x[3][..len],
+        &x[4][..len],
+    ];
     let scale = if MODE == simd::SUB_SCALE {
         &scale[..len + 1]
     } else {
@@ -192,7 +206,13 @@ fn group5_bf16<const ISA: u8, const MODE: u8>(
 #[inline(always)]
 fn scatter_row5<const ISA: u8>(l: [&[u16]; 5], t: &[f32], z: &mut [f32]) {
     let len = z.len();
-    let l = l.map(|b| &b[..len + 5]);
+    let l = [
+        &l[0][..len + 5],
+        &l[1][..len + 5],
+        &l[2][..len + 5],
+        &l[3][..len + 5],
+        &l[4][..len + 5],
+    ];
     let t = &t[..len + 5];
     #[cfg(target_arch = "x86_64")]
     if ISA == ISA_AVX512 {
@@ -834,26 +854,40 @@ impl GridSystem {
     #[inline(always)]
     fn matvec<const ISA: u8>(&self, x: &[f64], y: &mut [f64]) -> f64 {
         let n = self.n;
+        let (a_all, off) = (&self.a[..], &self.off);
         let mut xy = 0.0;
         for run in &self.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let yr = &mut y[c0..c0 + len];
-            let band = |s: usize| &self.a[s * n + c0..s * n + c0 + len];
-            let xin = |s: usize| {
-                let st = (g0 as isize + self.off[s]) as usize;
-                &x[st..st + len]
-            };
+            // (Macros, not closures: see `group5_bf16`.)
+            macro_rules! band {
+                ($s:expr) => {
+                    &a_all[$s * n + c0..$s * n + c0 + len]
+                };
+            }
+            macro_rules! xin {
+                ($s:expr) => {{
+                    let st = (g0 as isize + off[$s]) as usize;
+                    &x[st..st + len]
+                }};
+            }
             // One stencil row (five bands) at a time.
             for row in 0..5 {
                 let s0 = row * 5;
                 let a5 = [
-                    band(s0),
-                    band(s0 + 1),
-                    band(s0 + 2),
-                    band(s0 + 3),
-                    band(s0 + 4),
+                    band!(s0),
+                    band!(s0 + 1),
+                    band!(s0 + 2),
+                    band!(s0 + 3),
+                    band!(s0 + 4),
                 ];
-                let x5 = [xin(s0), xin(s0 + 1), xin(s0 + 2), xin(s0 + 3), xin(s0 + 4)];
+                let x5 = [
+                    xin!(s0),
+                    xin!(s0 + 1),
+                    xin!(s0 + 2),
+                    xin!(s0 + 3),
+                    xin!(s0 + 4),
+                ];
                 if row == 0 {
                     group5::<ISA, { simd::SET }>(a5, x5, yr, &[]);
                 } else {
@@ -1014,10 +1048,11 @@ impl Ic {
         sys: &GridSystem,
         r: &mut [f64],
         z: &mut [f32],
-        tmp: &mut Vec<f32>,
+        tmp: &mut [f32],
+        tpad: &mut [f32],
     ) -> f64 {
         self.forward::<ISA>(sys, r, z, tmp, None);
-        self.backward::<ISA>(sys, r, z, tmp)
+        self.backward::<ISA>(sys, r, z, tpad)
     }
 
     /// Forward sweep `L y = r` into `z`. With `step = (α, x, p, Ap)` it first applies the CG update
@@ -1029,14 +1064,18 @@ impl Ic {
         sys: &GridSystem,
         r: &mut [f64],
         z: &mut [f32],
-        tmp: &mut Vec<f32>,
+        tmp: &mut [f32],
         mut step: Option<CgStep<'_>>,
     ) -> f64 {
         let n = sys.n;
         // bf16 slices reach one past the run (see `group5_bf16`); the arrays are padded for it.
-        let band = |s: usize, c0: usize, len: usize| {
-            &self.l[LPAD + s * n + c0..LPAD + s * n + c0 + len + 1]
-        };
+        let l_all = &self.l[..];
+        // (A macro, not a closure: see `group5_bf16`.)
+        macro_rules! band {
+            ($s:expr, $c0:expr, $len:expr) => {
+                &l_all[LPAD + $s * n + $c0..LPAD + $s * n + $c0 + $len + 1]
+            };
+        }
         // In-row bands are kept pre-divided by the row's pivot (see `factor`).
         let mut rr = 0.0;
         for run in &sys.runs {
@@ -1051,32 +1090,42 @@ impl Ic {
                     rr_[k] * rr_[k]
                 });
             }
-            tmp.clear();
-            tmp.extend(r[c0..c0 + len].iter().map(|&v| v as f32));
             let t = &mut tmp[..len];
+            let rr_ = &r[c0..c0 + len];
+            for k in 0..len {
+                t[k] = rr_[k] as f32;
+            }
             let dv = &self.dinv[c0..c0 + len + 1];
             for half in 0..2 {
                 let s0 = half * 5;
-                let zin = |s: usize| {
-                    let st = (g0 as isize + sys.off[s]) as usize;
-                    &z[st..st + len]
-                };
+                macro_rules! zin {
+                    ($s:expr) => {{
+                        let st = (g0 as isize + sys.off[$s]) as usize;
+                        &z[st..st + len]
+                    }};
+                }
                 let a5 = [
-                    band(s0, c0, len),
-                    band(s0 + 1, c0, len),
-                    band(s0 + 2, c0, len),
-                    band(s0 + 3, c0, len),
-                    band(s0 + 4, c0, len),
+                    band!(s0, c0, len),
+                    band!(s0 + 1, c0, len),
+                    band!(s0 + 2, c0, len),
+                    band!(s0 + 3, c0, len),
+                    band!(s0 + 4, c0, len),
                 ];
-                let z5 = [zin(s0), zin(s0 + 1), zin(s0 + 2), zin(s0 + 3), zin(s0 + 4)];
+                let z5 = [
+                    zin!(s0),
+                    zin!(s0 + 1),
+                    zin!(s0 + 2),
+                    zin!(s0 + 3),
+                    zin!(s0 + 4),
+                ];
                 if half == 0 {
                     group5_bf16::<ISA, { simd::SUB }>(a5, z5, t, &[]);
                 } else {
                     group5_bf16::<ISA, { simd::SUB_SCALE }>(a5, z5, t, dv);
                 }
             }
-            let l2 = band(DIAG - 2, c0, len);
-            let l1 = band(DIAG - 1, c0, len);
+            let l2 = band!(DIAG - 2, c0, len);
+            let l1 = band!(DIAG - 1, c0, len);
             // z[g0-1], z[g0-2]: known cells (zero) or the end of an earlier run in this row (final).
             let (mut zm2, mut zm1) = (z[g0 - 2], z[g0 - 1]);
             let zr = &mut z[g0..g0 + len];
@@ -1098,22 +1147,32 @@ impl Ic {
         sys: &GridSystem,
         r: &[f64],
         z: &mut [f32],
-        tmp: &mut Vec<f32>,
+        tpad: &mut [f32],
     ) -> f64 {
         let n = sys.n;
         // bf16 slices reach one past the run (see `group5_bf16`); the arrays are padded for it.
-        let band = |s: usize, c0: usize, len: usize| {
-            &self.l[LPAD + s * n + c0..LPAD + s * n + c0 + len + 1]
-        };
+        let l_all = &self.l[..];
+        // (A macro, not a closure: see `group5_bf16`.)
+        macro_rules! band {
+            ($s:expr, $c0:expr, $len:expr) => {
+                &l_all[LPAD + $s * n + $c0..LPAD + $s * n + $c0 + $len + 1]
+            };
+        }
         let mut rz = 0.0;
-        let mut tpad: Vec<f32> = Vec::with_capacity(128);
+        // `tpad` (at least the longest run + 9, its first four values zero): the run's solution `t` at 4..,
+        // four zeros before it and five after it for the shifted row scatter below.
         for run in sys.runs.iter().rev() {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let dv = &self.dinv[c0..c0 + len + 1];
             let (b1, b2) = (&self.b1[c0..c0 + len], &self.b2[c0..c0 + len]);
-            tmp.clear();
-            tmp.resize(len, 0.0);
-            let t = &mut tmp[..len];
+            let tp = &mut tpad[..len + 9];
+            // Zeros after the run (an earlier, longer run left values there); the four before stay zero.
+            tp[4 + len] = 0.0;
+            tp[5 + len] = 0.0;
+            tp[6 + len] = 0.0;
+            tp[7 + len] = 0.0;
+            tp[8 + len] = 0.0;
+            let t = &mut tp[4..4 + len];
             {
                 let zr = &z[g0..g0 + len];
                 let (mut zp1, mut zp2) = (0.0f32, 0.0f32);
@@ -1125,33 +1184,39 @@ impl Ic {
                     zp1 = zk;
                 }
             }
-            z[g0..g0 + len].copy_from_slice(t);
-            let rr_ = &r[c0..c0 + len];
-            rz += lanes_sum!(len, |k| rr_[k] * f64::from(t[k]));
+            let (rr_, zr) = (&r[c0..c0 + len], &mut z[g0..g0 + len]);
+            rz += lanes_sum!(len, |k| {
+                zr[k] = t[k];
+                rr_[k] * f64::from(t[k])
+            });
             // In-row lower neighbours left of the run (zero coefficients where they are known cells); bands
             // 10 and 11 hold L/L_kk, so multiply the pivot back.
-            let (f2, f1) = (band(DIAG - 2, c0, len), band(DIAG - 1, c0, len));
-            let piv = |k: usize| 1.0 / bf(dv[k]);
-            z[g0 - 1] -= bf(f1[0]) * piv(0) * t[0];
-            z[g0 - 2] -= bf(f2[0]) * piv(0) * t[0];
+            let (f2, f1) = (band!(DIAG - 2, c0, len), band!(DIAG - 1, c0, len));
+            macro_rules! piv {
+                ($k:expr) => {
+                    1.0 / bf(dv[$k])
+                };
+            }
+            z[g0 - 1] -= bf(f1[0]) * piv!(0) * t[0];
+            z[g0 - 2] -= bf(f2[0]) * piv!(0) * t[0];
             if len > 1 {
-                z[g0 - 1] -= bf(f2[1]) * piv(1) * t[1];
+                z[g0 - 1] -= bf(f2[1]) * piv!(1) * t[1];
             }
             // Rows above: cell k of the run sends −L_{k, k+off_s}·t[k] to z[k + off_s], five bands (dx = −2..=2)
             // per row above; per row this is one pass over the run widened by two on each side, reading the
             // bands and t shifted (t zero-padded by four, so terms from outside the run vanish).
-            tpad.clear();
-            tpad.extend_from_slice(&[0.0; 4]);
-            tpad.extend_from_slice(t);
-            tpad.extend_from_slice(&[0.0; 5]);
             for row in 0..2 {
                 let s0 = row * 5;
-                let lb: [&[u16]; 5] = std::array::from_fn(|i| {
-                    let st = LPAD + (s0 + i) * n + c0 - 4;
-                    &self.l[st..st + len + 9]
-                });
+                let st = LPAD + s0 * n + c0 - 4;
+                let lb: [&[u16]; 5] = [
+                    &l_all[st..st + len + 9],
+                    &l_all[st + n..st + n + len + 9],
+                    &l_all[st + 2 * n..st + 2 * n + len + 9],
+                    &l_all[st + 3 * n..st + 3 * n + len + 9],
+                    &l_all[st + 4 * n..st + 4 * n + len + 9],
+                ];
                 let st = (g0 as isize + sys.off[s0]) as usize;
-                scatter_row5::<ISA>(lb, &tpad, &mut z[st..st + len + 4]);
+                scatter_row5::<ISA>(lb, tp, &mut z[st..st + len + 4]);
             }
         }
         rz
@@ -1228,7 +1293,10 @@ pub(crate) fn pcg<const ISA: u8>(
     // `r` is set by `residual64`, `ap` by every product before it is read.
     let mut r = Buf::for_overwrite(n, 0.0f64);
     let mut ap = Buf::for_overwrite(n, 0.0f64);
-    let mut tmp = Vec::with_capacity(64);
+    // Per-run scratch of the triangular sweeps (the longest run plus padding; `tpad` starts with zeros).
+    let longest = sys.runs.iter().map(|r| r.len).max().unwrap_or(0);
+    let mut tmp = vec![0.0f32; longest + 16];
+    let mut tpad = vec![0.0f32; longest + 16];
     let mut mirror = Buf::filled(0, 0.0f64);
     let mut it = 0;
     let mut rn;
@@ -1252,7 +1320,7 @@ pub(crate) fn pcg<const ISA: u8>(
             );
         }
         restart += 1;
-        let mut rz = pre.apply::<ISA>(sys, &mut r, &mut z, &mut tmp);
+        let mut rz = pre.apply::<ISA>(sys, &mut r, &mut z, &mut tmp, &mut tpad);
         for run in &sys.runs {
             let (g0, len) = (run.g0, run.len);
             let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
@@ -1276,7 +1344,7 @@ pub(crate) fn pcg<const ISA: u8>(
             if !rn.is_finite() || rn <= tol * nb {
                 break;
             }
-            let rz_new = pre.backward::<ISA>(sys, &r, &mut z, &mut tmp);
+            let rz_new = pre.backward::<ISA>(sys, &r, &mut z, &mut tpad);
             let beta = rz_new / rz;
             rz = rz_new;
             for run in &sys.runs {
