@@ -419,47 +419,69 @@ impl GridSystem {
         const RING: usize = 5;
         // Planar colours of image rows (ring of three, by row mod 3), at grid columns.
         let mut planes = vec![0.0f64; 3 * 3 * rw];
-        // Column span of the unknown pixels of each row (empty: start > end).
-        let span: Vec<(usize, usize)> = (0..h)
-            .map(|y| {
-                let row = &unknown[y * w..(y + 1) * w];
-                match (row.iter().position(|&u| u), row.iter().rposition(|&u| u)) {
-                    (Some(a), Some(b)) => (a, b),
-                    _ => (usize::MAX, 0),
-                }
-            })
-            .collect();
-        // Union of the spans of rows y − r ..= y + r, widened by `grow` and clipped to the image.
-        let near_span = |y: usize, r: usize, grow: usize| {
-            let (mut a, mut b) = (usize::MAX, 0);
+        // Column intervals (inclusive) of the unknown pixels of each row, from the runs: row y's are
+        // `row_iv[row_at[y]..row_at[y + 1]]`, left to right.
+        let mut row_iv: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+        let mut row_at = vec![0usize; h + 1];
+        for run in &runs {
+            let (y, x) = (run.g0 / gw - PAD, run.g0 % gw - PAD);
+            row_iv.push((x, x + run.len - 1));
+            row_at[y + 1] = row_iv.len();
+        }
+        for y in 0..h {
+            row_at[y + 1] = row_at[y + 1].max(row_at[y]);
+        }
+        // The union of the intervals of rows y − r ..= y + r, each widened by `grow` and clipped to the image,
+        // merged and sorted, into `out`: the columns that windows or stencils near unknown pixels reach.
+        let near = |out: &mut Vec<(usize, usize)>, y: usize, r: usize, grow: usize| {
+            out.clear();
             for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
-                a = a.min(span[yy].0);
-                b = b.max(span[yy].1);
+                for &(a, b) in &row_iv[row_at[yy]..row_at[yy + 1]] {
+                    out.push((a.saturating_sub(grow), (b + grow).min(w - 1)));
+                }
             }
-            (a != usize::MAX).then(|| (a.saturating_sub(grow), (b + grow).min(w - 1)))
+            out.sort_unstable();
+            let mut m = 0;
+            for i in 0..out.len() {
+                if m > 0 && out[i].0 <= out[m - 1].1 + 1 {
+                    out[m - 1].1 = out[m - 1].1.max(out[i].1);
+                } else {
+                    out[m] = out[i];
+                    m += 1;
+                }
+            }
+            out.truncate(m);
         };
+        let mut iv: Vec<(usize, usize)> = Vec::with_capacity(16);
         // Only the columns that windows touching an unknown pixel read are filled (the others are not read,
         // or only by masked lanes).
-        let fill_plane = |planes: &mut [f64], y: usize| {
+        let fill_plane = |planes: &mut [f64], iv: &mut Vec<(usize, usize)>, y: usize| {
             let base = (y % 3) * 3 * rw;
-            let Some((xa, xb)) = near_span(y, 2, 2) else {
-                return;
-            };
-            for x in xa..=xb {
-                let o = (y * w + x) * 3;
-                for ch in 0..3 {
-                    planes[base + ch * rw + x + PAD] = rgb[o + ch];
+            near(iv, y, 2, 2);
+            for &(xa, xb) in iv.iter() {
+                for x in xa..=xb {
+                    let o = (y * w + x) * 3;
+                    for ch in 0..3 {
+                        planes[base + ch * rw + x + PAD] = rgb[o + ch];
+                    }
                 }
             }
         };
         // Lower bands of five grid rows (ring by image row mod 5): ring[(slot·13 + s)·rw + col].
         let mut ring = vec![0.0f64; RING * (DIAG + 1) * rw];
-        // Grid foreground mask (1.0 at known foreground cells) for the right-hand side.
+        // Grid foreground mask (1.0 at known foreground cells) for the right-hand side; only cells within
+        // two pixels of an unknown one are read.
         let mut fgg = Buf::filled(gsize, 0.0f64);
         for y in 0..h {
-            for x in 0..w {
-                if fg[y * w + x] && !unknown[y * w + x] {
-                    fgg[(y + PAD) * gw + x + PAD] = 1.0;
+            near(&mut iv, y, 2, 2);
+            for &(xa, xb) in iv.iter() {
+                let (f, u) = (
+                    &fg[y * w + xa..=y * w + xb],
+                    &unknown[y * w + xa..=y * w + xb],
+                );
+                let dst = &mut fgg[(y + PAD) * gw + xa + PAD..=(y + PAD) * gw + xb + PAD];
+                for k in 0..dst.len() {
+                    dst[k] = f64::from(u8::from(f[k] & !u[k]));
                 }
             }
         }
@@ -471,17 +493,22 @@ impl GridSystem {
         let mut win = vec![false; w + LANES];
         let mut next_run = 0usize;
         if h >= 1 {
-            fill_plane(&mut planes, 0);
+            fill_plane(&mut planes, &mut iv, 0);
         }
         for y in 0..h + 3 {
             if y + 1 < h {
-                fill_plane(&mut planes, y + 1);
+                fill_plane(&mut planes, &mut iv, y + 1);
             }
-            // Windows centred on row y (inside the image) that touch an unknown pixel.
-            let mut wspan = None;
+            // Windows centred on row y (inside the image) that touch an unknown pixel, interval by interval.
             if y >= 1 && y + 1 < h {
-                if let Some((xa, xb)) = near_span(y, 1, 1) {
+                near(&mut iv, y, 1, 1);
+                let rows = [(y - 1) % 3, y % 3, (y + 1) % 3].map(|r| r * 3 * rw);
+                let slots = [(y - 1) % RING, y % RING, (y + 1) % RING];
+                for &(xa, xb) in iv.iter() {
                     let (xa, xb) = (xa.max(1), xb.min(w - 2));
+                    if xa > xb {
+                        continue;
+                    }
                     for x in xa - 1..=xb + 1 {
                         colu[x] = unknown[(y - 1) * w + x]
                             || unknown[y * w + x]
@@ -490,21 +517,17 @@ impl GridSystem {
                     for x in xa..=xb {
                         win[x] = colu[x - 1] || colu[x] || colu[x + 1];
                     }
-                    wspan = (xa <= xb).then_some((xa, xb));
-                }
-            }
-            if let Some((xa, xb)) = wspan {
-                let rows = [(y - 1) % 3, y % 3, (y + 1) % 3].map(|r| r * 3 * rw);
-                let slots = [(y - 1) % RING, y % RING, (y + 1) % RING];
-                let mut x0 = xa;
-                while x0 <= xb {
-                    if !win[x0] {
-                        x0 += 1;
-                        continue;
+                    let mut x0 = xa;
+                    while x0 <= xb {
+                        if !win[x0] {
+                            x0 += 1;
+                            continue;
+                        }
+                        let valid: [bool; LANES] =
+                            std::array::from_fn(|l| x0 + l <= xb && win[x0 + l]);
+                        window_block(&planes, rw, rows, x0 + PAD, eps, &valid, &mut ring, slots);
+                        x0 += LANES;
                     }
-                    let valid: [bool; LANES] = std::array::from_fn(|l| x0 + l <= xb && win[x0 + l]);
-                    window_block(&planes, rw, rows, x0 + PAD, eps, &valid, &mut ring, slots);
-                    x0 += LANES;
                 }
             }
             // Row p = y − 3 is complete (windows up to row p + 3 cannot reach it or the two rows below it).
@@ -542,15 +565,19 @@ impl GridSystem {
                             lo64[s * n + c0..s * n + c0 + len].copy_from_slice(src);
                             continue;
                         }
-                        for k in 0..len {
-                            let v = if ci[k] != NONE { src[k] } else { 0.0 };
-                            dst[k] = v as f32;
-                            rr[k] -= src[k] * fgq[k];
-                        }
                         if s < DIAG {
                             let l64 = &mut lo64[s * n + c0..s * n + c0 + len];
                             for k in 0..len {
-                                l64[k] = if ci[k] != NONE { src[k] } else { 0.0 };
+                                let v = if ci[k] != NONE { src[k] } else { 0.0 };
+                                dst[k] = v as f32;
+                                l64[k] = v;
+                                rr[k] -= src[k] * fgq[k];
+                            }
+                        } else {
+                            for k in 0..len {
+                                let v = if ci[k] != NONE { src[k] } else { 0.0 };
+                                dst[k] = v as f32;
+                                rr[k] -= src[k] * fgq[k];
                             }
                         }
                     }
