@@ -7,131 +7,16 @@
 
 use std::arch::x86_64::*;
 
-/// How [`group5`] combines the five-band product `Σ aᵢ·xᵢ` with `out`.
+/// How the `group5_*` kernels combine the five-band product `Σ aᵢ·xᵢ` with `out`.
 pub(crate) const SET: u8 = 0;
 pub(crate) const ADD: u8 = 1;
 pub(crate) const SUB: u8 = 2;
 /// `out = (out − Σ) · scale`.
 pub(crate) const SUB_SCALE: u8 = 3;
 
-// Unaligned loads and stores as masked moves with every lane enabled: the `_mm*_loadu_*` wrappers and
-// `read_unaligned` go through `copy_nonoverlapping`, whose precondition checks (debug-assertion builds such as
-// the workspace's dev profile) cost more than the arithmetic in these short loops.
-const ALL64: i64 = -1;
-#[inline(always)]
-unsafe fn ld4(p: *const f32) -> __m128 {
-    // SAFETY: the caller guarantees four readable f32 at p and AVX support.
-    unsafe { _mm_maskload_ps(p, _mm_set1_epi32(-1)) }
-}
-#[inline(always)]
-unsafe fn ld8(p: *const f64) -> __m256d {
-    // SAFETY: the caller guarantees four readable f64 at p and AVX support.
-    unsafe { _mm256_maskload_pd(p, _mm256_set1_epi64x(ALL64)) }
-}
-#[inline(always)]
-unsafe fn st8(p: *mut f64, v: __m256d) {
-    // SAFETY: the caller guarantees four writable f64 at p and AVX support.
-    unsafe { _mm256_maskstore_pd(p, _mm256_set1_epi64x(ALL64), v) }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn masks(rem: usize) -> (__m256i, __m128i) {
-    let m = |i: usize| if i < rem { -1 } else { 0 };
-    (
-        _mm256_setr_epi64x(m(0), m(1), m(2), m(3)),
-        _mm_setr_epi32(m(0) as i32, m(1) as i32, m(2) as i32, m(3) as i32),
-    )
-}
-
-/// `out[k] ⊕= Σ_{i<5} a[i][k] · x[i][k]` for `k < out.len()` (⊕ chosen by `MODE`).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every slice must hold at least `out.len()` elements.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn group5<const MODE: u8>(
-    a: [&[f32]; 5],
-    x: [&[f64]; 5],
-    out: &mut [f64],
-    scale: &[f64],
-) {
-    let len = out.len();
-    let ap = a.map(|s| s.as_ptr());
-    let xp = x.map(|s| s.as_ptr());
-    let op = out.as_mut_ptr();
-    let sp = scale.as_ptr();
-    #[inline(always)]
-    fn combine<const MODE: u8>(old: __m256d, acc: __m256d, sc: __m256d) -> __m256d {
-        // SAFETY (all arms): plain AVX arithmetic on registers; the enclosing function requires AVX2.
-        unsafe {
-            match MODE {
-                SET => acc,
-                ADD => _mm256_add_pd(old, acc),
-                SUB => _mm256_sub_pd(old, acc),
-                _ => _mm256_mul_pd(_mm256_sub_pd(old, acc), sc),
-            }
-        }
-    }
-    let mut k = 0;
-    // SAFETY: k + 4 ≤ len in the loop, so every unaligned 4-lane load and store is in bounds.
-    unsafe {
-        while k + 4 <= len {
-            let mut acc = _mm256_mul_pd(
-                _mm256_cvtps_pd(ld4(ap[0].wrapping_add(k))),
-                ld8(xp[0].wrapping_add(k)),
-            );
-            for i in 1..5 {
-                acc = _mm256_fmadd_pd(
-                    _mm256_cvtps_pd(ld4(ap[i].wrapping_add(k))),
-                    ld8(xp[i].wrapping_add(k)),
-                    acc,
-                );
-            }
-            let old = if MODE == SET {
-                acc
-            } else {
-                ld8(op.wrapping_add(k))
-            };
-            let sc = if MODE == SUB_SCALE {
-                ld8(sp.wrapping_add(k))
-            } else {
-                acc
-            };
-            st8(op.wrapping_add(k), combine::<MODE>(old, acc, sc));
-            k += 4;
-        }
-    }
-    if k < len {
-        let (m64, m32) = masks(len - k);
-        // SAFETY: masked lanes beyond `len` are neither read nor written.
-        unsafe {
-            let mut acc = _mm256_mul_pd(
-                _mm256_cvtps_pd(_mm_maskload_ps(ap[0].wrapping_add(k), m32)),
-                _mm256_maskload_pd(xp[0].wrapping_add(k), m64),
-            );
-            for i in 1..5 {
-                acc = _mm256_fmadd_pd(
-                    _mm256_cvtps_pd(_mm_maskload_ps(ap[i].wrapping_add(k), m32)),
-                    _mm256_maskload_pd(xp[i].wrapping_add(k), m64),
-                    acc,
-                );
-            }
-            let old = if MODE == SET {
-                acc
-            } else {
-                _mm256_maskload_pd(op.wrapping_add(k), m64)
-            };
-            let sc = if MODE == SUB_SCALE {
-                _mm256_maskload_pd(sp.wrapping_add(k), m64)
-            } else {
-                acc
-            };
-            _mm256_maskstore_pd(op.wrapping_add(k), m64, combine::<MODE>(old, acc, sc));
-        }
-    }
-}
-
+// Loads and stores are masked moves, with every lane enabled in full blocks: the `_mm*_loadu_*` wrappers go
+// through `copy_nonoverlapping`, whose precondition checks (debug-assertion builds such as the workspace's dev
+// profile) cost more than the arithmetic in these short loops.
 #[inline(always)]
 unsafe fn ld8f(p: *const f32, m: __m256i) -> __m256 {
     // SAFETY: the caller guarantees that the lanes enabled in m are readable and AVX support.
@@ -279,49 +164,6 @@ fn kmask16(rem: usize) -> __mmask16 {
     }
 }
 
-/// AVX-512 version of [`group5`] (eight f64 lanes).
-///
-/// # Safety
-/// The CPU must support AVX-512F; every slice must hold at least `out.len()` elements.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn group5_512<const MODE: u8>(
-    a: [&[f32]; 5],
-    x: [&[f64]; 5],
-    out: &mut [f64],
-    scale: &[f64],
-) {
-    let len = out.len();
-    let ap = a.map(|s| s.as_ptr());
-    let xp = x.map(|s| s.as_ptr());
-    let op = out.as_mut_ptr();
-    let sp = scale.as_ptr();
-    let mut k = 0;
-    while k < len {
-        let m = kmask8(len - k);
-        // SAFETY: only lanes below `len` are enabled in `m`.
-        unsafe {
-            let ld_a = |i: usize| _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, ap[i].wrapping_add(k)));
-            let ld_x = |i: usize| _mm512_maskz_loadu_pd(m, xp[i].wrapping_add(k));
-            let mut acc = _mm512_mul_pd(ld_a(0), ld_x(0));
-            for i in 1..5 {
-                acc = _mm512_fmadd_pd(ld_a(i), ld_x(i), acc);
-            }
-            let v = match MODE {
-                SET => acc,
-                ADD => _mm512_add_pd(_mm512_maskz_loadu_pd(m, op.wrapping_add(k)), acc),
-                SUB => _mm512_sub_pd(_mm512_maskz_loadu_pd(m, op.wrapping_add(k)), acc),
-                _ => _mm512_mul_pd(
-                    _mm512_sub_pd(_mm512_maskz_loadu_pd(m, op.wrapping_add(k)), acc),
-                    _mm512_maskz_loadu_pd(m, sp.wrapping_add(k)),
-                ),
-            };
-            _mm512_mask_storeu_pd(op.wrapping_add(k), m, v);
-        }
-        k += 8;
-    }
-}
-
 /// Sixteen bf16 values at `p` as `f32`; `m2` enables the 32-bit pairs to read (see [`ld8bf`]).
 #[inline(always)]
 unsafe fn ld16bf(p: *const u16, m2: __mmask8) -> __m512 {
@@ -409,6 +251,98 @@ pub(crate) unsafe fn scatter_row5_512(l: [&[u16]; 5], t: &[f32], z: &mut [f32]) 
             }
             let v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, zp.wrapping_add(k)), acc);
             _mm512_mask_storeu_ps(zp.wrapping_add(k), m, v);
+        }
+        k += 16;
+    }
+}
+
+/// `out[k] ⊕= Σ_{i<5} a[i][k] · x[i][k]` in `f32` for `k < out.len()` (⊕ chosen by `MODE`), eight lanes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every slice must hold at least `out.len()` elements (the safe
+/// wrapper in `matting_solver.rs` slices them to that length).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn group5_f32<const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f32]; 5],
+    out: &mut [f32],
+    scale: &[f32],
+) {
+    let len = out.len();
+    let ap = a.map(|s| s.as_ptr());
+    let xp = x.map(|s| s.as_ptr());
+    let op = out.as_mut_ptr();
+    let sp = scale.as_ptr();
+    let mut k = 0;
+    while k < len {
+        let m = if k + 8 <= len {
+            _mm256_set1_epi32(-1)
+        } else {
+            mask8(len - k)
+        };
+        // SAFETY: only lanes below `len` are enabled in `m`.
+        unsafe {
+            let mut acc = _mm256_mul_ps(
+                ld8f(ap[0].wrapping_add(k), m),
+                ld8f(xp[0].wrapping_add(k), m),
+            );
+            for i in 1..5 {
+                acc = _mm256_fmadd_ps(
+                    ld8f(ap[i].wrapping_add(k), m),
+                    ld8f(xp[i].wrapping_add(k), m),
+                    acc,
+                );
+            }
+            let v = match MODE {
+                SET => acc,
+                ADD => _mm256_add_ps(ld8f(op.wrapping_add(k), m), acc),
+                SUB => _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                _ => _mm256_mul_ps(
+                    _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                    ld8f(sp.wrapping_add(k), m),
+                ),
+            };
+            _mm256_maskstore_ps(op.wrapping_add(k), m, v);
+        }
+        k += 8;
+    }
+}
+
+/// AVX-512 version of [`group5_f32`] (sixteen f32 lanes).
+///
+/// # Safety
+/// The CPU must support AVX-512F; every slice must hold at least `out.len()` elements.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn group5_f32_512<const MODE: u8>(
+    a: [&[f32]; 5],
+    x: [&[f32]; 5],
+    out: &mut [f32],
+    scale: &[f32],
+) {
+    let len = out.len();
+    let ap = a.map(|s| s.as_ptr());
+    let xp = x.map(|s| s.as_ptr());
+    let op = out.as_mut_ptr();
+    let sp = scale.as_ptr();
+    let mut k = 0;
+    while k < len {
+        let m = kmask16(len - k);
+        // SAFETY: only lanes below `len` are enabled in `m`.
+        unsafe {
+            let ld = |p: *const f32| _mm512_maskz_loadu_ps(m, p.wrapping_add(k));
+            let mut acc = _mm512_mul_ps(ld(ap[0]), ld(xp[0]));
+            for i in 1..5 {
+                acc = _mm512_fmadd_ps(ld(ap[i]), ld(xp[i]), acc);
+            }
+            let v = match MODE {
+                SET => acc,
+                ADD => _mm512_add_ps(ld(op), acc),
+                SUB => _mm512_sub_ps(ld(op), acc),
+                _ => _mm512_mul_ps(_mm512_sub_ps(ld(op), acc), ld(sp)),
+            };
+            _mm512_mask_storeu_ps(op.wrapping_add(k), m, v);
         }
         k += 16;
     }

@@ -12,9 +12,11 @@
 //!   of-arrays `f32` (`a[s·n + c]`); the entries are accumulated in `f64` and rounded once (rounding the matrix
 //!   to `f32` changes α by < 1e-5 on the benchmark photos, see `docs/data-pipeline.md`);
 //! * the vectors the stencil reads (`p` for the product, `z` for the triangular solves) live on the padded grid
-//!   with zeros at known pixels; the others are compact. The conjugate-gradient vectors and the product are
-//!   `f64`; the preconditioner (factor, `z` and the triangular solves) is `f32`, which only changes the search
-//!   directions, not the residual that decides convergence (tolerance 1e-7 still reproduces pymatting);
+//!   with zeros at known pixels; the others are compact. The iterate `x` and the residual `r` are `f64`; the
+//!   search direction `p`, its product `Ap` and the preconditioner's sweeps (`z`) are `f32`, and the factor is
+//!   stored as bf16: these only change the search directions, not the residual that decides convergence,
+//!   which is confirmed on the `f64` matrix at the end (CG restarts from it where the `f32` product drifted;
+//!   tolerance 1e-7 still reproduces pymatting, with one restart);
 //! * the runs are short (30–80 pixels at 512²), so the hot loops use AVX-512 or AVX2+FMA kernels with masked
 //!   tails (`matting_simd.rs`) when the CPU has them (selected at run time).
 //!
@@ -80,51 +82,44 @@ fn band_dyx(s: usize) -> (isize, isize) {
     ((s / 5) as isize - 2, (s % 5) as isize - 2)
 }
 
-/// `out ⊕= Σ_{i<5} a[i]·x[i]` elementwise (⊕ by `MODE`, see `matting_simd.rs`); SIMD kernel per `ISA`.
+/// `out ⊕= Σ_{i<5} a[i]·x[i]` elementwise in `f32` (⊕ by `MODE`); SIMD kernel per `ISA`.
 #[inline(always)]
-fn group5<const ISA: u8, const MODE: u8>(
-    a: [&[f32]; 5],
-    x: [&[f64]; 5],
-    out: &mut [f64],
-    scale: &[f64],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if ISA == ISA_AVX512 {
-        // SAFETY: ISA levels above generic are only used after run-time detection of the features
-        // (`matting::solve_dispatch`); all slices hold at least the run's length.
-        unsafe { simd::group5_512::<MODE>(a, x, out, scale) };
-        return;
-    } else if ISA == ISA_AVX2 {
-        // SAFETY: as above.
-        unsafe { simd::group5::<MODE>(a, x, out, scale) };
-        return;
-    }
+fn group5_f32<const ISA: u8, const MODE: u8>(a: [&[f32]; 5], x: [&[f32]; 5], out: &mut [f32]) {
     let len = out.len();
-    let (a0, a1, a2, a3, a4) = (
+    let a = [
         &a[0][..len],
         &a[1][..len],
         &a[2][..len],
         &a[3][..len],
         &a[4][..len],
-    );
-    let (x0, x1, x2, x3, x4) = (
+    ];
+    let x = [
         &x[0][..len],
         &x[1][..len],
         &x[2][..len],
         &x[3][..len],
         &x[4][..len],
-    );
+    ];
+    #[cfg(target_arch = "x86_64")]
+    if ISA == ISA_AVX512 {
+        // SAFETY: ISA levels above generic are only used after run-time detection of the features
+        // (`matting::solve_dispatch`); all slices were cut to the output's length above.
+        unsafe { simd::group5_f32_512::<MODE>(a, x, out, &[]) };
+        return;
+    } else if ISA == ISA_AVX2 {
+        // SAFETY: as above.
+        unsafe { simd::group5_f32::<MODE>(a, x, out, &[]) };
+        return;
+    }
     for k in 0..len {
-        let v = f64::from(a0[k]) * x0[k]
-            + f64::from(a1[k]) * x1[k]
-            + f64::from(a2[k]) * x2[k]
-            + f64::from(a3[k]) * x3[k]
-            + f64::from(a4[k]) * x4[k];
+        let v = a[0][k] * x[0][k]
+            + a[1][k] * x[1][k]
+            + a[2][k] * x[2][k]
+            + a[3][k] * x[3][k]
+            + a[4][k] * x[4][k];
         out[k] = match MODE {
             simd::SET => v,
-            simd::ADD => out[k] + v,
-            simd::SUB => out[k] - v,
-            _ => (out[k] - v) * scale[k],
+            _ => out[k] + v,
         };
     }
 }
@@ -143,7 +138,7 @@ fn bf(v: u16) -> f32 {
     f32::from_bits(u32::from(v) << 16)
 }
 
-/// `f32` version of [`group5`] with bf16 bands `a` (and bf16 `scale`). The bf16 slices reach one element past
+/// [`group5_f32`] with bf16 bands `a` (and bf16 `scale`). The bf16 slices reach one element past
 /// the run (the SIMD kernels read pairs), so they must be cut from the factor's padded arrays.
 #[inline(always)]
 fn group5_bf16<const ISA: u8, const MODE: u8>(
@@ -879,7 +874,7 @@ impl GridSystem {
 
     /// `y = A x` for `x` on the grid (zeros at known cells); returns `xᵀ y`.
     #[inline(always)]
-    fn matvec<const ISA: u8>(&self, x: &[f64], y: &mut [f64]) -> f64 {
+    fn matvec<const ISA: u8>(&self, x: &[f32], y: &mut [f32]) -> f64 {
         let n = self.n;
         let (a_all, off) = (&self.a[..], &self.off);
         let mut xy = 0.0;
@@ -916,13 +911,13 @@ impl GridSystem {
                     xin!(s0 + 4),
                 ];
                 if row == 0 {
-                    group5::<ISA, { simd::SET }>(a5, x5, yr, &[]);
+                    group5_f32::<ISA, { simd::SET }>(a5, x5, yr);
                 } else {
-                    group5::<ISA, { simd::ADD }>(a5, x5, yr, &[]);
+                    group5_f32::<ISA, { simd::ADD }>(a5, x5, yr);
                 }
             }
             let xr = &x[g0..g0 + len];
-            xy += lanes_sum!(len, |k| xr[k] * yr[k]);
+            xy += lanes_sum!(len, |k| f64::from(xr[k]) * f64::from(yr[k]));
         }
         xy
     }
@@ -970,7 +965,7 @@ const UPD: [Upd; 48] = PAIRS.0;
 const DROP: [(usize, usize); 18] = PAIRS.1;
 
 /// The CG update fused into the forward sweep: (α, x, p on the grid, Ap).
-type CgStep<'a> = (f64, &'a mut [f64], &'a [f64], &'a [f64]);
+type CgStep<'a> = (f64, &'a mut [f64], &'a [f32], &'a [f32]);
 
 /// Incomplete Cholesky factor `A ≈ L Lᵀ` on the 12 lower bands, arranged for the triangular solves.
 ///
@@ -1112,8 +1107,8 @@ impl Ic {
                 let (xr, pr, apr) = (&mut x[c0..c0 + len], &p[g0..g0 + len], &ap[c0..c0 + len]);
                 let rr_ = &mut r[c0..c0 + len];
                 rr += lanes_sum!(len, |k| {
-                    xr[k] += alpha * pr[k];
-                    rr_[k] -= alpha * apr[k];
+                    xr[k] += alpha * f64::from(pr[k]);
+                    rr_[k] -= alpha * f64::from(apr[k]);
                     rr_[k] * rr_[k]
                 });
             }
@@ -1315,11 +1310,14 @@ pub(crate) fn pcg<const ISA: u8>(
         x.iter_mut().for_each(|v| *v = 0.0);
         return Ok((0, 0.0, 0));
     }
-    let mut p = Buf::filled(sys.gsize, 0.0f64);
+    // The search direction and its product are `f32` (the residual and the iterate stay `f64`, and the stop is
+    // confirmed on the `f64` residual, restarting from it where the `f32` product drifted).
+    let mut p = Buf::filled(sys.gsize, 0.0f32);
+    let mut xg = Buf::filled(sys.gsize, 0.0f64);
     let mut z = Buf::filled(sys.gsize, 0.0f32);
     // `r` is set by `residual64`, `ap` by every product before it is read.
     let mut r = Buf::for_overwrite(n, 0.0f64);
-    let mut ap = Buf::for_overwrite(n, 0.0f64);
+    let mut ap = Buf::for_overwrite(n, 0.0f32);
     // Per-run scratch of the triangular sweeps (the longest run plus padding; `tpad` starts with zeros).
     let longest = sys.runs.iter().map(|r| r.len).max().unwrap_or(0);
     let mut tmp = vec![0.0f32; longest + 16];
@@ -1330,9 +1328,9 @@ pub(crate) fn pcg<const ISA: u8>(
     let mut restart = 0usize;
     loop {
         for (c, &g) in sys.cells.iter().enumerate() {
-            p[g as usize] = x[c];
+            xg[g as usize] = x[c];
         }
-        rn = sys.residual64(&p, &mut r, &mut mirror);
+        rn = sys.residual64(&xg, &mut r, &mut mirror);
         if rn <= tol * nb {
             return Ok((it, rn / nb, restart.saturating_sub(1)));
         }
@@ -1351,9 +1349,7 @@ pub(crate) fn pcg<const ISA: u8>(
         for run in &sys.runs {
             let (g0, len) = (run.g0, run.len);
             let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
-            for k in 0..len {
-                pr[k] = f64::from(zr[k]);
-            }
+            pr.copy_from_slice(zr);
         }
         while it < max_it {
             it += 1;
@@ -1377,8 +1373,9 @@ pub(crate) fn pcg<const ISA: u8>(
             for run in &sys.runs {
                 let (g0, len) = (run.g0, run.len);
                 let (pr, zr) = (&mut p[g0..g0 + len], &z[g0..g0 + len]);
+                let beta = beta as f32;
                 for k in 0..len {
-                    pr[k] = f64::from(zr[k]) + beta * pr[k];
+                    pr[k] = zr[k] + beta * pr[k];
                 }
             }
         }
