@@ -834,8 +834,12 @@ impl GridSystem {
     #[inline(always)]
     pub(crate) fn residual64(&self, x: &[f64], r: &mut [f64], mirror: &mut Vec<f64>) -> f64 {
         let n = self.n;
-        mirror.clear();
-        mirror.resize(self.gsize, 0.0);
+        // `mirror` is zero between calls: only unknown cells are written with non-zero values (the lower
+        // entries towards known cells are zero), and the final pass resets them.
+        if mirror.len() != self.gsize {
+            mirror.clear();
+            mirror.resize(self.gsize, 0.0);
+        }
         for run in &self.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let xr = &x[g0..g0 + len];
@@ -863,9 +867,10 @@ impl GridSystem {
         let mut rn = 0.0;
         for run in &self.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
-            let (rr, m) = (&mut r[c0..c0 + len], &mirror[g0..g0 + len]);
+            let (rr, m) = (&mut r[c0..c0 + len], &mut mirror[g0..g0 + len]);
             rn += lanes_sum!(len, |k| {
                 rr[k] -= m[k];
+                m[k] = 0.0;
                 rr[k] * rr[k]
             });
         }
@@ -1102,6 +1107,7 @@ impl Ic {
         let mut rr = 0.0;
         for run in &sys.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
+            let t = &mut tmp[..len];
             if let Some((alpha, x, p, ap)) = step.as_mut() {
                 let alpha = *alpha;
                 let (xr, pr, apr) = (&mut x[c0..c0 + len], &p[g0..g0 + len], &ap[c0..c0 + len]);
@@ -1109,13 +1115,14 @@ impl Ic {
                 rr += lanes_sum!(len, |k| {
                     xr[k] += alpha * f64::from(pr[k]);
                     rr_[k] -= alpha * f64::from(apr[k]);
+                    t[k] = rr_[k] as f32;
                     rr_[k] * rr_[k]
                 });
-            }
-            let t = &mut tmp[..len];
-            let rr_ = &r[c0..c0 + len];
-            for k in 0..len {
-                t[k] = rr_[k] as f32;
+            } else {
+                let rr_ = &r[c0..c0 + len];
+                for k in 0..len {
+                    t[k] = rr_[k] as f32;
+                }
             }
             let dv = &self.dinv[c0..c0 + len + 1];
             for half in 0..2 {
