@@ -219,7 +219,7 @@ fn solve_level<const ISA: u8>(
         }
     }
     let t2 = std::time::Instant::now();
-    let (pre, shift) = solver::factor_robust(&sys, KAPPA, start_shift)?;
+    let (pre, shift) = solver::factor_robust::<ISA>(&sys, KAPPA, start_shift)?;
     let t3 = std::time::Instant::now();
     let (it, rel, restarts) = solver::pcg::<ISA>(&sys, &pre, &mut x, tol, opts.max_iterations)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;

@@ -347,3 +347,40 @@ pub(crate) unsafe fn group5_f32_512<const MODE: u8>(
         k += 16;
     }
 }
+
+/// The right-looking update of one IC pivot for the 12 rows below it (`matting_solver::Ic::factor`): for each
+/// first row `si`, `row[up[si]][t] −= lv[si] · lv[sj]` over the pairs `(si, sj, t)` of `UPD`, as two masked
+/// lane permutations of `lv` per row (the products and differences are rounded as in the scalar loop).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `lo` must point to rows of 16 `f64` and every `up[s]` must index one.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn ic_update_rows_512(
+    lo: *mut f64,
+    up: &[usize; 12],
+    lv: &[f64; 16],
+    lanes: &super::solver::UpdLanes,
+) {
+    // SAFETY: `lv` holds 16 values; the rows are 16 values long (caller).
+    unsafe {
+        let a = _mm512_loadu_pd(lv.as_ptr());
+        let b = _mm512_loadu_pd(lv.as_ptr().add(8));
+        for si in 0..12 {
+            let (ml, mh) = (lanes.mask_lo[si], lanes.mask_hi[si]);
+            if ml | mh == 0 {
+                continue;
+            }
+            let f = _mm512_set1_pd(lv[si]);
+            let row = lo.add(up[si] * 16);
+            let il = _mm512_loadu_si512(lanes.idx_lo[si].as_ptr().cast());
+            let ih = _mm512_loadu_si512(lanes.idx_hi[si].as_ptr().cast());
+            let wl = _mm512_maskz_permutex2var_pd(ml, a, il, b);
+            let wh = _mm512_maskz_permutex2var_pd(mh, a, ih, b);
+            let rl = _mm512_loadu_pd(row);
+            let rh = _mm512_loadu_pd(row.add(8));
+            _mm512_storeu_pd(row, _mm512_sub_pd(rl, _mm512_mul_pd(f, wl)));
+            _mm512_storeu_pd(row.add(8), _mm512_sub_pd(rh, _mm512_mul_pd(f, wh)));
+        }
+    }
+}

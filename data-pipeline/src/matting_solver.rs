@@ -972,6 +972,41 @@ const DROP: [(usize, usize); 18] = PAIRS.1;
 /// The CG update fused into the forward sweep: (α, x, p on the grid, Ap).
 type CgStep<'a> = (f64, &'a mut [f64], &'a [f32], &'a [f32]);
 
+/// Row stride of the factorisation's working rows (12 lower entries padded to two 8-lane vectors).
+const ROW: usize = 16;
+
+/// The updates of [`UPD`] by first row `si`, as lane permutations for the AVX-512 path: for target entries
+/// `t < 8` (`lo`) and `8 ≤ t < 12` (`hi`, lane `t − 8`), the index `sj` of the multiplier in `lv` and a lane
+/// mask. Row `up[si]` then gets `row −= lv[si] · permute(lv)` in two vector operations.
+pub(crate) struct UpdLanes {
+    pub(crate) idx_lo: [[i64; 8]; DIAG],
+    pub(crate) mask_lo: [u8; DIAG],
+    pub(crate) idx_hi: [[i64; 8]; DIAG],
+    pub(crate) mask_hi: [u8; DIAG],
+}
+
+const UPD_LANES: UpdLanes = {
+    let mut u = UpdLanes {
+        idx_lo: [[0; 8]; DIAG],
+        mask_lo: [0; DIAG],
+        idx_hi: [[0; 8]; DIAG],
+        mask_hi: [0; DIAG],
+    };
+    let mut q = 0;
+    while q < UPD.len() {
+        let (si, sj, t) = UPD[q];
+        if t < 8 {
+            u.idx_lo[si][t] = sj as i64;
+            u.mask_lo[si] |= 1 << t;
+        } else {
+            u.idx_hi[si][t - 8] = sj as i64;
+            u.mask_hi[si] |= 1 << (t - 8);
+        }
+        q += 1;
+    }
+    u
+};
+
 /// Incomplete Cholesky factor `A ≈ L Lᵀ` on the 12 lower bands, arranged for the triangular solves.
 ///
 /// The factor is computed in `f64` and stored as bf16 (8 significant bits): it only shapes the search
@@ -994,25 +1029,27 @@ impl Ic {
     /// Right-looking zero-fill factorisation with diagonal shift `shift` (relative) and fill compensation
     /// `kappa`; `None` when a pivot is not positive.
     #[inline(always)]
-    pub(crate) fn factor(sys: &GridSystem, shift: f64, kappa: f64) -> Option<Ic> {
+    pub(crate) fn factor<const ISA: u8>(sys: &GridSystem, shift: f64, kappa: f64) -> Option<Ic> {
         let n = sys.n;
         // Working copy: lower bands and diagonal of A per row, plus a zero dummy row `n` that stands for
         // absent neighbours, so the elimination below runs without branches.
         // (Row-major `[f64; DIAG]` rows in one flat pooled vector.)
-        let mut lo_buf = Buf::for_overwrite((n + 1) * DIAG, 0.0f64);
-        let lo: &mut [[f64; DIAG]] = lo_buf.as_chunks_mut::<DIAG>().0;
+        // (Rows padded to `ROW` so that the AVX-512 path updates a row in two aligned vectors.)
+        let mut lo_buf = Buf::for_overwrite((n + 1) * ROW, 0.0f64);
+        let lo: &mut [[f64; ROW]] = lo_buf.as_chunks_mut::<ROW>().0;
         let mut d = Buf::for_overwrite(n + 1, 0.0f64);
-        lo[n] = [0.0; DIAG];
+        lo[n] = [0.0; ROW];
         d[n] = 0.0;
         for c in 0..n {
             for s in 0..DIAG {
                 lo[c][s] = f64::from(sys.a[s * n + c]);
             }
+            lo[c][DIAG..].fill(0.0);
             d[c] = sys.diag(c) * (1.0 + shift);
         }
         let mut dinv = Buf::for_overwrite(n, 0.0f64);
         let mut up = [0usize; DIAG];
-        let mut lv = [0.0f64; DIAG];
+        let mut lv = [0.0f64; ROW];
         for k in 0..n {
             let dk = d[k];
             if dk.is_nan() || dk <= 1e-12 * sys.diag(k).abs() {
@@ -1030,6 +1067,19 @@ impl Ic {
                 lv[s] = v;
                 d[i] -= v * v;
             }
+            #[cfg(target_arch = "x86_64")]
+            if ISA == ISA_AVX512 {
+                // SAFETY: AVX-512 was detected (`matting::solve_dispatch`); every `up[s]` indexes `lo` (a compact
+                // row < n or the dummy row n), whose rows are `ROW` = 16 values.
+                unsafe {
+                    simd::ic_update_rows_512(lo.as_mut_ptr().cast::<f64>(), &up, &lv, &UPD_LANES)
+                };
+            } else {
+                for &(si, sj, t) in UPD.iter() {
+                    lo[up[si]][t] -= lv[si] * lv[sj];
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             for &(si, sj, t) in UPD.iter() {
                 lo[up[si]][t] -= lv[si] * lv[sj];
             }
@@ -1275,12 +1325,16 @@ const SHIFTS: [f64; 12] = [
 /// Factorises with fill compensation `kappa`, then the shift ladder from `start`; returns the factor and
 /// the shift used.
 #[inline(always)]
-pub(crate) fn factor_robust(sys: &GridSystem, kappa: f64, start: f64) -> Result<(Ic, f64)> {
+pub(crate) fn factor_robust<const ISA: u8>(
+    sys: &GridSystem,
+    kappa: f64,
+    start: f64,
+) -> Result<(Ic, f64)> {
     for &shift in SHIFTS.iter().filter(|&&s| s >= start) {
-        if let Some(f) = Ic::factor(sys, shift, kappa) {
+        if let Some(f) = Ic::factor::<ISA>(sys, shift, kappa) {
             return Ok((f, shift));
         }
-        if let Some(f) = Ic::factor(sys, shift, 1.0) {
+        if let Some(f) = Ic::factor::<ISA>(sys, shift, 1.0) {
             return Ok((f, shift));
         }
     }
