@@ -322,16 +322,36 @@ fn window_block(
     }
     // Pixel columns right to left: a cell receives the entries of the windows of a block in window order
     // (left to right), as in the one-window-at-a-time assembly.
+    // Lanes of windows that add nothing get zero weights (multiplying instead of selecting per entry).
+    let keep: Lanes = std::array::from_fn(|l| if valid[l] { 1.0 } else { 0.0 });
+    for k in 0..9 {
+        for ch in 0..3 {
+            for l in 0..LANES {
+                v[k][ch][l] *= keep[l];
+            }
+        }
+    }
+    let diag_base: Lanes = std::array::from_fn(|l| (1.0 - NINTH) * keep[l]);
+    let off_base: Lanes = std::array::from_fn(|l| -NINTH * keep[l]);
+    // The last entry any pair writes (bounds check once per block instead of per pair).
+    let top =
+        (slots.iter().max().copied().unwrap_or(0) * (DIAG + 1) + DIAG) * rw + col0 + 1 + LANES;
+    assert!(col0 >= 1 && top <= ring.len());
     for j in [2, 1, 0, 5, 4, 3, 8, 7, 6] {
         let cj = c[j];
         let dst0 = (slots[j / 3] * (DIAG + 1)) * rw + col0 + j % 3 - 1;
         for i in 0..=j {
-            let base = if i == j { 1.0 - NINTH } else { -NINTH };
+            let base = if i == j { &diag_base } else { &off_base };
             let vi = v[i];
-            let dst = &mut ring[dst0 + PAIR_BAND[j][i] * rw..][..LANES];
+            // SAFETY: dst0 + band·rw + LANES ≤ `top` ≤ ring.len() (checked above; band ≤ DIAG, j % 3 ≤ 2).
+            let dst = unsafe {
+                ring.get_unchecked_mut(
+                    dst0 + PAIR_BAND[j][i] * rw..dst0 + PAIR_BAND[j][i] * rw + LANES,
+                )
+            };
             for l in 0..LANES {
-                let g = base - (vi[0][l] * cj[0][l] + vi[1][l] * cj[1][l] + vi[2][l] * cj[2][l]);
-                dst[l] += if valid[l] { g } else { 0.0 };
+                dst[l] +=
+                    base[l] - (vi[0][l] * cj[0][l] + vi[1][l] * cj[1][l] + vi[2][l] * cj[2][l]);
             }
         }
     }
