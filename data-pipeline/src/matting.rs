@@ -440,18 +440,22 @@ mod tests {
         l
     }
 
+    /// Deterministic uniform numbers in [0, 1) (a 64-bit LCG).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     /// At pymatting's tolerance the solution meets ‖b − A x‖₂ ≤ 1e-7‖b‖₂ for the `f64` Laplacian built from
     /// the definition, and the reported residual is that residual.
     #[test]
     fn tight_tolerance_meets_pymatting_criterion_on_f64_laplacian() {
         let (w, h) = (14, 11);
-        let mut seed = 12345u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rnd = uniform(12345);
         let rgb: Vec<f64> = (0..w * h * 3).map(|_| rnd()).collect();
         let class: Vec<Class> = (0..w * h)
             .map(|q| match q % w {
@@ -500,13 +504,7 @@ mod tests {
     #[test]
     fn instruction_set_paths_agree() {
         let (w, h) = (61, 47);
-        let mut seed = 777u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rnd = uniform(777);
         let rgb: Vec<f64> = (0..w * h * 3).map(|_| rnd()).collect();
         let class: Vec<Class> = (0..w * h)
             .map(|q| {

@@ -124,6 +124,40 @@ fn group5_f32<const ISA: u8, const MODE: u8>(a: [&[f32]; 5], x: [&[f32]; 5], out
     }
 }
 
+/// The slices `v[g0 + off_s ..][..len]` of the five stencil bands `s0 .. s0 + 5` (one stencil row) around a
+/// run starting at grid cell `g0`. (`#[inline(always)]` helpers rather than closures or `array::map`: the
+/// solver is one large function after inlining, and LLVM leaves those as calls there, once per run and band.)
+#[inline(always)]
+fn stencil_row<'a, T>(
+    v: &'a [T],
+    off: &[isize; BANDS],
+    s0: usize,
+    g0: usize,
+    len: usize,
+) -> [&'a [T]; 5] {
+    let at = |s: usize| (g0 as isize + off[s]) as usize;
+    [
+        &v[at(s0)..at(s0) + len],
+        &v[at(s0 + 1)..at(s0 + 1) + len],
+        &v[at(s0 + 2)..at(s0 + 2) + len],
+        &v[at(s0 + 3)..at(s0 + 3) + len],
+        &v[at(s0 + 4)..at(s0 + 4) + len],
+    ]
+}
+
+/// The slices `v[base + s·stride ..][..len]` of five consecutive bands `s0 .. s0 + 5`.
+#[inline(always)]
+fn five_bands<T>(v: &[T], base: usize, stride: usize, s0: usize, len: usize) -> [&[T]; 5] {
+    let at = |s: usize| base + s * stride;
+    [
+        &v[at(s0)..at(s0) + len],
+        &v[at(s0 + 1)..at(s0 + 1) + len],
+        &v[at(s0 + 2)..at(s0 + 2) + len],
+        &v[at(s0 + 3)..at(s0 + 3) + len],
+        &v[at(s0 + 4)..at(s0 + 4) + len],
+    ]
+}
+
 /// bf16 (the high half of an `f32`, round to nearest even) of `v`; the incomplete Cholesky factor is stored
 /// this way (see [`Ic`]).
 #[inline(always)]
@@ -901,40 +935,15 @@ impl GridSystem {
     #[inline(always)]
     fn matvec<const ISA: u8>(&self, x: &[f32], y: &mut [f32]) -> f64 {
         let n = self.n;
-        let (a_all, off) = (&self.a[..], &self.off);
         let mut xy = 0.0;
         for run in &self.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let yr = &mut y[c0..c0 + len];
-            // (Macros, not closures: see `group5_bf16`.)
-            macro_rules! band {
-                ($s:expr) => {
-                    &a_all[$s * n + c0..$s * n + c0 + len]
-                };
-            }
-            macro_rules! xin {
-                ($s:expr) => {{
-                    let st = (g0 as isize + off[$s]) as usize;
-                    &x[st..st + len]
-                }};
-            }
             // One stencil row (five bands) at a time.
             for row in 0..5 {
                 let s0 = row * 5;
-                let a5 = [
-                    band!(s0),
-                    band!(s0 + 1),
-                    band!(s0 + 2),
-                    band!(s0 + 3),
-                    band!(s0 + 4),
-                ];
-                let x5 = [
-                    xin!(s0),
-                    xin!(s0 + 1),
-                    xin!(s0 + 2),
-                    xin!(s0 + 3),
-                    xin!(s0 + 4),
-                ];
+                let a5 = five_bands(&self.a, c0, n, s0, len);
+                let x5 = stencil_row(x, &self.off, s0, g0, len);
                 if row == 0 {
                     group5_f32::<ISA, { simd::SET }>(a5, x5, yr);
                 } else {
@@ -1165,14 +1174,7 @@ impl Ic {
         mut step: Option<CgStep<'_>>,
     ) -> f64 {
         let n = sys.n;
-        // bf16 slices reach one past the run (see `group5_bf16`); the arrays are padded for it.
         let l_all = &self.l[..];
-        // (A macro, not a closure: see `group5_bf16`.)
-        macro_rules! band {
-            ($s:expr, $c0:expr, $len:expr) => {
-                &l_all[LPAD + $s * n + $c0..LPAD + $s * n + $c0 + $len + 1]
-            };
-        }
         // In-row bands are kept pre-divided by the row's pivot (see `factor`).
         let mut rr = 0.0;
         for run in &sys.runs {
@@ -1197,34 +1199,17 @@ impl Ic {
             let dv = &self.dinv[c0..c0 + len + 1];
             for half in 0..2 {
                 let s0 = half * 5;
-                macro_rules! zin {
-                    ($s:expr) => {{
-                        let st = (g0 as isize + sys.off[$s]) as usize;
-                        &z[st..st + len]
-                    }};
-                }
-                let a5 = [
-                    band!(s0, c0, len),
-                    band!(s0 + 1, c0, len),
-                    band!(s0 + 2, c0, len),
-                    band!(s0 + 3, c0, len),
-                    band!(s0 + 4, c0, len),
-                ];
-                let z5 = [
-                    zin!(s0),
-                    zin!(s0 + 1),
-                    zin!(s0 + 2),
-                    zin!(s0 + 3),
-                    zin!(s0 + 4),
-                ];
+                // bf16 slices reach one past the run (see `group5_bf16`); the arrays are padded for it.
+                let a5 = five_bands(l_all, LPAD + c0, n, s0, len + 1);
+                let z5 = stencil_row(z, &sys.off, s0, g0, len);
                 if half == 0 {
                     group5_bf16::<ISA, { simd::SUB }>(a5, z5, t, &[]);
                 } else {
                     group5_bf16::<ISA, { simd::SUB_SCALE }>(a5, z5, t, dv);
                 }
             }
-            let l2 = band!(DIAG - 2, c0, len);
-            let l1 = band!(DIAG - 1, c0, len);
+            let l2 = &l_all[LPAD + (DIAG - 2) * n + c0..][..len];
+            let l1 = &l_all[LPAD + (DIAG - 1) * n + c0..][..len];
             // z[g0-1], z[g0-2]: known cells (zero) or the end of an earlier run in this row (final).
             let (mut zm2, mut zm1) = (z[g0 - 2], z[g0 - 1]);
             let zr = &mut z[g0..g0 + len];
@@ -1249,14 +1234,7 @@ impl Ic {
         tpad: &mut [f32],
     ) -> f64 {
         let n = sys.n;
-        // bf16 slices reach one past the run (see `group5_bf16`); the arrays are padded for it.
         let l_all = &self.l[..];
-        // (A macro, not a closure: see `group5_bf16`.)
-        macro_rules! band {
-            ($s:expr, $c0:expr, $len:expr) => {
-                &l_all[LPAD + $s * n + $c0..LPAD + $s * n + $c0 + $len + 1]
-            };
-        }
         let mut rz = 0.0;
         // `tpad` (at least the longest run + 9, its first four values zero): the run's solution `t` at 4..,
         // four zeros before it and five after it for the shifted row scatter below.
@@ -1290,30 +1268,19 @@ impl Ic {
             });
             // In-row lower neighbours left of the run (zero coefficients where they are known cells); bands
             // 10 and 11 hold L/L_kk, so multiply the pivot back.
-            let (f2, f1) = (band!(DIAG - 2, c0, len), band!(DIAG - 1, c0, len));
-            macro_rules! piv {
-                ($k:expr) => {
-                    1.0 / bf(dv[$k])
-                };
-            }
-            z[g0 - 1] -= bf(f1[0]) * piv!(0) * t[0];
-            z[g0 - 2] -= bf(f2[0]) * piv!(0) * t[0];
+            let (f2, f1) = (LPAD + (DIAG - 2) * n + c0, LPAD + (DIAG - 1) * n + c0);
+            let piv0 = 1.0 / bf(dv[0]);
+            z[g0 - 1] -= bf(l_all[f1]) * piv0 * t[0];
+            z[g0 - 2] -= bf(l_all[f2]) * piv0 * t[0];
             if len > 1 {
-                z[g0 - 1] -= bf(f2[1]) * piv!(1) * t[1];
+                z[g0 - 1] -= bf(l_all[f2 + 1]) * (1.0 / bf(dv[1])) * t[1];
             }
             // Rows above: cell k of the run sends −L_{k, k+off_s}·t[k] to z[k + off_s], five bands (dx = −2..=2)
             // per row above; per row this is one pass over the run widened by two on each side, reading the
             // bands and t shifted (t zero-padded by four, so terms from outside the run vanish).
             for row in 0..2 {
                 let s0 = row * 5;
-                let st = LPAD + s0 * n + c0 - 4;
-                let lb: [&[u16]; 5] = [
-                    &l_all[st..st + len + 9],
-                    &l_all[st + n..st + n + len + 9],
-                    &l_all[st + 2 * n..st + 2 * n + len + 9],
-                    &l_all[st + 3 * n..st + 3 * n + len + 9],
-                    &l_all[st + 4 * n..st + 4 * n + len + 9],
-                ];
+                let lb = five_bands(l_all, LPAD + c0 - 4, n, s0, len + 9);
                 let st = (g0 as isize + sys.off[s0]) as usize;
                 scatter_row5::<ISA>(lb, tp, &mut z[st..st + len + 4]);
             }
