@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use plan::{PretrainPlan, PLAN_FILE};
+use plan::PretrainPlan;
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda<f32>;
@@ -72,6 +72,10 @@ enum Command {
         /// Root folder of the run (replaces the config's `dir`).
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// When the run folder has checkpoints and none of them is valid, set them aside and start
+        /// from step 0 (without it, the run stops and lists what was rejected).
+        #[arg(long)]
+        restart: bool,
     },
     /// Continue a run from its newest valid checkpoint (exact on CPU).
     Resume {
@@ -80,6 +84,10 @@ enum Command {
         /// Override a config key (e.g. a longer `stage2.train.max_steps`).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// When no checkpoint of a stage is valid, set them aside and start that stage from step 0
+        /// (without it, resume stops and lists what was rejected and why).
+        #[arg(long)]
+        restart: bool,
     },
     /// Fine-tune on a few photos of one subject (the released recipe: U-Net + cached subject
     /// embedding, 40–120 steps) and export a pipeline folder that generates that subject.
@@ -93,6 +101,10 @@ enum Command {
         /// The run folder (replaces the config's `run.dir`).
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// When the run folder has checkpoints and none of them is valid, set them aside and start
+        /// from step 0.
+        #[arg(long)]
+        restart: bool,
     },
     /// Run the variants of a sweep file (the paper's ablations) and write one comparison table.
     Sweep {
@@ -221,29 +233,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             sets,
             run_dir,
+            restart,
         } => {
             let plan = match &config {
                 Some(path) => PretrainPlan::load(path, &sets, run_dir.as_deref())?,
                 None => PretrainPlan::parse(plan::TINY, &sets, run_dir.as_deref())
                     .context("the embedded configs/tiny.toml")?,
             };
-            pretrain(plan)
+            pretrain(plan, restart, "pretrain")
         }
-        Command::Resume { run_dir, sets } => {
-            let path = run_dir.join(PLAN_FILE);
-            if !path.is_file() {
-                bail!(
-                    "{} has no {PLAN_FILE}: is it the folder `blipd pretrain` wrote?",
-                    run_dir.display()
-                );
-            }
-            let plan = PretrainPlan::load(&path, &sets, Some(&run_dir))?;
-            pretrain(plan)
+        Command::Resume {
+            run_dir,
+            sets,
+            restart,
+        } => {
+            let plan = PretrainPlan::open_run(&run_dir, &sets)?;
+            pretrain(plan, restart, "resume")
         }
         Command::Finetune {
             config,
             sets,
             run_dir,
+            restart,
         } => {
             let mut cfg: blipd_stage2::finetune::FinetuneRunConfig =
                 blipd_train::load_config(&config, &sets)
@@ -251,6 +262,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(d) = run_dir {
                 cfg.run.dir = d;
             }
+            cfg.checkpoint.restart = restart;
+            let _lock = blipd_train::RunLock::acquire(&cfg.run.dir, rank(), "finetune")?;
             let start = Instant::now();
             tracing::info!(
                 "fine-tuning {:?}: {} steps × batch {} in {}",
@@ -491,8 +504,23 @@ fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
         .clone()
 }
 
-fn pretrain(plan: PretrainPlan) -> Result<ExitCode> {
+/// This process's rank in a data-parallel job (0 alone).
+fn rank() -> usize {
+    blipd_dist::World::from_env().map_or(0, |w| w.rank)
+}
+
+/// Runs a validated plan (`what`: the command, named in the run folder's lock file).
+fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCode> {
+    // One writer per run folder: taken before plan.toml is (re)written.
+    let _lock = blipd_train::RunLock::acquire(&plan.dir, rank(), what)?;
     let path = plan.write()?;
+    // `--restart` is for this invocation only: it is not in plan.toml.
+    if let Some(s) = plan.stage1.as_mut() {
+        s.checkpoint.restart = restart;
+    }
+    if let Some(s) = plan.stage2.as_mut() {
+        s.checkpoint.restart = restart;
+    }
     tracing::info!(
         "run folder {} (resolved config: {})",
         plan.dir.display(),
@@ -552,9 +580,10 @@ fn report(stage: &str, summary: &blipd_train::RunSummary, start: Instant, dir: &
         .map(|s| format!("{:.4}", s.loss))
         .unwrap_or_else(|| "-".into());
     println!(
-        "{stage}: step {} ({} run{}), last loss {last}, {secs:.1} s; outputs in {}",
+        "{stage}: step {} ({} step{} run{}), last loss {last}, {secs:.1} s; outputs in {}",
         summary.final_step,
         summary.steps_run,
+        if summary.steps_run == 1 { "" } else { "s" },
         summary
             .resumed_from
             .map(|s| format!(", resumed from step {s}"))

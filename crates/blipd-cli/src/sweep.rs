@@ -153,7 +153,8 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
             Some((e, bench, ev))
         }
     };
-    let mut results = Vec::new();
+    // Every variant's plan is checked before the first one trains.
+    let mut plans = Vec::with_capacity(sweep.variants.len());
     for v in &sweep.variants {
         let mut sets = sweep.set.clone();
         sets.extend(v.set.iter().cloned());
@@ -161,9 +162,14 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
         let dir = sweep.dir.join(&v.name);
         let plan = PretrainPlan::parse(&base_text, &sets, Some(&dir))
             .with_context(|| format!("variant {}", v.name))?;
+        plans.push((dir, plan));
+    }
+    let mut results = Vec::new();
+    for (v, (dir, plan)) in sweep.variants.iter().zip(plans) {
         tracing::info!("sweep: variant {} → {}", v.name, dir.display());
         let start = Instant::now();
-        crate::pretrain(plan.clone()).with_context(|| format!("variant {}", v.name))?;
+        crate::pretrain(plan.clone(), false, "sweep")
+            .with_context(|| format!("variant {}", v.name))?;
         let wall_s = start.elapsed().as_secs_f64();
         let s2 = plan.stage2.as_ref().context("the plan has no stage 2")?;
         let losses: Vec<f64> =

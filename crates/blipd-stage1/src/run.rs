@@ -142,6 +142,53 @@ impl BatchSource for ShardSource {
     }
 }
 
+/// Checks a whole stage-1 run config without building or reading anything large: the trainer's
+/// sections, `[stage]`, `[data]` (exactly one source), and that the files it names exist. `blipd
+/// pretrain` calls it for every stage of a plan before the first one starts.
+pub fn validate_config(cfg: &Stage1RunConfig) -> Result<(), Stage1Error> {
+    cfg.trainer()
+        .validate()
+        .map_err(|e| Stage1Error::Config(e.to_string()))?;
+    cfg.stage.validate()?;
+    if let Some(a) = &cfg.data.augment {
+        a.validate()?;
+    }
+    let bad = |m: String| Err(Stage1Error::Config(m));
+    let d = &cfg.data;
+    let sources = [d.shards.is_some(), d.list.is_some(), d.synthetic.is_some()];
+    if sources.iter().filter(|&&x| x).count() != 1 {
+        return bad("[data] needs exactly one source: shards, list or [data.synthetic]".into());
+    }
+    if d.synthetic.as_ref().is_some_and(|s| s.pairs == 0) {
+        return bad("[data.synthetic] pairs = 0: no samples to train on".into());
+    }
+    if let Some(dir) = &d.shards {
+        let manifest = dir.join(blipd_data::shards::MANIFEST_NAME);
+        if !manifest.is_file() {
+            return bad(format!(
+                "[data] shards = {}: no {} there (is it a `blipd data synth` output folder?)",
+                dir.display(),
+                blipd_data::shards::MANIFEST_NAME
+            ));
+        }
+    }
+    let s = &cfg.stage;
+    let named = [
+        ("[stage] model_dir", s.model_dir.as_ref()),
+        ("[stage] bert_init", s.bert_init.as_ref()),
+        ("[stage] heads_init", s.heads_init.as_ref()),
+        ("[stage] bert_vocab", s.bert_vocab.as_ref()),
+        ("[data] list", d.list.as_ref()),
+        ("[data] image_root", d.image_root.as_ref()),
+    ];
+    for (key, path) in named {
+        if let Some(p) = path.filter(|p| !p.exists()) {
+            return bad(format!("{key} = {}: no such file or folder", p.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Where [`run_stage1`] exports the trained model: `<run.dir>/export` (`qformer/` + heads).
 pub fn export_dir(cfg: &Stage1RunConfig) -> PathBuf {
     cfg.run.dir.join("export")

@@ -27,7 +27,8 @@ pub enum QFormerInit {
     /// From a stage-1 checkpoint's model weights (safetensors written by `blipd pretrain` stage 1).
     Stage1(PathBuf),
     /// Random initialisation. (For the paper's "without multimodal pre-training" ablation, a Q-Former
-    /// initialised from BERT, run the plan with `stage1.train.max_steps = 0`: stage 1 initialises from
+    /// initialised from BERT, run the plan with `stage1.train.max_steps = 0` and
+    /// `stage1.train.export_untrained = true`: stage 1 initialises from
     /// its `bert_init` and exports without training, as `configs/sweeps/ablation.toml` does.)
     Random,
 }

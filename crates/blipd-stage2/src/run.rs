@@ -74,6 +74,64 @@ impl Default for Stage2Data {
 /// The full stage-2 run config.
 pub type Stage2RunConfig = RunConfig<Stage2Config, Stage2Data>;
 
+/// Checks a whole stage-2 run config without building or reading anything large: the trainer's
+/// sections, `[stage]`, `[data]`, and that the files it names exist. `blipd pretrain` calls it for
+/// every stage of a plan before the first one starts, so a bad stage-2 value costs no stage-1 time.
+pub fn validate_config(cfg: &Stage2RunConfig) -> Result<(), Stage2Error> {
+    cfg.trainer()
+        .validate()
+        .map_err(|e| Stage2Error::Config(e.to_string()))?;
+    cfg.stage.validate()?;
+    let bad = |m: String| Err(Stage2Error::Config(m));
+    if cfg.data.target_size == 0 {
+        return bad("[data] target_size = 0: must be a positive number of pixels".into());
+    }
+    match (&cfg.data.shards, &cfg.data.synthetic) {
+        (None, None) => return bad("[data] needs shards or [data.synthetic]".into()),
+        (None, Some(syn)) if syn.pairs == 0 => {
+            return bad("[data.synthetic] pairs = 0: no samples to train on".into())
+        }
+        _ => {}
+    }
+    if let Some(dir) = &cfg.data.shards {
+        let manifest = dir.join(blipd_data::shards::MANIFEST_NAME);
+        if !manifest.is_file() {
+            return bad(format!(
+                "[data] shards = {}: no {} there (is it a `blipd data synth` output folder?)",
+                dir.display(),
+                blipd_data::shards::MANIFEST_NAME
+            ));
+        }
+    }
+    let named = [
+        ("[stage] model_dir", cfg.stage.model_dir.as_ref()),
+        ("[stage] bert_vocab", cfg.stage.bert_vocab.as_ref()),
+    ];
+    for (key, path) in named {
+        if let Some(p) = path.filter(|p| !p.exists()) {
+            return bad(format!("{key} = {}: no such file or folder", p.display()));
+        }
+    }
+    // The VAE that will encode the targets: from model_dir, or the preset's.
+    let vae = match &cfg.stage.model_dir {
+        Some(dir) => blipd_models::vae::VaeConfig::from_file(&dir.join("vae").join("config.json"))
+            .map_err(|e| {
+                Stage2Error::Config(format!("[stage] model_dir = {}: {e}", dir.display()))
+            })?,
+        None if cfg.stage.preset == "sd15" => blipd_models::vae::VaeConfig::sd15(),
+        None => blipd_models::vae::VaeConfig::tiny(),
+    };
+    let factor = vae.downsample_factor();
+    if !cfg.data.target_size.is_multiple_of(factor) {
+        return bad(format!(
+            "[data] target_size = {}: must be a positive multiple of {factor} (the VAE's \
+             down-sampling factor)",
+            cfg.data.target_size
+        ));
+    }
+    Ok(())
+}
+
 /// Build the stage, its model and its data source, and train to `train.max_steps` (resuming from the
 /// newest valid checkpoint of the run directory when there is one).
 pub fn run_stage2<B: AutodiffBackend>(

@@ -81,6 +81,13 @@ impl<B: AutodiffBackend> Stage2<B> {
         device: B::Device,
     ) -> Result<(Self, Stage2Model<B>), Stage2Error> {
         config.validate()?;
+        let factor = parts.vae_config.downsample_factor();
+        if target_size == 0 || !target_size.is_multiple_of(factor) {
+            return Err(Stage2Error::Config(format!(
+                "[data] target_size = {target_size}: must be a positive multiple of {factor} (the \
+                 VAE's down-sampling factor)"
+            )));
+        }
         let prompts = PromptBuilder {
             template: config.template,
             prompt_reps: config.prompt_reps,

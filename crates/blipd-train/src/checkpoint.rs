@@ -200,28 +200,56 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// The newest checkpoint that verifies. Invalid ones newer than it are renamed to
-/// `step-….invalid` (kept for inspection, ignored from then on) with a warning, so that later
-/// checkpoints of the resumed run can take their names and retention does not count them.
-pub fn latest_valid_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointRef, Manifest)>> {
-    for c in list_checkpoints(run_dir)?.into_iter().rev() {
-        match verify_checkpoint(&c.dir) {
-            Ok(m) if m.step == c.step => return Ok(Some((c, m))),
-            Ok(m) => {
-                tracing::warn!(
-                    "skipping checkpoint {}: its manifest is for step {}",
-                    c.dir.display(),
-                    m.step
-                );
-                quarantine(&c.dir)?;
-            }
-            Err(e) => {
-                tracing::warn!("skipping invalid checkpoint {}: {e}", c.dir.display());
-                quarantine(&c.dir)?;
-            }
-        }
+/// A committed checkpoint that failed verification, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub checkpoint: CheckpointRef,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.checkpoint.dir.display(), self.reason)
     }
-    Ok(None)
+}
+
+/// A checkpoint that verified, with its manifest.
+pub type ValidCheckpoint = (CheckpointRef, Manifest);
+
+/// The newest checkpoint that verifies, and every newer one that does not (newest first, each with
+/// its reason). Renames nothing.
+pub fn scan_checkpoints(run_dir: &Path) -> Result<(Option<ValidCheckpoint>, Vec<Rejected>)> {
+    let mut rejected = Vec::new();
+    for c in list_checkpoints(run_dir)?.into_iter().rev() {
+        let reason = match verify_checkpoint(&c.dir) {
+            Ok(m) if m.step == c.step => return Ok((Some((c, m)), rejected)),
+            Ok(m) => format!("its manifest is for step {}", m.step),
+            Err(e) => e.to_string(),
+        };
+        rejected.push(Rejected {
+            checkpoint: c,
+            reason,
+        });
+    }
+    Ok((None, rejected))
+}
+
+/// Renames rejected checkpoints to `step-….invalid` (kept for inspection, ignored from then on) with a
+/// warning, so that later checkpoints of the resumed run can take their names and retention does not
+/// count them.
+pub fn set_aside(rejected: &[Rejected]) -> Result<()> {
+    for r in rejected {
+        tracing::warn!("skipping invalid checkpoint {r}");
+        quarantine(&r.checkpoint.dir)?;
+    }
+    Ok(())
+}
+
+/// The newest checkpoint that verifies; invalid ones newer than it are set aside ([`set_aside`]).
+pub fn latest_valid_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointRef, Manifest)>> {
+    let (valid, rejected) = scan_checkpoints(run_dir)?;
+    set_aside(&rejected)?;
+    Ok(valid)
 }
 
 fn quarantine(dir: &Path) -> Result<()> {

@@ -58,6 +58,11 @@ pub struct TrainSection {
     /// kernels (the `cuda` build); fp16 is not offered (it would need loss scaling).
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    /// `max_steps = 0` trains nothing and is refused, unless this says the run exists to export its
+    /// initial weights on purpose (the paper's "without multimodal pre-training" ablation runs stage 1
+    /// with 0 steps, so stage 2 starts from the Q-Former as stage 1 initialises it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_untrained: bool,
 }
 
 /// `[train] mixed_precision`.
@@ -117,6 +122,11 @@ pub struct CheckpointSection {
     /// Resume from the newest valid checkpoint of the run directory when there is one.
     #[serde(default = "yes")]
     pub resume: bool,
+    /// When the run directory has checkpoints and none of them verifies, set them aside and start
+    /// from step 0 instead of stopping with the list of what was rejected (`--restart`). Not written
+    /// to configs: it is a decision for one invocation.
+    #[serde(default, skip_serializing)]
+    pub restart: bool,
 }
 
 fn default_keep() -> usize {
@@ -130,6 +140,7 @@ impl Default for CheckpointSection {
             keep_last: default_keep(),
             at_end: true,
             resume: true,
+            restart: false,
         }
     }
 }
@@ -172,6 +183,13 @@ impl TrainerConfig {
                 reason: reason.into(),
             })
         };
+        if self.train.max_steps == 0 && !self.train.export_untrained {
+            return bad(
+                "train.max_steps",
+                "0 trains nothing; set train.export_untrained = true if the run is meant to export \
+                 its initial weights (as the \"without multimodal pre-training\" ablation does)",
+            );
+        }
         if self.train.grad_accum_steps == 0 {
             return bad("train.grad_accum_steps", "must be at least 1");
         }

@@ -73,6 +73,23 @@ pub enum TrainError {
     Sync(String),
     #[error("plot error ({path}): {reason}")]
     Plot { path: PathBuf, reason: String },
+    /// Another process writes the run directory (its lock file names it).
+    #[error(
+        "{dir} is in use by {holder} (lock {lock}): one process per run directory; wait for it \
+         to finish or stop it"
+    )]
+    Locked {
+        dir: PathBuf,
+        holder: String,
+        lock: PathBuf,
+    },
+    /// Every checkpoint of a run directory failed verification: resuming would silently restart.
+    #[error(
+        "no valid checkpoint in {dir}: {}; nothing was changed. Fix or remove them, or rerun with \
+         --restart to set them aside (renamed *.invalid) and start from step 0",
+        rejected.join("; ")
+    )]
+    NoValidCheckpoint { dir: PathBuf, rejected: Vec<String> },
 }
 
 impl TrainError {

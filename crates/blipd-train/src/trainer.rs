@@ -12,8 +12,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    latest_valid_checkpoint, list_checkpoints, prune_checkpoints, remove_stale, write_file_synced,
-    PendingCheckpoint,
+    checkpoints_root, list_checkpoints, prune_checkpoints, remove_stale, scan_checkpoints,
+    set_aside, write_file_synced, PendingCheckpoint,
 };
 use crate::config::{to_toml_string, RunConfig, TrainerConfig};
 use crate::data::BatchSource;
@@ -348,7 +348,22 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         let run_dir = self.config.run.dir.clone();
         if self.sync.rank() == 0 {
             remove_stale(&run_dir)?;
-            latest_valid_checkpoint(&run_dir)?; // verifies and sets aside invalid newer ones
+            let (valid, rejected) = scan_checkpoints(&run_dir)?;
+            if valid.is_none() && !rejected.is_empty() && !self.config.checkpoint.restart {
+                // Starting over would silently throw the run away: say what was found instead.
+                return Err(TrainError::NoValidCheckpoint {
+                    dir: checkpoints_root(&run_dir),
+                    rejected: rejected.iter().map(|r| r.to_string()).collect(),
+                });
+            }
+            if valid.is_none() && !rejected.is_empty() {
+                tracing::warn!(
+                    "--restart: none of the {} checkpoints of {} is valid; starting from step 0",
+                    rejected.len(),
+                    run_dir.display()
+                );
+            }
+            set_aside(&rejected)?; // invalid checkpoints newer than the one resumed
         }
         self.sync.barrier()?;
         let Some(ckpt) = list_checkpoints(&run_dir)?.pop() else {
@@ -635,6 +650,13 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         };
         let mut changed = Vec::new();
         diff_tables("", &old, &new, &mut changed);
+        // Where the run lives may change (a moved or copied run dir resumes in place), and so may the
+        // path of what initialised the weights the checkpoint replaces.
+        changed.retain(|k| {
+            !MOVABLE_KEYS
+                .iter()
+                .any(|m| k == m || k.strip_prefix(m).is_some_and(|r| r.starts_with('.')))
+        });
         if !changed.is_empty() {
             tracing::warn!(
                 "config differs from the checkpoint's: {}",
@@ -711,6 +733,9 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     })?;
     write_file_synced(path, text.as_bytes())
 }
+
+/// Config keys that name locations rather than settings: not reported as changes on resume.
+const MOVABLE_KEYS: &[&str] = &["run.dir", "stage.qformer_init"];
 
 fn diff_tables(prefix: &str, old: &toml::Table, new: &toml::Table, out: &mut Vec<String>) {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
