@@ -91,6 +91,48 @@ impl GenerateOptions {
     fn do_cfg(&self) -> bool {
         self.guidance_scale > 1.0
     }
+
+    /// The values that need no model to check: sizes above 0, at least one step, finite scales.
+    /// [`BlipDiffusionPipeline::check_request`] adds the checks that depend on the networks.
+    pub fn validate(&self) -> Result<(), AppError> {
+        let bad = |m: String| Err(AppError::Request(m));
+        if self.height == 0 || self.width == 0 {
+            return bad(format!(
+                "image size {}×{} (width × height): both must be positive",
+                self.width, self.height
+            ));
+        }
+        if self.num_inference_steps == 0 {
+            return bad("--steps 0: at least one denoising step is needed".into());
+        }
+        for (name, v) in [
+            ("guidance scale", self.guidance_scale),
+            ("prompt strength", self.prompt_strength),
+            (
+                "ControlNet conditioning scale",
+                self.controlnet_conditioning_scale,
+            ),
+        ] {
+            if !v.is_finite() {
+                return bad(format!("{name} {v} is not a finite number"));
+            }
+        }
+        if self.prompt_strength < 0.0 {
+            return bad(format!(
+                "prompt strength {} must not be negative",
+                self.prompt_strength
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of memory the system can still give (`MemAvailable` of `/proc/meminfo`), where known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What [`BlipDiffusionPipeline::denoise`] reports after each scheduler step.
@@ -463,10 +505,91 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         Ok(Tensor::cat(vec![uncond, cond], 0))
     }
 
+    /// Pixels per latent pixel: `2^(len(unet.block_out_channels) − 1)` (8 for SD-1.5), as diffusers'
+    /// BLIP-Diffusion pipeline computes it.
+    pub fn latent_factor(&self) -> usize {
+        1usize << self.unet.config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Everything about a request that can be wrong, checked before anything is allocated for it:
+    /// [`GenerateOptions::validate`], then the size against the networks: a multiple of
+    /// [`Self::latent_factor`], at least the size at which the U-Net's deepest level is one latent
+    /// pixel, and (on the CPU, where attention materialises its scores) a lower bound of the peak
+    /// memory within what the system has available.
+    pub fn check_request(&self, batch: usize, opts: &GenerateOptions) -> Result<(), AppError> {
+        opts.validate()?;
+        if batch == 0 {
+            return Err(AppError::Request("no prompt to generate".into()));
+        }
+        let f = self.latent_factor();
+        let (h, w) = (opts.height, opts.width);
+        if h % f != 0 || w % f != 0 {
+            return Err(AppError::Request(format!(
+                "image size {w}×{h} (width × height) must be a multiple of {f} (the VAE's latent \
+                 factor); e.g. {}×{}",
+                w.div_ceil(f) * f,
+                h.div_ceil(f) * f
+            )));
+        }
+        let levels = self.unet.config.block_out_channels.len().saturating_sub(1);
+        let min = f << levels;
+        if h < min || w < min {
+            return Err(AppError::Request(format!(
+                "image size {w}×{h} (width × height) is below this U-Net's minimum of {min}×{min}: \
+                 it halves the latents {levels} times"
+            )));
+        }
+        if B::name(&self.device).to_lowercase().contains("cuda") {
+            return Ok(());
+        }
+        let Some(avail) = available_memory() else {
+            return Ok(());
+        };
+        let need = self.peak_memory_lower_bound(batch, opts);
+        if need > avail as f64 {
+            return Err(AppError::Request(format!(
+                "image size {w}×{h} (width × height), batch {batch}: needs at least {:.1} GiB, \
+                 {:.1} GiB available (the attention scores of the U-Net's highest-resolution \
+                 level grow with the fourth power of the side)",
+                need / f64::from(1u32 << 30),
+                avail as f64 / f64::from(1u32 << 30)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A lower bound of the peak bytes a request needs with materialised attention: the larger of
+    /// the U-Net's first self-attention scores (`[B·cfg, heads, L, L]` f32, L latent pixels at the
+    /// first attention level) and the decoded images.
+    fn peak_memory_lower_bound(&self, batch: usize, opts: &GenerateOptions) -> f64 {
+        let c = &self.unet.config;
+        let f = self.latent_factor() as f64;
+        let n = c.block_out_channels.len();
+        let heads = c
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&c.attention_head_dim)
+            .per_block(n, "attention_head_dim")
+            .unwrap_or_else(|_| vec![1; n]);
+        let rows = if opts.do_cfg() { 2 * batch } else { batch } as f64;
+        let (h, w) = (opts.height as f64 / f, opts.width as f64 / f);
+        let scores = c
+            .down_block_types
+            .iter()
+            .position(|t| t.contains("Attn"))
+            .map(|i| {
+                let l = (h / f64::from(1u32 << i)) * (w / f64::from(1u32 << i));
+                rows * heads.get(i).copied().unwrap_or(1) as f64 * l * l * 4.0
+            })
+            .unwrap_or(0.0);
+        let images = batch as f64 * 3.0 * opts.height as f64 * opts.width as f64 * 4.0;
+        scores.max(images)
+    }
+
     /// Latent shape for `batch` images of `height × width` pixels (diffusers: the size is divided by
     /// `2^(len(unet.block_out_channels) − 1)`, floor).
     pub fn latent_shape(&self, batch: usize, height: usize, width: usize) -> [usize; 4] {
-        let f = 1usize << self.unet.config.block_out_channels.len().saturating_sub(1);
+        let f = self.latent_factor();
         [batch, self.unet.config.in_channels, height / f, width / f]
     }
 
@@ -621,6 +744,7 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         on_step: &mut dyn FnMut(StepInfo<'_, B>),
     ) -> Result<GenerateOutput<B>, AppError> {
         let b = prompts.len();
+        self.check_request(b, opts)?;
         let text = self.text_embeddings(ctx, prompts, tgt_subjects, opts)?;
         let latents = match latents {
             Some(l) => {

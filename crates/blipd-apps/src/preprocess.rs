@@ -48,11 +48,16 @@ impl RgbImage {
         })
     }
 
-    /// Open any format the `image` crate reads (PNG, JPEG), converted to RGB (alpha dropped, as PIL's
-    /// `convert("RGB")`).
+    /// Open any format the `image` crate reads (PNG, JPEG, WebP), the way the data pipeline reads its
+    /// images ([`blipd_data::imageio::decode_image`]): a truncated JPEG is refused instead of padded
+    /// with grey, size bombs are refused, EXIF orientation is applied (as diffusers' `load_image`), and
+    /// the result is RGB (alpha dropped, as PIL's `convert("RGB")`).
     pub fn open(path: &Path) -> Result<Self, AppError> {
-        let img = image::open(path)
-            .map_err(|e| AppError::Image(format!("reading {}: {e}", path.display())))?
+        let bytes = std::fs::read(path)
+            .map_err(|e| AppError::Image(format!("reading {}: {e}", path.display())))?;
+        let limits = blipd_data::imageio::ReadLimits::default();
+        let img = blipd_data::imageio::decode_image(&bytes, &path.display().to_string(), &limits)
+            .map_err(|e| AppError::Image(e.to_string()))?
             .to_rgb8();
         let (w, h) = img.dimensions();
         Self::new(w as usize, h as usize, img.into_raw())

@@ -317,17 +317,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
         } => {
             let start = Instant::now();
-            let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
-                &model,
-                bert_vocab.as_deref(),
-                &device(),
-            )
-            .with_context(|| format!("loading {}", model.display()))?;
-            if let Some(dir) = &controlnet {
-                pipe = pipe
-                    .with_controlnet(dir)
-                    .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
-            }
             let mut opts = if lavis {
                 blipd_apps::GenerateOptions::lavis()
             } else {
@@ -340,6 +329,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.width = width;
             opts.seed = seed;
             opts.controlnet_conditioning_scale = controlnet_scale;
+            opts.validate()?;
+            let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
+                &model,
+                bert_vocab.as_deref(),
+                &device(),
+            )
+            .with_context(|| format!("loading {}", model.display()))?;
+            if let Some(dir) = &controlnet {
+                pipe = pipe
+                    .with_controlnet(dir)
+                    .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
+            }
+            pipe.check_request(1, &opts)?;
             let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
             let mp: blipd_train::MixedPrecision = mixed_precision.into();
             mp.check_backend(

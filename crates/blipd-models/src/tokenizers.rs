@@ -430,6 +430,15 @@ impl ClipTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// How many tokens of `text` [`Self::encode`] with `max_length` drops (0 when it fits with BOS
+    /// and EOS).
+    pub fn overflow(&self, text: &str, max_length: usize) -> Result<usize, ModelError> {
+        Ok(self
+            .tokenize(text)?
+            .len()
+            .saturating_sub(max_length.saturating_sub(2)))
+    }
+
     /// `[BOS] ids [EOS]`, truncated to `max_length` (the EOS kept last) and right-padded with the pad
     /// id to exactly `max_length`: transformers' `padding="max_length", truncation=True`.
     pub fn encode(&self, text: &str, max_length: usize) -> Result<Vec<u32>, ModelError> {
@@ -616,10 +625,14 @@ impl BlipDiffusionPrompt {
 
     /// `", ".join(["a " + tgt_subject + " " + prompt.strip()] * reps)` after normalisation.
     pub fn build(&self, prompt: &str, tgt_subject: &str) -> String {
+        vec![self.build_one(prompt, tgt_subject); self.repetitions()].join(", ")
+    }
+
+    /// One copy of the amplified prompt: `"a " + tgt_subject + " " + prompt.strip()`, normalised.
+    fn build_one(&self, prompt: &str, tgt_subject: &str) -> String {
         let prompt = self.normalize(prompt);
         let subject = self.normalize(tgt_subject);
-        let one = format!("a {subject} {}", py_strip(&prompt));
-        vec![one; self.repetitions()].join(", ")
+        format!("a {subject} {}", py_strip(&prompt))
     }
 
     /// Conditional ids `[B, 61]` for `prompts[i]` with `tgt_subjects[i]` (BOS … EOS, pad = EOS).
@@ -641,8 +654,26 @@ impl BlipDiffusionPrompt {
             .zip(tgt_subjects)
             .map(|(p, s)| self.build(p, s))
             .collect();
+        // The repetitions are meant to fill the budget and be cut (the released behaviour); a single
+        // copy that does not fit loses part of the prompt itself: say how much (the released code
+        // cuts silently).
+        let budget = self.cond_max_length();
+        for (p, s) in prompts.iter().zip(tgt_subjects) {
+            let one = self.build_one(p, s);
+            let dropped = tokenizer.overflow(&one, budget)?;
+            if dropped > 0 {
+                tracing::warn!(
+                    "prompt {one:?} is {} tokens, over the {} the text encoder has beside the {} \
+                     subject embeddings: its last {dropped} token{} are dropped",
+                    dropped + budget.saturating_sub(2),
+                    budget.saturating_sub(2),
+                    self.num_ctx_tokens,
+                    if dropped == 1 { "" } else { "s" }
+                );
+            }
+        }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        tokenizer.encode_batch(&refs, self.cond_max_length())
+        tokenizer.encode_batch(&refs, budget)
     }
 
     /// Unconditional ids `[batch, 77]` for the negative prompt (no context, not normalised).
@@ -655,11 +686,14 @@ impl BlipDiffusionPrompt {
         neg_prompt: &str,
         batch: usize,
     ) -> Result<TokenBatch, ModelError> {
-        let n = tokenizer.tokenize(neg_prompt)?.len() + 2;
-        if n > self.max_position_embeddings {
+        let dropped = tokenizer.overflow(neg_prompt, self.max_position_embeddings)?;
+        if dropped > 0 {
             tracing::warn!(
-                "negative prompt is {n} tokens; truncated to {} (the reference pipeline would fail)",
-                self.max_position_embeddings
+                "negative prompt is {} tokens with BOS and EOS; truncated to {}: its last {dropped} \
+                 token{} are dropped (the reference pipeline would fail)",
+                dropped + self.max_position_embeddings,
+                self.max_position_embeddings,
+                if dropped == 1 { "" } else { "s" }
             );
         }
         let texts = vec![neg_prompt; batch];

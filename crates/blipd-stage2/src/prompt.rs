@@ -1,5 +1,7 @@
 //! Token ids of the stage-2 prompts, and where the subject embeddings go.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use blipd_models::tokenizers::ClipTokenizer;
 use blipd_models::ModelError;
 
@@ -29,6 +31,7 @@ impl PromptBuilder {
         match self.template {
             PromptTemplate::Released => {
                 let one = format!("a {} {}", subject.trim(), caption.trim());
+                report_dropped(&one, tok.overflow(&one, budget)?, budget);
                 let text = vec![one; self.prompt_reps].join(", ");
                 let ids = tok.encode(&text, budget)?;
                 Ok((ids, self.ctx_begin_pos.min(budget)))
@@ -46,6 +49,7 @@ impl PromptBuilder {
                         suffix.len() + 2
                     )));
                 }
+                report_dropped(caption, cap.len().saturating_sub(room), room + 2);
                 cap.truncate(room);
                 let mut ids = Vec::with_capacity(budget);
                 ids.push(tok.bos_id());
@@ -61,6 +65,86 @@ impl PromptBuilder {
 
     /// The text-only prompt of a dropped sample: the caption alone, `max_len` ids, no embeddings.
     pub fn text_only(&self, tok: &ClipTokenizer, caption: &str) -> Result<Vec<u32>, ModelError> {
+        report_dropped(
+            caption,
+            tok.overflow(caption.trim(), self.max_len)?,
+            self.max_len,
+        );
         tok.encode(caption.trim(), self.max_len)
+    }
+}
+
+/// Truncated training prompts so far in this process (all are counted; the first few are shown).
+static TRUNCATED: AtomicUsize = AtomicUsize::new(0);
+/// How many truncated prompts are named one by one before the rest are only counted.
+const SHOWN: usize = 5;
+
+/// Warn that `dropped` tokens of `text` did not fit in `budget` ids (BOS and EOS included): the
+/// released code cuts silently; we tell, for the first [`SHOWN`] prompts of a run, then say once
+/// that later ones are counted by [`truncated_prompts`].
+fn report_dropped(text: &str, dropped: usize, budget: usize) {
+    if dropped == 0 {
+        return;
+    }
+    let n = TRUNCATED.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= SHOWN {
+        tracing::warn!(
+            "caption {text:?} does not fit in the {budget}-token prompt: its last {dropped} token{} \
+             are dropped{}",
+            if dropped == 1 { "" } else { "s" },
+            if n == SHOWN {
+                " (later truncations are counted, not shown)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Number of training prompts truncated so far in this process.
+pub fn truncated_prompts() -> usize {
+    TRUNCATED.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> ClipTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../blipd-models/tests/fixtures/tokenizers/tiny_clip");
+        ClipTokenizer::from_dir(&dir).unwrap()
+    }
+
+    /// A caption longer than the prompt budget is still encoded to the fixed length, and counted as
+    /// truncated (with the number of tokens dropped); one that fits is not counted.
+    #[test]
+    fn over_budget_captions_are_counted() {
+        let tok = tokenizer();
+        let long = vec!["a red dog on the grass"; 30].join(" and ");
+        for template in [PromptTemplate::Released, PromptTemplate::Paper] {
+            let b = PromptBuilder {
+                template,
+                prompt_reps: 1,
+                ctx_begin_pos: 2,
+                num_ctx: 16,
+                max_len: 77,
+            };
+            let before = truncated_prompts();
+            let (ids, _) = b.conditional(&tok, "a dog", "dog").unwrap();
+            assert_eq!(ids.len(), 61);
+            assert_eq!(
+                truncated_prompts(),
+                before,
+                "{template:?}: a short caption fits"
+            );
+            let (ids, _) = b.conditional(&tok, &long, "dog").unwrap();
+            assert_eq!(ids.len(), 61);
+            assert_eq!(truncated_prompts(), before + 1, "{template:?}");
+            assert_eq!(b.text_only(&tok, &long).unwrap().len(), 77);
+            assert_eq!(truncated_prompts(), before + 2, "{template:?}");
+            assert!(tok.overflow(&long, 61).unwrap() > 0);
+            assert_eq!(tok.overflow("a dog", 61).unwrap(), 0);
+        }
     }
 }

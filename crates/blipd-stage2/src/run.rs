@@ -190,6 +190,14 @@ pub fn fit_stage2<B: AutodiffBackend>(
             dir.display()
         );
     }
+    let truncated = crate::prompt::truncated_prompts();
+    if truncated > 0 {
+        tracing::warn!(
+            "stage 2: {truncated} training prompt{} did not fit the text encoder and lost their last \
+             tokens (the first are named above)",
+            if truncated == 1 { "" } else { "s" }
+        );
+    }
     // Whoever runs next (generation, evaluation) may read the export on any rank.
     trainer.barrier()?;
     Ok(summary)
