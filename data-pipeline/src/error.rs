@@ -28,6 +28,9 @@ pub enum DataError {
     #[error("{path}: {reason}")]
     Csv { path: PathBuf, reason: String },
     /// The matting solver did not converge.
+    /// A trimap that cannot be matted (e.g. without a single known pixel).
+    #[error("trimap {id}: {reason}")]
+    Trimap { id: String, reason: String },
     #[error("matting solver: {0}")]
     Solver(String),
     /// A shard or manifest could not be written or read.

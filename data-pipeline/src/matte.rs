@@ -21,7 +21,14 @@ pub fn matte_file(
     let img = read_rgb(image, &id, &limits)?;
     let tri = read_gray(trimap, &trimap.display().to_string(), &limits)?;
     tri.check_size("trimap", img.width, img.height)?;
-    let (alpha, stats) = estimate_alpha_cf(&img, &tri, &CfOptions::default())?;
+    let (alpha, stats) =
+        estimate_alpha_cf(&img, &tri, &CfOptions::default()).map_err(|e| match e {
+            DataError::Trimap { reason, .. } => DataError::Trimap {
+                id: trimap.display().to_string(),
+                reason,
+            },
+            e => e,
+        })?;
     save(out_alpha_png16, alpha.to_luma16().save(out_alpha_png16))?;
     if let Some(fg_path) = fg_png {
         let (fg, _) = estimate_foreground_ml(&img, &alpha, &FgOptions::default())?;

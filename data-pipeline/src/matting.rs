@@ -351,6 +351,23 @@ pub fn estimate_alpha_cf(image: &Rgb, trimap: &Gray, opts: &CfOptions) -> Result
         )));
     }
     let class = classify(trimap, opts);
+    if class.iter().all(|&c| c == Class::Unknown) {
+        let (lo, hi) = trimap
+            .data
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &t| {
+                (lo.min(t), hi.max(t))
+            });
+        return Err(DataError::Trimap {
+            id: format!("{}×{}", trimap.width, trimap.height),
+            reason: format!(
+                "no known pixel: every value is in ({}, {}) (values span [{lo:.3}, {hi:.3}]); \
+                 closed-form matting needs some pixels marked foreground (≥ {}) or background \
+                 (≤ {}) to propagate from",
+                opts.bg_threshold, opts.fg_threshold, opts.fg_threshold, opts.bg_threshold
+            ),
+        });
+    }
     let (x, stats) = solve_dispatch(image, &class, opts)?;
     let data = x
         .iter()

@@ -5,18 +5,21 @@
 //! dropped by the **first** failing rule in this order, and that rule's counter goes up by one:
 //!
 //! 1. `malformed`: missing/unparsable field or coordinates outside `[0, 1]` / inverted (the row's line and
-//!    ImageID are recorded; the run goes on);
-//! 2. `group_of`: `IsGroupOf == 1` (paper (i)); with `single_instance`, also every box of an image that has
+//!    ImageID are recorded; the run goes on). A row is one line (OpenImages fields never span lines), so
+//!    an unterminated quote is an error of its own line and the lines after it are read as usual;
+//! 2. `unknown_class`: `LabelName` is not in the class descriptions (each such MID is also recorded as a
+//!    problem, with its box count and first line);
+//! 3. `group_of`: `IsGroupOf == 1` (paper (i)); with `single_instance`, also every box of an image that has
 //!    more than one box of the same `LabelName` (`multiple_instances`);
-//! 3. `inside`: `IsInside == 1` (paper (ii));
-//! 4. `depiction`, `truncated`: optional, off by default (not in the paper);
-//! 5. `human`: `LabelName` in the human-related list (paper (v));
-//! 6. `cluttered`: `LabelName` in the cluttered list (paper (vi));
-//! 7. `area`: `(XMax−XMin)·(YMax−YMin)` outside `[area_min, area_max]` = [0.3, 0.8] (paper (iv));
-//! 8. `human_label`: the image has a human-verified positive label (Confidence 1) of one of
+//! 4. `inside`: `IsInside == 1` (paper (ii));
+//! 5. `depiction`, `truncated`: optional, off by default (not in the paper);
+//! 6. `human`: `LabelName` in the human-related list (paper (v));
+//! 7. `cluttered`: `LabelName` in the cluttered list (paper (vi));
+//! 8. `area`: `(XMax−XMin)·(YMax−YMin)` outside `[area_min, area_max]` = [0.3, 0.8] (paper (iv));
+//! 9. `human_label`: the image has a human-verified positive label (Confidence 1) of one of
 //!    `human_label_mids` (optional labels file, streamed in step since it is also sorted by ImageID);
-//! 9. `image_unreadable`: the image size could not be read (the error is recorded with the id);
-//! 10. `aspect`: `max(w/h, h/w) > max_aspect` (2) with `w = (XMax−XMin)·W`, `h = (YMax−YMin)·H` and W, H the
+//! 10. `image_unreadable`: the image size could not be read (the error is recorded with the id);
+//! 11. `aspect`: `max(w/h, h/w) > max_aspect` (2) with `w = (XMax−XMin)·W`, `h = (YMax−YMin)·H` and W, H the
 //!     real pixel size read from the image header (paper (iii)).
 //!
 //! With `one_per_image` (default) the kept box of largest area represents its image; the other passing boxes
@@ -118,6 +121,7 @@ impl Default for FilterConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     Malformed,
+    UnknownClass,
     GroupOf,
     MultipleInstances,
     Inside,
@@ -172,7 +176,8 @@ pub struct FilterReport {
     pub images_seen: u64,
     /// ImageIDs that appeared again after another id (the file is not sorted; grouping is then per run).
     pub unsorted_ids: u64,
-    /// Boxes whose MID is not in the class descriptions (kept with the MID as class name).
+    /// Boxes whose MID is not in the class descriptions (dropped under [`Rule::UnknownClass`]; each
+    /// MID is one [`Problem`]).
     pub unknown_classes: u64,
 }
 
@@ -185,21 +190,120 @@ impl FilterReport {
     }
 }
 
-/// Reads `class-descriptions-boxable.csv` (no header: `MID,DisplayName`).
+/// Reads `class-descriptions-boxable.csv` (no header: `MID,DisplayName`). A malformed line is an
+/// error naming it (a class list with holes would silently drop every box of the missing classes).
 pub fn read_class_descriptions(path: &Path) -> Result<HashMap<String, String>> {
-    let mut r = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| csv_err(path, e))?;
+    let mut lines = CsvLines::open(path)?;
     let mut out = HashMap::new();
-    for rec in r.records() {
-        let rec = rec.map_err(|e| csv_err(path, e))?;
-        if let (Some(mid), Some(name)) = (rec.get(0), rec.get(1)) {
-            out.insert(mid.trim().to_string(), name.trim().to_string());
+    while let Some((line, rec)) = lines.next_record() {
+        let rec = rec.map_err(|reason| csv_err(path, format!("line {line}: {reason}")))?;
+        match (rec.get(0), rec.get(1)) {
+            (Some(mid), Some(name)) => {
+                out.insert(mid.trim().to_string(), name.trim().to_string());
+            }
+            _ => {
+                return Err(csv_err(
+                    path,
+                    format!("line {line}: expected MID,DisplayName"),
+                ))
+            }
         }
     }
     Ok(out)
+}
+
+/// A CSV file read one line per record (OpenImages fields never contain line breaks): a broken line
+/// (an unterminated quote, invalid UTF-8) is an error of that line alone, with its number, instead
+/// of a quoted field that swallows every line after it. Empty lines are skipped.
+struct CsvLines {
+    reader: std::io::BufReader<std::fs::File>,
+    path: PathBuf,
+    line: u64,
+    buf: Vec<u8>,
+    /// An I/O error ended the file early (reported once, as a record error).
+    failed: bool,
+}
+
+impl CsvLines {
+    fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path).map_err(|e| DataError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok(CsvLines {
+            reader: std::io::BufReader::with_capacity(1 << 20, f),
+            path: path.to_path_buf(),
+            line: 0,
+            buf: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// The header line (the first non-empty line; a UTF-8 BOM is dropped).
+    fn header(&mut self) -> Result<csv::StringRecord> {
+        match self.next_record() {
+            Some((_, Ok(h))) => Ok(h),
+            Some((line, Err(reason))) => Err(csv_err(&self.path, format!("line {line}: {reason}"))),
+            None => Err(csv_err(&self.path, "empty file (no header line)")),
+        }
+    }
+
+    /// The next record with its 1-based line number; `None` at the end of the file.
+    fn next_record(&mut self) -> Option<(u64, std::result::Result<csv::StringRecord, String>)> {
+        use std::io::BufRead;
+        loop {
+            if self.failed {
+                return None;
+            }
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    self.failed = true;
+                    return Some((self.line + 1, Err(format!("reading: {e}"))));
+                }
+            }
+            self.line += 1;
+            let mut bytes = self.buf.as_slice();
+            if self.line == 1 {
+                bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            }
+            while let Some(b) = bytes
+                .strip_suffix(b"\n")
+                .or_else(|| bytes.strip_suffix(b"\r"))
+            {
+                bytes = b;
+            }
+            if bytes.is_empty() {
+                continue;
+            }
+            return Some((self.line, parse_line(bytes)));
+        }
+    }
+}
+
+/// One CSV line as a record: plain comma splitting when it has no quotes (every OpenImages row), the
+/// `csv` parser otherwise, after checking that every quote is closed.
+fn parse_line(bytes: &[u8]) -> std::result::Result<csv::StringRecord, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not valid UTF-8 ({e})"))?;
+    if !text.contains('"') {
+        return Ok(csv::StringRecord::from(text.split(',').collect::<Vec<_>>()));
+    }
+    // Quotes are doubled inside quoted fields, so a line whose quotes are all closed has an even count.
+    if text.bytes().filter(|&b| b == b'"').count() % 2 == 1 {
+        return Err("unterminated quote (a quoted field is not closed on its line)".into());
+    }
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
+    let mut rec = csv::StringRecord::new();
+    match r.read_record(&mut rec) {
+        Ok(true) => Ok(rec),
+        Ok(false) => Ok(csv::StringRecord::new()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn csv_err(path: &Path, e: impl std::fmt::Display) -> DataError {
@@ -280,29 +384,24 @@ fn column(headers: &csv::StringRecord, name: &str, path: &Path) -> Result<usize>
 
 /// Streams human-verified image labels (`ImageID,Source,LabelName,Confidence`, sorted by ImageID).
 struct LabelCursor {
-    records: csv::StringRecordsIntoIter<std::fs::File>,
+    records: CsvLines,
     cols: (usize, usize, usize),
     pending: Option<csv::StringRecord>,
-    path: PathBuf,
 }
 
 impl LabelCursor {
     fn open(path: &Path) -> Result<Self> {
-        let mut r = csv::ReaderBuilder::new()
-            .flexible(true)
-            .from_path(path)
-            .map_err(|e| csv_err(path, e))?;
-        let h = r.headers().map_err(|e| csv_err(path, e))?.clone();
+        let mut records = CsvLines::open(path)?;
+        let h = records.header()?;
         let cols = (
             column(&h, "ImageID", path)?,
             column(&h, "LabelName", path)?,
             column(&h, "Confidence", path)?,
         );
         Ok(LabelCursor {
-            records: r.into_records(),
+            records,
             cols,
             pending: None,
-            path: path.to_path_buf(),
         })
     }
 
@@ -312,12 +411,15 @@ impl LabelCursor {
         loop {
             let rec = match self.pending.take() {
                 Some(r) => r,
-                None => match self.records.next() {
+                None => match self.records.next_record() {
                     None => return out,
-                    Some(Ok(r)) => r,
-                    Some(Err(e)) => {
+                    Some((_, Ok(r))) => r,
+                    Some((line, Err(e))) => {
                         *malformed += 1;
-                        tracing::warn!(path = %self.path.display(), "label row: {e}");
+                        tracing::warn!(
+                            path = %self.records.path.display(),
+                            "label row at line {line}: {e}"
+                        );
                         continue;
                     }
                 },
@@ -357,11 +459,8 @@ pub fn filter_openimages(
 ) -> Result<FilterReport> {
     let classes = read_class_descriptions(inputs.class_descriptions_csv)?;
     let path = inputs.boxes_csv;
-    let mut r = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| csv_err(path, e))?;
-    let h = r.headers().map_err(|e| csv_err(path, e))?.clone();
+    let mut r = CsvLines::open(path)?;
+    let h = r.header()?;
     let cols = Columns {
         image_id: column(&h, "ImageID", path)?,
         label: column(&h, "LabelName", path)?,
@@ -385,23 +484,28 @@ pub fn filter_openimages(
     let mut seen_ids: HashSet<String> = HashSet::new();
     let mut current: Option<String> = None;
     let mut group: Vec<BoxRow> = Vec::new();
+    let mut unknown: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut rec = csv::StringRecord::new();
-    let mut line = 1u64;
+    let mut line;
     loop {
-        line += 1;
-        let more = match r.read_record(&mut rec) {
-            Ok(m) => m,
-            Err(e) => {
+        let more = match r.next_record() {
+            None => {
+                line = r.line;
+                false
+            }
+            Some((l, Ok(next))) => {
+                line = l;
+                rec = next;
+                true
+            }
+            Some((l, Err(reason))) => {
                 report.boxes_seen += 1;
                 report.drop(Rule::Malformed);
                 report.problems.push(Problem {
-                    line,
+                    line: l,
                     image_id: String::new(),
-                    reason: e.to_string(),
+                    reason,
                 });
-                if e.is_io_error() {
-                    break;
-                }
                 continue;
             }
         };
@@ -425,6 +529,7 @@ pub fn filter_openimages(
                     &cluttered,
                     &human_labels,
                     sizes,
+                    &mut unknown,
                     &mut report,
                 );
             }
@@ -449,6 +554,17 @@ pub fn filter_openimages(
                 });
             }
         }
+    }
+    for (mid, (n, first)) in unknown {
+        report.problems.push(Problem {
+            line: first,
+            image_id: String::new(),
+            reason: format!(
+                "class {mid} is not in {}: {n} box{} dropped (first on line {first})",
+                inputs.class_descriptions_csv.display(),
+                if n == 1 { "" } else { "es" }
+            ),
+        });
     }
     if label_malformed > 0 {
         report.problems.push(Problem {
@@ -524,6 +640,7 @@ fn finish_image(
     cluttered: &HashSet<&str>,
     human_labels: &HashSet<&str>,
     sizes: &mut dyn SizeSource,
+    unknown: &mut BTreeMap<String, (u64, u64)>,
     report: &mut FilterReport,
 ) {
     let mut per_class: HashMap<&str, usize> = HashMap::new();
@@ -536,7 +653,12 @@ fn finish_image(
     let mut kept: Vec<Subject> = Vec::new();
     for b in &boxes {
         let area = (b.x_max - b.x_min) * (b.y_max - b.y_min);
-        let rule = if cfg.drop_group_of && b.group_of {
+        let rule = if !classes.contains_key(&b.mid) {
+            report.unknown_classes += 1;
+            let e = unknown.entry(b.mid.clone()).or_insert((0, b.line));
+            e.0 += 1;
+            Some(Rule::UnknownClass)
+        } else if cfg.drop_group_of && b.group_of {
             Some(Rule::GroupOf)
         } else if cfg.single_instance && per_class[b.mid.as_str()] > 1 {
             Some(Rule::MultipleInstances)
@@ -580,13 +702,7 @@ fn finish_image(
             report.drop(Rule::Aspect);
             continue;
         }
-        let class_name = match classes.get(&b.mid) {
-            Some(n) => n.clone(),
-            None => {
-                report.unknown_classes += 1;
-                b.mid.clone()
-            }
-        };
+        let class_name = classes[&b.mid].clone();
         kept.push(Subject {
             image_id: image_id.to_string(),
             mid: b.mid.clone(),

@@ -343,7 +343,8 @@ fn required<'a>(p: &'a Option<PathBuf>, key: &str) -> Result<&'a PathBuf> {
 }
 
 fn list_backgrounds(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| DataError::Config(format!("backgrounds dir {}: {e}", dir.display())))?;
     let mut v = Vec::new();
     for e in rd {
         let e = e.map_err(|e| DataError::io(dir, e))?;

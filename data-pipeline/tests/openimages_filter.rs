@@ -246,3 +246,84 @@ fn missing_column_is_an_error_and_subjects_csv_round_trips() {
         "{text}"
     );
 }
+
+/// An unterminated quote is a problem of its own line; the lines after it are read as usual (a CSV
+/// reader would read them all into the quoted field and lose them). Quoted fields that close, CRLF
+/// line ends and a BOM still parse.
+#[test]
+fn an_unterminated_quote_is_reported_with_its_line_and_later_rows_survive() {
+    let rows = crafted();
+    let mut text = format!("\u{feff}{H13}\r\n");
+    text += "img_0,xclick,\"/m/0bt9lr,1,0.1,0.6,0.1,0.9,0,0,0,0,0\r\n"; // line 2: quote never closed
+    let body = rows_13(&rows);
+    for l in body.lines().skip(1) {
+        text += l;
+        text += "\r\n";
+    }
+    // A quoted field that closes is fine.
+    text += "img_q,\"xclick, verified\",/m/0bt9lr,1,0.1,0.6,0.1,0.9,0,0,0,0,0\r\n";
+    let r = run(&text, None, &FilterConfig::default());
+    let reference = run(&body, None, &FilterConfig::default());
+    assert_eq!(r.dropped(Rule::Malformed), 1, "{:?}", r.problems);
+    let p = &r.problems[0];
+    assert_eq!(p.line, 2, "{p:?}");
+    assert!(p.reason.contains("unterminated quote"), "{p:?}");
+    // Every later row was read: the same result as without the broken line, plus img_q (its image
+    // size is unknown to the fixture, so it counts as unreadable, not as malformed).
+    assert_eq!(r.kept, reference.kept);
+    assert_eq!(r.boxes_seen, reference.boxes_seen + 2);
+    assert_eq!(
+        r.dropped(Rule::ImageUnreadable),
+        reference.dropped(Rule::ImageUnreadable) + 1
+    );
+}
+
+/// A box whose class is not in the class file is dropped and counted, with one problem per MID
+/// naming the count and the first line; it is never kept with the MID as its class name.
+#[test]
+fn boxes_of_unknown_classes_are_dropped_and_reported_per_class() {
+    let mut rows = crafted();
+    rows[0].1 = "/m/unknown1"; // img_a's dog (it would be kept)
+    rows.push(("img_z", "/m/unknown2", 0.1, 0.6, 0.1, 0.9, 0, 0, 0, 0));
+    rows.push(("img_z", "/m/unknown2", 0.1, 0.6, 0.1, 0.9, 0, 0, 0, 0));
+    let r = run(&rows_13(&rows), None, &FilterConfig::default());
+    assert_eq!(r.dropped(Rule::UnknownClass), 3);
+    assert_eq!(r.unknown_classes, 3);
+    assert!(
+        r.kept.iter().all(|s| !s.class_name.starts_with("/m/")),
+        "{:?}",
+        r.kept
+    );
+    assert!(r.kept.iter().all(|s| s.image_id != "img_a"), "{:?}", r.kept);
+    let unknown: Vec<(u64, &str)> = r
+        .problems
+        .iter()
+        .filter(|p| p.reason.contains("is not in"))
+        .map(|p| (p.line, p.reason.as_str()))
+        .collect();
+    assert_eq!(unknown.len(), 2, "{unknown:?}");
+    assert_eq!(unknown[0].0, 2);
+    assert!(
+        unknown[0].1.contains("class /m/unknown1 is not in")
+            && unknown[0].1.contains("1 box dropped")
+    );
+    let n = rows.len() as u64;
+    assert_eq!(unknown[1].0, n); // first img_z row: header is line 1, so row k is line k + 1
+    assert!(unknown[1].1.contains("/m/unknown2") && unknown[1].1.contains("2 boxes dropped"));
+}
+
+/// A malformed class-description line is an error naming the line.
+#[test]
+fn a_broken_class_file_is_an_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = write(
+        &dir,
+        "c.csv",
+        "/m/0bt9lr,Dog\n/m/01yrx,\"Cat\n/m/07j7r,Tree\n",
+    );
+    let err = blipd_data::openimages::read_class_descriptions(&classes).unwrap_err();
+    assert!(
+        err.to_string().contains("line 2: unterminated quote"),
+        "{err}"
+    );
+}

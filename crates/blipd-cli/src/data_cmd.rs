@@ -327,7 +327,7 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             }
             if report.unknown_classes > 0 {
                 println!(
-                    "  {} boxes of classes missing from {}",
+                    "  {} boxes of classes missing from {} were dropped (one problem row per class)",
                     report.unknown_classes,
                     classes.display()
                 );

@@ -221,10 +221,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `": "`, each cause once: library errors often print their
+/// source in their own message (`"{path}: {source}"`) and also return it as `source()`, which
+/// `{:#}` would print a second time.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.ends_with(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -341,7 +359,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_controlnet(dir)
                     .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
             }
-            pipe.check_request(1, &opts)?;
             let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
             let mp: blipd_train::MixedPrecision = mixed_precision.into();
             mp.check_backend(
@@ -385,6 +402,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     )?
                 }
             };
+            // The request against the networks and the machine (size, memory), once the inputs
+            // are known to be there and before the first full-size allocation.
+            pipe.check_request(1, &opts)?;
             let control = match &control_image {
                 None => None,
                 Some(p) => {
@@ -434,13 +454,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 args,
             };
             let out = blipd_dist::launch::launch(&spec)?;
-            Ok(match out.first_failure {
+            Ok(match out.failure_summary(node_rank * nproc_per_node) {
                 None => ExitCode::SUCCESS,
-                Some(r) => {
-                    eprintln!(
-                        "error: local rank {r} failed ({}); the other workers were stopped",
-                        out.statuses[r]
-                    );
+                Some(line) => {
+                    eprintln!("error: {line}");
                     ExitCode::FAILURE
                 }
             })
@@ -680,4 +697,47 @@ fn group(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a `thiserror` `#[error("{path}: {source}")]` with `#[source]` produces.
+    #[derive(Debug)]
+    struct Io {
+        path: String,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Io {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for Io {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    /// A cause that its parent already printed is not printed again; new causes are.
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(Io {
+            path: "nobgs".into(),
+            source: io,
+        })
+        .context("data synth");
+        assert_eq!(
+            error_chain(&e),
+            "data synth: nobgs: No such file or directory"
+        );
+        assert_eq!(
+            format!("{e:#}"),
+            "data synth: nobgs: No such file or directory: No such file or directory"
+        );
+    }
 }

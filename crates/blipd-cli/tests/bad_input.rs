@@ -125,3 +125,107 @@ fn an_over_budget_prompt_is_reported_with_the_tokens_dropped() {
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("dropped"), "{stderr}");
 }
+
+fn blipd_in(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_blipd"))
+        .env("BLIPD_LOG", "warn")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.success(), stderr)
+}
+
+/// `data matte` with a trimap that marks no pixel known says so (instead of writing an all-zero α);
+/// the same image with a usable trimap works.
+#[test]
+fn matting_without_known_pixels_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    image::RgbImage::from_fn(24, 20, |x, y| image::Rgb([x as u8 * 9, y as u8 * 11, 60]))
+        .save(d.join("img.png"))
+        .unwrap();
+    image::GrayImage::from_pixel(24, 20, image::Luma([128]))
+        .save(d.join("grey.png"))
+        .unwrap();
+    image::GrayImage::from_fn(24, 20, |x, _| {
+        image::Luma([if x < 6 {
+            0
+        } else if x > 18 {
+            255
+        } else {
+            128
+        }])
+    })
+    .save(d.join("tri.png"))
+    .unwrap();
+    let (ok, stderr) = blipd_in(
+        d,
+        &[
+            "data", "matte", "--image", "img.png", "--trimap", "grey.png", "--out", "a.png",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("trimap grey.png: no known pixel"),
+        "{stderr}"
+    );
+    assert!(!d.join("a.png").exists());
+    let (ok, stderr) = blipd_in(
+        d,
+        &[
+            "data", "matte", "--image", "img.png", "--trimap", "tri.png", "--out", "a.png",
+        ],
+    );
+    assert!(ok, "{stderr}");
+}
+
+/// A missing backgrounds folder is one cause, said once.
+#[test]
+fn a_missing_backgrounds_dir_is_one_clear_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(
+        d.join("s.csv"),
+        "ImageID,LabelName,ClassName,XMin,XMax,YMin,YMax,Width,Height\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(d.join("img")).unwrap();
+    std::fs::create_dir_all(d.join("masks")).unwrap();
+    let config =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/data/pipeline.toml");
+    let (ok, stderr) = blipd_in(
+        d,
+        &[
+            "data",
+            "synth",
+            "--config",
+            config.to_str().unwrap(),
+            "--subjects",
+            "s.csv",
+            "--images",
+            "img",
+            "--masks",
+            "masks",
+            "--mask-source",
+            "dir",
+            "--backgrounds",
+            "nobgs",
+            "--out",
+            "out",
+        ],
+    );
+    assert!(!ok);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("error:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.contains("backgrounds dir nobgs: No such file or directory"),
+        "{stderr}"
+    );
+    assert_eq!(line.matches("No such file").count(), 1, "{line}");
+}
