@@ -29,6 +29,18 @@ pub const MANIFEST_FORMAT: &str = "blipd-pairs-v1";
 /// Manifest file name inside a shard directory.
 pub const MANIFEST_NAME: &str = "manifest.json";
 
+/// Checks that a config's shards folder (named by `key`, e.g. `[data] shards`) is a `blipd data
+/// synth` output folder, by its manifest, without reading the shards; the message names the key.
+pub fn require_shard_dir(key: &str, dir: &Path) -> std::result::Result<(), String> {
+    if dir.join(MANIFEST_NAME).is_file() {
+        return Ok(());
+    }
+    Err(format!(
+        "{key} = {}: no {MANIFEST_NAME} there (is it a `blipd data synth` output folder?)",
+        dir.display()
+    ))
+}
+
 /// Column names and types, in file order.
 pub const SCHEMA: [(&str, &str); 17] = [
     ("row", "int64: index in the kept-subjects list"),

@@ -4,6 +4,8 @@
 //! CLIP-T equals transformers' `image_embeds · text_embeds`), bad images reported, caching, reports.
 //! The real DreamBench (`../shared/dreambench`) is parsed when present.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use blipd_apps::eval::{
@@ -34,13 +36,7 @@ fn floats(sd: &StateDict, key: &str) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::max_abs_diff as max_abs;
 
 /// Complete transformers folders for the tiny models (the tiny processor configs as
 /// `preprocessor_config.json`, the reference weights as `model.safetensors`).

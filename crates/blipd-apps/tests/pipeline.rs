@@ -3,6 +3,8 @@
 //! the diffusers folder is loaded through the real loaders, the reference image goes through our
 //! preprocessing, and 3 PNDM steps (4 U-Net calls, CFG 7.5) run from the reference's initial latents.
 
+mod common;
+
 use std::path::PathBuf;
 
 use blipd_apps::generate::{BlipDiffusionPipeline, GenerateOptions, StepInfo};
@@ -44,17 +46,7 @@ fn max_abs<const D: usize>(
         .convert::<f32>()
         .to_vec::<f32>()
         .unwrap();
-    let err = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| {
-            if x.is_nan() || y.is_nan() {
-                f32::INFINITY
-            } else {
-                (x - y).abs()
-            }
-        })
-        .fold(0f32, f32::max);
+    let err = common::max_abs_diff(&a, &b);
     println!(
         "parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e}, {} values)",
         a.len()

@@ -3,6 +3,8 @@
 //! preprocessor_config.json, a CLIP BPE vocabulary) and two photos; the reference ran
 //! `CLIPSegProcessor(text=classes, images=photos, padding=True)` → model → sigmoid.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use blipd_apps::segment::{
@@ -34,13 +36,7 @@ fn f32s(sd: &StateDict, key: &str) -> (Vec<usize>, Vec<f32>) {
     )
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::max_abs_diff as max_abs;
 
 fn images() -> Vec<RgbImage> {
     IDS.iter()

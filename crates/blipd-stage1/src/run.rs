@@ -163,14 +163,7 @@ pub fn validate_config(cfg: &Stage1RunConfig) -> Result<(), Stage1Error> {
         return bad("[data.synthetic] pairs = 0: no samples to train on".into());
     }
     if let Some(dir) = &d.shards {
-        let manifest = dir.join(blipd_data::shards::MANIFEST_NAME);
-        if !manifest.is_file() {
-            return bad(format!(
-                "[data] shards = {}: no {} there (is it a `blipd data synth` output folder?)",
-                dir.display(),
-                blipd_data::shards::MANIFEST_NAME
-            ));
-        }
+        blipd_data::shards::require_shard_dir("[data] shards", dir).or_else(bad)?;
     }
     let s = &cfg.stage;
     let named = [
@@ -181,12 +174,7 @@ pub fn validate_config(cfg: &Stage1RunConfig) -> Result<(), Stage1Error> {
         ("[data] list", d.list.as_ref()),
         ("[data] image_root", d.image_root.as_ref()),
     ];
-    for (key, path) in named {
-        if let Some(p) = path.filter(|p| !p.exists()) {
-            return bad(format!("{key} = {}: no such file or folder", p.display()));
-        }
-    }
-    Ok(())
+    blipd_train::config::require_existing(named).or_else(bad)
 }
 
 /// Where [`run_stage1`] exports the trained model: `<run.dir>/export` (`qformer/` + heads).

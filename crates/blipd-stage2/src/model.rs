@@ -77,6 +77,35 @@ pub fn tiny_configs(
     (blip, text, unet, vae)
 }
 
+/// The network configs of a preset (`tiny` sizes its text encoder to `clip_vocab_size`).
+pub(crate) fn preset_configs(
+    preset: &str,
+    clip_vocab_size: usize,
+) -> Result<
+    (
+        Blip2Config,
+        ClipTextConfig,
+        UNet2DConditionConfig,
+        VaeConfig,
+    ),
+    ModelError,
+> {
+    Ok(match preset {
+        "tiny" => tiny_configs(clip_vocab_size),
+        "sd15" => (
+            Blip2Config::blipdiffusion(),
+            ClipTextConfig::sd15(),
+            UNet2DConditionConfig::sd15(),
+            VaeConfig::sd15(),
+        ),
+        other => {
+            return Err(ModelError::Invalid(format!(
+                "unknown preset {other:?} (expected \"tiny\" or \"sd15\")"
+            )))
+        }
+    })
+}
+
 impl<B: Backend> Stage2Components<B> {
     /// Random networks of a preset with the given tokenizers (tiny runs build their own vocabularies).
     pub fn from_preset(
@@ -85,20 +114,7 @@ impl<B: Backend> Stage2Components<B> {
         bert_tokenizer: BertTokenizer,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        let (blip, text, unet, vae) = match preset {
-            "tiny" => tiny_configs(clip_tokenizer.vocab_size()),
-            "sd15" => (
-                Blip2Config::blipdiffusion(),
-                ClipTextConfig::sd15(),
-                UNet2DConditionConfig::sd15(),
-                VaeConfig::sd15(),
-            ),
-            other => {
-                return Err(ModelError::Invalid(format!(
-                    "unknown preset {other:?} (expected \"tiny\" or \"sd15\")"
-                )))
-            }
-        };
+        let (blip, text, unet, vae) = preset_configs(preset, clip_tokenizer.vocab_size())?;
         let mut blip = blip;
         blip.qformer_config.vocab_size = blip
             .qformer_config

@@ -94,32 +94,20 @@ pub fn validate_config(cfg: &Stage2RunConfig) -> Result<(), Stage2Error> {
         _ => {}
     }
     if let Some(dir) = &cfg.data.shards {
-        let manifest = dir.join(blipd_data::shards::MANIFEST_NAME);
-        if !manifest.is_file() {
-            return bad(format!(
-                "[data] shards = {}: no {} there (is it a `blipd data synth` output folder?)",
-                dir.display(),
-                blipd_data::shards::MANIFEST_NAME
-            ));
-        }
+        blipd_data::shards::require_shard_dir("[data] shards", dir).or_else(bad)?;
     }
     let named = [
         ("[stage] model_dir", cfg.stage.model_dir.as_ref()),
         ("[stage] bert_vocab", cfg.stage.bert_vocab.as_ref()),
     ];
-    for (key, path) in named {
-        if let Some(p) = path.filter(|p| !p.exists()) {
-            return bad(format!("{key} = {}: no such file or folder", p.display()));
-        }
-    }
+    blipd_train::config::require_existing(named).or_else(bad)?;
     // The VAE that will encode the targets: from model_dir, or the preset's.
     let vae = match &cfg.stage.model_dir {
         Some(dir) => blipd_models::vae::VaeConfig::from_file(&dir.join("vae").join("config.json"))
             .map_err(|e| {
                 Stage2Error::Config(format!("[stage] model_dir = {}: {e}", dir.display()))
             })?,
-        None if cfg.stage.preset == "sd15" => blipd_models::vae::VaeConfig::sd15(),
-        None => blipd_models::vae::VaeConfig::tiny(),
+        None => crate::model::preset_configs(&cfg.stage.preset, 0)?.3,
     };
     let factor = vae.downsample_factor();
     if !cfg.data.target_size.is_multiple_of(factor) {

@@ -383,6 +383,19 @@ pub fn to_toml_string<C: Serialize>(config: &C) -> Result<String, ConfigError> {
     toml::to_string_pretty(config).map_err(|e| ConfigError::Serialize(e.to_string()))
 }
 
+/// Checks that every input a config names exists: `(key, path)` pairs, absent paths skipped; the
+/// message names the first missing one by its key (`"[stage] model_dir = …: no such file or folder"`).
+pub fn require_existing<'a>(
+    named: impl IntoIterator<Item = (&'a str, Option<&'a std::path::PathBuf>)>,
+) -> std::result::Result<(), String> {
+    for (key, path) in named {
+        if let Some(p) = path.filter(|p| !p.exists()) {
+            return Err(format!("{key} = {}: no such file or folder", p.display()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,26 @@
+//! Helpers shared by the blipd-apps integration tests.
+
+/// Max-abs difference of two equally long slices. A length mismatch panics; a NaN or infinity on
+/// either side makes the result infinite, so no tolerance accepts it (`fold(0.0, f32::max)` alone
+/// would skip a NaN).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() && y.is_finite() {
+                (x - y).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn max_abs_diff_fails_on_nan_and_inf() {
+    assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+    assert_eq!(max_abs_diff(&[f32::NAN, 2.0], &[1.0, 2.0]), f32::INFINITY);
+    assert_eq!(max_abs_diff(&[1.0], &[f32::INFINITY]), f32::INFINITY);
+    assert!(std::panic::catch_unwind(|| max_abs_diff(&[1.0], &[1.0, 2.0])).is_err());
+}
