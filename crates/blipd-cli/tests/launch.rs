@@ -6,11 +6,7 @@
 use std::process::Command;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    blipd_dist::unused_port().unwrap()
 }
 
 #[test]

@@ -5,9 +5,11 @@
 pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod port;
 pub mod rendezvous;
 pub mod world;
 
+pub use port::unused_port;
 pub use rendezvous::{Rendezvous, RendezvousConfig};
 pub use world::{Launcher, World};
 

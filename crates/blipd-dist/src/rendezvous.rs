@@ -464,11 +464,7 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::unused_port().unwrap()
     }
 
     fn quick() -> RendezvousConfig {

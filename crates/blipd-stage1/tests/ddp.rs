@@ -76,11 +76,7 @@ fn rank_process_entry() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    blipd_train::collective::free_port().unwrap()
 }
 
 fn spawn_ranks(config: &Path, world: usize) -> Vec<(Child, PathBuf)> {

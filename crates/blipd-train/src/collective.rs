@@ -124,11 +124,10 @@ pub struct CollectiveLink {
     timeout: Duration,
 }
 
-/// A port that was free a moment ago on every interface (the OS picks it).
+/// A port that is free on every interface now and outside the kernel's ephemeral range, so no
+/// outgoing connection can take it before it is bound ([`blipd_dist::unused_port`]).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("0.0.0.0:0")?
-        .local_addr()?
-        .port())
+    blipd_dist::unused_port()
 }
 
 /// Starts burn-collective's global orchestrator on `port` on a thread of its own (a one-worker

@@ -1161,11 +1161,7 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::collective::free_port().unwrap()
     }
 
     fn cfg(bucket_mb: f64) -> DistConfig {

@@ -92,11 +92,7 @@ fn rank_process_entry() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    blipd_train::collective::free_port().unwrap()
 }
 
 fn spawn(dir: &Path, world: usize, mode: &str, timeout_s: f64) -> Vec<(Child, PathBuf, PathBuf)> {
