@@ -1,5 +1,6 @@
 //! The `blipd` command line.
 
+mod bench_cmd;
 mod data_cmd;
 mod eval_cmd;
 mod plan;
@@ -186,6 +187,9 @@ enum Command {
     },
     /// The synthetic-pair data pipeline (filter, masks, matting, compositing, shards).
     Data(data_cmd::DataArgs),
+    /// Where the time and memory of a generation go, per phase, with the achieved GFLOP/s
+    /// (side by side with PyTorch: scripts/bench/vs_torch.sh).
+    Bench(bench_cmd::BenchArgs),
     /// DreamBench DINO / CLIP-I / CLIP-T scores of generated images (DreamBooth's protocol, docs/eval.md).
     Eval(eval_cmd::EvalArgs),
     /// Run a command as N local worker processes with torchrun's variables set
@@ -312,6 +316,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => plot(&run_dir, &key, log_y),
         Command::InspectWeights { dir } => inspect(&dir),
         Command::Data(args) => data_cmd::run(args),
+        Command::Bench(args) => {
+            bench_cmd::run::<Inner>(args, &device())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Eval(args) => eval_cmd::run(args),
         Command::Generate {
             model,

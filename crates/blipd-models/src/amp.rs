@@ -70,6 +70,7 @@ fn low<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(FloatDType, Floa
 
 /// `l.forward(x)`, in the autocast dtype inside a scope.
 pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    crate::flops::linear(&x.dims(), l.weight.dims()[1]);
     match low(&x) {
         None => l.forward(x),
         Some((low, own)) => burn::tensor::module::linear(
@@ -83,6 +84,12 @@ pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Ten
 
 /// `c.forward(x)`, in the autocast dtype inside a scope.
 pub fn conv2d<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let y = conv2d_uncounted(c, x);
+    crate::flops::conv2d(y.dims(), c.weight.dims());
+    y
+}
+
+fn conv2d_uncounted<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     match low(&x) {
         None => c.forward(x),
         Some((low, own)) => {
@@ -136,6 +143,7 @@ pub fn restore<B: Backend, const D: usize>(
 
 /// `a.matmul(b)`, in the autocast dtype inside a scope.
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    crate::flops::matmul(&a.dims(), &b.dims());
     match low(&a) {
         None => a.matmul(b),
         Some((low, own)) => a.cast(low).matmul(b.cast(low)).cast(own),

@@ -232,6 +232,7 @@ impl<B: Backend> Attention<B> {
             }
             None => match kernel {
                 AttentionKernel::Fused => {
+                    crate::flops::attention(q.dims(), k.dims()[2], v.dims()[3]);
                     let (q, back) = crate::amp::lower(q);
                     let (k, _) = crate::amp::lower(k);
                     let (v, _) = crate::amp::lower(v);

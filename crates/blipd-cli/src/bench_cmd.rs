@@ -1,0 +1,298 @@
+//! `blipd bench infer|train`: where the time and memory of a generation or a training step go, with
+//! the achieved GFLOP/s. Side-by-side runs against PyTorch are `scripts/bench/vs_torch.sh`; nothing
+//! here is a timed test.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchWhat {
+    /// Zero-shot generation (subject embedding, text, each U-Net call, VAE decode) from a diffusers
+    /// BLIP-Diffusion folder, e.g. the one `../shared/bench/torch_cpu.py infer` writes.
+    Infer(InferArgs),
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// The pipeline folder (diffusers `Salesforce/blipdiffusion` layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Reference image of the subject.
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long, default_value = "dog")]
+    subject: String,
+    #[arg(long, default_value = "swimming underwater")]
+    prompt: String,
+    /// Output side in pixels (square), unless --latents decides it.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// Initial latents, float32 `(1, 4, h, w)` (`latents_in.npy` of torch_cpu.py): the size is
+    /// `h·f × w·f`.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Reference images, float32 NHWC in [0, 1] (`generate_<N>steps.npy`): prints the max-abs
+    /// difference.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Write the generated images here (float32 NHWC in [0, 1]).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the measurements as JSON here (one object; also printed as the last stdout line).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// BERT-uncased vocab.txt for the Q-Former (else <model>/qformer/vocab.txt).
+    #[arg(long)]
+    bert_vocab: Option<PathBuf>,
+}
+
+pub fn run<B: Backend>(args: BenchArgs, device: &B::Device) -> Result<()> {
+    match args.what {
+        BenchWhat::Infer(a) => infer::<B>(a, device),
+    }
+}
+
+/// Peak resident set of this process so far (`VmHWM`), in bytes; `None` off Linux.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Times one phase: runs `f`, waits for the device, and records seconds and counted FLOPs.
+struct Phases<B: Backend> {
+    device: B::Device,
+    rows: Vec<(String, f64, u64)>,
+}
+
+impl<B: Backend> Phases<B> {
+    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        B::sync(&self.device)?;
+        blipd_models::flops::take();
+        let t0 = Instant::now();
+        let out = f()?;
+        B::sync(&self.device)?;
+        self.rows.push((
+            name.to_string(),
+            t0.elapsed().as_secs_f64(),
+            blipd_models::flops::take(),
+        ));
+        Ok(out)
+    }
+
+    fn report(&self) {
+        println!(
+            "{:<28} {:>9} {:>10} {:>9}",
+            "phase", "s", "GFLOP", "GFLOP/s"
+        );
+        for (name, s, f) in &self.rows {
+            let g = *f as f64 / 1e9;
+            let rate = if *f > 0 && *s > 0.0 {
+                format!("{:.1}", g / s)
+            } else {
+                "-".into()
+            };
+            println!("{name:<28} {s:>9.3} {g:>10.1} {rate:>9}");
+        }
+    }
+
+    fn seconds(&self, prefix: &str) -> f64 {
+        self.rows
+            .iter()
+            .filter(|r| r.0.starts_with(prefix))
+            .map(|r| r.1)
+            .sum()
+    }
+}
+
+fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
+    let mut ph = Phases::<B> {
+        device: device.clone(),
+        rows: Vec::new(),
+    };
+    let backend = B::name(device);
+    let pipe = ph.time("load", || {
+        blipd_apps::BlipDiffusionPipeline::<B>::load(&a.model, a.bert_vocab.as_deref(), device)
+            .with_context(|| format!("loading {}", a.model.display()))
+    })?;
+    let f = pipe.latent_factor();
+    let latents = match &a.latents {
+        None => None,
+        Some(p) => {
+            let l = blipd_data::npy::read_f32(p)?;
+            let [n, c, h, w] = <[usize; 4]>::try_from(l.shape.as_slice()).map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: latents {:?}, expected (1, 4, h, w)",
+                    p.display(),
+                    l.shape
+                )
+            })?;
+            if n != 1 {
+                bail!(
+                    "{}: {n} latents; bench infer renders one image",
+                    p.display()
+                );
+            }
+            Some(Tensor::<B, 4>::from_data(
+                TensorData::new(l.data, [n, c, h, w]),
+                device,
+            ))
+        }
+    };
+    let (height, width) = match &latents {
+        Some(l) => {
+            let [_, _, h, w] = l.dims();
+            (h * f, w * f)
+        }
+        None => (a.size, a.size),
+    };
+    let mut opts = blipd_apps::GenerateOptions {
+        num_inference_steps: a.steps,
+        guidance_scale: a.guidance_scale,
+        height,
+        width,
+        ..Default::default()
+    };
+    opts.seed = 0;
+    pipe.check_request(1, &opts)?;
+    let reference = blipd_apps::RgbImage::open(&a.image)?;
+    let total = Instant::now();
+    let ctx = ph.time("subject embedding", || {
+        let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
+        Ok(pipe.subject_embeddings(pixels, &[&a.subject], opts.normalization)?)
+    })?;
+    let text = ph.time("text encoder (cond + uncond)", || {
+        Ok(pipe.text_embeddings(ctx, &[&a.prompt], &[&a.subject], &opts)?)
+    })?;
+    let latents = latents.unwrap_or_else(|| pipe.initial_latents(1, &opts));
+    // Each U-Net call (CFG: one call on the doubled batch) and its scheduler step, timed from the
+    // step callback, which runs after the step's latents exist.
+    let mut marks: Vec<(f64, u64)> = Vec::new();
+    B::sync(device)?;
+    blipd_models::flops::take();
+    let t0 = Instant::now();
+    let latents = pipe.denoise(latents, text, &opts, &mut |info| {
+        let _ = info.latents.clone().into_data(); // the step is done (lazy/async backends)
+        marks.push((t0.elapsed().as_secs_f64(), blipd_models::flops::take()));
+    })?;
+    let mut prev = 0.0;
+    for (i, (t, fl)) in marks.iter().enumerate() {
+        ph.rows
+            .push((format!("U-Net call {i} + PNDM step"), t - prev, *fl));
+        prev = *t;
+    }
+    let images = ph.time("VAE decode", || Ok(pipe.decode(latents)))?;
+    let images = images.permute([0, 2, 3, 1]);
+    let dims = images.dims();
+    let pixels: Vec<f32> = images
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("reading the images back: {e:?}"))?;
+    let generate_s = total.elapsed().as_secs_f64();
+    let rss = peak_rss();
+
+    println!(
+        "bench infer: {backend}, {width}×{height}, {} PNDM steps, guidance {}",
+        a.steps, a.guidance_scale
+    );
+    ph.report();
+    let unet_s = ph.seconds("U-Net");
+    let counted: u64 = ph.rows.iter().map(|r| r.2).sum();
+    println!(
+        "generate (all but load): {generate_s:.2} s; U-Net {unet_s:.2} s; {:.1} GFLOP counted, {:.1} GFLOP/s overall",
+        counted as f64 / 1e9,
+        counted as f64 / 1e9 / generate_s
+    );
+    println!("FLOPs: {}", blipd_models::flops::CONVENTION);
+    if let Some(r) = rss {
+        println!("peak RSS: {:.2} GB", r as f64 / 1e9);
+    }
+    let mut diff = None;
+    if let Some(p) = &a.compare {
+        let reference = blipd_data::npy::read_f32(p)?;
+        if reference.shape != dims {
+            bail!(
+                "{}: images {:?}, blipd made {dims:?}",
+                p.display(),
+                reference.shape
+            );
+        }
+        let d = max_abs_diff(&pixels, &reference.data);
+        println!("max |Δ| vs {}: {d:.3e}", p.display());
+        diff = Some(d);
+    }
+    if let Some(p) = &a.out {
+        blipd_data::npy::write_f32(p, &dims, &pixels)?;
+    }
+    let json = serde_json::json!({
+        "mode": "infer",
+        "backend": backend,
+        "size": [height, width],
+        "steps": a.steps,
+        "load_s": ph.seconds("load"),
+        "embed_s": ph.seconds("subject"),
+        "text_s": ph.seconds("text"),
+        "unet_s": unet_s,
+        "vae_s": ph.seconds("VAE"),
+        "generate_s": generate_s,
+        "gflop": counted as f64 / 1e9,
+        "peak_rss_bytes": rss,
+        "max_abs_diff": diff,
+    });
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+/// Largest |a − b|; infinite when either side has a NaN/Inf or the lengths differ.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let mut m = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
+        m = m.max((x - y).abs() as f64);
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_abs_diff_fails_on_nan_and_length() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+        assert_eq!(max_abs_diff(&[1.0, f32::NAN], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(max_abs_diff(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+    }
+
+    #[test]
+    fn peak_rss_is_read() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss().unwrap() > 0);
+        }
+    }
+}
