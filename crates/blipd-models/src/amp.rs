@@ -91,6 +91,7 @@ pub fn conv2d<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 fn conv2d_uncounted<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     match low(&x) {
+        None if crate::conv::fast_path(c, &x.dims()) => crate::conv::conv2d_shifted(c, x),
         None => c.forward(x),
         Some((low, own)) => {
             // Burn 0.21 pads asymmetric convolutions with a tensor of the backend's default dtype
