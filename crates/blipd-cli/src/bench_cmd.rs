@@ -161,14 +161,14 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
         }
         None => (a.size, a.size),
     };
-    let mut opts = blipd_apps::GenerateOptions {
+    let opts = blipd_apps::GenerateOptions {
         num_inference_steps: a.steps,
         guidance_scale: a.guidance_scale,
         height,
         width,
+        seed: 0,
         ..Default::default()
     };
-    opts.seed = 0;
     pipe.check_request(1, &opts)?;
     let reference = blipd_apps::RgbImage::open(&a.image)?;
     let total = Instant::now();

@@ -89,12 +89,17 @@ fn vals<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
+/// Max-abs difference; a NaN or infinity on either side is infinite, so no tolerance accepts it.
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        if !(x.is_finite() && y.is_finite()) {
+            return f32::INFINITY;
+        }
+        worst = worst.max((x - y).abs());
+    }
+    worst
 }
 
 fn check(what: &str, ours: &[f32], reference: &[f32], tol: f32) -> f32 {
