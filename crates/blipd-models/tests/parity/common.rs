@@ -4,11 +4,8 @@ use std::path::PathBuf;
 use blipd_models::weights::StateDict;
 use burn::prelude::*;
 
-pub type B = burn::backend::NdArray<f32>;
-
-pub fn device() -> burn::backend::ndarray::NdArrayDevice {
-    Default::default()
-}
+pub use blipd_testkit::device;
+pub type B = blipd_testkit::Cpu;
 
 /// Folder of one network's fixtures.
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -43,44 +40,13 @@ pub fn int_tensor<const D: usize>(sd: &StateDict, name: &str) -> Tensor<B, D, In
     Tensor::from_data(data, &device())
 }
 
-/// Assert `max |actual - expected| <= tol`, printing both values at the worst element on failure.
+/// Assert `max |actual - expected| <= tol` (NaN, infinity and shape mismatches fail), printing both values
+/// at the worst element on failure (`blipd_testkit::assert_close`).
 pub fn assert_close<const D: usize>(
     what: &str,
     actual: Tensor<B, D>,
     expected: Tensor<B, D>,
     tol: f32,
 ) -> f32 {
-    assert_eq!(
-        actual.dims(),
-        expected.dims(),
-        "{what}: shape differs (actual vs expected)"
-    );
-    let a = actual.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-    let e = expected
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap();
-    let mut worst = (0usize, 0f32);
-    for (i, (x, y)) in a.iter().zip(&e).enumerate() {
-        let d = (x - y).abs();
-        if d > worst.1 || d.is_nan() {
-            worst = (i, d);
-            if d.is_nan() {
-                break;
-            }
-        }
-    }
-    let (i, err) = worst;
-    println!(
-        "parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e}, {} values)",
-        a.len()
-    );
-    assert!(
-        err <= tol,
-        "{what}: max-abs error {err:e} > {tol:e} at flat index {i}: ours {} vs reference {}",
-        a[i],
-        e[i]
-    );
-    err
+    blipd_testkit::assert_close(&format!("parity {what}"), actual, expected, tol as f64) as f32
 }
