@@ -16,7 +16,7 @@ use blipd_apps::RgbImage;
 use blipd_models::weights::StateDict;
 use burn::prelude::*;
 
-type B = burn::backend::NdArray<f32>;
+type B = blipd_testkit::Cpu;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -3,8 +3,6 @@
 //! the diffusers folder is loaded through the real loaders, the reference image goes through our
 //! preprocessing, and 3 PNDM steps (4 U-Net calls, CFG 7.5) run from the reference's initial latents.
 
-mod common;
-
 use std::path::PathBuf;
 
 use blipd_apps::generate::{BlipDiffusionPipeline, GenerateOptions, StepInfo};
@@ -14,7 +12,7 @@ use blipd_apps::preprocess::{
 use blipd_models::weights::StateDict;
 use burn::prelude::*;
 
-type B = burn::backend::NdArray<f32>;
+type B = blipd_testkit::Cpu;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
@@ -39,20 +37,7 @@ fn max_abs<const D: usize>(
     reference: Tensor<B, D>,
     tol: f32,
 ) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-    let a = ours.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-    let b = reference
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap();
-    let err = common::max_abs_diff(&a, &b);
-    println!(
-        "parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e}, {} values)",
-        a.len()
-    );
-    assert!(err <= tol, "{what}: max-abs error {err:e} > {tol:e}");
-    err
+    blipd_testkit::assert_close(&format!("parity {what}"), ours, reference, tol as f64) as f32
 }
 
 fn u8_image(sd: &StateDict, key: &str) -> RgbImage {

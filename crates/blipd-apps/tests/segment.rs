@@ -12,10 +12,9 @@ use blipd_apps::segment::{
 };
 use blipd_apps::RgbImage;
 use blipd_models::weights::StateDict;
-use burn::backend::NdArray;
 use burn::tensor::TensorData;
 
-type B = NdArray<f32>;
+type B = blipd_testkit::Cpu;
 
 const IDS: [&str; 2] = ["0a1b2c3d4e5f6071", "1f2e3d4c5b6a7988"];
 const CLASSES: [&str; 2] = ["dog", "stuffed animal"];

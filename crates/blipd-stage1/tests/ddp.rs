@@ -15,7 +15,7 @@ use blipd_models::weights::StateDict;
 use blipd_stage1::run::{run_stage1, Stage1RunConfig};
 use blipd_train::parse_config;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 const WORKER_ENV: &str = "BLIPD_TEST_STAGE1_DDP_CONFIG";
 const STEPS: u64 = 4;
@@ -173,11 +173,7 @@ fn two_ranks_train_like_one_process_with_the_global_batch() {
     for m in ["loss", "itc", "itm", "itg"] {
         let (a, b) = (metric(&two, m), metric(&one, m));
         assert_eq!(a.len(), STEPS as usize);
-        let rel = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs() / y.abs().max(1e-12))
-            .fold(0.0, f64::max);
+        let rel = blipd_testkit::max_rel_diff(&a, &b, 1e-12);
         println!("{m}: 2×2 {a:?} vs 1×4 {b:?} (max rel {rel:.2e})");
         assert!(rel < 1e-5, "{m} differs: {a:?} vs {b:?}");
     }

@@ -16,7 +16,7 @@ use blipd_stage1::model::{vit_body, Stage1Model};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 
-type NB = burn::backend::NdArray<f32>;
+type NB = blipd_testkit::Cpu;
 type AB = burn::backend::Autodiff<NB>;
 
 fn dir() -> PathBuf {
@@ -89,17 +89,9 @@ fn vals<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-/// Max-abs difference; a NaN or infinity on either side is infinite, so no tolerance accepts it.
+/// Max-abs difference; panics on NaN, infinity and length mismatch.
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    let mut worst = 0.0f32;
-    for (x, y) in a.iter().zip(b) {
-        if !(x.is_finite() && y.is_finite()) {
-            return f32::INFINITY;
-        }
-        worst = worst.max((x - y).abs());
-    }
-    worst
+    blipd_testkit::max_abs_diff(a, b) as f32
 }
 
 fn check(what: &str, ours: &[f32], reference: &[f32], tol: f32) -> f32 {

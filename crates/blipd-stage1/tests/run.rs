@@ -7,7 +7,7 @@ use blipd_stage1::run::{export_dir, run_stage1, Stage1RunConfig};
 use blipd_train::parse_config;
 use burn::module::Module;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 const SYNTHETIC: &str = "[data.synthetic]\npairs = 4\nseed = 1\nsize = 32\n";
 
@@ -110,7 +110,7 @@ fn total_loss_falls_and_the_export_feeds_stage2() {
         .unwrap();
     let words = blipd_data::synthetic::vocabulary();
     let (clip, bert) = blipd_stage2::tiny::tiny_tokenizers(&words).unwrap();
-    let parts = blipd_stage2::Stage2Components::<burn::backend::NdArray<f32>>::from_preset(
+    let parts = blipd_stage2::Stage2Components::<blipd_testkit::Cpu>::from_preset(
         "tiny",
         clip,
         bert,
@@ -129,7 +129,7 @@ fn total_loss_falls_and_the_export_feeds_stage2() {
     // Without the projection layer too.
     let mut sd = StateDict::read(&file).unwrap();
     sd.drop_keys(|k| k.starts_with("proj_layer."));
-    let fresh = blipd_stage2::Stage2Components::<burn::backend::NdArray<f32>>::from_preset(
+    let fresh = blipd_stage2::Stage2Components::<blipd_testkit::Cpu>::from_preset(
         "tiny",
         blipd_stage2::tiny::tiny_tokenizers(&words).unwrap().0,
         blipd_stage2::tiny::tiny_tokenizers(&words).unwrap().1,

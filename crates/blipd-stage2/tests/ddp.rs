@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use blipd_stage2::run::{build, fit_stage2, Stage2RunConfig};
 use blipd_train::parse_config;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 /// Set in the children: the path of the config the rank trains with.
 const WORKER_ENV: &str = "BLIPD_DDP_TEST_CONFIG";
@@ -241,11 +241,7 @@ fn two_ranks_match_one_rank_resume_is_exact_and_a_stopped_rank_times_out() {
 
     let (la, ls) = (losses(&a), losses(&single));
     assert_eq!(la.len(), STEPS as usize);
-    let loss_rel = la
-        .iter()
-        .zip(&ls)
-        .map(|(x, y)| (x - y).abs() / y.abs())
-        .fold(0.0, f64::max);
+    let loss_rel = blipd_testkit::max_rel_diff(&la, &ls, 0.0);
     let (wa, ws) = (final_weights(&a), final_weights(&single));
     let keys: Vec<String> = ws.keys().cloned().collect();
     assert_eq!(wa.len(), ws.len());
@@ -341,12 +337,7 @@ fn two_ranks_match_one_rank_resume_is_exact_and_a_stopped_rank_times_out() {
     train(&cfg_s6).unwrap();
     let (le, ls6) = (losses(&b), losses(&single));
     assert_eq!(le.len(), STEPS as usize + 2);
-    let rel = le
-        .iter()
-        .zip(&ls6)
-        .skip(STEPS as usize)
-        .map(|(x, y)| (x - y).abs() / y.abs())
-        .fold(0.0, f64::max);
+    let rel = blipd_testkit::max_rel_diff(&le[STEPS as usize..], &ls6[STEPS as usize..], 0.0);
     println!(
         "(d) 2 ranks → 1 process resume: steps 5–6 {:?} vs {:?} (max rel {rel:.2e})",
         &le[STEPS as usize..],

@@ -7,7 +7,7 @@ use blipd_stage2::{export_pipeline, Stage2Components};
 use blipd_train::parse_config;
 use burn::module::Module;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 fn config(dir: &std::path::Path, steps: u64, extra: &[String]) -> Stage2RunConfig {
     let text = format!(

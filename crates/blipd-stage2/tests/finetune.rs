@@ -12,8 +12,8 @@ use blipd_stage2::{Stage2Components, Stage2Config};
 use blipd_train::parse_config;
 use burn::prelude::*;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-type I = burn::backend::NdArray<f32>;
+type B = blipd_testkit::CpuTrain;
+type I = blipd_testkit::Cpu;
 
 fn fixture() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,10 +58,7 @@ fn tensors<BB: Backend, M: burn_store::ModuleSnapshot<BB>>(m: &M) -> Vec<(String
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    blipd_testkit::max_abs_diff(a, b) as f32
 }
 
 #[test]

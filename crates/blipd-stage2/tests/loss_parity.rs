@@ -8,8 +8,8 @@ use blipd_models::weights::StateDict;
 use blipd_stage2::{Stage2, Stage2Components, Stage2Config};
 use burn::prelude::*;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-type I = burn::backend::NdArray<f32>;
+type B = blipd_testkit::CpuTrain;
+type I = blipd_testkit::Cpu;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures")
@@ -20,15 +20,7 @@ fn t<BB: Backend, const D: usize>(sd: &StateDict, k: &str) -> Tensor<BB, D> {
 }
 
 fn max_abs<BB: Backend, const D: usize>(what: &str, a: Tensor<BB, D>, b: Tensor<BB, D>, tol: f32) {
-    let a = a.into_data().to_vec::<f32>().unwrap();
-    let b = b.into_data().to_vec::<f32>().unwrap();
-    let err = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    println!("parity {what}: max-abs error {err:.3e} (tolerance {tol:.0e})");
-    assert!(err <= tol, "{what}: {err:e} > {tol:e}");
+    blipd_testkit::assert_close(&format!("parity {what}"), a, b, tol as f64);
 }
 
 #[test]

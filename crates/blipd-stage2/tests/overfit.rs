@@ -4,7 +4,7 @@
 use blipd_stage2::run::{run_stage2, Stage2RunConfig};
 use blipd_train::parse_config;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 fn config(dir: &std::path::Path, steps: u64, extra: &[&str]) -> Stage2RunConfig {
     let text = format!(

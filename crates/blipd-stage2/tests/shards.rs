@@ -4,7 +4,7 @@ use blipd_data::synthetic::write_synthetic_shards;
 use blipd_stage2::run::{run_stage2, Stage2RunConfig};
 use blipd_train::parse_config;
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = blipd_testkit::CpuTrain;
 
 /// Runs seed NdArray's process-wide generator: tests in this binary must not interleave.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -85,6 +85,18 @@ pub fn max_abs_diff<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     }
 }
 
+/// Largest `|a - b| / max(|b|, floor)` (relative to the expected side); panics on a length mismatch, on
+/// NaN and on infinity.
+pub fn max_rel_diff<T: Copy + Into<f64>>(a: &[T], b: &[T], floor: f64) -> f64 {
+    if let Err(e) = max_abs_diff_at(a, b) {
+        panic!("max_rel_diff: {e}");
+    }
+    a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| {
+        let (x, y): (f64, f64) = (x.into(), y.into());
+        m.max((x - y).abs() / y.abs().max(floor))
+    })
+}
+
 /// Asserts `max |actual - expected| <= tol` over two value lists; prints the error and, on failure, both
 /// values at the worst element. Returns the error.
 pub fn assert_close_slice<T: Copy + Into<f64>>(
@@ -155,6 +167,8 @@ mod tests {
             })
         );
         assert!(std::panic::catch_unwind(|| max_abs_diff(&[f32::NAN], &[0.0f32])).is_err());
+        assert_eq!(max_rel_diff(&[1.0f64, 3.0], &[2.0, 3.0], 1e-12), 0.5);
+        assert!(std::panic::catch_unwind(|| max_rel_diff(&[f64::NAN], &[1.0f64], 1e-12)).is_err());
     }
 
     #[test]
@@ -174,10 +188,23 @@ mod tests {
         let d = device();
         let a = Tensor::<Cpu, 2>::from_floats([[1.0, 2.0]], &d);
         let b = Tensor::<Cpu, 2>::from_floats([[1.0, 2.5]], &d);
-        assert!(std::panic::catch_unwind(|| assert_close("t", a.clone(), b.clone(), 0.1)).is_err());
+        assert!(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_close(
+                "t",
+                a.clone(),
+                b.clone(),
+                0.1
+            )))
+            .is_err()
+        );
         assert_eq!(assert_close("t", a, b, 0.5), 0.5);
         let c = Tensor::<Cpu, 2>::from_floats([[1.0], [2.0]], &d);
         let e = Tensor::<Cpu, 2>::from_floats([[1.0, 2.0]], &d);
-        assert!(std::panic::catch_unwind(|| assert_close("shape", c, e, 1.0)).is_err());
+        assert!(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_close(
+                "shape", c, e, 1.0
+            )))
+            .is_err()
+        );
     }
 }

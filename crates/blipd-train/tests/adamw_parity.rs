@@ -4,12 +4,11 @@
 use std::collections::BTreeMap;
 
 use blipd_train::{AdamW, AdamWConfig, GradSet};
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-type B = Autodiff<NdArray>;
+type B = blipd_testkit::CpuTrain;
 
 #[derive(Module, Debug)]
 struct Three<B: Backend> {

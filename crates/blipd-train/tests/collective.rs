@@ -10,7 +10,7 @@ use blipd_train::dist_sync::{DistConfig, DistSync, Transport};
 use blipd_train::{GradEntry, GradSet, GradSync};
 use burn::tensor::{Tensor, TensorData};
 
-type Nd = burn::backend::NdArray;
+type Nd = blipd_testkit::Cpu;
 
 const WORKER_ENV: &str = "BLIPD_TEST_COLLECTIVE_OUT";
 
@@ -184,11 +184,7 @@ fn three_processes_average_gradients_through_burn_collective() {
             .split(", ")
             .map(|x| x.parse().unwrap())
             .collect();
-        let err = got
-            .iter()
-            .zip(v)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-            .fold(0f32, f32::max);
+        let err = blipd_testkit::max_rel_diff(&got, v, 1.0);
         assert!(err <= 1e-6, "step {step} `{p}`: {got:?} vs {v:?} ({err:e})");
     }
 }

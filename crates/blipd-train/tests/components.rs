@@ -165,11 +165,7 @@ fn accumulation_averages_micro_batches_and_syncs_once_per_step() {
         .to_data()
         .to_vec()
         .unwrap();
-    let max = w_acc
-        .iter()
-        .zip(&w_one)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max = blipd_testkit::max_abs_diff(&w_acc, &w_one);
     assert!(max < 1e-6, "weights differ by {max}");
 }
 

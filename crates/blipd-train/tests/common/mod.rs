@@ -11,15 +11,14 @@ use blipd_train::{
     EpochSampler, IndexedSource, Result, SampleContext, Stage, StepOutput, TrainError, TrainRng,
     Trainer,
 };
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub type B = Autodiff<NdArray>;
-pub type Inner = NdArray;
+pub type B = blipd_testkit::CpuTrain;
+pub type Inner = blipd_testkit::Cpu;
 
 /// The backend generator of burn-ndarray is process-global: trainer runs in one test binary
 /// must not interleave.
