@@ -70,6 +70,7 @@ fn mean(v: &[f64]) -> f64 {
 
 #[test]
 fn total_loss_falls_and_the_export_feeds_stage2() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let steps = 60;
     let cfg = config(tmp.path(), steps, &[]);
@@ -168,6 +169,7 @@ fn total_loss_falls_and_the_export_feeds_stage2() {
 
 #[test]
 fn list_file_source_trains_and_names_bad_lines() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let imgs = tmp.path().join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
@@ -201,6 +203,7 @@ fn list_file_source_trains_and_names_bad_lines() {
 
 #[test]
 fn malformed_stage_key_is_rejected_by_name() {
+    let _serial = blipd_testkit::serial();
     let text = "[run]\ndir = \"x\"\n[train]\nmax_steps = 1\nbatch_size = 2\n[optimizer]\nlr = 0.1\n[stage]\nmax_text_len = 16\n";
     let err = parse_config::<Stage1RunConfig>(text, &[])
         .unwrap_err()
@@ -229,6 +232,7 @@ fn malformed_stage_key_is_rejected_by_name() {
 /// come out within bf16's precision of the f32 run of the same seed, but not equal to it.
 #[test]
 fn bf16_autocast_losses_are_close_to_f32() {
+    let _serial = blipd_testkit::serial();
     type Flex = burn::backend::Autodiff<burn::backend::Flex>;
     let tmp = tempfile::tempdir().unwrap();
     let a = config(&tmp.path().join("f32"), 3, &[]);

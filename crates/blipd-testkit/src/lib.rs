@@ -18,6 +18,14 @@ pub fn device() -> burn::tensor::Device<Cpu> {
     Default::default()
 }
 
+/// Serialises the tests of one binary that seed or draw from the backend's random generator: burn-flex's (like
+/// burn-ndarray's) is process-global, so two training tests running at once would interleave their draws and
+/// neither would be reproducible. Hold the guard for the whole test.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why two value lists cannot be compared, or the first non-finite value met.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mismatch {
