@@ -71,6 +71,10 @@ fn low<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(FloatDType, Floa
 /// `l.forward(x)`, in the autocast dtype inside a scope.
 pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     crate::flops::linear(&x.dims(), l.weight.dims()[1]);
+    let x = match crate::cpu::ops::linear(l, x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     match low(&x) {
         None => l.forward(x),
         Some((low, own)) => burn::tensor::module::linear(
@@ -89,9 +93,13 @@ pub fn conv2d<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     y
 }
 
-fn conv2d_uncounted<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// [`conv2d`] without adding to the FLOP count (callers that count themselves).
+pub(crate) fn conv2d_uncounted<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let x = match crate::cpu::ops::conv2d(c, x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     match low(&x) {
-        None if crate::conv::fast_path(c, &x.dims()) => crate::conv::conv2d_shifted(c, x),
         None => c.forward(x),
         Some((low, own)) => {
             // Burn 0.21 pads asymmetric convolutions with a tensor of the backend's default dtype

@@ -14,10 +14,10 @@
 //! [`ControlNetModel::forward`] returns the residuals scaled by `conditioning_scale` (or, in guess
 //! mode, by `logspace(-1, 0, n+1) · scale`), ready for [`crate::unet::UNetExtras::residuals`].
 
+use crate::nn::silu;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
 use crate::unet::blocks::conv2d;

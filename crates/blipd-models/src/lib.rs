@@ -5,7 +5,7 @@
 //! training code. Weights load strictly through [`weights`].
 
 pub mod amp;
-pub mod conv;
+pub mod cpu;
 pub mod flops;
 pub mod nn;
 pub mod weights;

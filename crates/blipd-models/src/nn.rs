@@ -1,8 +1,14 @@
 //! Small building blocks shared by every network: activations, attention core, masks.
 
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
+use burn::tensor::module::attention as fused_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::cpu::math::Act;
+use crate::cpu::ops as kernels;
 
 /// Additive value used to mask attention scores. Large enough that `exp` underflows to 0 in f32
 /// and bf16, small enough not to overflow when added to finite scores.
@@ -10,7 +16,111 @@ pub const MASK_VALUE: f32 = -1.0e9;
 
 /// CLIP's `quick_gelu`: `x * sigmoid(1.702 x)`.
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * activation::sigmoid(x * 1.702)
+    match kernels::act(x, Act::QuickGelu) {
+        Ok(y) => y,
+        Err(x) => x.clone() * activation::sigmoid(x * 1.702),
+    }
+}
+
+/// SiLU `x·σ(x)`.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    kernels::act(x, Act::Silu).unwrap_or_else(activation::silu)
+}
+
+/// `gn.forward(x)` (our fused kernel on the CPU).
+pub fn group_norm<B: Backend, const D: usize>(gn: &GroupNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    kernels::group_norm(gn, x, false).unwrap_or_else(|x| gn.forward(x))
+}
+
+/// `silu(gn.forward(x))`, what every resnet block of SD and its VAE computes: one pass per group on the
+/// CPU.
+pub fn group_norm_silu<B: Backend, const D: usize>(
+    gn: &GroupNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    kernels::group_norm(gn, x, true).unwrap_or_else(|x| activation::silu(gn.forward(x)))
+}
+
+/// diffusers' `GEGLU` after its projection: `h [.., 2·I]` → `h[.., :I] · gelu(h[.., I:])`.
+pub fn geglu<B: Backend, const D: usize>(h: Tensor<B, D>) -> Tensor<B, D> {
+    match kernels::geglu(h) {
+        Ok(y) => y,
+        Err(h) => {
+            let mut parts = h.chunk(2, D - 1);
+            let gate = parts.pop().expect("chunk(2) yields two parts");
+            let h = parts.pop().expect("chunk(2) yields two parts");
+            h * gelu(gate)
+        }
+    }
+}
+
+/// Unmasked scaled dot-product attention on the projections' token layout: `q [B, Lq, H·D]`,
+/// `k [B, Lk, H·D]`, `v [B, Lk, H·Dv]` → `[B, Lq, H·Dv]`. Our kernel on the CPU (no head permutation,
+/// scores bounded per block); elsewhere `burn::tensor::module::attention` (flash attention on CubeCL
+/// backends in inference, the materialised fallback under autodiff), in the autocast dtype.
+pub fn attention_tokens<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<B, 3> {
+    let [b, lq, hd] = q.dims();
+    let [_, lk, hdv] = v.dims();
+    crate::flops::attention([b, heads, lq, hd / heads], lk, hdv / heads);
+    let (q, k, v) = match kernels::attention(q, k, v, heads, scale) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    let (q, back) = crate::amp::lower(split_heads(q, heads));
+    let (k, _) = crate::amp::lower(split_heads(k, heads));
+    let (v, _) = crate::amp::lower(split_heads(v, heads));
+    let out = fused_attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        AttentionModuleOptions {
+            scale: Some(scale),
+            ..Default::default()
+        },
+    );
+    merge_heads(crate::amp::restore(out, back))
+}
+
+/// A `1×1` convolution of `x [B, C, H, W]` returned as tokens `[B, H·W, C_out]` (one product on the CPU;
+/// convolution then `NCHW → NLC` permutation elsewhere).
+pub fn conv1x1_to_tokens<B: Backend>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, _, h, w] = x.dims();
+    let c_out = c.weight.dims()[0];
+    crate::flops::conv2d([b, c_out, h, w], c.weight.dims());
+    match kernels::conv1x1_to_tokens(c, x) {
+        Ok(t) => t,
+        Err(x) => crate::amp::conv2d_uncounted(c, x)
+            .permute([0, 2, 3, 1])
+            .reshape([b, h * w, c_out]),
+    }
+}
+
+/// A `1×1` convolution of tokens `t [B, H·W, C]` back to `[B, C_out, H, W]`, plus `residual` (one
+/// product accumulating onto the residual's buffer on the CPU).
+pub fn tokens_to_conv1x1<B: Backend>(
+    c: &Conv2d<B>,
+    t: Tensor<B, 3>,
+    hw: [usize; 2],
+    residual: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, _, c_in] = t.dims();
+    let c_out = c.weight.dims()[0];
+    crate::flops::conv2d([b, c_out, hw[0], hw[1]], c.weight.dims());
+    match kernels::tokens_to_conv1x1(c, t, hw, residual) {
+        Ok(y) => y,
+        Err((t, residual)) => {
+            let x = t.reshape([b, hw[0], hw[1], c_in]).permute([0, 3, 1, 2]);
+            crate::amp::conv2d_uncounted(c, x) + residual
+        }
+    }
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` with `approximate="none"`: `x · ½(1 + erf(x/√2))`.
@@ -18,8 +128,13 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Written with tensor ops rather than `burn::tensor::activation::gelu` because Burn 0.21's GELU
 /// backward uses the derivative of the tanh approximation while its forward is exact, which puts
 /// gradients ~3e-4 (relative) away from PyTorch's; through `erf` autodiff gets the exact derivative.
+///
+/// On the CPU backend in inference this is our vectorised kernel (erf as ATen computes it).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5
+    match kernels::act(x, Act::Gelu) {
+        Ok(y) => y,
+        Err(x) => x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5,
+    }
 }
 
 /// A PyTorch-style `nn.Linear` (weights stored `[in, out]` in Burn; loaders transpose).

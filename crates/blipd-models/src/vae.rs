@@ -20,12 +20,11 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{attention, linear, merge_heads, split_heads};
+use crate::nn::linear;
 use crate::weights::{load_strict, save_safetensors, ComponentDir, KeyMap, StateDict};
 use crate::ModelError;
 
@@ -249,8 +248,11 @@ impl<B: Backend> VaeResnetBlock<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = crate::amp::conv2d(&self.conv1, silu(self.norm1.forward(x.clone())));
-        let h = crate::amp::conv2d(&self.conv2, silu(self.norm2.forward(h)));
+        let h = crate::amp::conv2d(
+            &self.conv1,
+            crate::nn::group_norm_silu(&self.norm1, x.clone()),
+        );
+        let h = crate::amp::conv2d(&self.conv2, crate::nn::group_norm_silu(&self.norm2, h));
         let skip = match &self.conv_shortcut {
             Some(c) => crate::amp::conv2d(c, x),
             None => x,
@@ -286,16 +288,14 @@ impl<B: Backend> VaeAttention<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let hs = self
-            .group_norm
-            .forward(x.clone())
+        let hs = crate::nn::group_norm(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
-        let q = split_heads(crate::amp::linear(&self.to_q, hs.clone()), self.heads);
-        let k = split_heads(crate::amp::linear(&self.to_k, hs.clone()), self.heads);
-        let v = split_heads(crate::amp::linear(&self.to_v, hs), self.heads);
+        let q = crate::amp::linear(&self.to_q, hs.clone());
+        let k = crate::amp::linear(&self.to_k, hs.clone());
+        let v = crate::amp::linear(&self.to_v, hs);
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
-        let out = merge_heads(attention(q, k, v, scale, None));
+        let out = crate::nn::attention_tokens(q, k, v, self.heads, scale);
         let out = crate::amp::linear(&self.to_out, out)
             .swap_dims(1, 2)
             .reshape([b, c, h, w]);
@@ -459,7 +459,10 @@ impl<B: Backend> VaeEncoder<B> {
         let x = crate::amp::conv2d(&self.conv_in, x);
         let x = self.down_blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self.mid_block.forward(x);
-        crate::amp::conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        crate::amp::conv2d(
+            &self.conv_out,
+            crate::nn::group_norm_silu(&self.conv_norm_out, x),
+        )
     }
 }
 
@@ -509,7 +512,10 @@ impl<B: Backend> VaeDecoder<B> {
         let x = crate::amp::conv2d(&self.conv_in, z);
         let x = self.mid_block.forward(x);
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward(x));
-        crate::amp::conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        crate::amp::conv2d(
+            &self.conv_out,
+            crate::nn::group_norm_silu(&self.conv_norm_out, x),
+        )
     }
 }
 

@@ -31,10 +31,11 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
-use burn::tensor::module::attention as fused_attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::nn::{attention_probs, gelu, linear, merge_heads, split_heads};
+use crate::nn::{
+    attention_probs, attention_tokens, conv1x1_to_tokens, geglu, group_norm, linear, merge_heads,
+    split_heads, tokens_to_conv1x1,
+};
 
 /// Which part of the U-Net an attention layer sits in (LAVIS's `place_in_unet`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,20 +208,22 @@ impl<B: Backend> Attention<B> {
         actx: &mut AttentionContext<'_, B>,
     ) -> Tensor<B, 3> {
         let kv = context.unwrap_or_else(|| x.clone());
-        let q = split_heads(crate::amp::linear(&self.to_q, x), self.heads);
-        let k = split_heads(crate::amp::linear(&self.to_k, kv.clone()), self.heads);
-        let v = split_heads(crate::amp::linear(&self.to_v, kv), self.heads);
+        let q = crate::amp::linear(&self.to_q, x);
+        let k = crate::amp::linear(&self.to_k, kv.clone());
+        let v = crate::amp::linear(&self.to_v, kv);
         let scale = (self.dim_head as f64).powf(-0.5);
 
         site.index = actx.next_index;
-        site.key_len = k.dims()[2];
+        site.key_len = k.dims()[1];
         site.heads = self.heads;
         actx.next_index += 1;
 
+        let heads = self.heads;
         let kernel = actx.kernel;
         let out = match actx.hook.as_deref_mut().filter(|h| h.wants(&site)) {
             Some(hook) => {
-                let probs = attention_probs(q, k, scale, None);
+                let probs =
+                    attention_probs(split_heads(q, heads), split_heads(k, heads), scale, None);
                 let expected = probs.dims();
                 let probs = hook.on_attention(&site, probs);
                 assert_eq!(
@@ -228,33 +231,17 @@ impl<B: Backend> Attention<B> {
                     expected,
                     "attention hook returned probabilities of the wrong shape at {site:?}"
                 );
-                crate::amp::matmul(probs, v)
+                merge_heads(crate::amp::matmul(probs, split_heads(v, heads)))
             }
             None => match kernel {
-                AttentionKernel::Fused => {
-                    crate::flops::attention(q.dims(), k.dims()[2], v.dims()[3]);
-                    let (q, back) = crate::amp::lower(q);
-                    let (k, _) = crate::amp::lower(k);
-                    let (v, _) = crate::amp::lower(v);
-                    let out = fused_attention(
-                        q,
-                        k,
-                        v,
-                        None,
-                        None,
-                        AttentionModuleOptions {
-                            scale: Some(scale),
-                            ..Default::default()
-                        },
-                    );
-                    crate::amp::restore(out, back)
-                }
-                AttentionKernel::Materialized => {
-                    crate::amp::matmul(attention_probs(q, k, scale, None), v)
-                }
+                AttentionKernel::Fused => attention_tokens(q, k, v, heads, scale),
+                AttentionKernel::Materialized => merge_heads(crate::amp::matmul(
+                    attention_probs(split_heads(q, heads), split_heads(k, heads), scale, None),
+                    split_heads(v, heads),
+                )),
             },
         };
-        crate::amp::linear(&self.to_out, merge_heads(out))
+        crate::amp::linear(&self.to_out, out)
     }
 }
 
@@ -266,11 +253,7 @@ pub struct Geglu<B: Backend> {
 
 impl<B: Backend> Geglu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = crate::amp::linear(&self.proj, x);
-        let mut parts = h.chunk(2, 2);
-        let gate = parts.pop().expect("chunk(2) yields two parts");
-        let h = parts.pop().expect("chunk(2) yields two parts");
-        h * gelu(gate)
+        geglu(crate::amp::linear(&self.proj, x))
     }
 }
 
@@ -402,11 +385,9 @@ impl<B: Backend> Transformer2DModel<B> {
         context: Tensor<B, 3>,
         actx: &mut AttentionContext<'_, B>,
     ) -> Tensor<B, 4> {
-        let [b, _, h, w] = x.dims();
+        let [_, _, h, w] = x.dims();
         let residual = x.clone();
-        let x = crate::amp::conv2d(&self.proj_in, self.norm.forward(x));
-        let inner = x.dims()[1];
-        let mut t = x.permute([0, 2, 3, 1]).reshape([b, h * w, inner]);
+        let mut t = conv1x1_to_tokens(&self.proj_in, group_norm(&self.norm, x));
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let site = AttentionSite {
                 index: 0,
@@ -422,8 +403,7 @@ impl<B: Backend> Transformer2DModel<B> {
             };
             t = block.forward(t, context.clone(), site, actx);
         }
-        let x = t.reshape([b, h, w, inner]).permute([0, 3, 1, 2]);
-        crate::amp::conv2d(&self.proj_out, x) + residual
+        tokens_to_conv1x1(&self.proj_out, t, [h, w], residual)
     }
 
     /// Number of attention calls one forward makes (self + cross per transformer block).

@@ -6,12 +6,11 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use super::attention::{AttentionContext, Transformer2DModel, UNetPlace};
-use crate::nn::linear;
+use crate::nn::{group_norm_silu, linear, silu};
 
 /// A PyTorch-style `nn.Conv2d(c_in, c_out, k, stride, padding)` (symmetric padding).
 pub fn conv2d<B: Backend>(
@@ -123,13 +122,13 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (ignored without `time_emb_proj`).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = crate::amp::conv2d(&self.conv1, silu(self.norm1.forward(x.clone())));
+        let mut h = crate::amp::conv2d(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = crate::amp::linear(proj, silu(temb));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = crate::amp::conv2d(&self.conv2, silu(self.norm2.forward(h)));
+        let h = crate::amp::conv2d(&self.conv2, group_norm_silu(&self.norm2, h));
         let shortcut = match &self.conv_shortcut {
             Some(conv) => crate::amp::conv2d(conv, x),
             None => x,

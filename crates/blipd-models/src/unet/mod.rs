@@ -26,7 +26,6 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, GroupNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
 pub use attention::{
@@ -787,7 +786,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         }
 
         actx.finish();
-        let x = silu(self.conv_norm_out.forward(x));
+        let x = crate::nn::group_norm_silu(&self.conv_norm_out, x);
         crate::amp::conv2d(&self.conv_out, x)
     }
 

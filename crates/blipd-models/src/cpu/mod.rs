@@ -1,0 +1,106 @@
+//! Our CPU kernels for the products, norms, activations and attention of the networks, and the one
+//! place that decides when they run instead of Burn's ops.
+//!
+//! Burn 0.21's CPU backend (burn-flex) computes each op in a fresh buffer, convolves through an
+//! unfolded copy of the whole input, normalises with several reductions and element-wise passes, and
+//! walks permuted tensors element by element; on a full-size generation most of the time went there
+//! rather than into arithmetic (docs/performance.md). The kernels here work on `f32` slices, call the
+//! `gemm` crate (the GEMM burn-flex itself uses) with strides instead of copying, fuse what runs
+//! back to back (GroupNorm + SiLU, bias + residual into the product, GEGLU), and reuse scratch memory.
+//!
+//! # When they run
+//!
+//! Every network calls the functions of [`crate::amp`] and [`crate::nn`]; those take the path here
+//! when [`take`] accepts the input: the backend is burn-flex itself (not wrapped in autodiff, whose
+//! backward needs Burn's ops — training is Burn's path), the tensor is `f32`, no autocast scope is
+//! active, and the kernels are not switched off (`BLIPD_CPU_KERNELS=burn`, or [`set_enabled`]).
+//! Otherwise the same functions run Burn's ops, which is also how the CUDA build runs. The parity
+//! tests check both paths against each other and the fixtures (`tests/cpu_kernels.rs`).
+
+pub mod attention;
+pub mod conv;
+pub mod gemm;
+pub mod math;
+pub mod norm;
+
+pub(crate) mod flex;
+pub(crate) mod ops;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether our kernels may replace Burn's ops (default on; `BLIPD_CPU_KERNELS=burn` turns them off).
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = !matches!(
+                std::env::var("BLIPD_CPU_KERNELS").as_deref(),
+                Ok("burn") | Ok("off") | Ok("0")
+            );
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns our kernels on or off for the whole process (benchmarks and tests compare both paths).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Threads the kernels split work over (rayon's pool).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// A vector of `n` floats every element of which the caller writes before reading.
+///
+/// The allocation is not zeroed: a fresh multi-megabyte buffer would otherwise be written twice (the
+/// kernel's zero pages, then ours).
+pub(crate) fn output(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `f32` has no invalid bit patterns and every caller overwrites all `n` elements (the
+    // products write with `read_dst = false` or after a fill) before anything reads them.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of at least `n` floats (contents unspecified), reused across
+/// calls on this thread so that large temporaries (unfolded convolution inputs, attention scores)
+/// do not map fresh pages every call. Nested calls get distinct buffers.
+pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    if buf.len() < n {
+        drop(std::mem::take(&mut buf));
+        buf = output(n);
+    }
+    let r = f(&mut buf[..n]);
+    SCRATCH.with(|s| s.borrow_mut().push(buf));
+    r
+}
+
+/// A raw pointer that may cross to rayon's threads: each task writes a disjoint region, which the
+/// code handing it out guarantees.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: see the type's docs; the pointee outlives the parallel section that uses it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
