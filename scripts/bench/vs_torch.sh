@@ -2,22 +2,25 @@
 # PyTorch vs blipd on the same machine, the same random weights and the same inputs, in one run.
 #
 #   scripts/bench/vs_torch.sh infer     # full-size BLIP-Diffusion (1.56 B parameters), 256², 3 PNDM steps + CFG
+#   scripts/bench/vs_torch.sh train     # stage-2 step, mid size (414 M trainable), 256², batch 2, fp32 AdamW
 #
 # The reference side is ../shared/bench/torch_cpu.py (read its header): it writes the pipeline folder in the
 # diffusers layout, the initial latents and its images, and times diffusers on them. blipd then loads that very
 # folder (`blipd bench infer`) from the same latents and compares its images. scripts/bench/torch_rss.py runs the
 # reference generation once more in a fresh process for its peak memory. Ends with one line:
 #   infer: PyTorch A s, blipd B s, speed ratio A/B = R
-# (A and B exclude loading; both sides use THREADS threads.) Nothing here is a timed test.
+# (A and B exclude loading; both sides use THREADS threads.) For train the line is
+#   train: PyTorch A samples/s, blipd B samples/s, speed ratio B/A = R
+# (mean of ITERS steps after one warm-up step on each side). Nothing here is a timed test.
 #
-# Env: THREADS (2), SIZE (256), STEPS (3), WORK (target/bench-vs-torch-MODE), SHARED (../shared),
+# Env: THREADS (2), SIZE (256), STEPS (3), BATCH (2), ITERS (3), WORK (target/bench-vs-torch-MODE), SHARED (../shared),
 #      PYTHON (default /work/pyref/bin/python if it has diffusers, else a venv at target/bench-torch-venv
 #      with scripts/reference/requirements.txt), BLIPD (a blipd binary; default: built here in release),
 #      KEEP=1 keeps the work folder (6 GB for infer), REUSE=1 skips rebuilding it when present.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODE="${1:?usage: vs_torch.sh infer}"
-THREADS="${THREADS:-2}" SIZE="${SIZE:-256}" STEPS="${STEPS:-3}"
+MODE="${1:?usage: vs_torch.sh infer|train}"
+THREADS="${THREADS:-2}" SIZE="${SIZE:-256}" STEPS="${STEPS:-3}" BATCH="${BATCH:-2}" ITERS="${ITERS:-3}"
 SHARED="${SHARED:-../shared}"
 WORK="${WORK:-target/bench-vs-torch-$MODE}"
 TOK=crates/blipd-models/tests/fixtures/tokenizers/tiny_clip
@@ -64,6 +67,24 @@ infer)
     "$LT" "$LB" "$RT" "$RB" "$D"
   "$PY" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'infer: PyTorch {a:.2f} s, blipd {b:.2f} s, speed ratio A/B = {a/b:.2f}')" "$A" "$B"
   ;;
-*) echo "unknown mode $MODE (infer)"; exit 2;;
+train)
+  if [ "${REUSE:-0}" = 1 ] && [ -f "$WORK/torch_train.json" ]; then
+    echo "== reusing $WORK (REUSE=1)"
+  else
+    rm -rf "$WORK"; mkdir -p "$WORK"
+    echo "== PyTorch: building the random mid-size folder and timing the stage-2 step ($THREADS threads)"
+    "$PY" "$SHARED/bench/torch_cpu.py" train --out "$WORK" --tokenizer "$TOK" --bert-vocab "$BERT" \
+      --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --threads "$THREADS"
+  fi
+  echo "== blipd on the same folder"
+  "$BLIPD" bench train --model "$WORK/pipe" --bert-vocab "$BERT" --size "$SIZE" --batch "$BATCH" \
+    --iters "$ITERS" --json "$WORK/blipd_train.json"
+  A=$(json "$WORK/torch_train.json" "['samples_per_s']")
+  B=$(json "$WORK/blipd_train.json" "['samples_per_s']")
+  RB=$(json "$WORK/blipd_train.json" "['peak_rss_bytes']/1e9")
+  printf 'peak RSS: blipd %.2f GB (PyTorch: see /usr/bin/time or torch_rss.py)\n' "$RB"
+  "$PY" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'train: PyTorch {a:.4f} samples/s, blipd {b:.4f} samples/s, speed ratio B/A = {b/a:.2f}')" "$A" "$B"
+  ;;
+*) echo "unknown mode $MODE (infer|train)"; exit 2;;
 esac
 [ "${KEEP:-0}" = 1 ] || [ "${REUSE:-0}" = 1 ] || rm -rf "$WORK/pipe"

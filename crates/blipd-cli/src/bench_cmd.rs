@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 
 #[derive(clap::Args)]
@@ -20,6 +21,41 @@ enum BenchWhat {
     /// Zero-shot generation (subject embedding, text, each U-Net call, VAE decode) from a diffusers
     /// BLIP-Diffusion folder, e.g. the one `../shared/bench/torch_cpu.py infer` writes.
     Infer(InferArgs),
+    /// Stage-2 training steps (the trainer's own step: frozen VAE encode and ViT, Q-Former →
+    /// subject embeddings → text encoder → U-Net ε-MSE, backward, AdamW) on random inputs, from a
+    /// diffusers folder such as the one `../shared/bench/torch_cpu.py train` writes.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The pipeline folder (diffusers `Salesforce/blipdiffusion` layout) whose networks are trained.
+    #[arg(long)]
+    model: PathBuf,
+    /// Target side in pixels (the VAE input; latents are size/8).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Samples per step.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Learning rate and weight decay of AdamW (torch_cpu.py: 2e-6, 0.01).
+    #[arg(long, default_value_t = 2e-6)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value = "dog")]
+    subject: String,
+    #[arg(long, default_value = "swimming underwater")]
+    prompt: String,
+    /// BERT-uncased vocab.txt for the Q-Former (else <model>/qformer/vocab.txt).
+    #[arg(long)]
+    bert_vocab: Option<PathBuf>,
+    /// Write the measurements as JSON here (one object; also printed as the last stdout line).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -60,10 +96,151 @@ struct InferArgs {
     bert_vocab: Option<PathBuf>,
 }
 
-pub fn run<B: Backend>(args: BenchArgs, device: &B::Device) -> Result<()> {
+pub fn run<A: AutodiffBackend>(args: BenchArgs, device: &A::Device) -> Result<()> {
     match args.what {
-        BenchWhat::Infer(a) => infer::<B>(a, device),
+        BenchWhat::Infer(a) => infer::<A::InnerBackend>(a, device),
+        BenchWhat::Train(a) => train::<A>(a, device),
     }
+}
+
+/// Random stage-2 batches shaped like torch_cpu.py's (`randn` subject images and targets).
+struct RandomBatches {
+    batch: usize,
+    image_size: usize,
+    target_size: usize,
+    subject: String,
+    caption: String,
+    rng: blipd_train::TrainRng,
+}
+
+impl blipd_train::BatchSource for RandomBatches {
+    type Batch = blipd_stage2::Stage2Batch;
+
+    fn next_batch(&mut self) -> blipd_train::Result<Self::Batch> {
+        let b = self.batch;
+        let normal = |rng: &mut blipd_train::TrainRng, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    use rand::Rng;
+                    let u1: f64 = rng.random::<f64>().max(1e-12);
+                    let u2: f64 = rng.random();
+                    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect()
+        };
+        let (si, st) = (self.image_size, self.target_size);
+        Ok(blipd_stage2::Stage2Batch {
+            input: TensorData::new(normal(&mut self.rng, b * 3 * si * si), [b, 3, si, si]),
+            target: TensorData::new(normal(&mut self.rng, b * 3 * st * st), [b, 3, st, st]),
+            subjects: vec![self.subject.clone(); b],
+            captions: vec![self.caption.clone(); b],
+            sample_rngs: None,
+        })
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn load_state(&mut self, _state: &serde_json::Value) -> blipd_train::Result<()> {
+        Ok(())
+    }
+}
+
+fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
+    if a.batch == 0 || a.iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let backend = A::name(device);
+    // What torch_cpu.py trains: every sample keeps its subject (no dropping), the released prompt
+    // (`"a {subject} {prompt}"` ×20, the embeddings spliced at position 2), the text encoder trained.
+    let cfg = blipd_stage2::Stage2Config {
+        model_dir: Some(a.model.clone()),
+        subject_drop_prob: 0.0,
+        bert_vocab: a.bert_vocab.clone(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let parts = blipd_stage2::Stage2Components::<A>::from_diffusers(&a.model, &cfg, device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let image_size = parts.image_size;
+    let (stage, model) = blipd_stage2::Stage2::new(cfg, parts, a.size, device.clone())?;
+    let trainable: usize = blipd_train::params::param_infos(&model)
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.numel())
+        .sum();
+    let dir = std::env::temp_dir().join(format!("blipd-bench-train-{}", std::process::id()));
+    let toml = format!(
+        "[run]\ndir = {dir:?}\nseed = 0\n[train]\nmax_steps = {}\nbatch_size = {}\nprogress = false\n\
+         [optimizer]\nlr = {:e}\nweight_decay = {:e}\n",
+        a.iters + 1,
+        a.batch,
+        a.lr,
+        a.weight_decay
+    );
+    let config: blipd_train::TrainerConfig =
+        toml::from_str(&toml).context("the bench's trainer config")?;
+    let mut trainer = blipd_train::Trainer::new(config, toml, stage, model, device.clone())?;
+    let mut data = RandomBatches {
+        batch: a.batch,
+        image_size,
+        target_size: a.size,
+        subject: a.subject.clone(),
+        caption: a.prompt.clone(),
+        rng: blipd_train::TrainRng::new(0, 7),
+    };
+    println!(
+        "bench train: {backend}, {} trainable parameters, batch {}, {}² targets, {}² subject images",
+        trainable, a.batch, a.size, image_size
+    );
+    let mut step_s = Vec::with_capacity(a.iters + 1);
+    for i in 0..=a.iters {
+        blipd_models::flops::take();
+        let t = Instant::now();
+        let stats = trainer.train_step(&mut data)?;
+        A::sync(device)?;
+        let s = t.elapsed().as_secs_f64();
+        let gf = blipd_models::flops::take() as f64 / 1e9;
+        println!(
+            "step {i}{}: {s:.3} s, loss {:.5}, grad-norm {:.4e}, forward {gf:.1} GFLOP counted",
+            if i == 0 { " (warm-up)" } else { "" },
+            stats.loss,
+            stats.grad_norm
+        );
+        step_s.push(s);
+    }
+    let timed = &step_s[1..];
+    let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+    let rss = peak_rss();
+    println!(
+        "train: {mean:.3} s/step, {:.4} samples/s (mean of {} steps after the warm-up); load {load_s:.2} s",
+        a.batch as f64 / mean,
+        timed.len()
+    );
+    if let Some(r) = rss {
+        println!("peak RSS: {:.2} GB", r as f64 / 1e9);
+    }
+    let json = serde_json::json!({
+        "mode": "train",
+        "backend": backend,
+        "batch": a.batch,
+        "size": a.size,
+        "trainable": trainable,
+        "load_s": load_s,
+        "step_s": mean,
+        "steps_s": timed,
+        "samples_per_s": a.batch as f64 / mean,
+        "peak_rss_bytes": rss,
+    });
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// Peak resident set of this process so far (`VmHWM`), in bytes; `None` off Linux.

@@ -317,7 +317,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::InspectWeights { dir } => inspect(&dir),
         Command::Data(args) => data_cmd::run(args),
         Command::Bench(args) => {
-            bench_cmd::run::<Inner>(args, &device())?;
+            bench_cmd::run::<Train>(args, &device())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => eval_cmd::run(args),

@@ -20,7 +20,8 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
 use serde::{Deserialize, Serialize};
@@ -310,6 +311,11 @@ impl<B: Backend> VisionAttention<B> {
         };
         let h = self.num_heads;
         let scale = ((d / h) as f64).powf(-0.5);
+        if self.dropout.prob == 0.0 {
+            // No attention dropout (CLIP's is 0): the probabilities need not exist.
+            let out = crate::nn::attention_tokens(q, k, v, h, scale);
+            return crate::amp::linear(&self.projection, out);
+        }
         let probs = attention_probs(split_heads(q, h), split_heads(k, h), scale, None);
         let probs = self.dropout.forward(probs);
         crate::amp::linear(

@@ -16,11 +16,14 @@
 //! text config has `layer_norm_eps = 1e-5`, so both agree; this port uses `layer_norm_eps`.
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, Linear};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{attention, causal_bias, gelu, linear, merge_heads, quick_gelu, split_heads};
+use crate::nn::{
+    attention, causal_attention_tokens, gelu, linear, merge_heads, quick_gelu, split_heads,
+};
 use crate::weights::{load_strict, save_safetensors, KeyMap, StateDict};
 use crate::ModelError;
 
@@ -240,6 +243,18 @@ impl<B: Backend> ClipAttention<B> {
         let out = merge_heads(attention(q, k, v, scale, bias));
         crate::amp::linear(&self.out_proj, out)
     }
+
+    /// [`Self::forward`] with the causal mask (what the text encoder uses), without materialising
+    /// it where our attention kernel runs.
+    pub fn forward_causal(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [_, _, d] = x.dims();
+        let scale = ((d / self.num_heads) as f64).powf(-0.5);
+        let q = crate::amp::linear(&self.q_proj, x.clone());
+        let k = crate::amp::linear(&self.k_proj, x.clone());
+        let v = crate::amp::linear(&self.v_proj, x);
+        let out = causal_attention_tokens(q, k, v, self.num_heads, scale);
+        crate::amp::linear(&self.out_proj, out)
+    }
 }
 
 /// `text_model.encoder.layers.{i}.mlp`.
@@ -274,6 +289,12 @@ pub struct ClipEncoderLayer<B: Backend> {
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), bias);
+        h.clone() + self.mlp.forward(self.layer_norm2.forward(h))
+    }
+
+    /// [`Self::forward`] with the causal mask.
+    pub fn forward_causal(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward_causal(self.layer_norm1.forward(x));
         h.clone() + self.mlp.forward(self.layer_norm2.forward(h))
     }
 }
@@ -314,13 +335,17 @@ impl<B: Backend> ContextClipTextModel<B> {
         ctx_begin_pos: usize,
     ) -> Result<Tensor<B, 3>, ModelError> {
         let embeds = self.embed(input_ids, ctx_embeddings, ctx_begin_pos)?;
-        let [_, seq, _] = embeds.dims();
-        let bias = causal_bias::<B>(seq, &embeds.device());
+        Ok(self.encode_embeds(embeds))
+    }
+
+    /// The transformer over already-built input embeddings `[B, L, D]` (token + position, subject
+    /// embeddings spliced), causal mask over all positions, then `final_layer_norm`.
+    pub fn encode_embeds(&self, embeds: Tensor<B, 3>) -> Tensor<B, 3> {
         let mut h = embeds;
         for layer in &self.text_model.encoder.layers {
-            h = layer.forward(h, Some(bias.clone()));
+            h = layer.forward_causal(h);
         }
-        Ok(self.text_model.final_layer_norm.forward(h))
+        self.text_model.final_layer_norm.forward(h)
     }
 
     /// The embedding step alone (token embeddings, splice, position embeddings): `[B, L + N, D]`.

@@ -1,8 +1,10 @@
 //! Small building blocks shared by every network: activations, attention core, masks.
 
+use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
 use burn::tensor::activation;
 use burn::tensor::module::attention as fused_attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -68,7 +70,7 @@ pub fn attention_tokens<B: Backend>(
     let [b, lq, hd] = q.dims();
     let [_, lk, hdv] = v.dims();
     crate::flops::attention([b, heads, lq, hd / heads], lk, hdv / heads);
-    let (q, k, v) = match kernels::attention(q, k, v, heads, scale) {
+    let (q, k, v) = match kernels::attention(q, k, v, heads, scale, false) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
@@ -87,6 +89,32 @@ pub fn attention_tokens<B: Backend>(
         },
     );
     merge_heads(crate::amp::restore(out, back))
+}
+
+/// [`attention_tokens`] where query `i` sees keys `0..=i` only (CLIP's causal text encoder; `Lq = Lk`).
+/// Elsewhere than the CPU kernels: the materialised attention with [`causal_bias`].
+pub fn causal_attention_tokens<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<B, 3> {
+    let [b, lq, hd] = q.dims();
+    let [_, lk, hdv] = v.dims();
+    crate::flops::attention([b, heads, lq, hd / heads], lk, hdv / heads);
+    let (q, k, v) = match kernels::attention(q, k, v, heads, scale, true) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    let bias = causal_bias::<B>(lq, &q.device());
+    merge_heads(attention(
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+        scale,
+        Some(bias),
+    ))
 }
 
 /// A `1×1` convolution of `x [B, C, H, W]` returned as tokens `[B, H·W, C_out]` (one product on the CPU;
@@ -134,6 +162,75 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     match kernels::act(x, Act::Gelu) {
         Ok(y) => y,
         Err(x) => x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5,
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last axis: Burn's `LayerNorm` with the same fields (so weights load
+/// and checkpoints key the same, `gamma`/`beta`) and a readable `epsilon`, which our training kernel
+/// needs (Burn 0.21 keeps it private). The forward pass is Burn's `layer_norm` op, or one graph node
+/// with our backward when training on the CPU backend.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    pub beta: Option<Param<Tensor<B, 1>>>,
+    pub epsilon: f64,
+}
+
+/// Builds a [`LayerNorm`] like `burn::nn::LayerNormConfig` (ones and zeros, ε 1e-5 by default).
+#[derive(Clone, Debug)]
+pub struct LayerNormConfig {
+    pub d_model: usize,
+    pub epsilon: f64,
+    pub bias: bool,
+}
+
+impl LayerNormConfig {
+    pub fn new(d_model: usize) -> Self {
+        Self {
+            d_model,
+            epsilon: 1e-5,
+            bias: true,
+        }
+    }
+
+    pub fn with_epsilon(mut self, epsilon: f64) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LayerNorm<B> {
+        let ln = burn::nn::LayerNormConfig::new(self.d_model)
+            .with_epsilon(self.epsilon)
+            .with_bias(self.bias)
+            .init(device);
+        LayerNorm {
+            gamma: ln.gamma,
+            beta: ln.beta,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// `[..., d]` → `[..., d]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match kernels::layer_norm(self, x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
+        let gamma = self.gamma.val().into_primitive().tensor();
+        let beta = self.beta.as_ref().map(|b| b.val().into_primitive().tensor());
+        Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+            x.into_primitive().tensor(),
+            gamma,
+            beta,
+            self.epsilon,
+        )))
     }
 }
 

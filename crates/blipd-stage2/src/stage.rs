@@ -189,13 +189,7 @@ fn encode_embeds<B: Backend>(
     te: &blipd_models::ctx_clip_text::ContextClipTextModel<B>,
     embeds: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    let [_, seq, _] = embeds.dims();
-    let bias = blipd_models::nn::causal_bias::<B>(seq, &embeds.device());
-    let mut h = embeds;
-    for layer in &te.text_model.encoder.layers {
-        h = layer.forward(h, Some(bias.clone()));
-    }
-    te.text_model.final_layer_norm.forward(h)
+    te.encode_embeds(embeds)
 }
 
 impl<B: AutodiffBackend> Stage<B> for Stage2<B> {

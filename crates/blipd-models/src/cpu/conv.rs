@@ -240,6 +240,194 @@ fn im2col(
     }
 }
 
+/// Gradients of [`conv2d`] for the output gradient `dy [B, C_out, H_out, W_out]`: the input's (the
+/// transposed product `Wᵀ · dY` folded back onto the input grid, col2im), the weight's
+/// (`Σ dY · colᵀ`, the unfolded input recomputed band by band rather than kept from the forward
+/// pass) and the bias's (`Σ dY`); each only when asked for.
+pub fn conv2d_backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    s: &Conv2dSpec,
+    [want_dx, want_dw, want_db]: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    let (ho, wo) = s.out_hw().expect("conv2d_backward: the kernel does not fit the padded input");
+    let (hw_in, hw) = (s.h * s.w, ho * wo);
+    let k = s.c_in * s.kh * s.kw;
+    assert_eq!(x.len(), s.batch * s.c_in * hw_in, "conv2d_backward: input size");
+    assert_eq!(weight.len(), s.c_out * k, "conv2d_backward: weight size");
+    assert_eq!(dy.len(), s.batch * s.c_out * hw, "conv2d_backward: gradient size");
+    let threads = threads();
+    let db = want_db.then(|| {
+        let mut db = vec![0.0f64; s.c_out];
+        for dyb in dy.chunks_exact(s.c_out * hw) {
+            for (acc, row) in db.iter_mut().zip(dyb.chunks_exact(hw)) {
+                *acc += super::norm::sum(row);
+            }
+        }
+        db.into_iter().map(|v| v as f32).collect::<Vec<f32>>()
+    });
+    let mut dw = want_dw.then(|| output(s.c_out * k));
+    let mut dx = want_dx.then(|| {
+        if s.pointwise() {
+            output(x.len())
+        } else {
+            vec![0.0f32; x.len()]
+        }
+    });
+    if !(want_dx || want_dw) {
+        return [dx, dw, db];
+    }
+    let wt = Operand::transposed(weight.as_ptr(), k);
+    if s.pointwise() {
+        for bi in 0..s.batch {
+            let xb = &x[bi * s.c_in * hw..(bi + 1) * s.c_in * hw];
+            let dyb = &dy[bi * s.c_out * hw..(bi + 1) * s.c_out * hw];
+            if let Some(dx) = dx.as_mut() {
+                // SAFETY: dx_b is C_in × HW; Wᵀ read from W (C_out × C_in); dy_b C_out × HW.
+                unsafe {
+                    matmul(
+                        s.c_in,
+                        hw,
+                        s.c_out,
+                        dx[bi * s.c_in * hw..].as_mut_ptr(),
+                        hw,
+                        wt,
+                        Operand::rows(dyb.as_ptr(), hw),
+                        false,
+                        threads,
+                    )
+                };
+            }
+            if let Some(dw) = dw.as_mut() {
+                // SAFETY: dW is C_out × C_in; dy_b C_out × HW; x_bᵀ read from x_b (C_in × HW).
+                unsafe {
+                    matmul(
+                        s.c_out,
+                        s.c_in,
+                        hw,
+                        dw.as_mut_ptr(),
+                        s.c_in,
+                        Operand::rows(dyb.as_ptr(), hw),
+                        Operand::transposed(xb.as_ptr(), hw),
+                        bi > 0,
+                        threads,
+                    )
+                };
+            }
+        }
+        return [dx, dw, db];
+    }
+    let band_rows = (BAND_FLOATS / (k * wo).max(1)).clamp(1, ho);
+    with_scratch(k * band_rows * wo, |col| {
+        let mut first = true;
+        for bi in 0..s.batch {
+            let xb = &x[bi * s.c_in * hw_in..(bi + 1) * s.c_in * hw_in];
+            let dyb = &dy[bi * s.c_out * hw..(bi + 1) * s.c_out * hw];
+            let mut y0 = 0;
+            while y0 < ho {
+                let y1 = (y0 + band_rows).min(ho);
+                let n = (y1 - y0) * wo;
+                let dy_band = Operand::rows(dyb[y0 * wo..].as_ptr(), hw);
+                if let Some(dw) = dw.as_mut() {
+                    im2col(xb, s, y0, y1, wo, col, n, 0);
+                    // SAFETY: dW is C_out × K; the band of dy_b is C_out × n with rows HW apart;
+                    // colᵀ read from col (K × n).
+                    unsafe {
+                        matmul(
+                            s.c_out,
+                            k,
+                            n,
+                            dw.as_mut_ptr(),
+                            k,
+                            dy_band,
+                            Operand::transposed(col.as_ptr(), n),
+                            !first,
+                            threads,
+                        )
+                    };
+                    first = false;
+                }
+                if let Some(dx) = dx.as_mut() {
+                    // SAFETY: col is K × n; Wᵀ read from W (C_out × K); the band of dy_b as above.
+                    unsafe {
+                        matmul(
+                            k,
+                            n,
+                            s.c_out,
+                            col.as_mut_ptr(),
+                            n,
+                            wt,
+                            dy_band,
+                            false,
+                            threads,
+                        )
+                    };
+                    col2im_add(
+                        &col[..k * n],
+                        s,
+                        y0,
+                        y1,
+                        wo,
+                        &mut dx[bi * s.c_in * hw_in..(bi + 1) * s.c_in * hw_in],
+                    );
+                }
+                y0 = y1;
+            }
+        }
+    });
+    [dx, dw, db]
+}
+
+/// Adds the unfolded gradient `dcol [C_in·kh·kw, rows·W_out]` of output rows `y0..y1` back onto the
+/// input grid `dxb [C_in, H, W]` (the transpose of [`im2col`]); one channel per task.
+fn col2im_add(dcol: &[f32], s: &Conv2dSpec, y0: usize, y1: usize, wo: usize, dxb: &mut [f32]) {
+    let n = (y1 - y0) * wo;
+    let [pt, pl, _, _] = s.pad;
+    let [sh, sw] = s.stride;
+    let [dh, dw] = s.dilation;
+    let (h, w) = (s.h, s.w);
+    let taps = s.kh * s.kw;
+    let channel = |c: usize, plane: &mut [f32]| {
+        for i in 0..s.kh {
+            for j in 0..s.kw {
+                let row = &dcol[(c * taps + i * s.kw + j) * n..][..n];
+                let x0 = (j * dw) as isize - pl as isize;
+                for (t, oy) in (y0..y1).enumerate() {
+                    let iy = (oy * sh + i * dh) as isize - pt as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                    let seg = &row[t * wo..(t + 1) * wo];
+                    if sw == 1 {
+                        let lo = (-x0).clamp(0, wo as isize) as usize;
+                        let hi = (w as isize - x0).clamp(lo as isize, wo as isize) as usize;
+                        let d = &mut dst[(lo as isize + x0) as usize..(hi as isize + x0) as usize];
+                        d.iter_mut().zip(&seg[lo..hi]).for_each(|(a, g)| *a += g);
+                    } else {
+                        for (ox, g) in seg.iter().enumerate() {
+                            let ix = (ox * sw) as isize + x0;
+                            if ix >= 0 && ix < w as isize {
+                                dst[ix as usize] += g;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if s.c_in > 1 && dcol.len() >= 1 << 16 {
+        dxb.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(c, plane)| channel(c, plane));
+    } else {
+        dxb.chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(c, plane)| channel(c, plane));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +513,51 @@ mod tests {
                 let want = reference(&x, &wt, bias, &s);
                 blipd_testkit::assert_close_slice(&format!("case {ci} {s:?}"), &got, &want, 1e-5);
             }
+        }
+    }
+
+    /// Gradients by the adjoint identity: ⟨dy, conv(x)⟩ is linear in x, w and b, so the gradients of
+    /// `L = ⟨dy, conv(x, w, b)⟩` are checked against directional derivatives (exact for a linear map).
+    #[test]
+    fn gradients_match_directional_derivatives() {
+        let cases = [
+            (2, 3, 7, 6, 4, 3, 1, 1, [1, 1, 1, 1]),
+            (2, 4, 5, 5, 3, 1, 1, 1, [0, 0, 0, 0]),
+            (1, 3, 9, 8, 2, 3, 2, 1, [0, 0, 1, 1]),
+            (2, 2, 9, 9, 3, 3, 1, 2, [2, 2, 2, 2]),
+            (1, 2, 6, 7, 2, 5, 2, 1, [2, 1, 2, 1]),
+        ];
+        for (ci, &(b, c_in, h, w, c_out, k, st, dil, pad)) in cases.iter().enumerate() {
+            let s = Conv2dSpec {
+                batch: b,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh: k,
+                kw: k,
+                stride: [st, st],
+                dilation: [dil, dil],
+                pad,
+            };
+            let (ho, wo) = s.out_hw().unwrap();
+            let x = data(b * c_in * h * w, ci as u32);
+            let wt = data(c_out * c_in * k * k, 50 + ci as u32);
+            let dy = data(b * c_out * ho * wo, 90 + ci as u32);
+            let [dx, dw, db] = conv2d_backward(&x, &wt, &dy, &s, [true; 3]);
+            let (dx, dw, db) = (dx.unwrap(), dw.unwrap(), db.unwrap());
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+            // d/dε ⟨dy, conv(x + ε·u, w)⟩ = ⟨dy, conv(u, w)⟩ = ⟨dx, u⟩ (no bias in the direction).
+            let u = data(x.len(), 200 + ci as u32);
+            let lhs = dot(&dy, &reference(&u, &wt, None, &s));
+            assert!((lhs - dot(&dx, &u)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} dx: {lhs} vs {}", dot(&dx, &u));
+            let v = data(wt.len(), 300 + ci as u32);
+            let lhs = dot(&dy, &reference(&x, &v, None, &s));
+            assert!((lhs - dot(&dw, &v)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} dw: {lhs} vs {}", dot(&dw, &v));
+            let bb = data(c_out, 400 + ci as u32);
+            let zero = vec![0.0f32; wt.len()];
+            let lhs = dot(&dy, &reference(&x, &zero, Some(&bb), &s));
+            assert!((lhs - dot(&db, &bb)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} db");
         }
     }
 

@@ -22,7 +22,8 @@ pub(crate) fn active<B: Backend>() -> bool {
     is_flex::<B>() && super::enabled() && crate::amp::autocast_dtype().is_none()
 }
 
-fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+/// `t` as a `U` when `T` is `U` (moved, not copied); `t` back otherwise.
+pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     let mut slot = Some(t);
     match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
         Some(u) => Ok(u.take().expect("just filled")),

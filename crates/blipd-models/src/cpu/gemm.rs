@@ -132,3 +132,135 @@ pub fn linear(
     }
     out
 }
+
+/// Gradients of [`linear`] for the output gradient `dy (rows × d_out)`: `dx = dy · wᵀ`,
+/// `dw = xᵀ · dy`, `db = Σ_rows dy`, each computed only when asked for.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    x: &[f32],
+    rows: usize,
+    d_in: usize,
+    w: &[f32],
+    d_out: usize,
+    dy: &[f32],
+    [want_dx, want_dw, want_db]: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    assert_eq!(x.len(), rows * d_in, "linear_backward: input size");
+    assert_eq!(w.len(), d_in * d_out, "linear_backward: weight size");
+    assert_eq!(dy.len(), rows * d_out, "linear_backward: gradient size");
+    let threads = super::threads();
+    let dx = want_dx.then(|| {
+        let mut dx = super::output(rows * d_in);
+        // SAFETY: dx is rows × d_in; dy rows × d_out; wᵀ read from w (d_in × d_out).
+        unsafe {
+            matmul(
+                rows,
+                d_in,
+                d_out,
+                dx.as_mut_ptr(),
+                d_in,
+                Operand::rows(dy.as_ptr(), d_out),
+                Operand::transposed(w.as_ptr(), d_out),
+                false,
+                threads,
+            )
+        };
+        dx
+    });
+    let dw = want_dw.then(|| {
+        let mut dw = super::output(d_in * d_out);
+        // SAFETY: dw is d_in × d_out; xᵀ read from x (rows × d_in); dy rows × d_out.
+        unsafe {
+            matmul(
+                d_in,
+                d_out,
+                rows,
+                dw.as_mut_ptr(),
+                d_out,
+                Operand::transposed(x.as_ptr(), d_in),
+                Operand::rows(dy.as_ptr(), d_out),
+                false,
+                threads,
+            )
+        };
+        dw
+    });
+    let db = want_db.then(|| column_sums(dy, d_out));
+    [dx, dw, db]
+}
+
+super::math::multiversion! {
+    fn add_into(acc: &mut [f32], x: &[f32]) {
+        acc.iter_mut().zip(x).for_each(|(a, v)| *a += v);
+    }
+}
+
+/// Sums of the columns of a row-major matrix with `cols` columns (f32 accumulation per row block,
+/// f64 across blocks).
+pub fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let mut total = vec![0.0f64; cols];
+    let mut acc = vec![0.0f32; cols];
+    for block in m.chunks(cols * BLOCK) {
+        acc.fill(0.0);
+        for row in block.chunks_exact(cols) {
+            add_into(&mut acc, row);
+        }
+        for (t, a) in total.iter_mut().zip(&acc) {
+            *t += *a as f64;
+        }
+    }
+    total.into_iter().map(|v| v as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(3);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_and_its_gradients_match_loops() {
+        let (rows, d_in, d_out) = (7, 5, 6);
+        let x = data(rows * d_in, 1);
+        let w = data(d_in * d_out, 2);
+        let b = data(d_out, 3);
+        let dy = data(rows * d_out, 4);
+        let y = linear(&x, rows, d_in, &w, d_out, Some(&b));
+        let mut want = vec![0.0f32; rows * d_out];
+        for r in 0..rows {
+            for o in 0..d_out {
+                want[r * d_out + o] =
+                    b[o] + (0..d_in).map(|i| x[r * d_in + i] * w[i * d_out + o]).sum::<f32>();
+            }
+        }
+        blipd_testkit::assert_close_slice("linear", &y, &want, 1e-6);
+        let [dx, dw, db] = linear_backward(&x, rows, d_in, &w, d_out, &dy, [true; 3]);
+        let mut wdx = vec![0.0f32; rows * d_in];
+        let mut wdw = vec![0.0f32; d_in * d_out];
+        let mut wdb = vec![0.0f32; d_out];
+        for r in 0..rows {
+            for o in 0..d_out {
+                let g = dy[r * d_out + o];
+                wdb[o] += g;
+                for i in 0..d_in {
+                    wdx[r * d_in + i] += g * w[i * d_out + o];
+                    wdw[i * d_out + o] += g * x[r * d_in + i];
+                }
+            }
+        }
+        blipd_testkit::assert_close_slice("dx", &dx.unwrap(), &wdx, 1e-6);
+        blipd_testkit::assert_close_slice("dw", &dw.unwrap(), &wdw, 1e-6);
+        blipd_testkit::assert_close_slice("db", &db.unwrap(), &wdb, 1e-6);
+        let sums = column_sums(&data(300 * 3, 9), 3);
+        assert_eq!(sums.len(), 3);
+    }
+}

@@ -14,10 +14,12 @@ macro_rules! multiversion {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
@@ -194,6 +196,76 @@ multiversion! {
     }
 }
 
+/// The derivative of `act` at `x`.
+#[inline(always)]
+pub fn act_grad1(x: f32, act: Act) -> f32 {
+    match act {
+        Act::Silu => {
+            let s = 1.0 / (1.0 + exp(-x));
+            s * (1.0 + x * (1.0 - s))
+        }
+        Act::Gelu => gelu_grad1(x),
+        Act::QuickGelu => {
+            let s = 1.0 / (1.0 + exp(-1.702 * x));
+            s + 1.702 * x * s * (1.0 - s)
+        }
+    }
+}
+
+/// `d gelu(x) / dx = Φ(x) + x·φ(x)`.
+#[inline(always)]
+pub fn gelu_grad1(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+multiversion! {
+    fn act_back_slice(x: &[f32], dy: &[f32], dx: &mut [f32], act: Act) {
+        for ((d, xv), g) in dx.iter_mut().zip(x).zip(dy) {
+            *d = g * act_grad1(*xv, act);
+        }
+    }
+}
+
+/// `dx = dy · act'(x)`.
+pub fn act_backward(x: &[f32], dy: &[f32], act: Act) -> Vec<f32> {
+    assert_eq!(x.len(), dy.len(), "act_backward: gradient size");
+    let mut dx = super::output(x.len());
+    if x.len() >= 2 * PAR_CHUNK {
+        dx.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK).zip(dy.par_chunks(PAR_CHUNK)))
+            .for_each(|(d, (x, g))| act_back_slice(x, g, d, act));
+    } else {
+        act_back_slice(x, dy, &mut dx, act);
+    }
+    dx
+}
+
+multiversion! {
+    fn geglu_back_rows(h: &[f32], dy: &[f32], dh: &mut [f32], inner: usize) {
+        for ((row, g), d) in h.chunks_exact(2 * inner).zip(dy.chunks_exact(inner)).zip(dh.chunks_exact_mut(2 * inner)) {
+            let (a, gate) = row.split_at(inner);
+            let (da, dg) = d.split_at_mut(inner);
+            for j in 0..inner {
+                da[j] = g[j] * gelu1(gate[j]);
+                dg[j] = g[j] * a[j] * gelu_grad1(gate[j]);
+            }
+        }
+    }
+}
+
+/// Gradient of [`geglu`]: `dh [rows, 2·inner]` from `h` and the output gradient `dy [rows, inner]`.
+pub fn geglu_backward(h: &[f32], dy: &[f32], inner: usize) -> Vec<f32> {
+    assert_eq!(h.len(), 2 * dy.len(), "geglu_backward: sizes");
+    let mut dh = super::output(h.len());
+    let rows_per_task = (PAR_CHUNK / inner.max(1)).max(1);
+    dh.par_chunks_mut(2 * inner * rows_per_task)
+        .zip(h.par_chunks(2 * inner * rows_per_task).zip(dy.par_chunks(inner * rows_per_task)))
+        .for_each(|(d, (h, g))| geglu_back_rows(h, g, d, inner));
+    dh
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +362,31 @@ mod tests {
         let m = row_max(&row);
         assert_eq!(m, xs.iter().cloned().fold(f32::MIN, f32::max));
         let s = softmax_exp(&mut row, m, 0.5);
+        // Derivatives against central differences.
+        for act in [Act::Silu, Act::Gelu, Act::QuickGelu] {
+            let f = |x: f32| match act {
+                Act::Silu => silu1(x) as f64,
+                Act::Gelu => gelu1(x) as f64,
+                Act::QuickGelu => quick_gelu1(x) as f64,
+            };
+            for &x in &[-6.0f32, -2.5, -1.0, -0.3, 0.0, 0.2, 1.1, 3.0, 7.0] {
+                let e = 1e-2f32;
+                let num = (f(x + e) - f(x - e)) / (2.0 * e as f64);
+                let ana = act_grad1(x, act) as f64;
+                assert!((num - ana).abs() < 2e-3, "{act:?}'({x}): {ana} vs {num}");
+            }
+        }
+        let h: Vec<f32> = (0..24).map(|i| (i as f32 - 12.0) * 0.3).collect();
+        let dy: Vec<f32> = (0..12).map(|i| (i as f32 - 5.0) * 0.1).collect();
+        let dh = geglu_backward(&h, &dy, 6);
+        for r in 0..2 {
+            for j in 0..6 {
+                let (a, g) = (h[r * 12 + j], h[r * 12 + 6 + j]);
+                let gy = dy[r * 6 + j];
+                assert!((dh[r * 12 + j] - gy * gelu1(g)).abs() < 1e-6);
+                assert!((dh[r * 12 + 6 + j] - gy * a * gelu_grad1(g)).abs() < 1e-6);
+            }
+        }
         let want: f64 = xs.iter().map(|x| (((x - m) * 0.5) as f64).exp()).sum();
         assert!(((s as f64 - want) / want).abs() < 1e-5, "{s} vs {want}");
     }

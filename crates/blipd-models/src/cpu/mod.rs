@@ -23,6 +23,7 @@ pub mod gemm;
 pub mod math;
 pub mod norm;
 
+pub(crate) mod autodiff;
 pub(crate) mod flex;
 pub(crate) mod ops;
 

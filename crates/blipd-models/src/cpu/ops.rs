@@ -9,6 +9,7 @@ use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::prelude::*;
 
 use super::attention::AttentionSpec;
+use super::autodiff as ad;
 use super::conv::Conv2dSpec;
 use super::flex::{self as fx, FlexTensor};
 use super::gemm::{matmul, Operand};
@@ -20,6 +21,9 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     l: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if ad::active::<B>() {
+        return ad::linear(l, x);
+    }
     let Some(w) = fx::param(&l.weight) else {
         return Err(x);
     };
@@ -48,7 +52,7 @@ pub(crate) fn linear<B: Backend, const D: usize>(
 }
 
 /// Padding `[top, left, bottom, right]` of `c`, if our convolution covers it (one group).
-fn conv_spec<B: Backend>(c: &Conv2d<B>, x: &[usize]) -> Option<Conv2dSpec> {
+pub(crate) fn conv_spec<B: Backend>(c: &Conv2d<B>, x: &[usize]) -> Option<Conv2dSpec> {
     if c.groups != 1 {
         return None;
     }
@@ -91,6 +95,9 @@ pub(crate) fn conv2d<B: Backend>(
     c: &Conv2d<B>,
     x: Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    if ad::active::<B>() {
+        return ad::conv2d(c, x);
+    }
     let (Some(spec), Some((w, b))) = (conv_spec(c, &x.dims()), conv_params(c)) else {
         return Err(x);
     };
@@ -107,6 +114,9 @@ pub(crate) fn group_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     silu: bool,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if ad::active::<B>() {
+        return ad::group_norm(gn, x, silu);
+    }
     let gamma = match &gn.gamma {
         Some(p) => match fx::param(p) {
             Some(t) => Some(t),
@@ -153,6 +163,9 @@ pub(crate) fn act<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     act: Act,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if ad::active::<B>() {
+        return ad::act(x, act);
+    }
     let dims = x.dims();
     let mut x = fx::take(x)?;
     if let Some(data) = fx::unique_mut(&mut x) {
@@ -168,6 +181,9 @@ pub(crate) fn act<B: Backend, const D: usize>(
 pub(crate) fn geglu<B: Backend, const D: usize>(
     h: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if ad::active::<B>() {
+        return ad::geglu(h);
+    }
     let mut dims = h.dims();
     if !dims[D - 1].is_multiple_of(2) {
         return Err(h);
@@ -180,17 +196,31 @@ pub(crate) fn geglu<B: Backend, const D: usize>(
     Ok(fx::give(fx::tensor(out, &dims)))
 }
 
+/// `ln.forward(x)`: one graph node with our backward when training on the CPU backend (burn-flex's
+/// own inference kernel is already fused, so inference keeps Burn's op).
+pub(crate) fn layer_norm<B: Backend, const D: usize>(
+    ln: &crate::nn::LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if ad::active::<B>() {
+        return ad::layer_norm(ln, x);
+    }
+    Err(x)
+}
+
 /// Query, key and value handed back when the kernel does not take them.
 pub(crate) type Qkv<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
 
 /// Attention of `q [B, Lq, H·D]` over `k [B, Lk, H·D]`, `v [B, Lk, H·Dv]` (the projections' layout),
-/// `heads` heads, scores scaled by `scale`; returns `[B, Lq, H·Dv]`.
+/// `heads` heads, scores scaled by `scale`, query `i` seeing keys `0..=i` only when `causal`; returns
+/// `[B, Lq, H·Dv]`.
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
     heads: usize,
     scale: f64,
+    causal: bool,
 ) -> Result<Tensor<B, 3>, Qkv<B>> {
     let ([b, lq, hd], [bk, lk, hdk], [bv, lv, hdv]) = (q.dims(), k.dims(), v.dims());
     let shapes_ok = heads > 0
@@ -201,8 +231,25 @@ pub(crate) fn attention<B: Backend>(
         && hd == hdk
         && hd.is_multiple_of(heads)
         && hdv.is_multiple_of(heads)
-        && scale > 0.0;
-    if !shapes_ok || !fx::active::<B>() {
+        && scale > 0.0
+        && (!causal || lq == lk);
+    if !shapes_ok {
+        return Err((q, k, v));
+    }
+    let spec = AttentionSpec {
+        batch: b,
+        heads,
+        q_len: lq,
+        kv_len: lk,
+        head_dim: hd / heads,
+        value_dim: hdv / heads,
+        scale: scale as f32,
+        causal,
+    };
+    if ad::active::<B>() {
+        return ad::attention(q, k, v, spec);
+    }
+    if !fx::active::<B>() {
         return Err((q, k, v));
     }
     let (q, k, v) = match (fx::take(q), fx::take(k), fx::take(v)) {
@@ -214,15 +261,6 @@ pub(crate) fn attention<B: Backend>(
             };
             return Err((back(q), back(k), back(v)));
         }
-    };
-    let spec = AttentionSpec {
-        batch: b,
-        heads,
-        q_len: lq,
-        kv_len: lk,
-        head_dim: hd / heads,
-        value_dim: hdv / heads,
-        scale: scale as f32,
     };
     let out = super::attention::attention(&fx::values(&q), &fx::values(&k), &fx::values(&v), &spec);
     Ok(fx::give(fx::tensor(out, &[b, lq, hdv])))

@@ -29,7 +29,8 @@
 //! them, including layers a hook did not want.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 
 use crate::nn::{
