@@ -130,6 +130,17 @@ impl<B: Backend> GradSet<B> {
     /// Global L2 norm of all gradients, as a 1-element tensor (no host synchronisation):
     /// the norm of the per-tensor norms, as `torch.nn.utils.clip_grad_norm_` computes it.
     pub fn global_norm(&self) -> Option<Tensor<B, 1>> {
+        // One reduction per gradient on the CPU backend (f64 accumulation).
+        if let Some(first) = self.entries.first() {
+            let sq: Option<f64> = self
+                .entries
+                .iter()
+                .map(|e| crate::fused::sum_squares(&e.grad))
+                .sum();
+            if let Some(sq) = sq {
+                return Some(Tensor::from_floats([sq.sqrt() as f32], &first.grad.device()));
+            }
+        }
         let norms: Vec<Tensor<B, 1>> = self
             .entries
             .iter()

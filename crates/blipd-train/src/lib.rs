@@ -20,6 +20,7 @@ pub mod data;
 pub mod dist_sync;
 pub mod ema;
 pub mod error;
+mod fused;
 pub mod grads;
 pub mod metrics;
 pub mod optim;

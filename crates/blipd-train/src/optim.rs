@@ -182,6 +182,26 @@ impl<B: Backend> AdamW<B> {
                 exp_avg_sq: grad.zeros_like(),
             });
         st.step += 1;
+        let t = st.step as i32;
+        let bias_correction1 = 1.0 - beta1.powi(t);
+        let bias_correction2 = 1.0 - beta2.powi(t);
+        let step_size = lr / bias_correction1;
+        let scalars = crate::fused::AdamWScalars {
+            decay: decay.then_some((1.0 - lr * c.weight_decay) as f32),
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            sqrt_bias_correction2: bias_correction2.sqrt() as f32,
+            eps: c.eps as f32,
+            step_size: step_size as f32,
+        };
+        if let Some((p, m, v)) =
+            crate::fused::adamw(&param, &grad, &st.exp_avg, &st.exp_avg_sq, scalars)
+        {
+            st.exp_avg = m;
+            st.exp_avg_sq = v;
+            return p;
+        }
         let param = if decay {
             param.mul_scalar(1.0 - lr * c.weight_decay)
         } else {
@@ -194,10 +214,6 @@ impl<B: Backend> AdamW<B> {
             .clone()
             .mul_scalar(beta2)
             .add(grad.clone().mul_scalar(1.0 - beta2).mul(grad));
-        let t = st.step as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2 = 1.0 - beta2.powi(t);
-        let step_size = lr / bias_correction1;
         let denom = st
             .exp_avg_sq
             .clone()
