@@ -50,14 +50,22 @@ infer)
     "$PY" "$SHARED/bench/torch_cpu.py" infer --out "$WORK" --tokenizer "$TOK" --bert-vocab "$BERT" \
       --image "$IMAGE" --size "$SIZE" --steps "$STEPS" --threads "$THREADS"
   fi
-  echo "== PyTorch again in a fresh process, for its peak memory"
-  "$PY" scripts/bench/torch_rss.py infer --work "$WORK" --bert-vocab "$BERT" --image "$IMAGE" \
-    --steps "$STEPS" --threads "$THREADS" | tee "$WORK/torch_rss.json"
   echo "== blipd on the same folder and latents"
   "$BLIPD" bench infer --model "$WORK/pipe" --image "$IMAGE" --subject dog --steps "$STEPS" \
     --latents "$WORK/latents_in.npy" --compare "$WORK/generate_${STEPS}steps.npy" --json "$WORK/blipd_infer.json"
-  A=$(json "$WORK/torch_infer.json" "['generate_${STEPS}steps_s']")
-  B=$(json "$WORK/blipd_infer.json" "['generate_s']")
+  echo "== PyTorch again in a fresh process (its peak memory, and a second timing)"
+  "$PY" scripts/bench/torch_rss.py infer --work "$WORK" --bert-vocab "$BERT" --image "$IMAGE" \
+    --steps "$STEPS" --threads "$THREADS" | tee "$WORK/torch_rss.json"
+  echo "== blipd again"
+  "$BLIPD" bench infer --model "$WORK/pipe" --image "$IMAGE" --subject dog --steps "$STEPS" \
+    --latents "$WORK/latents_in.npy" --json "$WORK/blipd_infer2.json" | tail -1
+  A1=$(json "$WORK/torch_infer.json" "['generate_${STEPS}steps_s']")
+  A2=$(json "$WORK/torch_rss.json" "['generate_s']")
+  B1=$(json "$WORK/blipd_infer.json" "['generate_s']")
+  B2=$(json "$WORK/blipd_infer2.json" "['generate_s']")
+  A=$("$PY" -c "import sys; print((float(sys.argv[1]) + float(sys.argv[2])) / 2)" "$A1" "$A2")
+  B=$("$PY" -c "import sys; print((float(sys.argv[1]) + float(sys.argv[2])) / 2)" "$B1" "$B2")
+  echo "runs (A B A B): PyTorch $A1 s, blipd $B1 s, PyTorch $A2 s, blipd $B2 s"
   RT=$(json "$WORK/torch_rss.json" "['peak_rss_bytes']/1e9")
   RB=$(json "$WORK/blipd_infer.json" "['peak_rss_bytes']/1e9")
   LT=$(json "$WORK/torch_infer.json" "['load_s']")
@@ -65,7 +73,7 @@ infer)
   D=$(json "$WORK/blipd_infer.json" "['max_abs_diff']")
   printf 'load: PyTorch %s s, blipd %.2f s; peak RSS: PyTorch %.2f GB, blipd %.2f GB; images max |Δ| %s\n' \
     "$LT" "$LB" "$RT" "$RB" "$D"
-  "$PY" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'infer: PyTorch {a:.2f} s, blipd {b:.2f} s, speed ratio A/B = {a/b:.2f}')" "$A" "$B"
+  "$PY" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'infer: PyTorch {a:.2f} s, blipd {b:.2f} s, speed ratio A/B = {a/b:.2f} (means of two interleaved runs each)')" "$A" "$B"
   ;;
 train)
   if [ "${REUSE:-0}" = 1 ] && [ -f "$WORK/torch_train.json" ]; then
@@ -79,11 +87,21 @@ train)
   echo "== blipd on the same folder"
   "$BLIPD" bench train --model "$WORK/pipe" --bert-vocab "$BERT" --size "$SIZE" --batch "$BATCH" \
     --iters "$ITERS" --json "$WORK/blipd_train.json"
-  A=$(json "$WORK/torch_train.json" "['samples_per_s']")
-  B=$(json "$WORK/blipd_train.json" "['samples_per_s']")
+  echo "== PyTorch again in a fresh process (its peak memory, and a second timing)"
+  "$PY" scripts/bench/torch_rss.py train --work "$WORK" --bert-vocab "$BERT" --tokenizer "$TOK" --size "$SIZE" \
+    --batch "$BATCH" --iters "$ITERS" --threads "$THREADS" | tee "$WORK/torch_rss_train.json"
+  echo "== blipd again"
+  "$BLIPD" bench train --model "$WORK/pipe" --bert-vocab "$BERT" --size "$SIZE" --batch "$BATCH" \
+    --iters "$ITERS" --json "$WORK/blipd_train2.json" | tail -1
+  A1=$(json "$WORK/torch_train.json" "['samples_per_s']")
+  A2=$(json "$WORK/torch_rss_train.json" "['samples_per_s']")
+  B1=$(json "$WORK/blipd_train.json" "['samples_per_s']")
+  B2=$(json "$WORK/blipd_train2.json" "['samples_per_s']")
+  echo "runs (A B A B), samples/s: PyTorch $A1, blipd $B1, PyTorch $A2, blipd $B2"
+  RT=$(json "$WORK/torch_rss_train.json" "['peak_rss_bytes']/1e9")
   RB=$(json "$WORK/blipd_train.json" "['peak_rss_bytes']/1e9")
-  printf 'peak RSS: blipd %.2f GB (PyTorch: see /usr/bin/time or torch_rss.py)\n' "$RB"
-  "$PY" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'train: PyTorch {a:.4f} samples/s, blipd {b:.4f} samples/s, speed ratio B/A = {b/a:.2f}')" "$A" "$B"
+  printf 'peak RSS: PyTorch %.2f GB, blipd %.2f GB\n' "$RT" "$RB"
+  "$PY" -c "import sys; a=(float(sys.argv[1])+float(sys.argv[2]))/2; b=(float(sys.argv[3])+float(sys.argv[4]))/2; print(f'train: PyTorch {a:.4f} samples/s, blipd {b:.4f} samples/s, speed ratio B/A = {b/a:.2f} (means of two interleaved runs each)')" "$A1" "$A2" "$B1" "$B2"
   ;;
 *) echo "unknown mode $MODE (infer|train)"; exit 2;;
 esac

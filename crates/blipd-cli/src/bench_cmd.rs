@@ -198,6 +198,9 @@ fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
     let mut step_s = Vec::with_capacity(a.iters + 1);
     for i in 0..=a.iters {
         blipd_models::flops::take();
+        if i == 1 {
+            blipd_models::cpu::profile::take();
+        }
         let t = Instant::now();
         let stats = trainer.train_step(&mut data)?;
         A::sync(device)?;
@@ -214,6 +217,7 @@ fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
     let timed = &step_s[1..];
     let mean = timed.iter().sum::<f64>() / timed.len() as f64;
     let rss = peak_rss();
+    report_kernels(a.iters as f64, mean);
     println!(
         "train: {mean:.3} s/step, {:.4} samples/s (mean of {} steps after the warm-up); load {load_s:.2} s",
         a.batch as f64 / mean,
@@ -348,6 +352,7 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
     };
     pipe.check_request(1, &opts)?;
     let reference = blipd_apps::RgbImage::open(&a.image)?;
+    blipd_models::cpu::profile::take();
     let total = Instant::now();
     let ctx = ph.time("subject embedding", || {
         let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
@@ -383,6 +388,7 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("reading the images back: {e:?}"))?;
     let generate_s = total.elapsed().as_secs_f64();
     let rss = peak_rss();
+    let kernels = blipd_models::cpu::profile::take();
 
     println!(
         "bench infer: {backend}, {width}×{height}, {} PNDM steps, guidance {}",
@@ -397,6 +403,12 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
         counted as f64 / 1e9 / generate_s
     );
     println!("FLOPs: {}", blipd_models::flops::CONVENTION);
+    for (name, s, calls) in kernels.iter().filter(|r| r.2 > 0) {
+        println!(
+            "  kernel {name:<22} {s:>8.3} s {:>5.1}% {calls:>6} calls",
+            100.0 * s / generate_s
+        );
+    }
     if let Some(r) = rss {
         println!("peak RSS: {:.2} GB", r as f64 / 1e9);
     }
@@ -438,6 +450,35 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// Seconds per step in each of our CPU kernels (`blipd_models::cpu::profile`), over `steps` steps of
+/// `step_s` seconds each; nothing when no kernel ran (another backend).
+fn report_kernels(steps: f64, step_s: f64) {
+    let rows: Vec<_> = blipd_models::cpu::profile::take()
+        .into_iter()
+        .filter(|r| r.2 > 0)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("{:<24} {:>9} {:>7} {:>8}", "kernel (per step)", "s", "share", "calls");
+    let mut total = 0.0;
+    for (name, s, calls) in &rows {
+        let per = s / steps;
+        total += per;
+        println!(
+            "{name:<24} {per:>9.3} {:>6.1}% {:>8.0}",
+            100.0 * per / step_s,
+            *calls as f64 / steps
+        );
+    }
+    println!(
+        "{:<24} {:>9.3} {:>6.1}%  (the rest: Burn's own ops, the graph, data, the optimizer)",
+        "our kernels, total",
+        total,
+        100.0 * total / step_s
+    );
 }
 
 /// Largest |a − b|; infinite when either side has a NaN/Inf or the lengths differ.

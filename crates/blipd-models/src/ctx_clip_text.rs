@@ -390,7 +390,7 @@ impl<B: Backend> ContextClipTextModel<B> {
             ));
         }
         let emb = &self.text_model.embeddings;
-        let tokens = emb.token_embedding.forward(input_ids);
+        let tokens = crate::nn::embedding(&emb.token_embedding, input_ids);
         let spliced = match ctx_embeddings {
             None => tokens,
             Some(ctx) => {

@@ -234,6 +234,18 @@ impl<B: Backend> LayerNorm<B> {
     }
 }
 
+/// `e.forward(ids)`: `[B, L]` token ids → `[B, L, D]` rows of the table; one graph node with a single
+/// zeroed gradient table when training on the CPU backend.
+pub fn embedding<B: Backend>(e: &burn::nn::Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    if crate::cpu::autodiff::active::<B>() {
+        match crate::cpu::autodiff::embedding(e, ids) {
+            Ok(y) => return y,
+            Err(ids) => return e.forward(ids),
+        }
+    }
+    e.forward(ids)
+}
+
 /// A PyTorch-style `nn.Linear` (weights stored `[in, out]` in Burn; loaders transpose).
 pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out).with_bias(bias).init(device)

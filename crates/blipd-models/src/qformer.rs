@@ -397,7 +397,8 @@ impl<B: Backend> QFormerEmbeddings<B> {
             );
             let device = ids.device();
             let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
-            self.word_embeddings.forward(ids) + self.position_embeddings.forward(pos)
+            crate::nn::embedding(&self.word_embeddings, ids)
+                + crate::nn::embedding(&self.position_embeddings, pos)
         });
         let x = match (query, text) {
             (Some(q), Some(t)) => Tensor::cat(vec![q, t], 1),

@@ -214,8 +214,10 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             .into());
         }
         // Target latents through the frozen VAE (no graph).
+        let t0 = std::time::Instant::now();
         let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
         let posterior = self.vae.encode(target);
+        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "VAE encode");
         let shape = posterior.mean().shape();
         let n_train = self.ddpm.num_train_timesteps();
         let drop = self.config.subject_drop_prob;
@@ -340,10 +342,20 @@ impl<B: AutodiffBackend> Stage2<B> {
         let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
         let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
         // Subject embeddings → prompt → U-Net.
+        let t0 = std::time::Instant::now();
         let ctx = self.subject_embeddings(&model.qformer, input, subjects)?;
+        let t1 = std::time::Instant::now();
         let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
+        let t2 = std::time::Instant::now();
         let pred = model.unet.forward(noisy, t_int.float(), states, None);
-        Ok((pred - noise).powi_scalar(2).mean())
+        let loss = (pred - noise).powi_scalar(2).mean();
+        tracing::debug!(
+            subject_s = (t1 - t0).as_secs_f64(),
+            text_s = (t2 - t1).as_secs_f64(),
+            unet_s = t2.elapsed().as_secs_f64(),
+            "forward"
+        );
+        Ok(loss)
     }
 
     /// Zero-shot generation with the current weights: PNDM (PLMS), classifier-free guidance with an

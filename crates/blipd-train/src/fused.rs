@@ -88,27 +88,29 @@ pub(crate) struct AdamWScalars {
     pub step_size: f32,
 }
 
-/// One AdamW update on burn-flex tensors: `(param, exp_avg, exp_avg_sq)` updated from `grad`, or
-/// `None` (inputs untouched) when `B` is not burn-flex or a tensor is not `f32`.
+/// `(param, exp_avg, exp_avg_sq)`.
+pub(crate) type Triple<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
+
+/// One AdamW update on burn-flex tensors: `(param, exp_avg, exp_avg_sq)` updated from `grad`, in
+/// place when the caller held the only references; `Err` with the three inputs untouched when `B` is
+/// not burn-flex or a tensor is not `f32`.
 pub(crate) fn adamw<B: Backend>(
-    param: &Tensor<B, 1>,
+    (param, exp_avg, exp_avg_sq): Triple<B>,
     grad: &Tensor<B, 1>,
-    exp_avg: &Tensor<B, 1>,
-    exp_avg_sq: &Tensor<B, 1>,
     s: AdamWScalars,
-) -> Option<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>)> {
+) -> Result<Triple<B>, Triple<B>> {
     if !is_flex::<B>()
-        || [param, grad, exp_avg, exp_avg_sq]
+        || [&param, grad, &exp_avg, &exp_avg_sq]
             .iter()
             .any(|t| t.dtype() != DType::F32)
     {
-        return None;
+        return Err((param, exp_avg, exp_avg_sq));
     }
     let g = take(grad.clone());
     let gv = values(&g);
-    let mut p = owned(take(param.clone()));
-    let mut m = owned(take(exp_avg.clone()));
-    let mut v = owned(take(exp_avg_sq.clone()));
+    let mut p = owned(take(param));
+    let mut m = owned(take(exp_avg));
+    let mut v = owned(take(exp_avg_sq));
     {
         let (pp, mm, vv) = (
             p.try_storage_mut::<f32>().expect("owned"),
@@ -126,7 +128,7 @@ pub(crate) fn adamw<B: Backend>(
             .zip(gv.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, s));
     }
-    Some((give(p), give(m), give(v)))
+    Ok((give(p), give(m), give(v)))
 }
 
 /// The tensor-op path's arithmetic, element by element, in its order.

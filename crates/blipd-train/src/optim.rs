@@ -195,13 +195,26 @@ impl<B: Backend> AdamW<B> {
             eps: c.eps as f32,
             step_size: step_size as f32,
         };
-        if let Some((p, m, v)) =
-            crate::fused::adamw(&param, &grad, &st.exp_avg, &st.exp_avg_sq, scalars)
-        {
-            st.exp_avg = m;
-            st.exp_avg_sq = v;
-            return p;
-        }
+        // The moments move out of the state (an empty placeholder for the moment) so that the
+        // fused path owns them and updates them in place.
+        let device = grad.device();
+        let moments = (
+            param,
+            std::mem::replace(&mut st.exp_avg, Tensor::empty([0], &device)),
+            std::mem::replace(&mut st.exp_avg_sq, Tensor::empty([0], &device)),
+        );
+        let param = match crate::fused::adamw(moments, &grad, scalars) {
+            Ok((p, m, v)) => {
+                st.exp_avg = m;
+                st.exp_avg_sq = v;
+                return p;
+            }
+            Err((p, m, v)) => {
+                st.exp_avg = m;
+                st.exp_avg_sq = v;
+                p
+            }
+        };
         let param = if decay {
             param.mul_scalar(1.0 - lr * c.weight_decay)
         } else {

@@ -244,9 +244,11 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 if self.config.train.seed_backend {
                     B::seed(&self.device, self.rng.next_u64());
                 }
+                let t_fwd = Instant::now();
                 let out = self
                     .stage
                     .step_dist(&model, batch, &mut self.rng, self.sync.as_mut())?;
+                let fwd_s = t_fwd.elapsed().as_secs_f64();
                 let detached = out.loss.clone().inner();
                 loss_sum = Some(match loss_sum.take() {
                     Some(s) => s.add(detached),
@@ -264,7 +266,13 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 } else {
                     out.loss
                 };
+                let t_bwd = Instant::now();
                 grads.accumulate(GradSet::from_backward::<B, _>(&model, loss.backward()));
+                tracing::debug!(
+                    forward_s = fwd_s,
+                    backward_s = t_bwd.elapsed().as_secs_f64(),
+                    "micro-step {micro}"
+                );
                 self.sync.sync_grads(&mut grads, micro + 1 == accum)?;
             }
             Ok::<_, TrainError>(())
@@ -303,7 +311,9 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         let finite = loss.is_finite() && grad_norm.is_finite();
         let skipped = !finite;
         let model = if finite {
+            let t_opt = Instant::now();
             let model = self.optim.step::<B, _>(model, &grads, lr);
+            tracing::debug!(optimizer_s = t_opt.elapsed().as_secs_f64(), "AdamW update");
             if let Some(ema) = &mut self.ema {
                 ema.update::<B, _>(&model);
             }

@@ -79,6 +79,7 @@ pub fn attention_with_lse(
     s: &AttentionSpec,
     lse: Option<&mut [f32]>,
 ) -> Vec<f32> {
+    let _timer = super::profile::Timer::start(4);
     s.check(q.len(), k.len(), v.len());
     let (hd, hdv) = (s.heads * s.head_dim, s.heads * s.value_dim);
     let mut out = output(s.batch * s.q_len * hdv);

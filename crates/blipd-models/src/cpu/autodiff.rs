@@ -134,6 +134,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     type State = LinearState;
 
     fn backward(self, ops: Ops<LinearState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let LinearState { x, w, x_shape } = ops.state;
         let [d_in, d_out] = [fx::dims(&w)[0], fx::dims(&w)[1]];
@@ -151,6 +152,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         grad_to!(grads, ops.parents, 0, dx, &x_shape);
         grad_to!(grads, ops.parents, 1, dw, &[d_in, d_out]);
         grad_to!(grads, ops.parents, 2, db, &[d_out]);
+        super::profile::add(3, start);
     }
 }
 
@@ -208,6 +210,7 @@ impl<const N: usize> Backward<Flex, N> for ConvBackward {
     type State = ConvState;
 
     fn backward(self, ops: Ops<ConvState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let ConvState { x, w, spec: s } = ops.state;
         let want = [0, 1, 2].map(|i| wants(&ops.parents, i));
@@ -221,6 +224,7 @@ impl<const N: usize> Backward<Flex, N> for ConvBackward {
         grad_to!(grads, ops.parents, 0, dx, &[s.batch, s.c_in, s.h, s.w]);
         grad_to!(grads, ops.parents, 1, dw, &[s.c_out, s.c_in, s.kh, s.kw]);
         grad_to!(grads, ops.parents, 2, db, &[s.c_out]);
+        super::profile::add(1, start);
     }
 }
 
@@ -278,6 +282,7 @@ impl<const N: usize> Backward<Flex, N> for GroupNormBackward {
     type State = GroupNormState;
 
     fn backward(self, ops: Ops<GroupNormState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let st = ops.state;
         let (g, b) = (
@@ -300,6 +305,7 @@ impl<const N: usize> Backward<Flex, N> for GroupNormBackward {
         grad_to!(grads, ops.parents, 0, Some(dx), &st.shape);
         grad_to!(grads, ops.parents, 1, dg, &[c]);
         grad_to!(grads, ops.parents, 2, db, &[c]);
+        super::profile::add(7, start);
     }
 }
 
@@ -374,6 +380,7 @@ impl<const N: usize> Backward<Flex, N> for LayerNormBackward {
     type State = LayerNormState;
 
     fn backward(self, ops: Ops<LayerNormState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let st = ops.state;
         let d = *st.shape.last().expect("layer_norm of a tensor with dimensions");
@@ -388,6 +395,7 @@ impl<const N: usize> Backward<Flex, N> for LayerNormBackward {
         grad_to!(grads, ops.parents, 0, Some(dx), &st.shape);
         grad_to!(grads, ops.parents, 1, Some(dg), &[d]);
         grad_to!(grads, ops.parents, 2, Some(db), &[d]);
+        super::profile::add(9, start);
     }
 }
 
@@ -441,6 +449,7 @@ impl Backward<Flex, 1> for ActBackward {
     type State = ActState;
 
     fn backward(self, ops: Ops<ActState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let shape = fx::dims(&ops.state.x);
         let dx = super::math::act_backward(
@@ -449,6 +458,7 @@ impl Backward<Flex, 1> for ActBackward {
             ops.state.act,
         );
         grad_to!(grads, ops.parents, 0, Some(dx), &shape);
+        super::profile::add(11, start);
     }
 }
 
@@ -476,11 +486,13 @@ impl Backward<Flex, 1> for GegluBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let shape = fx::dims(&ops.state);
         let inner = shape[shape.len() - 1] / 2;
         let dh = super::math::geglu_backward(&fx::values(&ops.state), &fx::values(&dy), inner);
         grad_to!(grads, ops.parents, 0, Some(dh), &shape);
+        super::profile::add(11, start);
     }
 }
 
@@ -522,6 +534,7 @@ impl Backward<Flex, 3> for AttentionBackward {
     type State = AttentionState;
 
     fn backward(self, ops: Ops<AttentionState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let st = ops.state;
         let shapes = [fx::dims(&st.q), fx::dims(&st.k), fx::dims(&st.v)];
@@ -537,6 +550,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         grad_to!(grads, ops.parents, 0, Some(dq), &shapes[0]);
         grad_to!(grads, ops.parents, 1, Some(dk), &shapes[1]);
         grad_to!(grads, ops.parents, 2, Some(dv), &shapes[2]);
+        super::profile::add(5, start);
     }
 }
 
@@ -573,6 +587,81 @@ pub(crate) fn attention<B: Backend>(
         out,
         lse,
         spec,
+    });
+    Ok(give(t))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding lookup
+
+#[derive(Debug)]
+struct EmbeddingBackward;
+
+#[derive(Clone, Debug)]
+struct EmbeddingState {
+    ids: Vec<usize>,
+    vocab: usize,
+    dim: usize,
+}
+
+impl Backward<Flex, 1> for EmbeddingBackward {
+    type State = EmbeddingState;
+
+    fn backward(self, ops: Ops<EmbeddingState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let start = std::time::Instant::now();
+        let dy = grads.consume::<Flex>(&ops.node);
+        let EmbeddingState { ids, vocab, dim } = ops.state;
+        if wants(&ops.parents, 0) {
+            // The dense gradient PyTorch's embedding backward also makes, allocated zeroed (fresh
+            // zero pages: the rows no token touched are never written), with one row added per token.
+            let mut g = vec![0.0f32; vocab * dim];
+            let dy = fx::values(&dy);
+            for (row, &id) in dy.chunks_exact(dim).zip(&ids) {
+                g[id * dim..(id + 1) * dim]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(a, b)| *a += b);
+            }
+            grad_to!(grads, ops.parents, 0, Some(g), &[vocab, dim]);
+        }
+        super::profile::add(13, start);
+    }
+}
+
+/// `e.forward(ids)` as one graph node: rows of the table gathered; the backward pass adds the
+/// output gradient's rows into a zeroed table-sized gradient (one allocation, instead of Burn's
+/// zeros + copy + scatter).
+pub(crate) fn embedding<B: Backend>(
+    e: &burn::nn::Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+) -> Result<Tensor<B, 3>, Tensor<B, 2, Int>> {
+    let Some(w) = param(&e.weight) else {
+        return Err(ids);
+    };
+    let [batch, len] = ids.dims();
+    let [vocab, dim] = [dims(&w)[0], dims(&w)[1]];
+    let idx: Vec<usize> = ids
+        .to_data()
+        .iter::<i64>()
+        .map(|i| {
+            assert!(
+                i >= 0 && (i as usize) < vocab,
+                "embedding: token id {i} outside the table of {vocab} rows"
+            );
+            i as usize
+        })
+        .collect();
+    let table = fx::values(&w.primitive);
+    let mut y = super::output(idx.len() * dim);
+    for (row, &id) in y.chunks_exact_mut(dim).zip(&idx) {
+        row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+    }
+    drop(table);
+    let out = fx::tensor(y, &[batch, len, dim]);
+    let t = record(EmbeddingBackward, [&w], out, || EmbeddingState {
+        ids: idx,
+        vocab,
+        dim,
     });
     Ok(give(t))
 }

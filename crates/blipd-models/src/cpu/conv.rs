@@ -61,6 +61,7 @@ impl Conv2dSpec {
 /// `conv2d(x, weight) + bias` for `x [B, C_in, H, W]`, `weight [C_out, C_in, kh, kw]` (contiguous,
 /// row-major); returns `[B, C_out, H_out, W_out]`.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &Conv2dSpec) -> Vec<f32> {
+    let _timer = super::profile::Timer::start(0);
     let (ho, wo) = s
         .out_hw()
         .expect("conv2d: the kernel does not fit the padded input");

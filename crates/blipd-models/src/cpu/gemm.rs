@@ -109,6 +109,7 @@ pub fn linear(
     d_out: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    let _timer = super::profile::Timer::start(2);
     assert_eq!(x.len(), rows * d_in, "linear: input size");
     assert_eq!(w.len(), d_in * d_out, "linear: weight size");
     let mut out = super::output(rows * d_out);

@@ -115,6 +115,7 @@ multiversion! {
 
 /// Applies `act` to every element, in place (split over the thread pool when large).
 pub fn act_inplace(x: &mut [f32], act: Act) {
+    let _timer = super::profile::Timer::start(10);
     if x.len() >= 2 * PAR_CHUNK {
         x.par_chunks_mut(PAR_CHUNK).for_each(|c| act_slice(c, act));
     } else {
@@ -135,6 +136,7 @@ multiversion! {
 
 /// diffusers' GEGLU on rows of `2·inner` values (`[h | gate]`): `out[r, j] = h[r, j]·gelu(gate[r, j])`.
 pub fn geglu(h: &[f32], out: &mut [f32], inner: usize) {
+    let _timer = super::profile::Timer::start(10);
     assert_eq!(
         h.len(),
         2 * out.len(),

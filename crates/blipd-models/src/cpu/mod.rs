@@ -105,3 +105,67 @@ impl SendPtr {
         self.0
     }
 }
+
+/// Where the kernels' time goes: seconds and calls per kernel since the last [`take_profile`], for
+/// `blipd bench` (one relaxed atomic add per call; always on).
+pub mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    /// The kernels timed, in report order.
+    pub const KERNELS: [&str; 14] = [
+        "conv2d",
+        "conv2d backward",
+        "linear",
+        "linear backward",
+        "attention",
+        "attention backward",
+        "group_norm",
+        "group_norm backward",
+        "layer_norm",
+        "layer_norm backward",
+        "activation",
+        "activation backward",
+        "1x1 conv <-> tokens",
+        "embedding backward",
+    ];
+
+    static NANOS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
+    static CALLS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
+
+    /// Adds the time since `start` to kernel `k` (an index of [`KERNELS`]).
+    pub(crate) fn add(k: usize, start: Instant) {
+        NANOS[k].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        CALLS[k].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds its lifetime to kernel `k` when dropped.
+    pub(crate) struct Timer(usize, Instant);
+
+    impl Timer {
+        pub(crate) fn start(k: usize) -> Self {
+            Self(k, Instant::now())
+        }
+    }
+
+    impl Drop for Timer {
+        fn drop(&mut self) {
+            add(self.0, self.1);
+        }
+    }
+
+    /// `(kernel, seconds, calls)` since the last call, resetting the counts.
+    pub fn take() -> Vec<(&'static str, f64, u64)> {
+        KERNELS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                (
+                    *name,
+                    NANOS[i].swap(0, Ordering::Relaxed) as f64 / 1e9,
+                    CALLS[i].swap(0, Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}

@@ -102,6 +102,7 @@ impl GroupNormSpec<'_> {
 
 /// GroupNorm over `x [B, C, spatial]` in place.
 pub fn group_norm_inplace(x: &mut [f32], s: &GroupNormSpec<'_>) {
+    let _timer = super::profile::Timer::start(6);
     let group_len = s.check(x.len());
     x.par_chunks_mut(group_len)
         .enumerate()
@@ -115,6 +116,7 @@ pub fn group_norm_inplace(x: &mut [f32], s: &GroupNormSpec<'_>) {
 
 /// GroupNorm of `src [B, C, spatial]` into a new buffer.
 pub fn group_norm(src: &[f32], s: &GroupNormSpec<'_>) -> Vec<f32> {
+    let _timer = super::profile::Timer::start(6);
     let group_len = s.check(src.len());
     let mut out = super::output(src.len());
     out.par_chunks_mut(group_len)
@@ -291,6 +293,7 @@ pub fn layer_norm(
     beta: Option<&[f32]>,
     eps: f64,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let _timer = super::profile::Timer::start(8);
     assert!(d > 0 && x.len().is_multiple_of(d), "layer_norm: input size");
     let rows = x.len() / d;
     let mut y = super::output(x.len());

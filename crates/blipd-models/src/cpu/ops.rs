@@ -272,6 +272,7 @@ pub(crate) fn conv1x1_to_tokens<B: Backend>(
     c: &Conv2d<B>,
     x: Tensor<B, 4>,
 ) -> Result<Tensor<B, 3>, Tensor<B, 4>> {
+    let _timer = super::profile::Timer::start(12);
     let dims = x.dims();
     let pointwise = matches!(conv_spec(c, &dims), Some(s) if s.kh == 1 && s.kw == 1 && s.stride == [1, 1] && s.pad == [0; 4] && s.dilation == [1, 1]);
     let (true, Some((w, bias))) = (pointwise, conv_params(c)) else {
@@ -316,6 +317,7 @@ pub(crate) fn tokens_to_conv1x1<B: Backend>(
     [h, wd]: [usize; 2],
     residual: Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 3>, Tensor<B, 4>)> {
+    let _timer = super::profile::Timer::start(12);
     let [batch, hw, c_in] = t.dims();
     let rdims = residual.dims();
     let pointwise = matches!(conv_spec(c, &[batch, c_in, h, wd]), Some(s) if s.kh == 1 && s.kw == 1 && s.stride == [1, 1] && s.pad == [0; 4] && s.dilation == [1, 1]);
