@@ -355,14 +355,32 @@ impl<B: Backend> ContextClipTextModel<B> {
         ctx_embeddings: Option<Tensor<B, 3>>,
         ctx_begin_pos: usize,
     ) -> Result<Tensor<B, 3>, ModelError> {
-        let [batch, len] = input_ids.dims();
+        let tokens = self.token_embeddings(input_ids);
+        self.embed_tokens(tokens, ctx_embeddings, ctx_begin_pos)
+    }
+
+    /// The token-embedding rows of `input_ids` `[B, L]` → `[B, L, D]` (no positions). Looking up
+    /// several prompts' ids at once (`[1, ΣL]`, then slicing) gives training one gradient table
+    /// for the whole batch instead of one per prompt.
+    pub fn token_embeddings(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        crate::nn::embedding(&self.text_model.embeddings.token_embedding, input_ids)
+    }
+
+    /// [`Self::embed`] from token embeddings `[B, L, D]` already looked up.
+    pub fn embed_tokens(
+        &self,
+        tokens: Tensor<B, 3>,
+        ctx_embeddings: Option<Tensor<B, 3>>,
+        ctx_begin_pos: usize,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let [batch, len, _] = tokens.dims();
         let ctx_len = match &ctx_embeddings {
             Some(ctx) => {
                 let [cb, cn, cd] = ctx.dims();
                 if cb != batch || cd != self.hidden_size {
                     return Err(ModelError::Invalid(format!(
-                        "context CLIP text: ctx_embeddings shape [{cb}, {cn}, {cd}] does not fit input_ids \
-                         [{batch}, {len}] and hidden size {} (expected [{batch}, N, {}])",
+                        "context CLIP text: ctx_embeddings shape [{cb}, {cn}, {cd}] does not fit the \
+                         [{batch}, {len}] prompt tokens and hidden size {} (expected [{batch}, N, {}])",
                         self.hidden_size, self.hidden_size
                     )));
                 }
@@ -390,7 +408,6 @@ impl<B: Backend> ContextClipTextModel<B> {
             ));
         }
         let emb = &self.text_model.embeddings;
-        let tokens = crate::nn::embedding(&emb.token_embedding, input_ids);
         let spliced = match ctx_embeddings {
             None => tokens,
             Some(ctx) => {

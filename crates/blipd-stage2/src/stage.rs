@@ -128,18 +128,33 @@ impl<B: AutodiffBackend> Stage2<B> {
     ) -> Result<Tensor<BB, 3>, Stage2Error> {
         let device = ctx.device();
         let [b, n, d] = ctx.dims();
-        let mut rows = Vec::with_capacity(b);
+        // Every row's ids first, then one token-embedding lookup for the whole batch (one gradient
+        // table for the text encoder's 49408-row embedding in training, not one per sample).
+        let mut ids_all: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(b);
         for i in 0..b {
-            let row = if keep[i] {
+            let (ids, pos) = if keep[i] {
                 let (ids, pos) =
                     self.prompts
                         .conditional(&self.clip_tokenizer, &captions[i], &subjects[i])?;
-                let ids = ids_tensor::<BB>(&ids, &device);
-                let c = ctx.clone().slice([i..i + 1, 0..n, 0..d]);
-                text_encoder.embed(ids, Some(c), pos)?
+                (ids, Some(pos))
             } else {
-                let ids = self.prompts.text_only(&self.clip_tokenizer, &captions[i])?;
-                text_encoder.embed(ids_tensor::<BB>(&ids, &device), None, 0)?
+                (self.prompts.text_only(&self.clip_tokenizer, &captions[i])?, None)
+            };
+            spans.push((ids_all.len(), ids.len(), pos));
+            ids_all.extend(ids);
+        }
+        let tokens = text_encoder.token_embeddings(ids_tensor::<BB>(&ids_all, &device));
+        let width = tokens.dims()[2];
+        let mut rows = Vec::with_capacity(b);
+        for (i, (start, len, pos)) in spans.into_iter().enumerate() {
+            let t = tokens.clone().slice([0..1, start..start + len, 0..width]);
+            let row = match pos {
+                Some(pos) => {
+                    let c = ctx.clone().slice([i..i + 1, 0..n, 0..d]);
+                    text_encoder.embed_tokens(t, Some(c), pos)?
+                }
+                None => text_encoder.embed_tokens(t, None, 0)?,
             };
             rows.push(row);
         }
