@@ -462,7 +462,10 @@ fn report_kernels(steps: f64, step_s: f64) {
     if rows.is_empty() {
         return;
     }
-    println!("{:<24} {:>9} {:>7} {:>8}", "kernel (per step)", "s", "share", "calls");
+    println!(
+        "{:<24} {:>9} {:>7} {:>8}",
+        "kernel (per step)", "s", "share", "calls"
+    );
     let mut total = 0.0;
     for (name, s, calls) in &rows {
         let per = s / steps;

@@ -18,10 +18,10 @@
 //! (default 1e-6, not overridden in the BLIP-Diffusion config), LAVIS uses torch's 1e-5 everywhere —
 //! [`Blip2VisionConfig::blipdiffusion_lavis`] reproduces LAVIS numbers.
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
 use serde::{Deserialize, Serialize};

@@ -20,10 +20,10 @@
 //!    convT(k=s=p/4) → 1 channel; otherwise one convT(k=s=p). Logits `[B, g·p, g·p]` for the refined
 //!    head with patch 16 (`[B, 352, 352]` at 352 px).
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, PaddingConfig2d};
-use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::TensorData;

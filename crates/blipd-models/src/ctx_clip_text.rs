@@ -15,9 +15,9 @@
 //! torch's default eps (1e-5) while `CLIPTextModel` uses `config.layer_norm_eps`. Every released CLIP
 //! text config has `layer_norm_eps = 1e-5`, so both agree; this port uses `layer_norm_eps`.
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
-use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 

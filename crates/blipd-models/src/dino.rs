@@ -20,10 +20,10 @@
 //! projections with bias, scale `head_dim^-½`, `fc1` → act → `fc2`); [`key_map`] renames ViT's keys
 //! (`attention.attention.query` → `self_attn.q_proj`, `intermediate.dense` → `mlp.fc1`, …).
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{PaddingConfig2d};
-use crate::nn::{LayerNorm, LayerNormConfig};
+use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 

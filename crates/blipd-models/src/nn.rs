@@ -4,10 +4,10 @@ use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn::tensor::activation;
 use burn::tensor::module::attention as fused_attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::TensorPrimitive;
 
 use crate::cpu::math::Act;
 use crate::cpu::ops as kernels;
@@ -224,7 +224,10 @@ impl<B: Backend> LayerNorm<B> {
             Err(x) => x,
         };
         let gamma = self.gamma.val().into_primitive().tensor();
-        let beta = self.beta.as_ref().map(|b| b.val().into_primitive().tensor());
+        let beta = self
+            .beta
+            .as_ref()
+            .map(|b| b.val().into_primitive().tensor());
         Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
             x.into_primitive().tensor(),
             gamma,

@@ -11,8 +11,8 @@
 //! Keys (diffusers `qformer/…proj_layer.*`, LAVIS `proj_layer/proj_weight.pt`): `dense1`, `dense2`,
 //! `LayerNorm` (→ our `layer_norm`).
 
-use burn::nn::{Dropout, DropoutConfig, Linear};
 use crate::nn::{LayerNorm, LayerNormConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 

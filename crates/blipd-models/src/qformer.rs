@@ -35,9 +35,9 @@
 //! active only on autodiff backends. Run frozen/eval passes on `B::InnerBackend` (`module.valid()`) to get
 //! PyTorch `eval()` numerics there.
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::module::Param;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear};
-use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 

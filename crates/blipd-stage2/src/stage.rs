@@ -139,7 +139,10 @@ impl<B: AutodiffBackend> Stage2<B> {
                         .conditional(&self.clip_tokenizer, &captions[i], &subjects[i])?;
                 (ids, Some(pos))
             } else {
-                (self.prompts.text_only(&self.clip_tokenizer, &captions[i])?, None)
+                (
+                    self.prompts.text_only(&self.clip_tokenizer, &captions[i])?,
+                    None,
+                )
             };
             spans.push((ids_all.len(), ids.len(), pos));
             ids_all.extend(ids);

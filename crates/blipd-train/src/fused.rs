@@ -166,7 +166,11 @@ pub(crate) fn sum_squares<B: Backend>(x: &Tensor<B, 1>) -> Option<f64> {
                         lanes[l] += ch[l] as f64 * ch[l] as f64;
                     }
                 }
-                lanes.iter().sum::<f64>() + it.remainder().iter().map(|x| *x as f64 * *x as f64).sum::<f64>()
+                lanes.iter().sum::<f64>()
+                    + it.remainder()
+                        .iter()
+                        .map(|x| *x as f64 * *x as f64)
+                        .sum::<f64>()
             })
             .sum(),
     )

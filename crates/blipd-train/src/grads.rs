@@ -138,7 +138,10 @@ impl<B: Backend> GradSet<B> {
                 .map(|e| crate::fused::sum_squares(&e.grad))
                 .sum();
             if let Some(sq) = sq {
-                return Some(Tensor::from_floats([sq.sqrt() as f32], &first.grad.device()));
+                return Some(Tensor::from_floats(
+                    [sq.sqrt() as f32],
+                    &first.grad.device(),
+                ));
             }
         }
         let norms: Vec<Tensor<B, 1>> = self

@@ -52,7 +52,9 @@ impl AttentionSpec {
 
     /// Query rows per task.
     fn block(&self) -> usize {
-        (SCORE_FLOATS / self.kv_len).clamp(8, 256).min(self.q_len.max(1))
+        (SCORE_FLOATS / self.kv_len)
+            .clamp(8, 256)
+            .min(self.q_len.max(1))
     }
 
     /// Keys query `i` sees.
@@ -209,9 +211,17 @@ pub fn attention_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     s.check(q.len(), k.len(), v.len());
     let (hd, hdv) = (s.heads * s.head_dim, s.heads * s.value_dim);
-    assert_eq!(out.len(), s.batch * s.q_len * hdv, "attention_backward: output size");
+    assert_eq!(
+        out.len(),
+        s.batch * s.q_len * hdv,
+        "attention_backward: output size"
+    );
     assert_eq!(dout.len(), out.len(), "attention_backward: gradient size");
-    assert_eq!(lse.len(), s.batch * s.heads * s.q_len, "attention_backward: lse size");
+    assert_eq!(
+        lse.len(),
+        s.batch * s.heads * s.q_len,
+        "attention_backward: lse size"
+    );
     let mut dq = output(q.len());
     let mut dk = output(k.len());
     let mut dv = output(v.len());
@@ -264,7 +274,12 @@ pub fn attention_backward(
                     );
                     for (r, row) in p.chunks_exact_mut(s.kv_len).enumerate() {
                         let i = q0 + r;
-                        probs_from_lse(row, s.visible(i), s.scale, lse[(b * s.heads + h) * s.q_len + i]);
+                        probs_from_lse(
+                            row,
+                            s.visible(i),
+                            s.scale,
+                            lse[(b * s.heads + h) * s.q_len + i],
+                        );
                     }
                     // dV (+)= Pᵀ·dO.
                     matmul(
@@ -468,7 +483,11 @@ mod tests {
                     _ => l(&q, &k, x),
                 };
                 let num = (f(&plus) - f(&minus)) / (2.0 * eps as f64);
-                let ana: f64 = grad.iter().zip(&u).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let ana: f64 = grad
+                    .iter()
+                    .zip(&u)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
                 assert!(
                     (num - ana).abs() < 3e-3 * num.abs().max(1.0),
                     "{name} {s:?}: numeric {num} vs analytic {ana}"

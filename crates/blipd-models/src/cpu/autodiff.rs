@@ -140,15 +140,16 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         let [d_in, d_out] = [fx::dims(&w)[0], fx::dims(&w)[1]];
         let rows = x_shape.iter().product::<usize>() / d_in;
         let want = [0, 1, 2].map(|i| wants(&ops.parents, i));
-        let [dx, dw, db] = super::gemm::linear_backward(
-            &fx::values(&x),
-            rows,
-            d_in,
-            &fx::values(&w),
-            d_out,
-            &fx::values(&dy),
-            want,
-        );
+        let w_owned;
+        let wm = match fx::matrix(&w) {
+            Some(m) => m,
+            None => {
+                w_owned = fx::values(&w).into_owned();
+                super::gemm::MatRef::row_major(&w_owned, d_in, d_out)
+            }
+        };
+        let [dx, dw, db] =
+            super::gemm::linear_backward(&fx::values(&x), rows, wm, &fx::values(&dy), want);
         grad_to!(grads, ops.parents, 0, dx, &x_shape);
         grad_to!(grads, ops.parents, 1, dw, &[d_in, d_out]);
         grad_to!(grads, ops.parents, 2, db, &[d_out]);
@@ -167,17 +168,22 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     let x = take(x)?;
     let shape = dims(&x);
     let [d_in, d_out] = [dims(&w)[0], dims(&w)[1]];
-    assert_eq!(shape[D - 1], d_in, "linear: input width {shape:?} vs weight [{d_in}, {d_out}]");
+    assert_eq!(
+        shape[D - 1],
+        d_in,
+        "linear: input width {shape:?} vs weight [{d_in}, {d_out}]"
+    );
     let rows: usize = shape[..D - 1].iter().product();
     let bias = b.as_ref().map(|b| fx::values(&b.primitive).into_owned());
-    let y = super::gemm::linear(
-        &fx::values(&x.primitive),
-        rows,
-        d_in,
-        &fx::values(&w.primitive),
-        d_out,
-        bias.as_deref(),
-    );
+    let w_owned;
+    let wm = match fx::matrix(&w.primitive) {
+        Some(m) => m,
+        None => {
+            w_owned = fx::values(&w.primitive).into_owned();
+            super::gemm::MatRef::row_major(&w_owned, d_in, d_out)
+        }
+    };
+    let y = super::gemm::linear(&fx::values(&x.primitive), rows, wm, bias.as_deref());
     let mut out_shape = shape.clone();
     out_shape[D - 1] = d_out;
     let out = fx::tensor(y, &out_shape);
@@ -330,7 +336,9 @@ pub(crate) fn group_norm<B: Backend, const D: usize>(
     let x = take(x)?;
     let shape = dims_x.to_vec();
     let (gv, bv) = (
-        gamma.as_ref().map(|t| fx::values(&t.primitive).into_owned()),
+        gamma
+            .as_ref()
+            .map(|t| fx::values(&t.primitive).into_owned()),
         beta.as_ref().map(|t| fx::values(&t.primitive).into_owned()),
     );
     let spec = GroupNormSpec {
@@ -383,7 +391,10 @@ impl<const N: usize> Backward<Flex, N> for LayerNormBackward {
         let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let st = ops.state;
-        let d = *st.shape.last().expect("layer_norm of a tensor with dimensions");
+        let d = *st
+            .shape
+            .last()
+            .expect("layer_norm of a tensor with dimensions");
         let (dx, dg, db) = super::norm::layer_norm_backward(
             &fx::values(&st.x),
             &fx::values(&dy),
@@ -452,11 +463,8 @@ impl Backward<Flex, 1> for ActBackward {
         let start = std::time::Instant::now();
         let dy = grads.consume::<Flex>(&ops.node);
         let shape = fx::dims(&ops.state.x);
-        let dx = super::math::act_backward(
-            &fx::values(&ops.state.x),
-            &fx::values(&dy),
-            ops.state.act,
-        );
+        let dx =
+            super::math::act_backward(&fx::values(&ops.state.x), &fx::values(&dy), ops.state.act);
         grad_to!(grads, ops.parents, 0, Some(dx), &shape);
         super::profile::add(11, start);
     }
@@ -576,17 +584,16 @@ pub(crate) fn attention<B: Backend>(
         &spec,
         Some(&mut lse),
     );
-    let out = fx::tensor(
-        y,
-        &[spec.batch, spec.q_len, spec.heads * spec.value_dim],
-    );
-    let t = record(AttentionBackward, [&q, &k, &v], out.clone(), || AttentionState {
-        q: q.primitive.clone(),
-        k: k.primitive.clone(),
-        v: v.primitive.clone(),
-        out,
-        lse,
-        spec,
+    let out = fx::tensor(y, &[spec.batch, spec.q_len, spec.heads * spec.value_dim]);
+    let t = record(AttentionBackward, [&q, &k, &v], out.clone(), || {
+        AttentionState {
+            q: q.primitive.clone(),
+            k: k.primitive.clone(),
+            v: v.primitive.clone(),
+            out,
+            lse,
+            spec,
+        }
     });
     Ok(give(t))
 }

@@ -252,12 +252,22 @@ pub fn conv2d_backward(
     s: &Conv2dSpec,
     [want_dx, want_dw, want_db]: [bool; 3],
 ) -> [Option<Vec<f32>>; 3] {
-    let (ho, wo) = s.out_hw().expect("conv2d_backward: the kernel does not fit the padded input");
+    let (ho, wo) = s
+        .out_hw()
+        .expect("conv2d_backward: the kernel does not fit the padded input");
     let (hw_in, hw) = (s.h * s.w, ho * wo);
     let k = s.c_in * s.kh * s.kw;
-    assert_eq!(x.len(), s.batch * s.c_in * hw_in, "conv2d_backward: input size");
+    assert_eq!(
+        x.len(),
+        s.batch * s.c_in * hw_in,
+        "conv2d_backward: input size"
+    );
     assert_eq!(weight.len(), s.c_out * k, "conv2d_backward: weight size");
-    assert_eq!(dy.len(), s.batch * s.c_out * hw, "conv2d_backward: gradient size");
+    assert_eq!(
+        dy.len(),
+        s.batch * s.c_out * hw,
+        "conv2d_backward: gradient size"
+    );
     let threads = threads();
     let db = want_db.then(|| {
         let mut db = vec![0.0f64; s.c_out];
@@ -547,18 +557,34 @@ mod tests {
             let dy = data(b * c_out * ho * wo, 90 + ci as u32);
             let [dx, dw, db] = conv2d_backward(&x, &wt, &dy, &s, [true; 3]);
             let (dx, dw, db) = (dx.unwrap(), dw.unwrap(), db.unwrap());
-            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+            let dot = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum::<f64>()
+            };
             // d/dε ⟨dy, conv(x + ε·u, w)⟩ = ⟨dy, conv(u, w)⟩ = ⟨dx, u⟩ (no bias in the direction).
             let u = data(x.len(), 200 + ci as u32);
             let lhs = dot(&dy, &reference(&u, &wt, None, &s));
-            assert!((lhs - dot(&dx, &u)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} dx: {lhs} vs {}", dot(&dx, &u));
+            assert!(
+                (lhs - dot(&dx, &u)).abs() < 1e-4 * lhs.abs().max(1.0),
+                "case {ci} dx: {lhs} vs {}",
+                dot(&dx, &u)
+            );
             let v = data(wt.len(), 300 + ci as u32);
             let lhs = dot(&dy, &reference(&x, &v, None, &s));
-            assert!((lhs - dot(&dw, &v)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} dw: {lhs} vs {}", dot(&dw, &v));
+            assert!(
+                (lhs - dot(&dw, &v)).abs() < 1e-4 * lhs.abs().max(1.0),
+                "case {ci} dw: {lhs} vs {}",
+                dot(&dw, &v)
+            );
             let bb = data(c_out, 400 + ci as u32);
             let zero = vec![0.0f32; wt.len()];
             let lhs = dot(&dy, &reference(&x, &zero, Some(&bb), &s));
-            assert!((lhs - dot(&db, &bb)).abs() < 1e-4 * lhs.abs().max(1.0), "case {ci} db");
+            assert!(
+                (lhs - dot(&db, &bb)).abs() < 1e-4 * lhs.abs().max(1.0),
+                "case {ci} db"
+            );
         }
     }
 

@@ -93,6 +93,21 @@ pub(crate) fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// A 2-D tensor as a strided view of its storage (no copy), when its strides are non-negative.
+pub(crate) fn matrix(t: &FlexTensor) -> Option<super::gemm::MatRef<'_>> {
+    let l = t.layout();
+    let (shape, strides) = (l.shape(), l.strides());
+    if shape.len() != 2 || strides.iter().any(|s| *s < 0) {
+        return None;
+    }
+    Some(super::gemm::MatRef::new(
+        t.storage::<f32>(),
+        l.start_offset(),
+        [shape[0], shape[1]],
+        [strides[0] as usize, strides[1] as usize],
+    ))
+}
+
 /// `t` made contiguous (a no-op when it is).
 pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {

@@ -33,6 +33,71 @@ impl Operand {
     }
 }
 
+/// A strided matrix inside a slice, its extent checked against the slice when made: element
+/// `(i, j)` is `data[offset + i·rs + j·cs]`. A safe way to hand [`matmul`] a transposed or strided
+/// operand, e.g. a `Linear` weight kept as the transposed view of the file's `[out, in]` layout.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// Panics when an element would fall outside `data`.
+    pub fn new(
+        data: &'a [f32],
+        offset: usize,
+        [rows, cols]: [usize; 2],
+        [rs, cs]: [usize; 2],
+    ) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = offset + (rows - 1) * rs + (cols - 1) * cs;
+            assert!(
+                last < data.len(),
+                "MatRef: a {rows}×{cols} view with strides ({rs}, {cs}) from {offset} overruns {} values",
+                data.len()
+            );
+        }
+        Self {
+            data,
+            offset,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, 0, [rows, cols], [cols, 1])
+    }
+
+    /// The transpose (a view: strides swapped).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The operand for [`matmul`]; valid while `data` is borrowed.
+    pub fn operand(&self) -> Operand {
+        Operand {
+            ptr: self.data[self.offset..].as_ptr(),
+            rs: self.rs as isize,
+            cs: self.cs as isize,
+        }
+    }
+}
+
 /// `dst (m × n) = [dst +] a (m × k) · b (k × n)`, `dst` row-major with rows `ld_dst` apart;
 /// `accumulate` adds to what `dst` holds (otherwise it is only written). Splits over `threads`.
 ///
@@ -99,19 +164,12 @@ pub fn fill_cols(dst: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `out (rows × d_out) = x (rows × d_in) · w (d_in × d_out) [+ bias]`, all row-major; what a
-/// `Linear` computes (Burn stores the weight `[in, out]`).
-pub fn linear(
-    x: &[f32],
-    rows: usize,
-    d_in: usize,
-    w: &[f32],
-    d_out: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
+/// `out (rows × d_out) = x (rows × d_in) · w (d_in × d_out) [+ bias]`, `x` and `out` row-major, `w`
+/// any strides; what a `Linear` computes (Burn's weight is `[in, out]`).
+pub fn linear(x: &[f32], rows: usize, w: MatRef<'_>, bias: Option<&[f32]>) -> Vec<f32> {
     let _timer = super::profile::Timer::start(2);
+    let (d_in, d_out) = (w.rows, w.cols);
     assert_eq!(x.len(), rows * d_in, "linear: input size");
-    assert_eq!(w.len(), d_in * d_out, "linear: weight size");
     let mut out = super::output(rows * d_out);
     if let Some(b) = bias {
         assert_eq!(b.len(), d_out, "linear: bias size");
@@ -126,7 +184,7 @@ pub fn linear(
             out.as_mut_ptr(),
             d_out,
             Operand::rows(x.as_ptr(), d_in),
-            Operand::rows(w.as_ptr(), d_out),
+            w.operand(),
             bias.is_some(),
             super::threads(),
         );
@@ -140,19 +198,17 @@ pub fn linear(
 pub fn linear_backward(
     x: &[f32],
     rows: usize,
-    d_in: usize,
-    w: &[f32],
-    d_out: usize,
+    w: MatRef<'_>,
     dy: &[f32],
     [want_dx, want_dw, want_db]: [bool; 3],
 ) -> [Option<Vec<f32>>; 3] {
+    let (d_in, d_out) = (w.rows, w.cols);
     assert_eq!(x.len(), rows * d_in, "linear_backward: input size");
-    assert_eq!(w.len(), d_in * d_out, "linear_backward: weight size");
     assert_eq!(dy.len(), rows * d_out, "linear_backward: gradient size");
     let threads = super::threads();
     let dx = want_dx.then(|| {
         let mut dx = super::output(rows * d_in);
-        // SAFETY: dx is rows × d_in; dy rows × d_out; wᵀ read from w (d_in × d_out).
+        // SAFETY: dx is rows × d_in; dy rows × d_out; wᵀ a checked view (d_out × d_in).
         unsafe {
             matmul(
                 rows,
@@ -161,7 +217,7 @@ pub fn linear_backward(
                 dx.as_mut_ptr(),
                 d_in,
                 Operand::rows(dy.as_ptr(), d_out),
-                Operand::transposed(w.as_ptr(), d_out),
+                w.t().operand(),
                 false,
                 threads,
             )
@@ -235,16 +291,34 @@ mod tests {
         let w = data(d_in * d_out, 2);
         let b = data(d_out, 3);
         let dy = data(rows * d_out, 4);
-        let y = linear(&x, rows, d_in, &w, d_out, Some(&b));
+        let wm = MatRef::row_major(&w, d_in, d_out);
+        let y = linear(&x, rows, wm, Some(&b));
         let mut want = vec![0.0f32; rows * d_out];
         for r in 0..rows {
             for o in 0..d_out {
-                want[r * d_out + o] =
-                    b[o] + (0..d_in).map(|i| x[r * d_in + i] * w[i * d_out + o]).sum::<f32>();
+                want[r * d_out + o] = b[o]
+                    + (0..d_in)
+                        .map(|i| x[r * d_in + i] * w[i * d_out + o])
+                        .sum::<f32>();
             }
         }
         blipd_testkit::assert_close_slice("linear", &y, &want, 1e-6);
-        let [dx, dw, db] = linear_backward(&x, rows, d_in, &w, d_out, &dy, [true; 3]);
+        let [dx, dw, db] = linear_backward(&x, rows, wm, &dy, [true; 3]);
+        // The same weight stored transposed ([out, in], as in the files) and viewed.
+        let mut wt = vec![0.0f32; d_in * d_out];
+        for i in 0..d_in {
+            for o in 0..d_out {
+                wt[o * d_in + i] = w[i * d_out + o];
+            }
+        }
+        let view = MatRef::row_major(&wt, d_out, d_in).t();
+        blipd_testkit::assert_close_slice(
+            "linear, transposed view",
+            &linear(&x, rows, view, Some(&b)),
+            &y,
+            0.0,
+        );
+        let [dx2, _, _] = linear_backward(&x, rows, view, &dy, [true, false, false]);
         let mut wdx = vec![0.0f32; rows * d_in];
         let mut wdw = vec![0.0f32; d_in * d_out];
         let mut wdb = vec![0.0f32; d_out];
@@ -258,7 +332,9 @@ mod tests {
                 }
             }
         }
-        blipd_testkit::assert_close_slice("dx", &dx.unwrap(), &wdx, 1e-6);
+        let dx = dx.unwrap();
+        blipd_testkit::assert_close_slice("dx", &dx, &wdx, 1e-6);
+        blipd_testkit::assert_close_slice("dx, transposed view", &dx2.unwrap(), &dx, 0.0);
         blipd_testkit::assert_close_slice("dw", &dw.unwrap(), &wdw, 1e-6);
         blipd_testkit::assert_close_slice("db", &db.unwrap(), &wdb, 1e-6);
         let sums = column_sums(&data(300 * 3, 9), 3);

@@ -263,7 +263,10 @@ pub fn geglu_backward(h: &[f32], dy: &[f32], inner: usize) -> Vec<f32> {
     let mut dh = super::output(h.len());
     let rows_per_task = (PAR_CHUNK / inner.max(1)).max(1);
     dh.par_chunks_mut(2 * inner * rows_per_task)
-        .zip(h.par_chunks(2 * inner * rows_per_task).zip(dy.par_chunks(inner * rows_per_task)))
+        .zip(
+            h.par_chunks(2 * inner * rows_per_task)
+                .zip(dy.par_chunks(inner * rows_per_task)),
+        )
         .for_each(|(d, (h, g))| geglu_back_rows(h, g, d, inner));
     dh
 }

@@ -245,7 +245,14 @@ pub fn group_norm_backward(
                 let a = rstd * gamma;
                 let b = beta - mean * a;
                 let (sdz, sdzx) = gn_back_channel(
-                    xc, dyc, oc, a as f32, b as f32, mean as f32, rstd as f32, s.silu,
+                    xc,
+                    dyc,
+                    oc,
+                    a as f32,
+                    b as f32,
+                    mean as f32,
+                    rstd as f32,
+                    s.silu,
                 );
                 m1 += gamma * sdz;
                 m2 += gamma * sdzx;
@@ -439,7 +446,12 @@ mod tests {
         let eps = 1e-2f32;
         let plus: Vec<f32> = x.iter().zip(u).map(|(a, b)| a + eps * b).collect();
         let minus: Vec<f32> = x.iter().zip(u).map(|(a, b)| a - eps * b).collect();
-        let l = |v: Vec<f32>| v.iter().zip(dy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+        let l = |v: Vec<f32>| {
+            v.iter()
+                .zip(dy)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
         (l(f(&plus)) - l(f(&minus))) / (2.0 * eps as f64)
     }
 
@@ -472,12 +484,18 @@ mod tests {
                     let r = (bi * c + gi * cpg) * sp..(bi * c + (gi + 1) * cpg) * sp;
                     let v = &x[r.clone()];
                     let m = v.iter().map(|a| *a as f64).sum::<f64>() / v.len() as f64;
-                    let var = v.iter().map(|a| (*a as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
+                    let var =
+                        v.iter().map(|a| (*a as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
                     for (k, i) in r.enumerate() {
                         let ch = gi * cpg + k / sp;
-                        let z = (x[i] as f64 - m) / (var + 1e-5).sqrt() * gamma[ch] as f64 + beta[ch] as f64;
+                        let z = (x[i] as f64 - m) / (var + 1e-5).sqrt() * gamma[ch] as f64
+                            + beta[ch] as f64;
                         let want = if silu { z / (1.0 + (-z).exp()) } else { z };
-                        assert!((y[i] as f64 - want).abs() < 1e-5, "forward {i}: {} vs {want}", y[i]);
+                        assert!(
+                            (y[i] as f64 - want).abs() < 1e-5,
+                            "forward {i}: {} vs {want}",
+                            y[i]
+                        );
                     }
                 }
             }
@@ -486,16 +504,51 @@ mod tests {
             let f = |xx: &[f32]| group_norm(xx, &spec);
             let num = directional(&f, &x, &dy, &u);
             let ana: f64 = dx.iter().zip(&u).map(|(a, b)| *a as f64 * *b as f64).sum();
-            assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dx silu={silu}: {num} vs {ana}");
+            assert!(
+                (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+                "dx silu={silu}: {num} vs {ana}"
+            );
             let ug = data(c, 10);
-            let fg = |gg: &[f32]| group_norm(&x, &GroupNormSpec { gamma: Some(gg), ..spec });
+            let fg = |gg: &[f32]| {
+                group_norm(
+                    &x,
+                    &GroupNormSpec {
+                        gamma: Some(gg),
+                        ..spec
+                    },
+                )
+            };
             let num = directional(&fg, &gamma, &dy, &ug);
-            let ana: f64 = dg.unwrap().iter().zip(&ug).map(|(a, b)| *a as f64 * *b as f64).sum();
-            assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dgamma: {num} vs {ana}");
-            let fb = |bb: &[f32]| group_norm(&x, &GroupNormSpec { beta: Some(bb), ..spec });
+            let ana: f64 = dg
+                .unwrap()
+                .iter()
+                .zip(&ug)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            assert!(
+                (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+                "dgamma: {num} vs {ana}"
+            );
+            let fb = |bb: &[f32]| {
+                group_norm(
+                    &x,
+                    &GroupNormSpec {
+                        beta: Some(bb),
+                        ..spec
+                    },
+                )
+            };
             let num = directional(&fb, &beta, &dy, &ug);
-            let ana: f64 = db.unwrap().iter().zip(&ug).map(|(a, b)| *a as f64 * *b as f64).sum();
-            assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dbeta: {num} vs {ana}");
+            let ana: f64 = db
+                .unwrap()
+                .iter()
+                .zip(&ug)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            assert!(
+                (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+                "dbeta: {num} vs {ana}"
+            );
         }
     }
 
@@ -512,7 +565,8 @@ mod tests {
             let m = v.iter().map(|a| *a as f64).sum::<f64>() / d as f64;
             let var = v.iter().map(|a| (*a as f64 - m).powi(2)).sum::<f64>() / d as f64;
             for i in 0..d {
-                let want = (v[i] as f64 - m) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                let want =
+                    (v[i] as f64 - m) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
                 assert!((y[r * d + i] as f64 - want).abs() < 1e-5);
             }
         }
@@ -521,15 +575,24 @@ mod tests {
         let f = |xx: &[f32]| layer_norm(xx, d, Some(&gamma), Some(&beta), 1e-5).0;
         let num = directional(&f, &x, &dy, &u);
         let ana: f64 = dx.iter().zip(&u).map(|(a, b)| *a as f64 * *b as f64).sum();
-        assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dx: {num} vs {ana}");
+        assert!(
+            (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+            "dx: {num} vs {ana}"
+        );
         let ug = data(d, 16);
         let fg = |gg: &[f32]| layer_norm(&x, d, Some(gg), Some(&beta), 1e-5).0;
         let num = directional(&fg, &gamma, &dy, &ug);
         let ana: f64 = dg.iter().zip(&ug).map(|(a, b)| *a as f64 * *b as f64).sum();
-        assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dgamma: {num} vs {ana}");
+        assert!(
+            (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+            "dgamma: {num} vs {ana}"
+        );
         let fb = |bb: &[f32]| layer_norm(&x, d, Some(&gamma), Some(bb), 1e-5).0;
         let num = directional(&fb, &beta, &dy, &ug);
         let ana: f64 = db.iter().zip(&ug).map(|(a, b)| *a as f64 * *b as f64).sum();
-        assert!((num - ana).abs() < 2e-3 * num.abs().max(1.0), "dbeta: {num} vs {ana}");
+        assert!(
+            (num - ana).abs() < 2e-3 * num.abs().max(1.0),
+            "dbeta: {num} vs {ana}"
+        );
     }
 }

@@ -28,9 +28,9 @@
 //! [`super::UNet2DConditionModel::num_attention_layers`]); `AttentionSite::index` runs over all of
 //! them, including layers a hook did not want.
 
+use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear};
-use crate::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 
 use crate::nn::{
