@@ -15,6 +15,7 @@ pub mod loader;
 pub mod masks;
 pub mod matte;
 pub mod matting;
+pub mod moments;
 pub mod npy;
 pub mod openimages;
 pub mod preprocess;

@@ -78,6 +78,18 @@ pub struct PairItem {
     pub input: image::RgbImage,
     /// Decoded target (original image); empty when `decode = false`.
     pub target: image::RgbImage,
+    /// Where the pair is stored: its shard's position in the manifest's `shards` list and its row in
+    /// that shard (what a per-shard side file such as a latent cache is indexed by).
+    pub location: RowLocation,
+}
+
+/// A pair's place in the shard folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLocation {
+    /// Position of the shard in [`Manifest::shards`].
+    pub shard: usize,
+    /// Row in that shard (0-based, across its row groups).
+    pub row: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +97,8 @@ struct Block {
     shard: usize,
     group: usize,
     rows: u32,
+    /// The group's first row in its shard.
+    first: u64,
 }
 
 /// See the module docs.
@@ -129,14 +143,17 @@ impl PairLoader {
         let mut shards: Vec<usize> = (0..manifest.shards.len()).collect();
         shards.sort_by_key(|&i| manifest.shards[i].index);
         for s in shards {
+            let mut first = 0;
             for (g, &rows) in manifest.shards[s].row_groups.iter().enumerate() {
                 if rows > 0 {
                     blocks.push(Block {
                         shard: s,
                         group: g,
                         rows: rows as u32,
+                        first,
                     });
                 }
+                first += rows;
             }
         }
         let len = blocks.iter().map(|b| u64::from(b.rows)).sum();
@@ -224,7 +241,9 @@ impl PairLoader {
         if let Some((_, g)) = self.cache.iter().find(|(b, _)| *b == block) {
             return Ok(g.clone());
         }
-        let Block { shard, group, rows } = self.blocks[block];
+        let Block {
+            shard, group, rows, ..
+        } = self.blocks[block];
         if !self.readers.contains_key(&shard) {
             if self.readers.len() >= 64 {
                 self.readers.clear();
@@ -252,23 +271,37 @@ impl PairLoader {
 
     /// Records (undecoded) of this rank's next `n` items, with their keys.
     pub fn next_records(&mut self, n: usize) -> Result<Vec<(u64, PairRecord)>> {
+        Ok(self
+            .next_located(n)?
+            .into_iter()
+            .map(|(k, r, _)| (k, r))
+            .collect())
+    }
+
+    /// [`Self::next_records`] with each record's place in the shards.
+    fn next_located(&mut self, n: usize) -> Result<Vec<(u64, PairRecord, RowLocation)>> {
         let (epoch, start) = self.next_positions(n)?;
         let mut out = Vec::with_capacity(n);
         for p in start..start + n as u64 {
             let (b, r) = self.order[p as usize];
             let g = self.group(b as usize)?;
-            out.push((epoch * self.len + p, g[r as usize].clone()));
+            let blk = self.blocks[b as usize];
+            let loc = RowLocation {
+                shard: blk.shard,
+                row: blk.first + u64::from(r),
+            };
+            out.push((epoch * self.len + p, g[r as usize].clone(), loc));
         }
         Ok(out)
     }
 
     /// This rank's next `n` items, images decoded (in parallel).
     pub fn next_items(&mut self, n: usize) -> Result<Vec<PairItem>> {
-        let recs = self.next_records(n)?;
+        let recs = self.next_located(n)?;
         let decode = self.opts.decode;
         let limits = self.limits;
         recs.into_par_iter()
-            .map(|(key, record)| {
+            .map(|(key, record, location)| {
                 let (input, target) = if decode {
                     let d = |bytes: &[u8], what: &str| {
                         decode_image(bytes, &format!("{} {what}", record.image_id), &limits)
@@ -286,6 +319,7 @@ impl PairLoader {
                     record,
                     input,
                     target,
+                    location,
                 })
             })
             .collect()

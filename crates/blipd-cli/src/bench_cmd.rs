@@ -131,7 +131,10 @@ impl blipd_train::BatchSource for RandomBatches {
         let (si, st) = (self.image_size, self.target_size);
         Ok(blipd_stage2::Stage2Batch {
             input: TensorData::new(normal(&mut self.rng, b * 3 * si * si), [b, 3, si, si]),
-            target: TensorData::new(normal(&mut self.rng, b * 3 * st * st), [b, 3, st, st]),
+            target: blipd_stage2::Targets::Pixels(TensorData::new(
+                normal(&mut self.rng, b * 3 * st * st),
+                [b, 3, st, st],
+            )),
             subjects: vec![self.subject.clone(); b],
             captions: vec![self.caption.clone(); b],
             sample_rngs: None,

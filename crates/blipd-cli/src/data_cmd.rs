@@ -49,6 +49,25 @@ impl From<MaskSourceArg> for MaskSource {
 
 #[derive(Subcommand)]
 pub enum DataCommand {
+    /// Cache the VAE posterior of every shard's target images for stage 2 (docs/data-pipeline.md,
+    /// "Cached VAE moments"): each pair's mean and std at `--size`, preprocessed as stage 2 does, one
+    /// side file per shard and `moments.json`, keyed by the VAE's weights, the size and the crop rule.
+    /// A stage-2 run over the folder with that VAE and `[data] target_size` then skips the VAE encoder
+    /// (and refuses a cache made for anything else). Resumable: current side files are kept.
+    EncodeLatents {
+        /// Shard folder (`blipd data synth` output).
+        #[arg(long)]
+        shards: PathBuf,
+        /// A diffusers pipeline folder (its `vae/`) or a VAE component folder: the VAE stage 2 will use.
+        #[arg(long)]
+        model: PathBuf,
+        /// Target side in pixels (stage 2's `[data] target_size`).
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Images per VAE batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
     /// OpenImages V6 subject filter (paper appendix A.5): box CSV + class descriptions (+ image labels)
     /// → kept-subjects CSV, with per-rule drop counts.
     Filter {
@@ -185,6 +204,49 @@ fn load_config(path: Option<&Path>) -> Result<PipelineConfig> {
     })
 }
 
+/// `blipd data encode-latents`.
+fn encode_latents(shards: &Path, model: &Path, size: usize, batch: usize) -> Result<ExitCode> {
+    let vae_dir = if model.join("vae").join("config.json").is_file() {
+        model.join("vae")
+    } else {
+        model.to_path_buf()
+    };
+    let device = crate::device();
+    let dir = blipd_models::weights::ComponentDir {
+        name: "vae".into(),
+        dir: vae_dir.clone(),
+    };
+    let (vae, cfg) = blipd_models::vae::AutoencoderKL::<crate::Inner>::load(&dir, &device)
+        .with_context(|| format!("loading the VAE from {}", vae_dir.display()))?;
+    let start = Instant::now();
+    let pb = bar(0, "encode-latents");
+    let summary = blipd_stage2::latents::encode_latents(
+        shards,
+        &vae,
+        cfg.latent_channels,
+        cfg.downsample_factor(),
+        size,
+        batch,
+        &device,
+        |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    println!(
+        "{}: cache {} ({size}² targets, VAE {}): {} shards encoded ({} pairs), {} already current; {:.1} s",
+        shards.display(),
+        summary.key_id,
+        vae_dir.display(),
+        summary.encoded,
+        summary.pairs,
+        summary.skipped,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `blipd data masks --source clipseg`.
 fn clipseg_masks(
     model_dir: &Path,
@@ -288,6 +350,12 @@ fn clipseg_masks(
 
 pub fn run(args: DataArgs) -> Result<ExitCode> {
     match args.command {
+        DataCommand::EncodeLatents {
+            shards,
+            model,
+            size,
+            batch,
+        } => encode_latents(&shards, &model, size, batch),
         DataCommand::Filter {
             boxes,
             classes,

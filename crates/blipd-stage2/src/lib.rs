@@ -10,6 +10,7 @@
 pub mod config;
 pub mod export;
 pub mod finetune;
+pub mod latents;
 pub mod model;
 pub mod prompt;
 pub mod run;
@@ -20,7 +21,7 @@ pub use config::{PromptTemplate, QFormerInit, Stage2Config};
 pub use export::export_pipeline;
 pub use model::{Stage2Components, Stage2Model};
 pub use prompt::PromptBuilder;
-pub use stage::{Stage2, Stage2Batch};
+pub use stage::{Stage2, Stage2Batch, TargetPosterior, Targets};
 
 /// Errors of stage 2 (wrapped into the trainer's error at the `Stage` boundary).
 #[derive(Debug, thiserror::Error)]

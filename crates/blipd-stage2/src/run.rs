@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Stage2Components;
-use crate::stage::{clip_input, vae_target, Stage2, Stage2Batch};
+use crate::stage::{clip_input, vae_target, Stage2, Stage2Batch, Targets};
 use crate::tiny::tiny_tokenizers;
 use crate::{Stage2Config, Stage2Error};
 
@@ -38,6 +38,11 @@ pub struct Stage2Data {
     /// (1 × 2B, 2 × B and B with 2 accumulation steps draw the same numbers).
     #[serde(default)]
     pub per_sample_rng: bool,
+    /// Use the shards' cached VAE moments (`blipd data encode-latents`) when the folder has them:
+    /// targets are then not encoded on every step. A cache made with other VAE weights, another
+    /// `target_size` or other shard bytes stops the run with the reason; `false` ignores caches.
+    #[serde(default = "yes")]
+    pub latent_cache: bool,
 }
 
 /// Base of the per-sample random streams (`[data] per_sample_rng`), apart from the trainer's.
@@ -67,6 +72,7 @@ impl Default for Stage2Data {
             target_size: 512,
             shuffle: true,
             per_sample_rng: false,
+            latent_cache: true,
         }
     }
 }
@@ -249,13 +255,19 @@ pub struct ShardSource {
     target_size: usize,
     run_seed: u64,
     per_sample_rng: bool,
+    /// The folder's cached VAE moments for this run's VAE and target size, when used.
+    moments: Option<std::sync::Arc<blipd_data::moments::MomentsReader>>,
 }
 
 impl ShardSource {
+    /// Opens the shards of `cfg`; with `cache_key` (this run's VAE and target size) and
+    /// `[data] latent_cache`, the folder's matching moments are read instead of encoding targets,
+    /// and a stale cache is an error naming why.
     pub fn open(
         dir: &std::path::Path,
         cfg: &Stage2RunConfig,
         image_size: usize,
+        cache_key: Option<&blipd_data::moments::MomentsKey>,
     ) -> Result<Self, Stage2Error> {
         let opts = LoaderOptions {
             seed: cfg.run.seed,
@@ -272,6 +284,33 @@ impl ShardSource {
                 cfg.train.batch_size
             )));
         }
+        let moments = match cache_key.filter(|_| cfg.data.latent_cache) {
+            None => None,
+            Some(key) => {
+                use blipd_data::moments::{open_cache, CacheStatus};
+                match open_cache(dir, loader.manifest(), key).map_err(|e| {
+                    Stage2Error::Config(format!("[data] shards = {}: {e}", dir.display()))
+                })? {
+                    CacheStatus::None => None,
+                    CacheStatus::Ready(r) => {
+                        tracing::info!(
+                            "stage 2: targets from the cached VAE moments in {} (cache {})",
+                            dir.display(),
+                            key.id()
+                        );
+                        Some(std::sync::Arc::new(r))
+                    }
+                    CacheStatus::Stale(why) => {
+                        return Err(Stage2Error::Config(format!(
+                        "{why}. Rerun `blipd data encode-latents --shards {} …` with this run's \
+                             VAE and target size, or set [data] latent_cache = false to encode \
+                             targets on every step",
+                        dir.display()
+                    )))
+                    }
+                }
+            }
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             opts,
@@ -281,6 +320,7 @@ impl ShardSource {
             target_size: cfg.data.target_size,
             run_seed: cfg.run.seed,
             per_sample_rng: cfg.data.per_sample_rng,
+            moments,
         })
     }
 
@@ -303,21 +343,37 @@ impl BatchSource for ShardSource {
             .map_err(blipd_train::TrainError::data)?;
         let (s, t, b) = (self.image_size, self.target_size, items.len());
         let mut input = Vec::with_capacity(b * 3 * s * s);
-        let mut target = Vec::with_capacity(b * 3 * t * t);
+        let mut target = Vec::new();
+        let (mut mean, mut std) = (Vec::new(), Vec::new());
         let mut subjects = Vec::with_capacity(b);
         let mut captions = Vec::with_capacity(b);
         let mut keys = Vec::with_capacity(b);
         for it in items {
             input.extend(clip_input(&it.input, s));
-            target.extend(vae_target(&it.target, t));
+            match &self.moments {
+                Some(m) => m
+                    .read(it.location.shard, it.location.row, &mut mean, &mut std)
+                    .map_err(blipd_train::TrainError::data)?,
+                None => target.extend(vae_target(&it.target, t)),
+            }
             subjects.push(it.record.class_name);
             captions.push(it.record.caption);
             keys.push(it.key);
         }
+        let target = match &self.moments {
+            Some(m) => {
+                let [c, h, w] = m.latent_shape();
+                Targets::Moments {
+                    mean: TensorData::new(mean, [b, c, h, w]),
+                    std: TensorData::new(std, [b, c, h, w]),
+                }
+            }
+            None => Targets::Pixels(TensorData::new(target, [b, 3, t, t])),
+        };
         let (run_seed, per) = (self.run_seed, self.per_sample_rng);
         Ok(Stage2Batch {
             input: TensorData::new(input, [b, 3, s, s]),
-            target: TensorData::new(target, [b, 3, t, t]),
+            target,
             subjects,
             captions,
             sample_rngs: per.then(|| {
@@ -367,7 +423,10 @@ pub fn build<B: AutodiffBackend>(
     // depend on what touches them first (the trainer, the optimizer, a data-parallel broadcast).
     blipd_train::params::param_infos::<B, _>(&model);
     if let Some(dir) = &cfg.data.shards {
-        let src = ShardSource::open(dir, cfg, image_size)?;
+        // The latent cache's key needs the VAE's digest: computed only when the folder has a cache.
+        let key = (cfg.data.latent_cache && dir.join(blipd_data::moments::INDEX_NAME).is_file())
+            .then(|| crate::latents::cache_key(&stage.vae, target_size));
+        let src = ShardSource::open(dir, cfg, image_size, key.as_ref())?;
         // Validation samples: the first two pairs of the shards' order.
         let mut peek = PairLoader::open(
             dir,
@@ -427,7 +486,7 @@ pub fn build<B: AutodiffBackend>(
         }
         Ok(Stage2Batch {
             input: TensorData::new(input, [b, 3, image_size, image_size]),
-            target: TensorData::new(target, [b, 3, target_size, target_size]),
+            target: Targets::Pixels(TensorData::new(target, [b, 3, target_size, target_size])),
             subjects,
             captions,
             sample_rngs: per_sample_rng.then(|| {

@@ -25,8 +25,8 @@ pub use blipd_data::preprocess::{clip_input, clip_pixels_to_rgb, vae_target, CLI
 pub struct Stage2Batch {
     /// Subject composites for the vision tower, `[B, 3, S, S]`, CLIP-normalised.
     pub input: TensorData,
-    /// Original images for the VAE, `[B, 3, H, W]` in [−1, 1].
-    pub target: TensorData,
+    /// The diffusion targets: the original images for the frozen VAE, or their cached posterior.
+    pub target: Targets,
     /// Class names ("dog"), fed to the Q-Former and named in the prompt.
     pub subjects: Vec<String>,
     /// Captions (the text prompt).
@@ -36,6 +36,49 @@ pub struct Stage2Batch {
     /// stage stream and the backend generator, so they depend only on the sample's global position
     /// and a run gives the same numbers whatever its number of ranks. `None`: the rank's stream.
     pub sample_rngs: Option<Vec<TrainRng>>,
+}
+
+/// A batch's diffusion targets.
+#[derive(Clone, Debug)]
+pub enum Targets {
+    /// Original images `[B, 3, H, W]` in [−1, 1], encoded by the frozen VAE in the step.
+    Pixels(TensorData),
+    /// Their VAE posterior, cached by `blipd data encode-latents`: mean and std, `[B, C, h, w]`.
+    /// The step samples `mean + std·ε` with its own noise, as it does from an encoded posterior.
+    Moments { mean: TensorData, std: TensorData },
+}
+
+/// The target latents' distribution in a step: encoded now, or read from the cache.
+#[derive(Clone, Debug)]
+pub enum TargetPosterior<B: Backend> {
+    Encoded(blipd_models::vae::DiagonalGaussian<B>),
+    Cached {
+        mean: Tensor<B, 4>,
+        std: Tensor<B, 4>,
+    },
+}
+
+impl<B: Backend> TargetPosterior<B> {
+    pub fn shape(&self) -> burn::tensor::Shape {
+        match self {
+            TargetPosterior::Encoded(p) => p.mean.shape(),
+            TargetPosterior::Cached { mean, .. } => mean.shape(),
+        }
+    }
+
+    /// `mean + std·noise` (the encoded posterior's own `sample`, the same arithmetic).
+    pub fn sample(&self, noise: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            TargetPosterior::Encoded(p) => p.sample(noise),
+            TargetPosterior::Cached { mean, std } => mean.clone() + std.clone() * noise,
+        }
+    }
+}
+
+impl<B: Backend> From<blipd_models::vae::DiagonalGaussian<B>> for TargetPosterior<B> {
+    fn from(p: blipd_models::vae::DiagonalGaussian<B>) -> Self {
+        TargetPosterior::Encoded(p)
+    }
 }
 
 impl Stage2Batch {
@@ -231,12 +274,20 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             ))
             .into());
         }
-        // Target latents through the frozen VAE (no graph).
+        // Target latents through the frozen VAE (no graph), or their cached posterior.
         let t0 = std::time::Instant::now();
-        let target = Tensor::<B::InnerBackend, 4>::from_data(batch.target, &dev);
-        let posterior = self.vae.encode(target);
-        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "VAE encode");
-        let shape = posterior.mean().shape();
+        let posterior: TargetPosterior<B::InnerBackend> = match batch.target {
+            Targets::Pixels(px) => self
+                .vae
+                .encode(Tensor::<B::InnerBackend, 4>::from_data(px, &dev))
+                .into(),
+            Targets::Moments { mean, std } => TargetPosterior::Cached {
+                mean: Tensor::from_data(mean, &dev),
+                std: Tensor::from_data(std, &dev),
+            },
+        };
+        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "target posterior");
+        let shape = posterior.shape();
         let n_train = self.ddpm.num_train_timesteps();
         let drop = self.config.subject_drop_prob;
         let (vae_noise, noise, t, keep) = match batch.sample_rngs {
@@ -344,7 +395,7 @@ impl<B: AutodiffBackend> Stage2<B> {
         &self,
         model: &Stage2Model<B>,
         input: Tensor<B, 4>,
-        posterior: blipd_models::vae::DiagonalGaussian<B::InnerBackend>,
+        posterior: impl Into<TargetPosterior<B::InnerBackend>>,
         subjects: &[String],
         captions: &[String],
         t: Vec<i64>,
@@ -354,7 +405,7 @@ impl<B: AutodiffBackend> Stage2<B> {
     ) -> Result<Tensor<B, 1>, Stage2Error> {
         let dev = self.device.clone();
         let b = t.len();
-        let latents = posterior.sample(vae_noise) * self.vae.scaling_factor;
+        let latents = posterior.into().sample(vae_noise) * self.vae.scaling_factor;
         let latents = Tensor::<B, 4>::from_inner(latents);
         // DDPM forward process at the given timestep per sample.
         let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);

@@ -468,7 +468,7 @@ mod tests {
                     .map(|(a, b)| *a as f64 * *b as f64)
                     .sum()
             };
-            let eps = 1e-2f32;
+            let eps = 1e-3f32;
             let shift = |x: &[f32], u: &[f32], e: f32| -> Vec<f32> {
                 x.iter().zip(u).map(|(a, b)| a + e * b).collect()
             };

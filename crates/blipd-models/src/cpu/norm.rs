@@ -292,7 +292,10 @@ pub fn group_norm_backward(
 }
 
 /// LayerNorm over the last axis of `x [rows, d]`: `(y, mean, rstd)`, the statistics per row for the
-/// backward pass.
+/// backward pass. The arithmetic follows Burn's (and torch's) own: f32 mean, f32 variance of the
+/// centred values (two passes), `(x − mean) / √(var + ε) · γ + β` — LayerNorm feeds losses whose
+/// gradients are checked against LAVIS at 1e-5, and f64 statistics round differently from the
+/// references.
 pub fn layer_norm(
     x: &[f32],
     d: usize,
@@ -307,6 +310,7 @@ pub fn layer_norm(
     let mut mean = vec![0.0f32; rows];
     let mut rstd = vec![0.0f32; rows];
     let per = (PAR_ROWS_FLOATS / d).max(1);
+    let eps = eps as f32;
     y.par_chunks_mut(d * per)
         .zip(x.par_chunks(d * per))
         .zip(mean.par_chunks_mut(per).zip(rstd.par_chunks_mut(per)))
@@ -317,42 +321,67 @@ pub fn layer_norm(
                 .zip(mb.iter_mut())
                 .zip(rb.iter_mut())
             {
-                let (s, q) = moments(xr);
-                let mu = s / d as f64;
-                let var = (q / d as f64 - mu * mu).max(0.0);
-                let rs = 1.0 / (var + eps).sqrt();
-                *m = mu as f32;
-                *r = rs as f32;
-                ln_row(xr, yr, mu as f32, rs as f32, gamma, beta);
+                let (mu, denom) = ln_stats(xr, eps);
+                *m = mu;
+                *r = 1.0 / denom;
+                ln_row(xr, yr, mu, denom, gamma, beta);
             }
         });
     (y, mean, rstd)
+}
+
+multiversion! {
+    /// `(mean, √(var + ε))` of one row in f32, two passes.
+    fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+        let n = x.len() as f32;
+        let mut lanes = [0.0f32; 8];
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                lanes[l] += c[l];
+            }
+        }
+        let mut s: f32 = lanes.iter().sum();
+        s += it.remainder().iter().sum::<f32>();
+        let mean = s / n;
+        let mut lanes = [0.0f32; 8];
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                let d = c[l] - mean;
+                lanes[l] += d * d;
+            }
+        }
+        let mut q: f32 = lanes.iter().sum();
+        q += it.remainder().iter().map(|v| (v - mean) * (v - mean)).sum::<f32>();
+        (mean, (q / n + eps).sqrt())
+    }
 }
 
 /// Rows per LayerNorm task: about 64 Ki floats.
 const PAR_ROWS_FLOATS: usize = 1 << 16;
 
 multiversion! {
-    fn ln_row(x: &[f32], y: &mut [f32], mean: f32, rstd: f32, gamma: Option<&[f32]>, beta: Option<&[f32]>) {
+    fn ln_row(x: &[f32], y: &mut [f32], mean: f32, denom: f32, gamma: Option<&[f32]>, beta: Option<&[f32]>) {
         match (gamma, beta) {
             (Some(g), Some(b)) => {
                 for (((yv, xv), gv), bv) in y.iter_mut().zip(x).zip(g).zip(b) {
-                    *yv = (*xv - mean) * rstd * gv + bv;
+                    *yv = (*xv - mean) / denom * gv + bv;
                 }
             }
             (Some(g), None) => {
                 for ((yv, xv), gv) in y.iter_mut().zip(x).zip(g) {
-                    *yv = (*xv - mean) * rstd * gv;
+                    *yv = (*xv - mean) / denom * gv;
                 }
             }
             (None, Some(b)) => {
                 for ((yv, xv), bv) in y.iter_mut().zip(x).zip(b) {
-                    *yv = (*xv - mean) * rstd + bv;
+                    *yv = (*xv - mean) / denom + bv;
                 }
             }
             (None, None) => {
                 for (yv, xv) in y.iter_mut().zip(x) {
-                    *yv = (*xv - mean) * rstd;
+                    *yv = (*xv - mean) / denom;
                 }
             }
         }
