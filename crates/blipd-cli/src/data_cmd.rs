@@ -223,8 +223,7 @@ fn encode_latents(shards: &Path, model: &Path, size: usize, batch: usize) -> Res
     let summary = blipd_stage2::latents::encode_latents(
         shards,
         &vae,
-        cfg.latent_channels,
-        cfg.downsample_factor(),
+        &cfg,
         size,
         batch,
         &device,

@@ -48,14 +48,22 @@ mod tests {
 
     #[test]
     fn ports_are_distinct_free_and_below_the_ephemeral_range() {
-        let ports: Vec<u16> = (0..50).map(|_| unused_port().unwrap()).collect();
+        // Each port is bound right after it is handed out: other test processes (the launcher's
+        // workers) pick ports too, so one handed out earlier may legitimately be taken by now.
+        let ports: Vec<u16> = (0..50)
+            .map(|_| {
+                let p = unused_port().unwrap();
+                let held = TcpListener::bind(("0.0.0.0", p));
+                assert!(held.is_ok(), "port {p} was handed out but cannot be bound");
+                p
+            })
+            .collect();
         let mut sorted = ports.clone();
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), ports.len(), "{ports:?}");
         for &p in &ports {
             assert!((p as u32) >= FIRST && (p as u32) < ephemeral_start().max(FIRST + 1_000));
-            TcpListener::bind(("0.0.0.0", p)).unwrap();
         }
     }
 }

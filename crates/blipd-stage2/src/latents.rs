@@ -12,7 +12,7 @@ use std::path::Path;
 
 use blipd_data::moments::{self, MomentsIndex, MomentsKey, TARGET_CROP};
 use blipd_data::shards::{Manifest, ShardReader};
-use blipd_models::vae::AutoencoderKL;
+use blipd_models::vae::{AutoencoderKL, VaeConfig};
 use burn::prelude::*;
 
 use crate::stage::vae_target;
@@ -60,21 +60,21 @@ pub struct EncodeSummary {
     pub pairs: u64,
 }
 
-/// Encodes every target of the shard folder `dir` with `vae` at `target_size` (a multiple of the
-/// VAE's down-sampling factor), `batch` images at a time, writing one side file per shard and
+/// Encodes every target of the shard folder `dir` with `vae` (configured by `vae_config`) at
+/// `target_size` (a multiple of the VAE's down-sampling factor), `batch` images at a time, writing one side file per shard and
 /// updating `moments.json` after each. Shards whose side file is current are skipped, so an
 /// interrupted run continues where it stopped. `on_shard(done, total)` reports progress.
 pub fn encode_latents<B: Backend>(
     dir: &Path,
     vae: &AutoencoderKL<B>,
-    latent_channels: usize,
-    factor: usize,
+    vae_config: &VaeConfig,
     target_size: usize,
     batch: usize,
     device: &B::Device,
     mut on_shard: impl FnMut(usize, usize),
 ) -> Result<EncodeSummary, Stage2Error> {
     let bad = |m: String| Stage2Error::Config(m);
+    let (latent_channels, factor) = (vae_config.latent_channels, vae_config.downsample_factor());
     if batch == 0 {
         return Err(bad("encode-latents: --batch must be at least 1".into()));
     }

@@ -49,12 +49,10 @@ fn a_step_from_cached_moments_equals_the_online_step() {
         panic!("without a cache the targets are pixels")
     };
 
-    let factor = stage.vae_config.downsample_factor();
     let summary = encode_latents(
         &shards,
         &stage.vae,
-        stage.vae_config.latent_channels,
-        factor,
+        &stage.vae_config,
         32,
         3,
         &device,
@@ -153,13 +151,11 @@ fn a_stale_cache_is_refused_and_encoding_resumes() {
         &device,
     )
     .unwrap();
-    let factor = stage.vae_config.downsample_factor();
     let enc = |size| {
         encode_latents(
             &shards,
             &stage.vae,
-            stage.vae_config.latent_channels,
-            factor,
+            &stage.vae_config,
             size,
             4,
             &device,

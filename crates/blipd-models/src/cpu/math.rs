@@ -12,6 +12,7 @@ use rayon::prelude::*;
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
@@ -78,7 +79,7 @@ pub fn erf(x: f32) -> f32 {
     const QQ: [f32; 5] = [
         3.979_172e-1,
         6.502_225e-2,
-        5.081_306_2e-3,
+        5.081_306e-3,
         1.324_947_4e-4,
         -3.960_228_2e-6,
     ];
@@ -112,7 +113,7 @@ pub fn erf(x: f32) -> f32 {
     const SA: [f32; 8] = [
         1.965_127_2e1,
         1.376_577_6e2,
-        4.345_658_9e2,
+        4.345_659e2,
         6.453_872_7e2,
         4.290_081_5e2,
         1.086_350_1e2,

@@ -11,11 +11,13 @@
 //! # When they run
 //!
 //! Every network calls the functions of [`crate::amp`] and [`crate::nn`]; those take the path here
-//! when [`take`] accepts the input: the backend is burn-flex itself (not wrapped in autodiff, whose
-//! backward needs Burn's ops — training is Burn's path), the tensor is `f32`, no autocast scope is
-//! active, and the kernels are not switched off (`BLIPD_CPU_KERNELS=burn`, or [`set_enabled`]).
-//! Otherwise the same functions run Burn's ops, which is also how the CUDA build runs. The parity
-//! tests check both paths against each other and the fixtures (`tests/cpu_kernels.rs`).
+//! when the input qualifies: the backend is burn-flex itself (inference, `flex.rs`) or `Autodiff<Flex>`
+//! (training: each kernel becomes one node of Burn's autodiff graph with our backward pass,
+//! `autodiff.rs`), the tensor is `f32`, no autocast scope is active, and the kernels are not switched
+//! off (`BLIPD_CPU_KERNELS=burn`, or [`set_enabled`]). Otherwise the same functions run Burn's ops,
+//! which is also how the CUDA build runs. The unit tests compare each kernel with a direct reference and
+//! each backward pass with directional derivatives; the models' parity suite runs through them.
+//! [`profile`] keeps the time spent in each kernel (`blipd bench` prints it).
 
 pub mod attention;
 pub mod conv;
@@ -52,6 +54,18 @@ pub fn enabled() -> bool {
 /// Turns our kernels on or off for the whole process (benchmarks and tests compare both paths).
 pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether 3×3 convolutions may use Winograd's F(2×2, 3×3) (default on; `BLIPD_WINOGRAD=0` turns it
+/// off, for comparisons).
+pub(crate) fn winograd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("BLIPD_WINOGRAD").as_deref(),
+            Ok("0") | Ok("off")
+        )
+    })
 }
 
 /// Threads the kernels split work over (rayon's pool).
