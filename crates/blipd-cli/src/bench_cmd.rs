@@ -53,6 +53,11 @@ struct TrainArgs {
     /// BERT-uncased vocab.txt for the Q-Former (else <model>/qformer/vocab.txt).
     #[arg(long)]
     bert_vocab: Option<PathBuf>,
+    /// Targets as cached VAE moments (what `blipd data encode-latents` provides) instead of pixels:
+    /// the step skips the VAE encoder, work the PyTorch reference does. Random mean and std of the
+    /// latent shape; reading them from a side file (32 KiB a sample at 256²) is not timed.
+    #[arg(long)]
+    cached_moments: bool,
     /// Write the measurements as JSON here (one object; also printed as the last stdout line).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -110,6 +115,8 @@ struct RandomBatches {
     target_size: usize,
     subject: String,
     caption: String,
+    /// `Some([C, h, w])`: targets as cached moments of that latent shape.
+    moments: Option<[usize; 3]>,
     rng: blipd_train::TrainRng,
 }
 
@@ -129,12 +136,27 @@ impl blipd_train::BatchSource for RandomBatches {
                 .collect()
         };
         let (si, st) = (self.image_size, self.target_size);
-        Ok(blipd_stage2::Stage2Batch {
-            input: TensorData::new(normal(&mut self.rng, b * 3 * si * si), [b, 3, si, si]),
-            target: blipd_stage2::Targets::Pixels(TensorData::new(
+        let input = TensorData::new(normal(&mut self.rng, b * 3 * si * si), [b, 3, si, si]);
+        let target = match self.moments {
+            None => blipd_stage2::Targets::Pixels(TensorData::new(
                 normal(&mut self.rng, b * 3 * st * st),
                 [b, 3, st, st],
             )),
+            Some([c, h, w]) => {
+                let n = b * c * h * w;
+                let std = normal(&mut self.rng, n)
+                    .into_iter()
+                    .map(|v| 0.1 * v.abs() + 1e-3)
+                    .collect();
+                blipd_stage2::Targets::Moments {
+                    mean: TensorData::new(normal(&mut self.rng, n), [b, c, h, w]),
+                    std: TensorData::new(std, [b, c, h, w]),
+                }
+            }
+        };
+        Ok(blipd_stage2::Stage2Batch {
+            input,
+            target,
             subjects: vec![self.subject.clone(); b],
             captions: vec![self.caption.clone(); b],
             sample_rngs: None,
@@ -168,6 +190,8 @@ fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
         .with_context(|| format!("loading {}", a.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let image_size = parts.image_size;
+    let factor = parts.vae_config.downsample_factor();
+    let latent_channels = parts.vae_config.latent_channels;
     let (stage, model) = blipd_stage2::Stage2::new(cfg, parts, a.size, device.clone())?;
     let trainable: usize = blipd_train::params::param_infos(&model)
         .iter()
@@ -192,11 +216,22 @@ fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
         target_size: a.size,
         subject: a.subject.clone(),
         caption: a.prompt.clone(),
+        moments: a
+            .cached_moments
+            .then_some([latent_channels, a.size / factor, a.size / factor]),
         rng: blipd_train::TrainRng::new(0, 7),
     };
     println!(
-        "bench train: {backend}, {} trainable parameters, batch {}, {}² targets, {}² subject images",
-        trainable, a.batch, a.size, image_size
+        "bench train: {backend}, {} trainable parameters, batch {}, {}² targets{}, {}² subject images",
+        trainable,
+        a.batch,
+        a.size,
+        if a.cached_moments {
+            " as cached VAE moments"
+        } else {
+            ""
+        },
+        image_size
     );
     let mut step_s = Vec::with_capacity(a.iters + 1);
     for i in 0..=a.iters {
@@ -234,6 +269,7 @@ fn train<A: AutodiffBackend>(a: TrainArgs, device: &A::Device) -> Result<()> {
         "backend": backend,
         "batch": a.batch,
         "size": a.size,
+        "cached_moments": a.cached_moments,
         "trainable": trainable,
         "load_s": load_s,
         "step_s": mean,
