@@ -6,6 +6,7 @@
 
 pub mod amp;
 pub mod cpu;
+pub mod efficient_attention;
 pub mod flops;
 pub mod nn;
 pub mod weights;

@@ -58,8 +58,9 @@ pub fn geglu<B: Backend, const D: usize>(h: Tensor<B, D>) -> Tensor<B, D> {
 
 /// Unmasked scaled dot-product attention on the projections' token layout: `q [B, Lq, H·D]`,
 /// `k [B, Lk, H·D]`, `v [B, Lk, H·Dv]` → `[B, Lq, H·Dv]`. Our kernel on the CPU (no head permutation,
-/// scores bounded per block); elsewhere `burn::tensor::module::attention` (flash attention on CubeCL
-/// backends in inference, the materialised fallback under autodiff), in the autocast dtype.
+/// scores bounded per block); in training on other backends [`crate::efficient_attention`] (the
+/// backend's attention forward, a blocked backward); elsewhere `burn::tensor::module::attention` (flash
+/// attention on CubeCL backends), in the autocast dtype.
 pub fn attention_tokens<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -77,22 +78,26 @@ pub fn attention_tokens<B: Backend>(
     let (q, back) = crate::amp::lower(split_heads(q, heads));
     let (k, _) = crate::amp::lower(split_heads(k, heads));
     let (v, _) = crate::amp::lower(split_heads(v, heads));
-    let out = fused_attention(
-        q,
-        k,
-        v,
-        None,
-        None,
-        AttentionModuleOptions {
-            scale: Some(scale),
-            ..Default::default()
-        },
-    );
+    let out = match crate::efficient_attention::try_attention(q, k, v, scale, false) {
+        Ok(out) => out,
+        Err((q, k, v)) => fused_attention(
+            q,
+            k,
+            v,
+            None,
+            None,
+            AttentionModuleOptions {
+                scale: Some(scale),
+                ..Default::default()
+            },
+        ),
+    };
     merge_heads(crate::amp::restore(out, back))
 }
 
 /// [`attention_tokens`] where query `i` sees keys `0..=i` only (CLIP's causal text encoder; `Lq = Lk`).
-/// Elsewhere than the CPU kernels: the materialised attention with [`causal_bias`].
+/// Elsewhere than the CPU kernels: [`crate::efficient_attention`] in training, the materialised
+/// attention with [`causal_bias`] in inference.
 pub fn causal_attention_tokens<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -107,14 +112,25 @@ pub fn causal_attention_tokens<B: Backend>(
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
-    let bias = causal_bias::<B>(lq, &q.device());
-    merge_heads(attention(
+    let (q, k, v) = (
         split_heads(q, heads),
         split_heads(k, heads),
         split_heads(v, heads),
-        scale,
-        Some(bias),
-    ))
+    );
+    let (q, back) = crate::amp::lower(q);
+    let (k, _) = crate::amp::lower(k);
+    let (v, _) = crate::amp::lower(v);
+    let (q, k, v) = match crate::efficient_attention::try_attention(q, k, v, scale, true) {
+        Ok(out) => return merge_heads(crate::amp::restore(out, back)),
+        // The materialised path lowers its own products.
+        Err((q, k, v)) => (
+            crate::amp::restore(q, back),
+            crate::amp::restore(k, back),
+            crate::amp::restore(v, back),
+        ),
+    };
+    let bias = causal_bias::<B>(lq, &q.device());
+    merge_heads(attention(q, k, v, scale, Some(bias)))
 }
 
 /// A `1×1` convolution of `x [B, C, H, W]` returned as tokens `[B, H·W, C_out]` (one product on the CPU;
