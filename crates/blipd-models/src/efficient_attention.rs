@@ -264,16 +264,11 @@ mod tests {
         softmax(s, 3).matmul(v)
     }
 
-    fn max_abs(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> f32 {
-        let (a, b) = (
-            a.into_data().to_vec::<f32>().unwrap(),
-            b.into_data().to_vec::<f32>().unwrap(),
-        );
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| {
-            assert!(x.is_finite() && y.is_finite(), "{x} vs {y}");
-            m.max((x - y).abs())
-        })
+    fn max_abs(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> f64 {
+        blipd_testkit::max_abs_diff(
+            &a.into_data().to_vec::<f32>().unwrap(),
+            &b.into_data().to_vec::<f32>().unwrap(),
+        )
     }
 
     #[test]

@@ -14,11 +14,9 @@ fn max_rel(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> f32 {
         a.to_data().to_vec::<f32>().unwrap(),
         b.to_data().to_vec::<f32>().unwrap(),
     );
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    // Panics on NaN/Inf and on a length mismatch before the scale is taken.
+    let worst = blipd_testkit::max_abs_diff(&a, &b) as f32;
+    worst / a.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
 #[test]

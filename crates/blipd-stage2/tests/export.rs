@@ -39,12 +39,12 @@ fn assert_same<M1: burn_store::ModuleSnapshot<B1>, M2: burn_store::ModuleSnapsho
     assert_eq!(names(&ta), names(&tb), "{what}: tensor names differ");
     for ((name, x), (_, y)) in ta.iter().zip(&tb) {
         let (x, y) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
-        let worst = x
-            .iter()
-            .zip(&y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(worst == 0.0, "{what}.{name}: max |Δ| = {worst}");
+        // Bit for bit: a NaN on either side is a difference.
+        let worst = blipd_testkit::max_abs_diff(&x, &y);
+        assert!(
+            worst == 0.0 && x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}.{name}: max |Δ| = {worst}"
+        );
     }
     println!("{what}: {} tensors identical", ta.len());
 }

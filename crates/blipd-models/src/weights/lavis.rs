@@ -248,18 +248,17 @@ pub fn from_diffusers_qformer(sd: &StateDict, prefix: &str) -> Result<StateDict,
     sd.remap(&qformer_reverse_key_map(prefix))
 }
 
-fn max_abs_diff(a: &TensorData, b: &TensorData) -> Option<f32> {
+/// Whether `a` and `b` are the same tensor: shape and every value bit for bit (so a NaN in one of them
+/// is a difference, as a max-abs fold from 0 would not report it).
+fn identical(a: &TensorData, b: &TensorData) -> bool {
     if a.shape != b.shape {
-        return None;
+        return false;
     }
-    let a = a.clone().convert::<f32>().to_vec::<f32>().ok()?;
-    let b = b.clone().convert::<f32>().to_vec::<f32>().ok()?;
-    Some(
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max),
-    )
+    let values = |t: &TensorData| t.clone().convert::<f32>().to_vec::<f32>().ok();
+    match (values(a), values(b)) {
+        (Some(a), Some(b)) => a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        _ => false,
+    }
 }
 
 /// Extract BLIP-2's stage-1 heads from a LAVIS checkpoint into `Blip2Qformer`-relative names for
@@ -297,7 +296,7 @@ pub fn heads_state_dict(
     if out.tensors.contains_key(dec_bias) {
         let a = out.take(dec_bias)?;
         let b = out.data("Qformer.cls.predictions.bias")?;
-        if max_abs_diff(&a, &b) != Some(0.0) {
+        if !identical(&a, &b) {
             return Err(err(format!(
                 "`{prefix}{dec_bias}` differs from `{prefix}Qformer.cls.predictions.bias` (they are one tensor in LAVIS)"
             )));
@@ -308,7 +307,7 @@ pub fn heads_state_dict(
         let a = out.take(dec_w)?;
         let word = format!("{prefix}Qformer.bert.embeddings.word_embeddings.weight");
         let b = sd.data(&word)?;
-        if max_abs_diff(&a, &b) != Some(0.0) {
+        if !identical(&a, &b) {
             return Err(err(format!(
                 "`{prefix}{dec_w}` is not tied to `{word}`; load it with an untied LM head"
             )));
