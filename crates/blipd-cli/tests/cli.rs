@@ -171,6 +171,28 @@ fn pretrain_resume_and_plot() {
     assert!(stdout.contains("resumed from step 4"), "{stdout}");
     let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 6);
+    // TensorBoard event files beside metrics.jsonl: the loss curve of both sessions as
+    // metrics.jsonl has it, and the sample sheet as an image.
+    let s2 = run.join("stage2");
+    let tb_loss = blipd_train::tensorboard::read_scalars(&s2, "train/loss").unwrap();
+    let jsonl: Vec<(u64, f32)> = blipd_train::metrics::read_metrics(&s2.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| (r.step, r.loss as f32))
+        .collect();
+    assert_eq!(tb_loss, jsonl);
+    let images: Vec<String> = blipd_train::tensorboard::event_files(&s2)
+        .unwrap()
+        .iter()
+        .flat_map(|f| blipd_train::tensorboard::read_events(f).unwrap())
+        .flat_map(|e| e.summary.into_iter().flat_map(|s| s.value))
+        .filter(|v| v.image.is_some())
+        .map(|v| v.tag)
+        .collect();
+    assert!(
+        images.contains(&"samples/samples".to_string()),
+        "{images:?}"
+    );
 
     let out = blipd().arg("plot").arg(&run).output().unwrap();
     assert!(

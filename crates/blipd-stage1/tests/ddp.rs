@@ -63,6 +63,7 @@ size = 32
 
 /// Not a test by itself: the body of a rank process.
 #[test]
+#[ignore = "the worker of a multi-process test, started by it (not a test by itself)"]
 fn rank_process_entry() {
     let Ok(path) = std::env::var(WORKER_ENV) else {
         return;
@@ -86,7 +87,7 @@ fn spawn_ranks(config: &Path, world: usize) -> Vec<(Child, PathBuf)> {
         .map(|r| {
             let log = config.with_extension(format!("rank{r}.log"));
             let child = Command::new(&exe)
-                .args(["rank_process_entry", "--exact", "--nocapture"])
+                .args(["rank_process_entry", "--exact", "--ignored", "--nocapture"])
                 .env(WORKER_ENV, config)
                 .env("RANK", r.to_string())
                 .env("LOCAL_RANK", r.to_string())

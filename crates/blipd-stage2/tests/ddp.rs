@@ -74,6 +74,7 @@ fn train(cfg: &Stage2RunConfig) -> blipd_train::Result<blipd_train::RunSummary> 
 
 /// Not a test by itself: the body of a rank process started by the tests below.
 #[test]
+#[ignore = "the worker of a multi-process test, started by it (not a test by itself)"]
 fn rank_process_entry() {
     let Ok(path) = std::env::var(WORKER_ENV) else {
         return;
@@ -106,6 +107,7 @@ fn spawn_ranks(config: &Path, world: usize) -> Vec<(Child, PathBuf)> {
                 .args([
                     "rank_process_entry",
                     "--exact",
+                    "--ignored",
                     "--nocapture",
                     "--test-threads",
                     "1",

@@ -73,6 +73,8 @@ pub enum TrainError {
     Sync(String),
     #[error("plot error ({path}): {reason}")]
     Plot { path: PathBuf, reason: String },
+    #[error("TensorBoard: {path}: {reason}")]
+    TensorBoard { path: PathBuf, reason: String },
     /// Another process writes the run directory (its lock file names it).
     #[error(
         "{dir} is in use by {holder} (lock {lock}): one process per run directory; wait for it \

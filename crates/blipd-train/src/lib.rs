@@ -30,6 +30,7 @@ pub mod rng;
 pub mod run_lock;
 pub mod schedule;
 pub mod stage;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{load_config, parse_config, MixedPrecision, RunConfig, TrainerConfig};

@@ -27,6 +27,7 @@ use crate::plot::{plot_metrics, PlotOptions};
 use crate::rng::{streams, RngState, TrainRng};
 use crate::schedule::LrSchedule;
 use crate::stage::{SampleContext, Stage};
+use crate::tensorboard::EventWriter;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 type InnerModel<B, S> = <<S as Stage<B>>::Model as AutodiffModule<B>>::InnerModule;
@@ -117,6 +118,7 @@ pub struct Trainer<B: AutodiffBackend, S: Stage<B>> {
     resumed_from: Option<u64>,
     checked_resume: bool,
     metrics: Option<MetricsWriter>,
+    tensorboard: Option<EventWriter>,
     progress: Option<ProgressBar>,
     window: Vec<StepStats>,
 }
@@ -159,6 +161,7 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
             resumed_from: None,
             checked_resume: false,
             metrics: None,
+            tensorboard: None,
             progress: None,
             window: Vec::new(),
         })
@@ -534,13 +537,28 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
             rng: TrainRng::new(self.config.run.seed, streams::SAMPLE + self.step),
             ema: self.ema.is_some(),
         };
+        let (step, dir) = (ctx.step, ctx.dir.clone());
         match &self.ema {
-            Some(ema) => self.stage.sample(ema.model(), ctx),
+            Some(ema) => self.stage.sample(ema.model(), ctx)?,
             None => {
                 let inner = self.model.as_ref().expect("model present").valid();
-                self.stage.sample(&inner, ctx)
+                self.stage.sample(&inner, ctx)?
             }
         }
+        // Every PNG the stage wrote, as a TensorBoard image `samples/<name>`.
+        if let Some(tb) = &mut self.tensorboard {
+            let mut pngs: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| TrainError::io(&dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "png"))
+                .collect();
+            pngs.sort();
+            for png in pngs {
+                let name = png.file_stem().unwrap_or_default().to_string_lossy();
+                tb.png(step, &format!("samples/{name}"), &png)?;
+            }
+        }
+        Ok(())
     }
 
     fn open_outputs(&mut self) -> Result<()> {
@@ -551,6 +569,7 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         write_file_synced(&dir.join("config.toml"), self.config_toml.as_bytes())?;
         self.metrics = Some(MetricsWriter::open(dir, self.step)?);
+        self.tensorboard = Some(EventWriter::open(dir, self.step + 1)?);
         if self.config.train.progress {
             let pb = ProgressBar::new(self.config.train.max_steps);
             pb.set_style(
@@ -611,6 +630,23 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         };
         if let Some(m) = &mut self.metrics {
             m.write(&record)?;
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            let mut scalars = vec![
+                ("train/loss", record.loss),
+                ("train/lr", record.lr),
+                ("train/samples_per_s", record.samples_per_s),
+            ];
+            if let Some(g) = record.grad_norm {
+                scalars.push(("train/grad_norm", g));
+            }
+            let extra: Vec<(String, f64)> = record
+                .extra
+                .iter()
+                .map(|(k, v)| (format!("train/{k}"), *v))
+                .collect();
+            scalars.extend(extra.iter().map(|(k, v)| (k.as_str(), *v)));
+            tb.scalars(record.step, &scalars)?;
         }
         self.with_progress_suspended(|| {
             tracing::info!(

@@ -62,6 +62,7 @@ fn expected(world: usize, step: usize) -> Vec<(String, Vec<f32>)> {
 
 /// Not a test by itself: the body of a rank process.
 #[test]
+#[ignore = "the worker of a multi-process test, started by it (not a test by itself)"]
 fn rank_process_entry() {
     let Ok(out) = std::env::var(WORKER_ENV) else {
         return;
@@ -103,7 +104,7 @@ fn spawn(dir: &Path, world: usize, mode: &str, timeout_s: f64) -> Vec<(Child, Pa
             let out = dir.join(format!("rank{r}.txt"));
             let log = dir.join(format!("rank{r}.log"));
             let child = Command::new(&exe)
-                .args(["rank_process_entry", "--exact", "--nocapture"])
+                .args(["rank_process_entry", "--exact", "--ignored", "--nocapture"])
                 .env(WORKER_ENV, &out)
                 .env("BLIPD_FAILPOINT_HANG", mode)
                 .env("RANK", r.to_string())

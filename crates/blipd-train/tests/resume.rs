@@ -113,6 +113,7 @@ fn resume_from_corrupt_newest_checkpoint_falls_back() {
 
 /// Not a test by itself: the body of the child process that the SIGKILL tests start.
 #[test]
+#[ignore = "the worker of a multi-process test, started by it (not a test by itself)"]
 fn child_process_entry() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
@@ -137,6 +138,7 @@ fn run_child_and_kill(dir: &Path, hook: &str) {
         .args([
             "child_process_entry",
             "--exact",
+            "--ignored",
             "--nocapture",
             "--test-threads",
             "1",

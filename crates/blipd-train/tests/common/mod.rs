@@ -313,6 +313,16 @@ pub fn assert_same_run(reference: &Path, resumed: &Path) {
         assert_eq!(x, y, "metrics at step {}", x.step);
     }
     assert_eq!(a.len(), b.len());
+    // TensorBoard shows the same curve: the resumed run's new event file purges the steps logged
+    // after its checkpoint from the earlier file.
+    let tb = |dir: &Path| blipd_train::tensorboard::read_scalars(dir, "train/loss").unwrap();
+    let expected: Vec<(u64, f32)> = a.iter().map(|r| (r.step, r.loss as f32)).collect();
+    assert_eq!(
+        tb(reference),
+        expected,
+        "TensorBoard loss of the reference run"
+    );
+    assert_eq!(tb(resumed), expected, "TensorBoard loss of the resumed run");
 }
 
 /// Bytes of a file of the final checkpoint.
