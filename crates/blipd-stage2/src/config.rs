@@ -76,6 +76,13 @@ pub struct Stage2Config {
     /// benchmarks turn it off: a full-size export is about 6 GB).
     #[serde(default = "yes")]
     pub export: bool,
+    /// Min-SNR-γ weighting of the denoising loss (off by default; 5 in Hang et al. 2023), see
+    /// [`crate::loss`].
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    /// Per-channel offset added to the diffusion noise (off by default; 0.05–0.1 usual).
+    #[serde(default)]
+    pub noise_offset: f64,
 }
 
 fn default_preset() -> String {
@@ -116,12 +123,23 @@ impl Default for Stage2Config {
             sample_steps: default_sample_steps(),
             guidance_scale: default_guidance(),
             export: true,
+            min_snr_gamma: None,
+            noise_offset: 0.0,
         }
     }
 }
 
 impl Stage2Config {
+    /// The loss options of the run.
+    pub fn loss_options(&self) -> crate::loss::LossOptions {
+        crate::loss::LossOptions {
+            min_snr_gamma: self.min_snr_gamma,
+            noise_offset: self.noise_offset,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), crate::Stage2Error> {
+        self.loss_options().validate()?;
         if !(0.0..=1.0).contains(&self.subject_drop_prob) {
             return Err(crate::Stage2Error::Config(format!(
                 "subject_drop_prob = {} must be in [0, 1]",

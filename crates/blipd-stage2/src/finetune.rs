@@ -70,6 +70,21 @@ pub struct FinetuneConfig {
     pub sample_steps: usize,
     #[serde(default = "default_guidance")]
     pub guidance_scale: f64,
+    /// Min-SNR-γ weighting and noise offset, as in stage 2 (off by default; [`crate::loss`]).
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    #[serde(default)]
+    pub noise_offset: f64,
+}
+
+impl FinetuneConfig {
+    /// The loss options of the run.
+    pub fn loss_options(&self) -> crate::loss::LossOptions {
+        crate::loss::LossOptions {
+            min_snr_gamma: self.min_snr_gamma,
+            noise_offset: self.noise_offset,
+        }
+    }
 }
 
 /// `[data]` of a fine-tuning run.
@@ -189,7 +204,7 @@ pub fn read_images(dir: &Path) -> Result<Vec<(PathBuf, image::RgbImage)>, Stage2
 impl<B: AutodiffBackend> Finetune<B> {
     /// The fine-tuning loss for given randomness: target latents `posterior.sample(vae_noise) · scale`,
     /// DDPM-noised with `noise` at timesteps `t`, the caption with the subject embedding, ε-prediction
-    /// MSE (mean over all elements).
+    /// MSE (mean over all elements), or min-SNR-weighted ([`crate::loss`]).
     pub fn loss_from(
         &self,
         model: &FinetuneModel<B>,
@@ -202,13 +217,16 @@ impl<B: AutodiffBackend> Finetune<B> {
         let posterior = self.vae.encode(target);
         let latents =
             Tensor::<B, 4>::from_inner(posterior.sample(vae_noise) * self.vae.scaling_factor);
-        let t = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &self.device);
-        let noisy = self.ddpm.add_noise(latents, noise.clone(), t.clone());
+        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [b]), &self.device);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
         let [_, n, d] = model.ctx.val().dims();
         let ctx = model.ctx.val().expand([b, n, d]);
         let states = self.states(&model.text_encoder, ctx)?;
-        let pred = model.unet.forward(noisy, t.float(), states, None);
-        Ok((pred - noise).powi_scalar(2).mean())
+        let pred = model.unet.forward(noisy, t_int.float(), states, None);
+        Ok(self
+            .config
+            .loss_options()
+            .loss(pred, noise, &t, self.ddpm.alphas_cumprod()))
     }
 
     /// `ctx` `[b, N, D]` into the caption → text-encoder states `[b, L, D]`.
@@ -242,6 +260,14 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
         let shape = [b, channels, h / f, w / f];
         let vae_noise = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &dev);
         let noise = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let opts = self.config.loss_options();
+        let noise = match opts.wants_offset() {
+            true => opts.offset_noise(
+                noise,
+                Tensor::random([b, channels, 1, 1], Distribution::Normal(0.0, 1.0), &dev),
+            ),
+            false => noise,
+        };
         let n_train = self.ddpm.num_train_timesteps();
         let t: Vec<i64> = (0..b)
             .map(|_| rng.random_range(0..n_train) as i64)
@@ -338,6 +364,7 @@ pub fn build<B: AutodiffBackend>(
     if c.subject.trim().is_empty() {
         return Err(Stage2Error::Config("[stage] subject is empty".into()));
     }
+    c.loss_options().validate()?;
     let images = read_images(&cfg.data.images)?;
     let base = Stage2Config {
         model_dir: Some(c.model_dir.clone()),

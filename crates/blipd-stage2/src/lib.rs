@@ -11,6 +11,7 @@ pub mod config;
 pub mod export;
 pub mod finetune;
 pub mod latents;
+pub mod loss;
 pub mod model;
 pub mod prompt;
 pub mod run;

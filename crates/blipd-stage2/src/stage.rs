@@ -288,6 +288,8 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
         };
         tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "target posterior");
         let shape = posterior.shape();
+        let channels = shape[1];
+        let loss_opts = self.config.loss_options();
         let n_train = self.ddpm.num_train_timesteps();
         let drop = self.config.subject_drop_prob;
         let (vae_noise, noise, t, keep) = match batch.sample_rngs {
@@ -304,19 +306,38 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
                 let (mut vn, mut dn) = (Vec::with_capacity(b * per), Vec::with_capacity(b * per));
                 let mut t = Vec::with_capacity(b);
                 let mut keep = Vec::with_capacity(b);
+                let mut delta = Vec::new();
                 for r in rngs.iter_mut() {
                     t.push(r.random_range(0..n_train) as i64);
                     keep.push(r.random::<f64>() >= drop);
                     vn.extend(std_normal(r, per));
                     dn.extend(std_normal(r, per));
+                    // Only with a noise offset, so the streams are unchanged without one.
+                    if loss_opts.wants_offset() {
+                        delta.extend(std_normal(r, channels));
+                    }
                 }
                 let vn = Tensor::from_data(TensorData::new(vn, shape.clone()), &dev);
                 let dn = Tensor::<B, 4>::from_data(TensorData::new(dn, shape), &dev);
+                let dn = match loss_opts.wants_offset() {
+                    true => loss_opts.offset_noise(
+                        dn,
+                        Tensor::from_data(TensorData::new(delta, [b, channels, 1, 1]), &dev),
+                    ),
+                    false => dn,
+                };
                 (vn, dn, t, keep)
             }
             None => {
                 let vn = Tensor::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
                 let dn = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+                let dn = match loss_opts.wants_offset() {
+                    true => loss_opts.offset_noise(
+                        dn,
+                        Tensor::random([b, channels, 1, 1], Distribution::Normal(0.0, 1.0), &dev),
+                    ),
+                    false => dn,
+                };
                 let t: Vec<i64> = (0..b)
                     .map(|_| rng.random_range(0..n_train) as i64)
                     .collect();
@@ -389,7 +410,8 @@ impl<B: AutodiffBackend> Stage2<B> {
     /// The stage-2 loss for given randomness: target latents `posterior.sample(vae_noise) · scale`,
     /// DDPM-noised with `noise` at timesteps `t`; subject embeddings of `input` (CLIP-normalised
     /// subject images) spliced into each caption's prompt where `keep[i]`, the text-only prompt
-    /// elsewhere; ε-prediction MSE (mean over all elements, as `F.mse_loss`).
+    /// elsewhere; ε-prediction MSE (mean over all elements, as `F.mse_loss`), or min-SNR-weighted
+    /// ([`crate::loss`]). `noise` already carries the noise offset when one is configured.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_from(
         &self,
@@ -408,7 +430,7 @@ impl<B: AutodiffBackend> Stage2<B> {
         let latents = posterior.into().sample(vae_noise) * self.vae.scaling_factor;
         let latents = Tensor::<B, 4>::from_inner(latents);
         // DDPM forward process at the given timestep per sample.
-        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [b]), &dev);
+        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [b]), &dev);
         let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
         // Subject embeddings → prompt → U-Net.
         let t0 = std::time::Instant::now();
@@ -417,7 +439,10 @@ impl<B: AutodiffBackend> Stage2<B> {
         let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
         let t2 = std::time::Instant::now();
         let pred = model.unet.forward(noisy, t_int.float(), states, None);
-        let loss = (pred - noise).powi_scalar(2).mean();
+        let loss = self
+            .config
+            .loss_options()
+            .loss(pred, noise, &t, self.ddpm.alphas_cumprod());
         tracing::debug!(
             subject_s = (t1 - t0).as_secs_f64(),
             text_s = (t2 - t1).as_secs_f64(),
