@@ -24,7 +24,9 @@ pub enum MaskSource {
     /// `<dir>/<ImageID>.png`.
     #[default]
     Dir,
-    /// OpenImages segmentation masks `<ImageID>_<mid>_<BoxID>.png`.
+    /// OpenImages segmentation masks `<ImageID>_<mid>_<BoxID>.png` (`"open_images"`, or
+    /// `"openimages"` as the CLI's `--mask-source` spells it).
+    #[serde(alias = "openimages")]
     OpenImages,
 }
 

@@ -29,4 +29,16 @@ fn shipped_config_equals_defaults() {
             "unknown keys/values must be rejected"
         );
     }
+    // The OpenImages mask layout, spelt as serde names it or as the CLI flag does.
+    for spelling in ["open_images", "openimages"] {
+        let t = text.replace(
+            "mask_source = \"dir\"",
+            &format!("mask_source = {spelling:?}"),
+        );
+        let p: PipelineConfig = toml::from_str(&t).unwrap();
+        assert_eq!(
+            p.synth.mask_source,
+            blipd_data::masks::MaskSource::OpenImages
+        );
+    }
 }

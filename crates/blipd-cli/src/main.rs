@@ -115,12 +115,14 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Write loss curves (PNG) for every metrics.jsonl under a run folder.
+    /// Write loss curves (PNG) for every metrics.jsonl under a run folder, and one figure with all
+    /// of them when there are several (`<key>-all.png`).
     Plot {
         run_dir: PathBuf,
         /// Metric to plot.
         #[arg(long, default_value = "loss")]
         key: String,
+        /// Logarithmic y axis.
         #[arg(long)]
         log_y: bool,
     },
@@ -643,10 +645,32 @@ fn plot(run_dir: &Path, key: &str, log_y: bool) -> Result<ExitCode> {
         log_y,
         ..Default::default()
     };
-    for (dir, m) in found {
+    for (dir, m) in &found {
         let png = dir.join(format!("{key}.png"));
-        let n = blipd_train::plot_metrics(&m, &png, &opts)?;
+        let n = blipd_train::plot_metrics(m, &png, &opts)?;
         println!("{} ({n} points)", png.display());
+    }
+    // Several runs (the stages of a plan, the variants of a sweep): also one figure with them all.
+    if found.len() > 1 {
+        let series = found
+            .iter()
+            .map(|(dir, m)| {
+                let label = dir
+                    .strip_prefix(run_dir)
+                    .ok()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(dir)
+                    .display()
+                    .to_string();
+                Ok(blipd_train::Series {
+                    label,
+                    points: blipd_train::metrics::read_series(m, key)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let png = run_dir.join(format!("{key}-all.png"));
+        let n = blipd_train::plot_series(&series, &png, &opts)?;
+        println!("{} ({} runs, {n} points)", png.display(), series.len());
     }
     Ok(ExitCode::SUCCESS)
 }

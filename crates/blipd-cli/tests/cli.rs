@@ -201,6 +201,8 @@ fn pretrain_resume_and_plot() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(run.join("stage2/loss.png").is_file());
+    // The plan's two stages in one figure too.
+    assert!(run.join("loss-all.png").is_file());
 }
 
 #[test]

@@ -119,7 +119,8 @@ pub struct DistConfig {
     /// `BLIPD_JOIN_TIMEOUT_S`.
     #[serde(default = "default_join_timeout")]
     pub join_timeout_s: f64,
-    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`burn-collective` | `tcp`).
+    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`burn-collective` | `tcp` |
+    /// `nccl`).
     #[serde(default)]
     pub transport: Transport,
 }

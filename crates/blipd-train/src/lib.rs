@@ -39,7 +39,7 @@ pub use ema::{Ema, EmaConfig};
 pub use error::{ConfigError, Result, TrainError};
 pub use grads::{GradEntry, GradSet, GradSync, LocalSync};
 pub use optim::{AdamW, AdamWConfig};
-pub use plot::{plot_metrics, PlotOptions};
+pub use plot::{plot_metrics, plot_series, PlotOptions, Series};
 pub use rng::{RngState, TrainRng};
 pub use run_lock::RunLock;
 pub use schedule::{LrSchedule, ScheduleConfig, ScheduleKind};

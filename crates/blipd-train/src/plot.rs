@@ -1,13 +1,19 @@
-//! PNG plots of a metric from `metrics.jsonl` (lines drawn by hand; no plotting crate).
+//! PNG plots of metrics from `metrics.jsonl`, drawn with `plotters` (bitmap backend; DejaVu Sans
+//! embedded through the `dejavu` crate, so no system font is needed): labelled axes, a legend, linear
+//! or logarithmic y, the raw curve faint under its TensorBoard-style smoothing, and one curve per run
+//! when several runs share a figure (`blipd plot` over a sweep).
 
 use std::path::Path;
+use std::sync::Once;
 
-use image::{Rgb, RgbImage};
+use image::RgbImage;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
 
 use crate::error::{Result, TrainError};
 use crate::metrics::read_series;
 
-/// Options of [`plot_metrics`].
+/// Options of [`plot_metrics`] and [`plot_series`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlotOptions {
     pub width: u32,
@@ -32,120 +38,84 @@ impl Default for PlotOptions {
     }
 }
 
-const BG: Rgb<u8> = Rgb([255, 255, 255]);
-const AXIS: Rgb<u8> = Rgb([40, 40, 40]);
-const GRID: Rgb<u8> = Rgb([225, 225, 225]);
-const RAW: Rgb<u8> = Rgb([160, 190, 235]);
-/// Colour of the smoothed curve.
-pub const LINE: Rgb<u8> = Rgb([20, 70, 170]);
+/// One curve: a label for the legend and its `(step, value)` points in step order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
 
-const LEFT: u32 = 78;
-const RIGHT: u32 = 20;
-const TOP: u32 = 16;
-const BOTTOM: u32 = 34;
-const SCALE: u32 = 2;
+/// Colours of the curves, in order (the first is the single-run colour).
+pub const PALETTE: [RGBColor; 6] = [
+    RGBColor(20, 70, 170),
+    RGBColor(200, 80, 20),
+    RGBColor(30, 140, 60),
+    RGBColor(150, 40, 150),
+    RGBColor(120, 120, 20),
+    RGBColor(20, 140, 150),
+];
+
+const FONT: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font shipped by the crate.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
+    });
+}
 
 /// Plots `key` against `step` from a metrics JSONL file into a PNG; returns the number of
 /// points drawn.
 pub fn plot_metrics(metrics_jsonl: &Path, png: &Path, opts: &PlotOptions) -> Result<usize> {
-    let series = read_series(metrics_jsonl, &opts.key)?;
-    let img = render(&series, opts).map_err(|reason| TrainError::Plot {
-        path: metrics_jsonl.to_path_buf(),
+    let points = read_series(metrics_jsonl, &opts.key)?;
+    let label = metrics_jsonl
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    plot_series(&[Series { label, points }], png, opts).map_err(|e| match e {
+        TrainError::Plot { reason, .. } => TrainError::Plot {
+            path: metrics_jsonl.to_path_buf(),
+            reason,
+        },
+        e => e,
+    })
+}
+
+/// Plots several runs' curves into one PNG; returns the number of points drawn.
+pub fn plot_series(series: &[Series], png: &Path, opts: &PlotOptions) -> Result<usize> {
+    let img = render(series, opts).map_err(|reason| TrainError::Plot {
+        path: png.to_path_buf(),
         reason,
     })?;
     img.save(png).map_err(|e| TrainError::Plot {
         path: png.to_path_buf(),
         reason: e.to_string(),
     })?;
-    Ok(series.len())
+    Ok(series.iter().map(|s| s.points.len()).sum())
 }
 
-/// Renders `(x, y)` points (in x order) into an image.
-pub fn render(series: &[(f64, f64)], opts: &PlotOptions) -> Result<RgbImage, String> {
-    if opts.width < LEFT + RIGHT + 20 || opts.height < TOP + BOTTOM + 20 {
-        return Err(format!(
-            "plot size {}×{} too small",
-            opts.width, opts.height
-        ));
-    }
-    let pts: Vec<(f64, f64)> = series
+/// The finite points (positive ones with a log axis).
+fn usable(points: &[(f64, f64)], log_y: bool) -> Vec<(f64, f64)> {
+    points
         .iter()
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
-        .map(|&(x, y)| (x, if opts.log_y { y.log10() } else { y }))
-        .collect();
-    if pts.is_empty() {
-        return Err(format!("no finite `{}` values to plot", opts.key));
-    }
-    let mut img = RgbImage::from_pixel(opts.width, opts.height, BG);
-    let (x0, x1) = range(pts.iter().map(|p| p.0));
-    let (y0, y1) = range(pts.iter().map(|p| p.1));
-    let pad = (y1 - y0) * 0.05;
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    let pw = (opts.width - LEFT - RIGHT) as f64;
-    let ph = (opts.height - TOP - BOTTOM) as f64;
-    let to_px = |x: f64, y: f64| -> (f64, f64) {
-        (
-            LEFT as f64 + (x - x0) / (x1 - x0) * pw,
-            TOP as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph,
-        )
-    };
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_y || *y > 0.0))
+        .copied()
+        .collect()
+}
 
-    // Grid and tick labels.
-    for t in ticks(y0, y1) {
-        let (_, py) = to_px(x0, t);
-        hline(&mut img, LEFT, opts.width - RIGHT, py.round() as i64, GRID);
-        let label = if opts.log_y {
-            fmt_tick(10f64.powf(t), 10f64.powf(t) / 10.0)
-        } else {
-            fmt_tick(t, (y1 - y0) / 5.0)
-        };
-        let w = text_width(&label);
-        text(
-            &mut img,
-            LEFT as i64 - 6 - w as i64,
-            py.round() as i64 - 5,
-            &label,
-            AXIS,
-        );
-    }
-    for t in ticks(x0, x1) {
-        let (px, _) = to_px(t, y0);
-        vline(&mut img, px.round() as i64, TOP, opts.height - BOTTOM, GRID);
-        let label = fmt_tick(t, (x1 - x0) / 5.0);
-        let w = text_width(&label);
-        text(
-            &mut img,
-            px.round() as i64 - w as i64 / 2,
-            (opts.height - BOTTOM + 8) as i64,
-            &label,
-            AXIS,
-        );
-    }
-    hline(
-        &mut img,
-        LEFT,
-        opts.width - RIGHT,
-        (opts.height - BOTTOM) as i64,
-        AXIS,
-    );
-    vline(&mut img, LEFT as i64, TOP, opts.height - BOTTOM, AXIS);
-
-    // Raw curve, then the smoothed one on top.
-    let px: Vec<(f64, f64)> = pts.iter().map(|&(x, y)| to_px(x, y)).collect();
-    polyline(&mut img, &px, RAW, 1);
-    if opts.smoothing > 0.0 && pts.len() > 1 {
-        let mut ema = 0.0;
-        let mut smoothed = Vec::with_capacity(pts.len());
-        for (i, &(x, y)) in pts.iter().enumerate() {
-            ema = opts.smoothing * ema + (1.0 - opts.smoothing) * y;
-            let debias = 1.0 - opts.smoothing.powi(i as i32 + 1);
-            smoothed.push(to_px(x, ema / debias));
-        }
-        polyline(&mut img, &smoothed, LINE, 2);
-    } else {
-        polyline(&mut img, &px, LINE, 2);
-    }
-    Ok(img)
+/// TensorBoard's smoothing: a debiased exponential moving average with weight `w`.
+fn smooth(points: &[(f64, f64)], w: f64) -> Vec<(f64, f64)> {
+    let mut ema = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            ema = w * ema + (1.0 - w) * y;
+            (x, ema / (1.0 - w.powi(i as i32 + 1)))
+        })
+        .collect()
 }
 
 fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -162,179 +132,183 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     }
 }
 
-/// About five "nice" tick values (1, 2, 5 × 10^k) inside `[lo, hi]`.
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let raw = (hi - lo) / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() as i64;
-    let mut out = Vec::new();
-    for k in first..first + 20 {
-        let t = k as f64 * step;
-        if t > hi + step * 1e-9 {
-            break;
-        }
-        out.push(t);
-    }
-    out
-}
-
-fn fmt_tick(v: f64, step: f64) -> String {
+/// A tick label: fixed decimals for moderate values, scientific notation otherwise.
+fn fmt_tick(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e6).contains(&a) {
-        return format!("{v:.1e}");
-    }
-    let decimals = if step >= 1.0 {
-        0
+        format!("{v:.1e}")
+    } else if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
     } else {
-        (-step.log10().floor()) as usize
-    };
-    format!("{v:.decimals$}")
-}
-
-fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
-    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
-        img.put_pixel(x as u32, y as u32, c);
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
-fn hline(img: &mut RgbImage, x0: u32, x1: u32, y: i64, c: Rgb<u8>) {
-    for x in x0..=x1 {
-        put(img, x as i64, y, c);
+/// Renders the curves into an image.
+pub fn render(series: &[Series], opts: &PlotOptions) -> Result<RgbImage, String> {
+    if opts.width < 200 || opts.height < 150 {
+        return Err(format!(
+            "plot size {}×{} too small (200×150 at least)",
+            opts.width, opts.height
+        ));
     }
-}
-
-fn vline(img: &mut RgbImage, x: i64, y0: u32, y1: u32, c: Rgb<u8>) {
-    for y in y0..=y1 {
-        put(img, x, y as i64, c);
+    let curves: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|s| (s.label.clone(), usable(&s.points, opts.log_y)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if curves.is_empty() {
+        return Err(format!("no finite `{}` values to plot", opts.key));
     }
-}
-
-/// Bresenham segment, `thick` pixels wide.
-fn segment(img: &mut RgbImage, (xa, ya): (i64, i64), (xb, yb): (i64, i64), c: Rgb<u8>, thick: i64) {
-    let (dx, dy) = ((xb - xa).abs(), -(yb - ya).abs());
-    let (sx, sy) = (if xa < xb { 1 } else { -1 }, if ya < yb { 1 } else { -1 });
-    let (mut x, mut y, mut err) = (xa, ya, dx + dy);
-    loop {
-        for ox in 0..thick {
-            for oy in 0..thick {
-                put(img, x + ox, y + oy, c);
+    register_font();
+    let (x0, x1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
+    let (y0, y1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
+    let (w, h) = (opts.width, opts.height);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder
+            .margin(14)
+            .x_label_area_size(42)
+            .y_label_area_size(72);
+        // Steps are whole numbers: no labels between them.
+        let x_fmt = |v: &f64| {
+            if (v - v.round()).abs() > 1e-9 {
+                String::new()
+            } else {
+                fmt_tick(*v)
             }
-        }
-        if x == xb && y == yb {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
-        }
-    }
-}
-
-fn polyline(img: &mut RgbImage, pts: &[(f64, f64)], c: Rgb<u8>, thick: i64) {
-    let r = |p: (f64, f64)| (p.0.round() as i64, p.1.round() as i64);
-    if pts.len() == 1 {
-        segment(img, r(pts[0]), r(pts[0]), c, thick + 1);
-    }
-    for w in pts.windows(2) {
-        segment(img, r(w[0]), r(w[1]), c, thick);
-    }
-}
-
-/// 3×5 pixel glyphs (rows top to bottom, 3 bits each, MSB = left).
-fn glyph(ch: char) -> [u8; 5] {
-    match ch {
-        '0' => [0b111, 0b101, 0b101, 0b101, 0b111],
-        '1' => [0b010, 0b110, 0b010, 0b010, 0b111],
-        '2' => [0b111, 0b001, 0b111, 0b100, 0b111],
-        '3' => [0b111, 0b001, 0b011, 0b001, 0b111],
-        '4' => [0b101, 0b101, 0b111, 0b001, 0b001],
-        '5' => [0b111, 0b100, 0b111, 0b001, 0b111],
-        '6' => [0b111, 0b100, 0b111, 0b101, 0b111],
-        '7' => [0b111, 0b001, 0b010, 0b010, 0b010],
-        '8' => [0b111, 0b101, 0b111, 0b101, 0b111],
-        '9' => [0b111, 0b101, 0b111, 0b001, 0b111],
-        '.' => [0b000, 0b000, 0b000, 0b000, 0b010],
-        '-' => [0b000, 0b000, 0b111, 0b000, 0b000],
-        '+' => [0b000, 0b010, 0b111, 0b010, 0b000],
-        'e' => [0b000, 0b111, 0b111, 0b100, 0b111],
-        _ => [0; 5],
-    }
-}
-
-fn text_width(s: &str) -> u32 {
-    s.chars().count() as u32 * 4 * SCALE
-}
-
-fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
-    for (i, ch) in s.chars().enumerate() {
-        let g = glyph(ch);
-        let gx = x + (i as i64) * 4 * SCALE as i64;
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..3 {
-                if bits & (0b100 >> col) != 0 {
-                    for sx in 0..SCALE as i64 {
-                        for sy in 0..SCALE as i64 {
-                            put(
-                                img,
-                                gx + col * SCALE as i64 + sx,
-                                y + row as i64 * SCALE as i64 + sy,
-                                c,
-                            );
-                        }
+        };
+        // The same drawing on a linear or a logarithmic y axis (two coordinate types).
+        macro_rules! draw {
+            ($chart:expr, $y_desc:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc("step")
+                    .y_desc($y_desc)
+                    .label_style((FONT, 14))
+                    .axis_desc_style((FONT, 16))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .bold_line_style(RGBColor(215, 215, 215))
+                    .x_label_formatter(&x_fmt)
+                    .y_label_formatter(&|v| fmt_tick(*v))
+                    .draw()
+                    .map_err(|e| err(&e))?;
+                for (i, (label, pts)) in curves.iter().enumerate() {
+                    let color = PALETTE[i % PALETTE.len()];
+                    let smoothing = opts.smoothing > 0.0 && pts.len() > 1;
+                    if smoothing {
+                        chart
+                            .draw_series(LineSeries::new(pts.iter().copied(), color.mix(0.3)))
+                            .map_err(|e| err(&e))?;
                     }
+                    let bold = if smoothing {
+                        smooth(pts, opts.smoothing)
+                    } else {
+                        pts.clone()
+                    };
+                    chart
+                        .draw_series(LineSeries::new(bold, color.stroke_width(2)))
+                        .map_err(|e| err(&e))?
+                        .label(label.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                        });
                 }
-            }
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .label_font((FONT, 14))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(RGBColor(200, 200, 200))
+                    .draw()
+                    .map_err(|e| err(&e))?;
+            }};
         }
+        if opts.log_y {
+            let (lo, hi) = (y0 / 1.1, y1 * 1.1);
+            let chart = builder
+                .build_cartesian_2d(x0..x1, (lo..hi).log_scale())
+                .map_err(|e| err(&e))?;
+            draw!(chart, format!("{} (log scale)", opts.key));
+        } else {
+            let pad = (y1 - y0) * 0.05;
+            let chart = builder
+                .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+                .map_err(|e| err(&e))?;
+            draw!(chart, opts.key.clone());
+        }
+        root.present().map_err(|e| err(&e))?;
     }
+    RgbImage::from_raw(w, h, buf).ok_or_else(|| "plot buffer of the wrong size".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rows_of(img: &RgbImage, col: u32, c: Rgb<u8>) -> Vec<u32> {
+    /// Rows of column `col` whose pixel is `c`.
+    fn rows_of(img: &RgbImage, col: u32, c: RGBColor) -> Vec<u32> {
         (0..img.height())
-            .filter(|&y| *img.get_pixel(col, y) == c)
+            .filter(|&y| img.get_pixel(col, y).0 == [c.0, c.1, c.2])
             .collect()
     }
 
-    #[test]
-    fn decreasing_curve_goes_down_the_image() {
-        let t = tempfile::tempdir().unwrap();
-        let jsonl = t.path().join("metrics.jsonl");
+    fn write_metrics(path: &Path, scale: f64) {
         let mut text = String::new();
         for s in 1..=200u64 {
-            let loss =
-                2.0 * (-(s as f64) / 60.0).exp() + 0.1 + 0.02 * ((s * 7919 % 13) as f64 / 13.0);
+            let loss = scale
+                * (2.0 * (-(s as f64) / 60.0).exp() + 0.1 + 0.02 * ((s * 7919 % 13) as f64 / 13.0));
             text.push_str(&format!("{{\"step\":{s},\"loss\":{loss},\"lr\":0.001}}\n"));
         }
         text.push_str("{\"step\":201,\"lo"); // torn last line is ignored
-        std::fs::write(&jsonl, text).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn a_decreasing_curve_goes_down_with_labelled_axes() {
+        let t = tempfile::tempdir().unwrap();
+        let jsonl = t.path().join("metrics.jsonl");
+        write_metrics(&jsonl, 1.0);
         let png = t.path().join("loss.png");
         let opts = PlotOptions::default();
         assert_eq!(plot_metrics(&jsonl, &png, &opts).unwrap(), 200);
+        if let Ok(d) = std::env::var("BLIPD_PLOT_KEEP") {
+            std::fs::copy(&png, Path::new(&d).join("loss.png")).unwrap();
+        }
         let img = image::open(&png).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (opts.width, opts.height));
-        let left = rows_of(&img, LEFT + 3, LINE);
-        let right = rows_of(&img, opts.width - RIGHT - 3, LINE);
-        assert!(!left.is_empty() && !right.is_empty());
-        assert!(left[0] + 100 < right[0], "left {left:?} right {right:?}");
-        // Axis labels were drawn left of the plot area.
-        let label_px = (0..LEFT - 4)
-            .flat_map(|x| (0..img.height()).map(move |y| (x, y)))
-            .filter(|&(x, y)| *img.get_pixel(x, y) == AXIS)
-            .count();
-        assert!(label_px > 50);
+        // The bold curve: high near the left edge of the plot area, low near the right.
+        let cols: Vec<u32> = (0..img.width())
+            .filter(|&x| !rows_of(&img, x, PALETTE[0]).is_empty())
+            .collect();
+        let (first, last) = (cols[0], *cols.last().unwrap());
+        assert!(last - first > opts.width / 2, "{first}..{last}");
+        let (l, r) = (
+            rows_of(&img, first + 2, PALETTE[0]),
+            rows_of(&img, last - 2, PALETTE[0]),
+        );
+        assert!(l[0] + 100 < r[0], "left {l:?} right {r:?}");
+        // Text (tick labels, axis names) is drawn left of the plot area and below it.
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            (x0..x1)
+                .flat_map(|x| (y0..y1).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&v| v < 160))
+                .count()
+        };
+        let (left, below) = (
+            dark(0, first.saturating_sub(8), 0, opts.height),
+            dark(first, last, opts.height - 40, opts.height),
+        );
+        assert!(
+            left > 100 && below > 100,
+            "text pixels: left {left}, below {below}"
+        );
         // Log scale and another key work; an absent key is an error.
         let log = PlotOptions {
             log_y: true,
@@ -354,14 +328,36 @@ mod tests {
     }
 
     #[test]
-    fn tick_labels() {
-        let t = ticks(0.0, 1.0);
-        assert_eq!(t.len(), 6);
-        for (a, b) in t.iter().zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]) {
-            assert!((a - b).abs() < 1e-12, "{t:?}");
+    fn several_runs_share_one_figure_in_their_own_colours() {
+        let t = tempfile::tempdir().unwrap();
+        let mut series = Vec::new();
+        for (i, scale) in [1.0, 3.0].iter().enumerate() {
+            let p = t.path().join(format!("m{i}.jsonl"));
+            write_metrics(&p, *scale);
+            series.push(Series {
+                label: format!("run {i}"),
+                points: read_series(&p, "loss").unwrap(),
+            });
         }
-        assert_eq!(fmt_tick(0.25, 0.05), "0.25");
-        assert_eq!(fmt_tick(1500.0, 500.0), "1500");
-        assert_eq!(fmt_tick(0.0001, 0.0001), "1.0e-4");
+        let png = t.path().join("sweep.png");
+        assert_eq!(
+            plot_series(&series, &png, &PlotOptions::default()).unwrap(),
+            400
+        );
+        let img = image::open(&png).unwrap().to_rgb8();
+        for c in &PALETTE[..2] {
+            let n = (0..img.width())
+                .filter(|&x| !rows_of(&img, x, *c).is_empty())
+                .count();
+            assert!(n > 300, "colour {c:?} in {n} columns");
+        }
+    }
+
+    #[test]
+    fn tick_labels() {
+        assert_eq!(fmt_tick(0.25), "0.25");
+        assert_eq!(fmt_tick(1500.0), "1500");
+        assert_eq!(fmt_tick(0.0001), "1.0e-4");
+        assert_eq!(fmt_tick(2.0), "2");
     }
 }

@@ -43,13 +43,13 @@ fn floats(sd: &StateDict, key: &str) -> Vec<f32> {
 
 /// Max-abs difference and number of bit-different entries of two f32 tables.
 fn table_diff(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
-    assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let mut worst = 0f32;
-    let mut differ = 0;
-    for (a, b) in ours.iter().zip(reference) {
-        worst = worst.max((a - b).abs());
-        differ += usize::from(a.to_bits() != b.to_bits());
-    }
+    // Panics on a length mismatch, NaN or infinity (a running max would skip a NaN).
+    let worst = blipd_testkit::max_abs_diff(ours, reference) as f32;
+    let differ = ours
+        .iter()
+        .zip(reference)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     println!(
         "parity {what}: max-abs {worst:.3e}, {differ}/{} entries not bit-identical",
         ours.len()
