@@ -552,6 +552,12 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             let check = |x: &[f64], name: &str| {
+                // A NaN on either side is a failure (a running max from 0 would skip it).
+                assert_eq!(x.len(), reference.len(), "{name}: length");
+                assert!(
+                    x.iter().chain(reference.iter()).all(|v| v.is_finite()),
+                    "{name}: non-finite values"
+                );
                 let d = x
                     .iter()
                     .zip(reference.iter())
