@@ -286,6 +286,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(d) = run_dir {
                 cfg.run.dir = d;
             }
+            warn_restart_key(cfg.checkpoint.restart, restart);
             cfg.checkpoint.restart = restart;
             let _lock = blipd_train::RunLock::acquire(&cfg.run.dir, rank(), "finetune")?;
             let start = Instant::now();
@@ -538,6 +539,17 @@ fn rank() -> usize {
     blipd_dist::World::from_env().map_or(0, |w| w.rank)
 }
 
+/// `checkpoint.restart` from a file or `--set` is replaced by the `--restart` flag (setting invalid
+/// checkpoints aside is a decision for one invocation, never saved with the run): say so when they differ.
+fn warn_restart_key(from_config: bool, flag: bool) {
+    if from_config && !flag {
+        tracing::warn!(
+            "checkpoint.restart = true in the config is ignored: pass --restart to set invalid \
+             checkpoints aside in this invocation"
+        );
+    }
+}
+
 /// Runs a validated plan (`what`: the command, named in the run folder's lock file).
 fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCode> {
     // One writer per run folder: taken before plan.toml is (re)written.
@@ -545,9 +557,11 @@ fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCod
     let path = plan.write()?;
     // `--restart` is for this invocation only: it is not in plan.toml.
     if let Some(s) = plan.stage1.as_mut() {
+        warn_restart_key(s.checkpoint.restart, restart);
         s.checkpoint.restart = restart;
     }
     if let Some(s) = plan.stage2.as_mut() {
+        warn_restart_key(s.checkpoint.restart, restart);
         s.checkpoint.restart = restart;
     }
     tracing::info!(
