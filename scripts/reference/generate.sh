@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate every parity fixture under crates/blipd-models/tests/fixtures/.
+# Regenerate the parity fixtures (crates/blipd-models/tests/fixtures/, and the stage-1 loss and CLIPSeg mask
+# fixtures of blipd-stage1 and blipd-apps; docs/parity.md lists each).
 #   scripts/reference/generate.sh            # all generators
 #   scripts/reference/generate.sh unet vae   # some
 # Creates a venv (default .venv-ref in the repo root, override with BLIPD_REF_VENV) with the pinned stack.
@@ -12,7 +13,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
 fi
 if [ $# -eq 0 ]; then
-  set -- $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//')
+  # `pipeline` first: the fine-tuning, stage-2 loss and ControlNet-pipeline generators read its folder.
+  set -- pipeline $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//' | grep -vx pipeline)
 fi
 for g in "$@"; do
   echo "== $g"
