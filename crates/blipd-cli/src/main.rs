@@ -187,6 +187,29 @@ enum Command {
         #[arg(long, default_value = "out.png")]
         out: PathBuf,
     },
+    /// The subject embedding `[1, Q, D]` of reference images (the Q-Former's output after the
+    /// projection, averaged over the images): what fine-tuning caches and interpolation mixes, for
+    /// comparing with another implementation. `.npy` (float32) or `.safetensors` (tensor
+    /// `ctx_embeddings_cache`: dropped into a pipeline folder it makes `generate` use it, as a
+    /// fine-tuned folder's does).
+    EmbedSubject {
+        #[arg(long)]
+        model: PathBuf,
+        /// Reference images (repeatable; the embeddings are averaged).
+        #[arg(long, required = true)]
+        image: Vec<PathBuf>,
+        /// The subject's class noun, e.g. "dog".
+        #[arg(long)]
+        subject: String,
+        /// LAVIS preprocessing instead of diffusers'.
+        #[arg(long)]
+        lavis: bool,
+        #[arg(long)]
+        bert_vocab: Option<PathBuf>,
+        /// Output file: `*.npy` or `*.safetensors`.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The synthetic-pair data pipeline (filter, masks, matting, compositing, shards).
     Data(data_cmd::DataArgs),
     /// Where the time and memory of a generation go, per phase, with the achieved GFLOP/s
@@ -443,6 +466,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{} ({:.1} s)", out.display(), start.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
+        Command::EmbedSubject {
+            model,
+            image,
+            subject,
+            lavis,
+            bert_vocab,
+            out,
+        } => embed_subject(&model, &image, &subject, lavis, bert_vocab.as_deref(), &out),
         Command::Launch {
             nproc_per_node,
             nnodes,
@@ -537,6 +568,72 @@ fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
 /// This process's rank in a data-parallel job (0 alone).
 fn rank() -> usize {
     blipd_dist::World::from_env().map_or(0, |w| w.rank)
+}
+
+fn embed_subject(
+    model: &Path,
+    images: &[PathBuf],
+    subject: &str,
+    lavis: bool,
+    bert_vocab: Option<&Path>,
+    out: &Path,
+) -> Result<ExitCode> {
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !matches!(ext, "npy" | "safetensors") {
+        bail!(
+            "--out {}: the file must end in .npy or .safetensors",
+            out.display()
+        );
+    }
+    if subject.trim().is_empty() {
+        bail!("--subject is empty: give the subject's class noun, e.g. \"dog\"");
+    }
+    let opts = if lavis {
+        blipd_apps::GenerateOptions::lavis()
+    } else {
+        blipd_apps::GenerateOptions::default()
+    };
+    let pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(model, bert_vocab, &device())
+        .with_context(|| format!("loading {}", model.display()))?;
+    // Every image is read before the first embedding, so a bad path fails fast.
+    let references = images
+        .iter()
+        .map(|p| blipd_apps::RgbImage::open(p).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let mut sum: Option<burn::tensor::Tensor<Inner, 3>> = None;
+    for reference in &references {
+        let pixels = pipe.preprocess(reference, opts.reference_resize)?;
+        let e = pipe.subject_embeddings(pixels, &[subject], opts.normalization)?;
+        sum = Some(match sum {
+            None => e,
+            Some(s) => s + e,
+        });
+    }
+    let ctx = sum.expect("at least one image (clap requires --image)") / references.len() as f64;
+    let dims = ctx.dims();
+    let data = ctx.into_data().convert::<f32>();
+    let tmp = out.with_extension(format!("{ext}.tmp"));
+    if ext == "npy" {
+        blipd_data::npy::write_f32(
+            &tmp,
+            &dims,
+            &data.to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        )?;
+    } else {
+        blipd_models::weights::write_safetensors(
+            &tmp,
+            &[(blipd_models::ctx_clip_text::CTX_CACHE_KEY.to_string(), data)],
+            None,
+        )?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}: subject embedding {dims:?} of {subject:?}, mean over {} image{}",
+        out.display(),
+        references.len(),
+        if references.len() == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `checkpoint.restart` from a file or `--set` is replaced by the `--restart` flag (setting invalid

@@ -513,3 +513,92 @@ fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
         );
     }
 }
+
+#[test]
+fn embed_subject_round_trips_through_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = pipeline_fixture().join("reference.png");
+    let embed = |out: &Path, images: &[&Path]| {
+        let mut c = blipd();
+        c.arg("embed-subject")
+            .arg("--model")
+            .arg(pipeline_fixture())
+            .args(["--subject", "dog", "--out"])
+            .arg(out);
+        for i in images {
+            c.arg("--image").arg(i);
+        }
+        c.output().unwrap()
+    };
+    // .npy: float32 [1, Q, D]; two copies of one image average to that image's embedding.
+    let (one, two) = (tmp.path().join("one.npy"), tmp.path().join("two.npy"));
+    for (out, imgs) in [
+        (&one, vec![reference.as_path()]),
+        (&two, vec![&reference, &reference]),
+    ] {
+        let o = embed(out, &imgs);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let a = blipd_data::npy::read_f32(&one).unwrap();
+    let b = blipd_data::npy::read_f32(&two).unwrap();
+    assert_eq!((a.shape.len(), a.shape[0]), (3, 1), "{:?}", a.shape);
+    assert!(blipd_testkit::max_abs_diff(&a.data, &b.data) < 1e-6);
+
+    // .safetensors in a copy of the folder is its cached subject embedding: `generate` without
+    // --image then draws the same picture as with the reference image.
+    let model = tmp.path().join("model");
+    copy_dir(&pipeline_fixture(), &model);
+    let o = embed(
+        &model.join("ctx_embeddings_cache.safetensors"),
+        &[&reference],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (with_image, cached) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    generate_16px(&pipeline_fixture(), "dog", "on a beach", &with_image);
+    let out = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(["--subject", "dog", "--prompt", "on a beach", "--steps", "3"])
+        .args(["--height", "16", "--width", "16", "--out"])
+        .arg(&cached)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (x, y) = (
+        image::open(&with_image).unwrap().to_rgb8(),
+        image::open(&cached).unwrap().to_rgb8(),
+    );
+    let diff = x
+        .as_raw()
+        .iter()
+        .zip(y.as_raw())
+        .map(|(p, q)| p.abs_diff(*q))
+        .max()
+        .unwrap();
+    assert!(
+        diff <= 1,
+        "cached vs computed subject embedding: max pixel difference {diff}"
+    );
+
+    // Bad input: a wrong extension and a missing image are named; nothing is written.
+    let bad = tmp.path().join("emb.bin");
+    let o = embed(&bad, &[&reference]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(".npy or .safetensors"));
+    let o = embed(
+        &tmp.path().join("x.npy"),
+        &[&tmp.path().join("missing.png")],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("missing.png"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!tmp.path().join("x.npy").exists());
+}
