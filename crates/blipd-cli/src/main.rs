@@ -172,12 +172,21 @@ enum Command {
         guidance_scale: f64,
         #[arg(long, default_value = "")]
         neg_prompt: String,
-        #[arg(long, default_value_t = 512)]
-        height: usize,
-        #[arg(long, default_value_t = 512)]
-        width: usize,
+        /// Output height in pixels (default 512, or what --latents gives).
+        #[arg(long)]
+        height: Option<usize>,
+        /// Output width in pixels (default 512, or what --latents gives).
+        #[arg(long)]
+        width: Option<usize>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Initial latents, float32 `(K, 4, h, w)` `.npy` (e.g. saved from diffusers or LAVIS): K
+        /// images of `h·f × w·f` pixels (f: the VAE's down-sampling factor), instead of --seed's.
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// Images per call (default 1, or K of --latents).
+        #[arg(long)]
+        num_images: Option<usize>,
         /// LAVIS preprocessing (shorter-side resize + centre crop, `blip_caption` text) instead of diffusers'.
         #[arg(long)]
         lavis: bool,
@@ -364,11 +373,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             height,
             width,
             seed,
+            latents,
+            num_images,
             lavis,
             bert_vocab,
             out,
         } => {
             let start = Instant::now();
+            let out_npy = out.extension().is_some_and(|e| e == "npy");
             let mut opts = if lavis {
                 blipd_apps::GenerateOptions::lavis()
             } else {
@@ -377,17 +389,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.num_inference_steps = steps;
             opts.guidance_scale = guidance_scale;
             opts.neg_prompt = neg_prompt;
-            opts.height = height;
-            opts.width = width;
             opts.seed = seed;
             opts.controlnet_conditioning_scale = controlnet_scale;
-            opts.validate()?;
             let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
                 &model,
                 bert_vocab.as_deref(),
                 &device(),
             )
             .with_context(|| format!("loading {}", model.display()))?;
+            let init = match &latents {
+                None => None,
+                Some(p) => Some(read_latents(p, pipe.latent_factor(), height, width)?),
+            };
+            let (k, height, width) = match &init {
+                Some((l, h, w)) => {
+                    let k = l.dims()[0];
+                    if num_images.is_some_and(|n| n != k) {
+                        bail!(
+                            "--num-images {} but {} holds {k} latents",
+                            num_images.unwrap_or(0),
+                            latents
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default()
+                        );
+                    }
+                    (k, *h, *w)
+                }
+                None => (
+                    num_images.unwrap_or(1),
+                    height.unwrap_or(512),
+                    width.unwrap_or(512),
+                ),
+            };
+            if k == 0 {
+                bail!("--num-images must be at least 1");
+            }
+            opts.height = height;
+            opts.width = width;
+            opts.validate()?;
             if let Some(dir) = &controlnet {
                 pipe = pipe
                     .with_controlnet(dir)
@@ -438,32 +478,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // The request against the networks and the machine (size, memory), once the inputs
             // are known to be there and before the first full-size allocation.
-            pipe.check_request(1, &opts)?;
+            pipe.check_request(k, &opts)?;
             let control = match &control_image {
                 None => None,
                 Some(p) => {
                     Some(pipe.control_image(&blipd_apps::RgbImage::open(p)?, height, width)?)
                 }
             };
+            let ctx = if k > 1 { ctx.repeat_dim(0, k) } else { ctx };
             let result = pipe.generate_with_ctx_controlled(
                 ctx,
-                &[&tgt],
-                &[&prompt],
+                &vec![tgt.as_str(); k],
+                &vec![prompt.as_str(); k],
                 control,
                 &opts,
-                None,
+                init.map(|(l, _, _)| l),
                 &mut |_| {},
             )?;
-            let img = result.to_uint8()?;
-            let rgb = image::RgbImage::from_raw(
-                img.width as u32,
-                img.height as u32,
-                img.image(0).to_vec(),
-            )
-            .context("decoded image has an unexpected size")?;
-            rgb.save(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("{} ({:.1} s)", out.display(), start.elapsed().as_secs_f64());
+            let written = write_images(&result, &out, out_npy)?;
+            for p in &written {
+                println!("{}", p.display());
+            }
+            println!(
+                "{k} image{} of {width}×{height} ({:.1} s)",
+                if k == 1 { "" } else { "s" },
+                start.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::EmbedSubject {
@@ -568,6 +608,88 @@ fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
 /// This process's rank in a data-parallel job (0 alone).
 fn rank() -> usize {
     blipd_dist::World::from_env().map_or(0, |w| w.rank)
+}
+
+/// Initial latents from a float32 `(K, C, h, w)` `.npy`, with the image size they imply (`h·f`,
+/// `w·f`), which a given --height/--width must equal.
+fn read_latents(
+    path: &Path,
+    f: usize,
+    height: Option<usize>,
+    width: Option<usize>,
+) -> Result<(burn::tensor::Tensor<Inner, 4>, usize, usize)> {
+    let l = blipd_data::npy::read_f32(path)
+        .with_context(|| format!("reading the latents {}", path.display()))?;
+    let [k, c, h, w] = <[usize; 4]>::try_from(l.shape.as_slice()).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: latents of shape {:?}; expected (K, 4, h, w) float32",
+            path.display(),
+            l.shape
+        )
+    })?;
+    let (ph, pw) = (h * f, w * f);
+    for (flag, given, implied) in [("--height", height, ph), ("--width", width, pw)] {
+        if given.is_some_and(|g| g != implied) {
+            bail!(
+                "{flag} {} disagrees with the latents {}: ({k}, {c}, {h}, {w}) latents make {pw}×{ph} \
+                 images (×{f}, the VAE's down-sampling factor); leave {flag} out or match it",
+                given.unwrap_or(0),
+                path.display()
+            );
+        }
+    }
+    if l.data.iter().any(|v| !v.is_finite()) {
+        bail!("{}: the latents hold NaN or infinity", path.display());
+    }
+    let t = burn::tensor::Tensor::<Inner, 4>::from_data(
+        burn::tensor::TensorData::new(l.data, [k, c, h, w]),
+        &device(),
+    );
+    Ok((t, ph, pw))
+}
+
+/// The images of a generation: float32 NHWC in [0, 1] into one `.npy`, or 8-bit PNGs (`out` for one
+/// image, `<stem>_<i>.<ext>` for several). Returns the files written.
+fn write_images(
+    result: &blipd_apps::GenerateOutput<Inner>,
+    out: &Path,
+    npy: bool,
+) -> Result<Vec<PathBuf>> {
+    if npy {
+        let images = result.images.clone().permute([0, 2, 3, 1]);
+        let dims = images.dims();
+        let data = images
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading the images back: {e:?}"))?;
+        let tmp = out.with_extension("npy.tmp");
+        blipd_data::npy::write_f32(&tmp, &dims, &data)?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+        return Ok(vec![out.to_path_buf()]);
+    }
+    let img = result.to_uint8()?;
+    let n = img.batch;
+    let mut written = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = if n == 1 {
+            out.to_path_buf()
+        } else {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            let ext = out.extension().map(|e| e.to_string_lossy().into_owned());
+            out.with_file_name(match ext {
+                Some(e) => format!("{stem}_{i}.{e}"),
+                None => format!("{stem}_{i}"),
+            })
+        };
+        let rgb =
+            image::RgbImage::from_raw(img.width as u32, img.height as u32, img.image(i).to_vec())
+                .context("decoded image has an unexpected size")?;
+        rgb.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 fn embed_subject(

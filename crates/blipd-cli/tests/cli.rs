@@ -602,3 +602,77 @@ fn embed_subject_round_trips_through_generate() {
     );
     assert!(!tmp.path().join("x.npy").exists());
 }
+
+#[test]
+fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let io =
+        blipd_models::weights::StateDict::read(&pipeline_fixture().join("io.safetensors")).unwrap();
+    let lat = io.data("latents0").unwrap().convert::<f32>();
+    let (lat_shape, lat) = (lat.shape.clone(), lat.to_vec::<f32>().unwrap());
+    let want = io.data("image").unwrap().convert::<f32>();
+    let [_, c, h, w] = <[usize; 4]>::try_from(want.shape.as_slice()).unwrap();
+    let want = want.to_vec::<f32>().unwrap();
+    // diffusers' image is NCHW; ours NHWC.
+    let want_nhwc: Vec<f32> = (0..h * w * c)
+        .map(|i| {
+            let (y, x, ch) = (i / (w * c), (i / c) % w, i % c);
+            want[ch * h * w + y * w + x]
+        })
+        .collect();
+    // Two copies of diffusers' initial latents: two images, each diffusers' image.
+    let latents = tmp.path().join("latents.npy");
+    let mut shape2 = lat_shape.clone();
+    shape2[0] = 2;
+    blipd_data::npy::write_f32(&latents, &shape2, &[lat.clone(), lat].concat()).unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        blipd()
+            .arg("generate")
+            .arg("--model")
+            .arg(pipeline_fixture())
+            .arg("--image")
+            .arg(pipeline_fixture().join("reference.png"))
+            .args(["--subject", "dog", "--prompt", "swimming underwater"])
+            .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
+            .args(["--guidance-scale", "7.5", "--latents"])
+            .arg(&latents)
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let npy = tmp.path().join("images.npy");
+    let o = run(&[], &npy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = blipd_data::npy::read_f32(&npy).unwrap();
+    assert_eq!(got.shape, vec![2, h, w, c]);
+    for k in 0..2 {
+        let e = blipd_testkit::assert_close_slice(
+            &format!("image {k} vs diffusers"),
+            &got.data[k * h * w * c..(k + 1) * h * w * c],
+            &want_nhwc,
+            1e-4,
+        );
+        println!("generate --latents, image {k}: max |Δ| {e:.2e} vs diffusers 0.33.1");
+    }
+    // PNGs: one file per image.
+    let png = tmp.path().join("img.png");
+    let o = run(&[], &png);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for k in 0..2 {
+        assert!(tmp.path().join(format!("img_{k}.png")).is_file());
+    }
+    // A size that disagrees with the latents, and a count that does: errors naming both.
+    let o = run(&["--height", "64"], &tmp.path().join("bad.npy"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--height 64") && err.contains(&format!("{w}×{h}")),
+        "{err}"
+    );
+    let o = run(&["--num-images", "3"], &tmp.path().join("bad.npy"));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("2 latents"));
+    assert!(!tmp.path().join("bad.npy").exists());
+}
