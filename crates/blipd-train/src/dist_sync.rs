@@ -481,19 +481,27 @@ impl DistSync {
         ))
     }
 
-    /// A failed burn-collective call, explained. After a timeout, a short barrier on the control
-    /// channel finds the silent peer (burn-collective cannot tell which node it waits for): the
-    /// error names it, at most `min(T/2, 10 s)` after the collective timeout `T`.
+    /// A failed burn-collective call, explained. After a failure or a timeout, a short barrier on
+    /// the control channel finds the dead or silent peer (burn-collective cannot tell which node it
+    /// lost or waits for): the error names it, at most 5 s after a failure and `min(T/2, 10 s)` after
+    /// the collective timeout `T`.
     fn link_failure(&mut self, e: LinkError, op: &str) -> TrainError {
         let (rank, w) = (self.rv.world.rank, self.rv.world.world_size);
         let what = format!("rank {rank} of {w}: {op} (burn-collective ring)");
+        const PROBE: &str = "finding the dead or silent peer (control channel)";
         match e {
-            LinkError::Failed(m) => TrainError::Sync(format!("{what}: {m}")),
+            // burn-collective's own error (e.g. `LocalServerMissing` when the orchestrator's
+            // process died) does not say which peer is gone: the control channel does.
+            LinkError::Failed(m) => {
+                let found = self.rv.barrier_within(PROBE, Duration::from_secs(5));
+                TrainError::Sync(match found {
+                    Err(de) => format!("{what}: {m}; {de}"),
+                    Ok(()) => format!("{what}: {m}"),
+                })
+            }
             LinkError::Timeout(secs) => {
                 let probe = Duration::from_secs_f64((secs / 2.0).min(10.0));
-                let found = self
-                    .rv
-                    .barrier_within("finding the silent peer (control channel)", probe);
+                let found = self.rv.barrier_within(PROBE, probe);
                 TrainError::Sync(match found {
                     Err(de) => format!("{what} timed out after {secs:.1}s; {de}"),
                     Ok(()) => format!(
