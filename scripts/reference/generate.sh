@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
 fi
 if [ $# -eq 0 ]; then
-  # `pipeline` first: the fine-tuning, stage-2 loss and ControlNet-pipeline generators read its folder.
+  # `pipeline` first: the fine-tuning, stage-2 loss, ControlNet- and DDIM-pipeline generators read its folder.
   set -- pipeline $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//' | grep -vx pipeline)
 fi
 for g in "$@"; do

@@ -20,7 +20,9 @@ use blipd_models::ctx_clip_text::{
     ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY, DEFAULT_CTX_BEGIN_POS,
 };
 use blipd_models::qformer::{Blip2Config, Blip2QFormerModel};
-use blipd_models::schedulers::{PndmScheduler, PndmSchedulerConfig};
+use blipd_models::schedulers::{
+    DdimScheduler, DdimSchedulerConfig, PndmScheduler, PndmSchedulerConfig,
+};
 use blipd_models::tokenizers::{
     BertTokenizer, BlipDiffusionPrompt, ClipTokenizer, TextNormalization, TokenBatch,
 };
@@ -57,6 +59,58 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Weight of the ControlNet residuals (diffusers `controlnet_conditioning_scale`, 1.0).
     pub controlnet_conditioning_scale: f64,
+    /// The sampler: PNDM (diffusers' pipeline) or DDIM with η = 0 (LAVIS `use_ddim`, built from the
+    /// same scheduler config as `DDIMScheduler.from_config`).
+    pub sampler: Sampler,
+}
+
+/// The denoising sampler of a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sampler {
+    #[default]
+    Pndm,
+    Ddim,
+}
+
+/// A sampler ready to step: the schedulers' common surface for [`BlipDiffusionPipeline::denoise`].
+enum Steps<B: Backend> {
+    Pndm(PndmScheduler<B>),
+    Ddim(DdimScheduler),
+}
+
+impl<B: Backend> Steps<B> {
+    fn timesteps(&self) -> Vec<usize> {
+        match self {
+            Steps::Pndm(s) => s.timesteps().to_vec(),
+            Steps::Ddim(s) => s.timesteps().to_vec(),
+        }
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        match self {
+            Steps::Pndm(s) => s.init_noise_sigma(),
+            Steps::Ddim(s) => s.init_noise_sigma(),
+        }
+    }
+
+    fn scale_model_input(&self, x: Tensor<B, 4>, t: usize) -> Tensor<B, 4> {
+        match self {
+            Steps::Pndm(s) => s.scale_model_input(x, t),
+            Steps::Ddim(s) => s.scale_model_input(x, t),
+        }
+    }
+
+    fn step(
+        &mut self,
+        eps: Tensor<B, 4>,
+        t: usize,
+        latents: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, AppError> {
+        Ok(match self {
+            Steps::Pndm(s) => s.step(eps, t, latents)?,
+            Steps::Ddim(s) => s.step(eps, t, latents)?.prev_sample,
+        })
+    }
 }
 
 impl Default for GenerateOptions {
@@ -73,6 +127,7 @@ impl Default for GenerateOptions {
             reference_resize: ReferenceResize::Diffusers,
             seed: 42,
             controlnet_conditioning_scale: 1.0,
+            sampler: Sampler::Pndm,
         }
     }
 }
@@ -176,6 +231,9 @@ pub struct BlipDiffusionPipeline<B: Backend> {
     pub vae: AutoencoderKL<B>,
     /// Sampler config (`scheduler/scheduler_config.json`, else [`PndmSchedulerConfig::blip_diffusion`]).
     pub scheduler: PndmSchedulerConfig,
+    /// The DDIM sampler's config: the folder's `scheduler_config.json` read as `DDIMScheduler`
+    /// reads it (`from_config`: DDIM's defaults for what the file lacks).
+    pub ddim_scheduler: DdimSchedulerConfig,
     /// CLIP tokenizer of the text encoder (`tokenizer/`).
     pub tokenizer: ClipTokenizer,
     /// BERT-uncased tokenizer of the Q-Former (+ `[DEC]`).
@@ -261,6 +319,23 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             PndmSchedulerConfig::blip_diffusion()
         };
         PndmScheduler::<B>::new(scheduler.clone())?; // validate now, not at the first step
+        let ddim_scheduler = if sched_path.is_file() {
+            DdimSchedulerConfig::from_file(&sched_path)?
+        } else {
+            DdimSchedulerConfig {
+                num_train_timesteps: scheduler.num_train_timesteps,
+                beta_start: scheduler.beta_start,
+                beta_end: scheduler.beta_end,
+                beta_schedule: scheduler.beta_schedule,
+                trained_betas: scheduler.trained_betas.clone(),
+                set_alpha_to_one: scheduler.set_alpha_to_one,
+                steps_offset: scheduler.steps_offset,
+                prediction_type: scheduler.prediction_type,
+                timestep_spacing: scheduler.timestep_spacing,
+                ..DdimSchedulerConfig::default()
+            }
+        };
+        DdimScheduler::new(ddim_scheduler.clone())?;
 
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let qformer_tokenizer = BertTokenizer::resolve(Some(dir), bert_vocab)?;
@@ -342,6 +417,7 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             unet,
             vae,
             scheduler,
+            ddim_scheduler,
             tokenizer,
             qformer_tokenizer,
             image_size,
@@ -661,9 +737,19 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 if cfg { " with guidance" } else { "" }
             )));
         }
-        let mut scheduler = PndmScheduler::<B>::new(self.scheduler.clone())?;
-        scheduler.set_timesteps(opts.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
+        let mut scheduler = match opts.sampler {
+            Sampler::Pndm => {
+                let mut s = PndmScheduler::<B>::new(self.scheduler.clone())?;
+                s.set_timesteps(opts.num_inference_steps)?;
+                Steps::Pndm(s)
+            }
+            Sampler::Ddim => {
+                let mut s = DdimScheduler::new(self.ddim_scheduler.clone())?;
+                s.set_timesteps(opts.num_inference_steps)?;
+                Steps::Ddim(s)
+            }
+        };
+        let timesteps = scheduler.timesteps();
         let mut latents = latents.mul_scalar(scheduler.init_noise_sigma());
         for (index, &t) in timesteps.iter().enumerate() {
             let input = if cfg {

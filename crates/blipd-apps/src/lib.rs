@@ -17,5 +17,5 @@ pub mod preprocess;
 pub mod segment;
 
 pub use error::AppError;
-pub use generate::{BlipDiffusionPipeline, GenerateOptions, GenerateOutput};
+pub use generate::{BlipDiffusionPipeline, GenerateOptions, GenerateOutput, Sampler};
 pub use preprocess::{preprocess_reference, ReferenceResize, RgbImage};

@@ -43,6 +43,15 @@ struct Cli {
     command: Command,
 }
 
+/// `--scheduler` of `generate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SchedulerArg {
+    /// PNDM (PLMS), diffusers' `BlipDiffusionPipeline`.
+    Pndm,
+    /// DDIM, η = 0 (LAVIS `use_ddim`).
+    Ddim,
+}
+
 /// `--mixed-precision` of inference commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Precision {
@@ -187,6 +196,9 @@ enum Command {
         /// Images per call (default 1, or K of --latents).
         #[arg(long)]
         num_images: Option<usize>,
+        /// The sampler.
+        #[arg(long, value_enum, default_value_t = SchedulerArg::Pndm)]
+        scheduler: SchedulerArg,
         /// LAVIS preprocessing (shorter-side resize + centre crop, `blip_caption` text) instead of diffusers'.
         #[arg(long)]
         lavis: bool,
@@ -375,6 +387,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             latents,
             num_images,
+            scheduler,
             lavis,
             bert_vocab,
             out,
@@ -390,6 +403,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.guidance_scale = guidance_scale;
             opts.neg_prompt = neg_prompt;
             opts.seed = seed;
+            opts.sampler = match scheduler {
+                SchedulerArg::Pndm => blipd_apps::Sampler::Pndm,
+                SchedulerArg::Ddim => blipd_apps::Sampler::Ddim,
+            };
             opts.controlnet_conditioning_scale = controlnet_scale;
             let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
                 &model,

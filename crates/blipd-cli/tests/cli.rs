@@ -676,3 +676,46 @@ fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("2 latents"));
     assert!(!tmp.path().join("bad.npy").exists());
 }
+
+#[test]
+fn generate_with_ddim_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = pipeline_fixture().join("../pipeline_ddim/io.safetensors");
+    let io = blipd_models::weights::StateDict::read(&fixture).unwrap();
+    let lat = io.data("latents0").unwrap().convert::<f32>();
+    let latents = tmp.path().join("latents.npy");
+    blipd_data::npy::write_f32(&latents, &lat.shape.clone(), &lat.to_vec::<f32>().unwrap())
+        .unwrap();
+    let want = io.data("image").unwrap().convert::<f32>();
+    let [_, c, h, w] = <[usize; 4]>::try_from(want.shape.as_slice()).unwrap();
+    let want = want.to_vec::<f32>().unwrap();
+    let want_nhwc: Vec<f32> = (0..h * w * c)
+        .map(|i| want[(i % c) * h * w + (i / (w * c)) * w + (i / c) % w])
+        .collect();
+    let npy = tmp.path().join("ddim.npy");
+    let o = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .arg("--image")
+        .arg(pipeline_fixture().join("reference.png"))
+        .args(["--subject", "dog", "--prompt", "swimming underwater"])
+        .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
+        .args([
+            "--guidance-scale",
+            "7.5",
+            "--scheduler",
+            "ddim",
+            "--latents",
+        ])
+        .arg(&latents)
+        .arg("--out")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = blipd_data::npy::read_f32(&npy).unwrap();
+    let e =
+        blipd_testkit::assert_close_slice("DDIM image vs diffusers", &got.data, &want_nhwc, 1e-4);
+    println!("generate --scheduler ddim: max |Δ| {e:.2e} vs diffusers 0.33.1 DDIMScheduler");
+}
