@@ -13,6 +13,22 @@ fn blipd() -> Command {
     c
 }
 
+/// Asserts that a `blipd` run succeeded, printing its stderr otherwise.
+fn assert_ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Diffusers' `image` `[1, C, H, W]` of a fixture's io.safetensors as NHWC values, and its (H, W, C).
+fn fixture_image_nhwc(io: &blipd_models::weights::StateDict) -> (Vec<f32>, [usize; 3]) {
+    let want = io.data("image").unwrap().convert::<f32>();
+    let [_, c, h, w] = <[usize; 4]>::try_from(want.shape.as_slice()).unwrap();
+    let want = want.to_vec::<f32>().unwrap();
+    let nhwc = (0..h * w * c)
+        .map(|i| want[(i % c) * h * w + (i / (w * c)) * w + (i / c) % w])
+        .collect();
+    (nhwc, [h, w, c])
+}
+
 fn pipeline_fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
 }
@@ -30,11 +46,7 @@ fn generate_16px(model: &Path, subject: &str, prompt: &str, out_png: &Path) {
         .arg(out_png)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -125,11 +137,7 @@ fn pretrain_resume_and_plot() {
         .args(short)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("stage 1: step 3"), "{stdout}");
     assert!(stdout.contains("stage 2: step 4"), "{stdout}");
@@ -162,11 +170,7 @@ fn pretrain_resume_and_plot() {
         .args(["--set", "stage2.train.max_steps=6"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("resumed from step 4"), "{stdout}");
     let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
@@ -195,11 +199,7 @@ fn pretrain_resume_and_plot() {
     );
 
     let out = blipd().arg("plot").arg(&run).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(run.join("stage2/loss.png").is_file());
     // The plan's two stages in one figure too.
     assert!(run.join("loss-all.png").is_file());
@@ -278,11 +278,7 @@ fn sweep_writes_one_table_with_dreambench_scores() {
     )
     .unwrap();
     let out = blipd().arg("sweep").arg(&sweep).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let table = std::fs::read_to_string(root.join("out/ablation.md")).unwrap();
     println!("{table}");
     assert!(
@@ -376,11 +372,7 @@ fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
         .arg(&png)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(png.is_file());
     // Without a cache, a reference image is required, and the error says so.
     let out = blipd()
@@ -439,7 +431,7 @@ fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
         ],
         &png,
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     assert!(png.is_file());
     // A condition image without a ControlNet is a clear error.
     let o = run(
@@ -474,7 +466,7 @@ fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
         ],
         &mix,
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     assert!(mix.is_file());
     let o = run(
         &[
@@ -537,7 +529,7 @@ fn embed_subject_round_trips_through_generate() {
         (&two, vec![&reference, &reference]),
     ] {
         let o = embed(out, &imgs);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_ok(&o);
     }
     let a = blipd_data::npy::read_f32(&one).unwrap();
     let b = blipd_data::npy::read_f32(&two).unwrap();
@@ -552,7 +544,7 @@ fn embed_subject_round_trips_through_generate() {
         &model.join("ctx_embeddings_cache.safetensors"),
         &[&reference],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     let (with_image, cached) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
     generate_16px(&pipeline_fixture(), "dog", "on a beach", &with_image);
     let out = blipd()
@@ -564,11 +556,7 @@ fn embed_subject_round_trips_through_generate() {
         .arg(&cached)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let (x, y) = (
         image::open(&with_image).unwrap().to_rgb8(),
         image::open(&cached).unwrap().to_rgb8(),
@@ -610,16 +598,8 @@ fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
         blipd_models::weights::StateDict::read(&pipeline_fixture().join("io.safetensors")).unwrap();
     let lat = io.data("latents0").unwrap().convert::<f32>();
     let (lat_shape, lat) = (lat.shape.clone(), lat.to_vec::<f32>().unwrap());
-    let want = io.data("image").unwrap().convert::<f32>();
-    let [_, c, h, w] = <[usize; 4]>::try_from(want.shape.as_slice()).unwrap();
-    let want = want.to_vec::<f32>().unwrap();
     // diffusers' image is NCHW; ours NHWC.
-    let want_nhwc: Vec<f32> = (0..h * w * c)
-        .map(|i| {
-            let (y, x, ch) = (i / (w * c), (i / c) % w, i % c);
-            want[ch * h * w + y * w + x]
-        })
-        .collect();
+    let (want_nhwc, [h, w, c]) = fixture_image_nhwc(&io);
     // Two copies of diffusers' initial latents: two images, each diffusers' image.
     let latents = tmp.path().join("latents.npy");
     let mut shape2 = lat_shape.clone();
@@ -644,7 +624,7 @@ fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
     };
     let npy = tmp.path().join("images.npy");
     let o = run(&[], &npy);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     let got = blipd_data::npy::read_f32(&npy).unwrap();
     assert_eq!(got.shape, vec![2, h, w, c]);
     for k in 0..2 {
@@ -659,7 +639,7 @@ fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
     // PNGs: one file per image.
     let png = tmp.path().join("img.png");
     let o = run(&[], &png);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     for k in 0..2 {
         assert!(tmp.path().join(format!("img_{k}.png")).is_file());
     }
@@ -686,12 +666,7 @@ fn generate_with_ddim_matches_diffusers() {
     let latents = tmp.path().join("latents.npy");
     blipd_data::npy::write_f32(&latents, &lat.shape.clone(), &lat.to_vec::<f32>().unwrap())
         .unwrap();
-    let want = io.data("image").unwrap().convert::<f32>();
-    let [_, c, h, w] = <[usize; 4]>::try_from(want.shape.as_slice()).unwrap();
-    let want = want.to_vec::<f32>().unwrap();
-    let want_nhwc: Vec<f32> = (0..h * w * c)
-        .map(|i| want[(i % c) * h * w + (i / (w * c)) * w + (i / c) % w])
-        .collect();
+    let (want_nhwc, _) = fixture_image_nhwc(&io);
     let npy = tmp.path().join("ddim.npy");
     let o = blipd()
         .arg("generate")
@@ -713,7 +688,7 @@ fn generate_with_ddim_matches_diffusers() {
         .arg(&npy)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ok(&o);
     let got = blipd_data::npy::read_f32(&npy).unwrap();
     let e =
         blipd_testkit::assert_close_slice("DDIM image vs diffusers", &got.data, &want_nhwc, 1e-4);
