@@ -60,3 +60,29 @@ def randomize_(module, std=0.02, s=0):
             fan_in = p[0].numel() if p.ndim > 1 else p.numel()
             p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
     return module
+
+
+def load_pipeline_parts():
+    """The networks and tokenizer of the tiny BLIP-Diffusion fixture (fixtures/pipeline, written by
+    gen_pipeline.py), loaded as diffusers/transformers load them, in eval mode: a dict with qformer,
+    text_encoder, unet, vae, tokenizer, and `dir` (the folder, for its scheduler/ and image_processor/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+
+    d = FIXTURES / "pipeline"
+    qcfg = Blip2Config.from_pretrained(str(d / "qformer"))
+    qcfg.tokenizer = str(d / "qformer")  # holds vocab.txt
+    qformer = Blip2QFormerModel(qcfg)
+    qformer.load_state_dict(load_file(str(d / "qformer" / "model.safetensors")), strict=True)
+    return {
+        "dir": d,
+        "qformer": qformer.eval(),
+        "text_encoder": ContextCLIPTextModel.from_pretrained(str(d / "text_encoder")).eval(),
+        "unet": UNet2DConditionModel.from_pretrained(str(d / "unet")).eval(),
+        "vae": AutoencoderKL.from_pretrained(str(d / "vae")).eval(),
+        "tokenizer": CLIPTokenizer.from_pretrained(str(d / "tokenizer")),
+    }

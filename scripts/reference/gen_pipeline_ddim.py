@@ -11,38 +11,22 @@ import json
 
 import PIL.Image
 import torch
-from safetensors.torch import load_file
-
-from common import FIXTURES, save_fixture
+from common import load_pipeline_parts, save_fixture
 
 torch.set_grad_enabled(False)
 
 
 def main():
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
-    from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
     from diffusers.pipelines.blip_diffusion.pipeline_blip_diffusion import BlipDiffusionPipeline
-    from transformers import CLIPTokenizer
-    from transformers.models.blip_2.configuration_blip_2 import Blip2Config
 
-    src = FIXTURES / "pipeline"
+    parts = load_pipeline_parts()
+    src = parts.pop("dir")
     req = json.loads((src / "request.json").read_text())
-    qcfg = Blip2Config.from_pretrained(str(src / "qformer"))
-    qcfg.tokenizer = str(src / "qformer")
-    qformer = Blip2QFormerModel(qcfg)
-    qformer.load_state_dict(load_file(str(src / "qformer" / "model.safetensors")), strict=True)
-    qformer.eval()
-    text_encoder = ContextCLIPTextModel.from_pretrained(str(src / "text_encoder")).eval()
-    unet = UNet2DConditionModel.from_pretrained(str(src / "unet")).eval()
-    vae = AutoencoderKL.from_pretrained(str(src / "vae")).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
     scheduler = DDIMScheduler.from_pretrained(str(src / "scheduler"))
     image_processor = BlipImageProcessor.from_pretrained(str(src / "image_processor"))
-    pipe = BlipDiffusionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                                 scheduler=scheduler, qformer=qformer, image_processor=image_processor,
-                                 ctx_begin_pos=2)
+    pipe = BlipDiffusionPipeline(**parts, scheduler=scheduler, image_processor=image_processor, ctx_begin_pos=2)
     pipe.set_progress_bar_config(disable=True)
     ref = PIL.Image.open(src / "reference.png").convert("RGB")
     H = W = req["height"]
