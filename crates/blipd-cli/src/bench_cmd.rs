@@ -354,24 +354,15 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
     let latents = match &a.latents {
         None => None,
         Some(p) => {
-            let l = blipd_data::npy::read_f32(p)?;
-            let [n, c, h, w] = <[usize; 4]>::try_from(l.shape.as_slice()).map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: latents {:?}, expected (1, 4, h, w)",
-                    p.display(),
-                    l.shape
-                )
-            })?;
+            let (l, _, _) = crate::arrays::read_latents::<B>(p, f, None, None, device)?;
+            let n = l.dims()[0];
             if n != 1 {
                 bail!(
                     "{}: {n} latents; bench infer renders one image",
                     p.display()
                 );
             }
-            Some(Tensor::<B, 4>::from_data(
-                TensorData::new(l.data, [n, c, h, w]),
-                device,
-            ))
+            Some(l)
         }
     };
     let (height, width) = match &latents {
@@ -418,13 +409,7 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
         prev = *t;
     }
     let images = ph.time("VAE decode", || Ok(pipe.decode(latents)))?;
-    let images = images.permute([0, 2, 3, 1]);
-    let dims = images.dims();
-    let pixels: Vec<f32> = images
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| anyhow::anyhow!("reading the images back: {e:?}"))?;
+    let (pixels, dims) = crate::arrays::nhwc_values(images)?;
     let generate_s = total.elapsed().as_secs_f64();
     let rss = peak_rss();
     let kernels = blipd_models::cpu::profile::take();

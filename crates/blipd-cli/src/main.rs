@@ -1,5 +1,6 @@
 //! The `blipd` command line.
 
+mod arrays;
 mod bench_cmd;
 mod data_cmd;
 mod eval_cmd;
@@ -416,7 +417,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .with_context(|| format!("loading {}", model.display()))?;
             let init = match &latents {
                 None => None,
-                Some(p) => Some(read_latents(p, pipe.latent_factor(), height, width)?),
+                Some(p) => Some(arrays::read_latents::<Inner>(
+                    p,
+                    pipe.latent_factor(),
+                    height,
+                    width,
+                    &device(),
+                )?),
             };
             let (k, height, width) = match &init {
                 Some((l, h, w)) => {
@@ -627,44 +634,6 @@ fn rank() -> usize {
     blipd_dist::World::from_env().map_or(0, |w| w.rank)
 }
 
-/// Initial latents from a float32 `(K, C, h, w)` `.npy`, with the image size they imply (`h·f`,
-/// `w·f`), which a given --height/--width must equal.
-fn read_latents(
-    path: &Path,
-    f: usize,
-    height: Option<usize>,
-    width: Option<usize>,
-) -> Result<(burn::tensor::Tensor<Inner, 4>, usize, usize)> {
-    let l = blipd_data::npy::read_f32(path)
-        .with_context(|| format!("reading the latents {}", path.display()))?;
-    let [k, c, h, w] = <[usize; 4]>::try_from(l.shape.as_slice()).map_err(|_| {
-        anyhow::anyhow!(
-            "{}: latents of shape {:?}; expected (K, 4, h, w) float32",
-            path.display(),
-            l.shape
-        )
-    })?;
-    let (ph, pw) = (h * f, w * f);
-    for (flag, given, implied) in [("--height", height, ph), ("--width", width, pw)] {
-        if given.is_some_and(|g| g != implied) {
-            bail!(
-                "{flag} {} disagrees with the latents {}: ({k}, {c}, {h}, {w}) latents make {pw}×{ph} \
-                 images (×{f}, the VAE's down-sampling factor); leave {flag} out or match it",
-                given.unwrap_or(0),
-                path.display()
-            );
-        }
-    }
-    if l.data.iter().any(|v| !v.is_finite()) {
-        bail!("{}: the latents hold NaN or infinity", path.display());
-    }
-    let t = burn::tensor::Tensor::<Inner, 4>::from_data(
-        burn::tensor::TensorData::new(l.data, [k, c, h, w]),
-        &device(),
-    );
-    Ok((t, ph, pw))
-}
-
 /// The images of a generation: float32 NHWC in [0, 1] into one `.npy`, or 8-bit PNGs (`out` for one
 /// image, `<stem>_<i>.<ext>` for several). Returns the files written.
 fn write_images(
@@ -673,13 +642,7 @@ fn write_images(
     npy: bool,
 ) -> Result<Vec<PathBuf>> {
     if npy {
-        let images = result.images.clone().permute([0, 2, 3, 1]);
-        let dims = images.dims();
-        let data = images
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("reading the images back: {e:?}"))?;
+        let (data, dims) = arrays::nhwc_values(result.images.clone())?;
         let tmp = out.with_extension("npy.tmp");
         blipd_data::npy::write_f32(&tmp, &dims, &data)?;
         std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;

@@ -261,12 +261,13 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
         let vae_noise = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &dev);
         let noise = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
         let opts = self.config.loss_options();
-        let noise = match opts.wants_offset() {
-            true => opts.offset_noise(
+        let noise = if opts.wants_offset() {
+            opts.offset_noise(
                 noise,
                 Tensor::random([b, channels, 1, 1], Distribution::Normal(0.0, 1.0), &dev),
-            ),
-            false => noise,
+            )
+        } else {
+            noise
         };
         let n_train = self.ddpm.num_train_timesteps();
         let t: Vec<i64> = (0..b)

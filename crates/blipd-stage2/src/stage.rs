@@ -319,24 +319,26 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
                 }
                 let vn = Tensor::from_data(TensorData::new(vn, shape.clone()), &dev);
                 let dn = Tensor::<B, 4>::from_data(TensorData::new(dn, shape), &dev);
-                let dn = match loss_opts.wants_offset() {
-                    true => loss_opts.offset_noise(
+                let dn = if loss_opts.wants_offset() {
+                    loss_opts.offset_noise(
                         dn,
                         Tensor::from_data(TensorData::new(delta, [b, channels, 1, 1]), &dev),
-                    ),
-                    false => dn,
+                    )
+                } else {
+                    dn
                 };
                 (vn, dn, t, keep)
             }
             None => {
                 let vn = Tensor::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
                 let dn = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
-                let dn = match loss_opts.wants_offset() {
-                    true => loss_opts.offset_noise(
+                let dn = if loss_opts.wants_offset() {
+                    loss_opts.offset_noise(
                         dn,
                         Tensor::random([b, channels, 1, 1], Distribution::Normal(0.0, 1.0), &dev),
-                    ),
-                    false => dn,
+                    )
+                } else {
+                    dn
                 };
                 let t: Vec<i64> = (0..b)
                     .map(|_| rng.random_range(0..n_train) as i64)

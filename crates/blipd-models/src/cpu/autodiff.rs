@@ -140,14 +140,8 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         let [d_in, d_out] = [fx::dims(&w)[0], fx::dims(&w)[1]];
         let rows = x_shape.iter().product::<usize>() / d_in;
         let want = [0, 1, 2].map(|i| wants(&ops.parents, i));
-        let w_owned;
-        let wm = match fx::matrix(&w) {
-            Some(m) => m,
-            None => {
-                w_owned = fx::values(&w).into_owned();
-                super::gemm::MatRef::row_major(&w_owned, d_in, d_out)
-            }
-        };
+        let mut w_owned = Vec::new();
+        let wm = fx::matrix_or_copy(&w, &mut w_owned);
         let [dx, dw, db] =
             super::gemm::linear_backward(&fx::values(&x), rows, wm, &fx::values(&dy), want);
         grad_to!(grads, ops.parents, 0, dx, &x_shape);
@@ -175,14 +169,8 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     );
     let rows: usize = shape[..D - 1].iter().product();
     let bias = b.as_ref().map(|b| fx::values(&b.primitive).into_owned());
-    let w_owned;
-    let wm = match fx::matrix(&w.primitive) {
-        Some(m) => m,
-        None => {
-            w_owned = fx::values(&w.primitive).into_owned();
-            super::gemm::MatRef::row_major(&w_owned, d_in, d_out)
-        }
-    };
+    let mut w_owned = Vec::new();
+    let wm = fx::matrix_or_copy(&w.primitive, &mut w_owned);
     let y = super::gemm::linear(&fx::values(&x.primitive), rows, wm, bias.as_deref());
     let mut out_shape = shape.clone();
     out_shape[D - 1] = d_out;

@@ -108,6 +108,19 @@ pub(crate) fn matrix(t: &FlexTensor) -> Option<super::gemm::MatRef<'_>> {
     ))
 }
 
+/// [`matrix`], or when the strides do not allow a view, a row-major copy kept in `owned`.
+pub(crate) fn matrix_or_copy<'a>(
+    t: &'a FlexTensor,
+    owned: &'a mut Vec<f32>,
+) -> super::gemm::MatRef<'a> {
+    if let Some(m) = matrix(t) {
+        return m;
+    }
+    let dims = dims(t);
+    *owned = values(t).into_owned();
+    super::gemm::MatRef::row_major(owned, dims[0], dims[1])
+}
+
 /// `t` made contiguous (a no-op when it is).
 pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {

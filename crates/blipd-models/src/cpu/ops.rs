@@ -45,14 +45,8 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     let rows: usize = shape[..D - 1].iter().product();
     let xs = fx::values(&x);
     let bs = bias.as_ref().map(fx::values);
-    let w_owned;
-    let wm = match fx::matrix(&w) {
-        Some(m) => m,
-        None => {
-            w_owned = fx::values(&w).into_owned();
-            super::gemm::MatRef::row_major(&w_owned, d_in, d_out)
-        }
-    };
+    let mut w_owned = Vec::new();
+    let wm = fx::matrix_or_copy(&w, &mut w_owned);
     let out = super::gemm::linear(&xs, rows, wm, bs.as_deref());
     let mut out_shape = shape;
     out_shape[D - 1] = d_out;
