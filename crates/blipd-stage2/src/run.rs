@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use blipd_data::loader::{LoaderOptions, PairLoader};
-use blipd_data::synthetic::{synth_pair, vocabulary};
+use blipd_data::synthetic::{held_out_ids, render_pair, synth_pair, vocabulary, Identity, SCENES};
 use blipd_train::dist_sync::{DistConfig, KeyedSource};
 use blipd_train::{BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
 use burn::prelude::*;
@@ -106,6 +106,9 @@ pub fn validate_config(cfg: &Stage2RunConfig) -> Result<(), Stage2Error> {
         ("[stage] model_dir", cfg.stage.model_dir.as_ref()),
         ("[stage] bert_vocab", cfg.stage.bert_vocab.as_ref()),
     ];
+    if cfg.stage.vae_dir.is_some() && cfg.stage.model_dir.is_some() {
+        return bad("[stage] vae_dir and model_dir: give one (model_dir has its own vae/)".into());
+    }
     blipd_train::config::require_existing(named).or_else(bad)?;
     // The VAE that will encode the targets: from model_dir, or the preset's.
     let vae = match &cfg.stage.model_dir {
@@ -113,7 +116,15 @@ pub fn validate_config(cfg: &Stage2RunConfig) -> Result<(), Stage2Error> {
             .map_err(|e| {
                 Stage2Error::Config(format!("[stage] model_dir = {}: {e}", dir.display()))
             })?,
-        None => crate::model::preset_configs(&cfg.stage.preset, 0)?.3,
+        None => match &cfg.stage.vae_dir {
+            Some(dir) if dir.join("config.json").is_file() => {
+                blipd_models::vae::VaeConfig::from_file(&dir.join("config.json")).map_err(|e| {
+                    Stage2Error::Config(format!("[stage] vae_dir = {}: {e}", dir.display()))
+                })?
+            }
+            // Not trained yet (a plan's [vae] stage writes it): the preset's has the same shape.
+            _ => crate::model::preset_configs(&cfg.stage.preset, 0)?.3,
+        },
     };
     let factor = vae.downsample_factor();
     if !cfg.data.target_size.is_multiple_of(factor) {
@@ -412,6 +423,18 @@ pub fn build<B: AutodiffBackend>(
                 let sd = blipd_models::weights::StateDict::read(path)?;
                 parts.model.qformer = crate::model::load_partial_qformer(parts.model.qformer, sd)?;
             }
+            if let Some(dir) = &cfg.stage.vae_dir {
+                let comp = blipd_models::weights::ComponentDir {
+                    name: "vae".into(),
+                    dir: dir.clone(),
+                };
+                let (vae, vae_config) = blipd_models::vae::AutoencoderKL::load(&comp, device)
+                    .map_err(|e| {
+                        Stage2Error::Config(format!("[stage] vae_dir = {}: {e}", dir.display()))
+                    })?;
+                parts.vae = vae;
+                parts.vae_config = vae_config;
+            }
             parts
         }
     };
@@ -460,13 +483,20 @@ pub fn build<B: AutodiffBackend>(
             synthetic.pairs, cfg.train.batch_size
         )));
     }
-    // Validation samples: the first two subjects, placed in a new scene.
-    for i in 0..2u64.min(synthetic.pairs as u64) {
-        let p = synth_pair(i, synthetic.seed, target_size as u32);
+    // Validation samples: two held-out subjects (never trained on), each in a scene.
+    for (k, &id) in held_out_ids().iter().take(2).enumerate() {
+        let scene = (2 * k + 1) % SCENES.len();
+        let p = render_pair(
+            Identity::from_id(id),
+            scene,
+            k as u64,
+            synthetic.seed,
+            target_size as u32,
+        );
         stage.sample_inputs.push((
             clip_input(&p.input, image_size),
             p.subject.clone(),
-            "on a checkered background".into(),
+            p.caption.clone(),
         ));
     }
     let seed = synthetic.seed;
