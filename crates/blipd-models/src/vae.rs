@@ -113,6 +113,21 @@ impl VaeConfig {
         }
     }
 
+    /// The micro preset (`blipd pretrain` on the procedural world, `configs/micro.toml`): two blocks
+    /// (16, 32), 1 layer per block, 8 groups, 4 latent channels, 32×32 images → 16×16 latents
+    /// (factor 2, so a 32-px subject keeps its pattern). Trained as an autoencoder before stage 2.
+    pub fn micro() -> Self {
+        Self {
+            down_block_types: vec!["DownEncoderBlock2D".into(); 2],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 2],
+            block_out_channels: vec![16, 32],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            sample_size: serde_json::Value::from(32),
+            ..Self::default()
+        }
+    }
+
     /// Read `config.json` (diffusers layout) and check it.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ModelError> {
         let cfg: Self = crate::read_json(path)?;

@@ -41,11 +41,17 @@ pub struct Stage2Config {
     /// tokenizer/) to start from. Without it, `preset` networks are built with random weights.
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
-    /// `"tiny"` (tests, the embedded default) or `"sd15"` (full size, random init) when no `model_dir`.
+    /// `"tiny"` (tests), `"micro"` (the procedural world of `configs/micro.toml`) or `"sd15"` (full
+    /// size, random init) when no `model_dir`.
     #[serde(default = "default_preset")]
     pub preset: String,
     #[serde(default)]
     pub qformer_init: QFormerInit,
+    /// A trained VAE component folder (`config.json` + weights, e.g. the `[vae]` stage's
+    /// `export/vae`) replacing the preset's random VAE. A pre-training plan with a `[vae]` stage sets
+    /// it to that stage's export when it is unset.
+    #[serde(default)]
+    pub vae_dir: Option<PathBuf>,
     #[serde(default)]
     pub template: PromptTemplate,
     /// Repetitions of the released template's prompt (20 in the released code).
@@ -113,6 +119,7 @@ impl Default for Stage2Config {
             model_dir: None,
             preset: default_preset(),
             qformer_init: QFormerInit::default(),
+            vae_dir: None,
             template: PromptTemplate::default(),
             prompt_reps: default_reps(),
             ctx_begin_pos: default_ctx_pos(),
@@ -146,9 +153,9 @@ impl Stage2Config {
                 self.subject_drop_prob
             )));
         }
-        if self.model_dir.is_none() && !matches!(self.preset.as_str(), "tiny" | "sd15") {
+        if self.model_dir.is_none() && !matches!(self.preset.as_str(), "tiny" | "micro" | "sd15") {
             return Err(crate::Stage2Error::Config(format!(
-                "preset = {:?}: expected \"tiny\" or \"sd15\" (or set model_dir)",
+                "preset = {:?}: expected \"tiny\", \"micro\" or \"sd15\" (or set model_dir)",
                 self.preset
             )));
         }

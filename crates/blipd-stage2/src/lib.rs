@@ -7,6 +7,7 @@
 //! probability `subject_drop_prob` (0.15) a sample gets the text-only prompt, so the model keeps its
 //! plain text-to-image ability.
 
+pub mod autoencoder;
 pub mod config;
 pub mod export;
 pub mod finetune;

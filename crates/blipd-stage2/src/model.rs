@@ -77,6 +77,23 @@ pub fn tiny_configs(
     (blip, text, unet, vae)
 }
 
+/// Configs of the micro stage-2 model (the procedural world of `configs/micro.toml`): the tiny
+/// Q-Former and text encoder (width 32, 4 queries), a U-Net and VAE sized for 32-px targets with
+/// 16×16 latents ([`UNet2DConditionConfig::micro`], [`VaeConfig::micro`]).
+pub fn micro_configs(
+    vocab_size: usize,
+) -> (
+    Blip2Config,
+    ClipTextConfig,
+    UNet2DConditionConfig,
+    VaeConfig,
+) {
+    let (blip, text, _, _) = tiny_configs(vocab_size);
+    let mut unet = UNet2DConditionConfig::micro();
+    unet.cross_attention_dim = blipd_models::unet::OneOrMany::One(text.hidden_size);
+    (blip, text, unet, VaeConfig::micro())
+}
+
 /// The network configs of a preset (`tiny` sizes its text encoder to `clip_vocab_size`).
 pub(crate) fn preset_configs(
     preset: &str,
@@ -92,6 +109,7 @@ pub(crate) fn preset_configs(
 > {
     Ok(match preset {
         "tiny" => tiny_configs(clip_vocab_size),
+        "micro" => micro_configs(clip_vocab_size),
         "sd15" => (
             Blip2Config::blipdiffusion(),
             ClipTextConfig::sd15(),
@@ -100,7 +118,7 @@ pub(crate) fn preset_configs(
         ),
         other => {
             return Err(ModelError::Invalid(format!(
-                "unknown preset {other:?} (expected \"tiny\" or \"sd15\")"
+                "unknown preset {other:?} (expected \"tiny\", \"micro\" or \"sd15\")"
             )))
         }
     })

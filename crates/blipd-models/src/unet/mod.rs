@@ -300,6 +300,23 @@ impl UNet2DConditionConfig {
         }
     }
 
+    /// The micro preset (the procedural world at 32 px, 16×16 latents): blocks (32, 64), 1 layer per
+    /// block, cross-attention at both levels (2 then 4 heads) and in the middle, 8 groups;
+    /// `cross_attention_dim` is set to the text encoder's width by the caller.
+    pub fn micro() -> Self {
+        Self {
+            sample_size: Some(OneOrMany::One(16)),
+            down_block_types: vec![CROSS_DOWN.into(), CROSS_DOWN.into()],
+            up_block_types: vec![CROSS_UP.into(), CROSS_UP.into()],
+            block_out_channels: vec![32, 64],
+            layers_per_block: OneOrMany::One(1),
+            norm_num_groups: Some(8),
+            cross_attention_dim: OneOrMany::One(32),
+            attention_head_dim: OneOrMany::Many(vec![2, 4]),
+            ..Self::default()
+        }
+    }
+
     /// Check that the config describes a U-Net this port implements; derive the block shapes.
     pub(crate) fn plan(&self) -> Result<UNetPlan, ModelError> {
         let n = self.block_out_channels.len();
