@@ -565,6 +565,33 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         Ok(self.text_encoder.forward(ids, None, 0)?)
     }
 
+    /// The conditioning of prompts *without* subject embeddings — each prompt alone, as the dropped
+    /// samples of stage 2 train (15 % in the paper): `[uncond; text]` with CFG, else `text`.
+    pub fn text_only_embeddings(
+        &self,
+        prompts: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let max = self.text_encoder.max_position_embeddings;
+        for p in prompts {
+            let dropped = self.tokenizer.overflow(p.trim(), max)?;
+            if dropped > 0 {
+                return Err(AppError::Request(format!(
+                    "prompt {p:?} is {dropped} tokens over the text encoder's {max}"
+                )));
+            }
+        }
+        let trimmed: Vec<&str> = prompts.iter().map(|p| p.trim()).collect();
+        let tokens = self.tokenizer.encode_batch(&trimmed, max)?;
+        let ids = tokens.ids_tensor::<B>(&self.device);
+        let cond = self.text_encoder.forward(ids, None, 0)?;
+        if !opts.do_cfg() {
+            return Ok(cond);
+        }
+        let uncond = self.encode_negative(&opts.neg_prompt, prompts.len(), opts)?;
+        Ok(Tensor::cat(vec![uncond, cond], 0))
+    }
+
     /// The U-Net conditioning: `[uncond; cond]` (`[2B, 77, D]`) with CFG, else `cond` (`[B, 77, D]`).
     pub fn text_embeddings(
         &self,

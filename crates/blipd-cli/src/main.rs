@@ -755,6 +755,10 @@ fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCod
     let _lock = blipd_train::RunLock::acquire(&plan.dir, rank(), what)?;
     let path = plan.write()?;
     // `--restart` is for this invocation only: it is not in plan.toml.
+    if let Some(s) = plan.vae.as_mut() {
+        warn_restart_key(s.checkpoint.restart, restart);
+        s.checkpoint.restart = restart;
+    }
     if let Some(s) = plan.stage1.as_mut() {
         warn_restart_key(s.checkpoint.restart, restart);
         s.checkpoint.restart = restart;
@@ -769,6 +773,25 @@ fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCod
         path.display()
     );
     let mut stage2 = plan.stage2.clone();
+    if let Some(cfg) = &plan.vae {
+        let start = Instant::now();
+        tracing::info!(
+            "vae: {} steps × batch {} in {}",
+            cfg.train.max_steps,
+            cfg.train.batch_size,
+            cfg.run.dir.display()
+        );
+        let summary = blipd_stage2::autoencoder::run_vae::<Train>(cfg, device())
+            .with_context(|| format!("vae in {}", cfg.run.dir.display()))?;
+        report("vae", &summary, start, &cfg.run.dir);
+        if let Some(s2) = stage2.as_mut() {
+            if s2.stage.vae_dir.is_none() && s2.stage.model_dir.is_none() {
+                let export = blipd_stage2::autoencoder::export_dir(cfg);
+                tracing::info!("stage 2: VAE from the [vae] stage ({})", export.display());
+                s2.stage.vae_dir = Some(export);
+            }
+        }
+    }
     if let Some(cfg) = &plan.stage1 {
         let start = Instant::now();
         tracing::info!(
@@ -807,7 +830,86 @@ fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCod
             );
         }
     }
+    if let (Some(eval), Some(cfg)) = (&plan.eval, &stage2) {
+        if blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
+            micro_eval(
+                eval,
+                &blipd_stage2::run::export_dir(cfg),
+                &plan.dir.join("eval"),
+            )?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The plan's `[eval]`: train the probe, generate the held-out subjects zero-shot and text-only with
+/// the exported pipeline, write `zero_shot.json` and `zero_shot.png` into `out`, print the table.
+fn micro_eval(cfg: &blipd_apps::micro::MicroEvalConfig, model: &Path, out: &Path) -> Result<()> {
+    use blipd_apps::micro;
+    let start = Instant::now();
+    let dev = device();
+    tracing::info!(
+        "eval: training the probe classifier ({} steps)",
+        cfg.probe_steps
+    );
+    let (probe, accuracy) = micro::train_probe::<Train>(cfg, &dev);
+    tracing::info!(
+        "eval: probe accuracy on held-out renders: palette {:.3}, pattern {:.3}, scene {:.3}, shape \
+         {:.3}",
+        accuracy.palette,
+        accuracy.pattern,
+        accuracy.scene,
+        accuracy.shape
+    );
+    let pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(model, None, &dev)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let (report, sheet) = micro::evaluate(&pipe, &probe, accuracy, cfg)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("zero_shot.json");
+    blipd_models::weights::atomic_write(&json, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("writing {}", json.display()))?;
+    let png = out.join("zero_shot.png");
+    let big = image::imageops::resize(
+        &sheet,
+        sheet.width() * 4,
+        sheet.height() * 4,
+        image::imageops::FilterType::Nearest,
+    );
+    big.save(&png)
+        .with_context(|| format!("writing {}", png.display()))?;
+    let (z, t) = (&report.zero_shot, &report.text_only);
+    println!(
+        "eval: {} {} subjects, {} images ({:.1} s); probe on held-out renders: palette {:.2}, \
+         pattern {:.2}, scene {:.2}",
+        report.held_out_subjects,
+        match cfg.split {
+            micro::Split::HeldOut => "held-out",
+            micro::Split::Train => "training (diagnostic)",
+        },
+        report.images,
+        start.elapsed().as_secs_f64(),
+        report.probe.palette,
+        report.probe.pattern,
+        report.probe.scene
+    );
+    println!("             subject fidelity   text alignment   palette  pattern");
+    for (name, d) in [("zero-shot", z), ("text-only", t)] {
+        println!(
+            "  {name:<10} {:.3} ± {:.3}      {:.3} ± {:.3}    {:.3}    {:.3}",
+            d.subject_fidelity.mean,
+            d.subject_fidelity.ci95,
+            d.text_alignment.mean,
+            d.text_alignment.ci95,
+            d.palette,
+            d.pattern
+        );
+    }
+    println!(
+        "  (chance subject fidelity {:.3}; rows of {}: reference, zero-shot, text-only)",
+        report.chance_subject_fidelity,
+        png.display()
+    );
+    Ok(())
 }
 
 fn report(stage: &str, summary: &blipd_train::RunSummary, start: Instant, dir: &Path) {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use blipd_stage1::run::Stage1RunConfig;
+use blipd_stage2::autoencoder::VaeRunConfig;
 use blipd_stage2::run::Stage2RunConfig;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,10 @@ pub const TINY: &str = include_str!("../../../configs/tiny.toml");
 pub struct PretrainPlan {
     /// Root folder of the run; stage run dirs that are relative are taken inside it.
     pub dir: PathBuf,
+    /// The VAE of a micro world, trained as an autoencoder first; stage 2 then starts from its
+    /// export unless `stage2.stage.vae_dir` names another.
+    #[serde(default)]
+    pub vae: Option<VaeRunConfig>,
     /// Stage 1: BLIP-2 multimodal representation learning (ITC, ITM, ITG). When it runs, stage 2's
     /// Q-Former starts from its export unless `stage2.stage.qformer_init` says otherwise.
     #[serde(default)]
@@ -23,6 +28,10 @@ pub struct PretrainPlan {
     /// Stage 2: subject representation learning.
     #[serde(default)]
     pub stage2: Option<Stage2RunConfig>,
+    /// Evaluation of the trained model on the held-out subjects of the procedural world (zero-shot
+    /// vs text-only), after stage 2: `<dir>/eval/zero_shot.json` and a sample sheet.
+    #[serde(default)]
+    pub eval: Option<blipd_apps::micro::MicroEvalConfig>,
 }
 
 /// The file a plan's resolved config is written to, inside its `dir`.
@@ -43,8 +52,10 @@ impl PretrainPlan {
                 *dir = root.join(&*dir);
             }
         }
-        if plan.stage1.is_none() && plan.stage2.is_none() {
-            anyhow::bail!("the plan has no stage to run (add a [stage1] or [stage2] section)");
+        if plan.vae.is_none() && plan.stage1.is_none() && plan.stage2.is_none() {
+            anyhow::bail!(
+                "the plan has no stage to run (add a [vae], [stage1] or [stage2] section)"
+            );
         }
         plan.validate()?;
         Ok(plan)
@@ -75,8 +86,33 @@ impl PretrainPlan {
             .with_context(|| format!("config {}", path.display()))
     }
 
+    /// Adds `k` to the seed of every stage and of `[eval]` (`blipd sweep`'s `seeds`).
+    pub fn shift_seeds(&mut self, k: u64) {
+        if let Some(s) = self.vae.as_mut() {
+            s.run.seed = s.run.seed.wrapping_add(k);
+        }
+        if let Some(s) = self.stage1.as_mut() {
+            s.run.seed = s.run.seed.wrapping_add(k);
+        }
+        if let Some(s) = self.stage2.as_mut() {
+            s.run.seed = s.run.seed.wrapping_add(k);
+        }
+        if let Some(e) = self.eval.as_mut() {
+            e.seed = e.seed.wrapping_add(k);
+        }
+    }
+
     /// Every stage's values checked before any stage starts (a bad stage-2 value fails before stage 1).
     pub fn validate(&self) -> Result<()> {
+        if let Some(v) = &self.vae {
+            blipd_stage2::autoencoder::validate_config(v).context("[vae]")?;
+        }
+        if let Some(e) = &self.eval {
+            e.validate().context("[eval]")?;
+            if self.stage2.is_none() {
+                anyhow::bail!("[eval] evaluates stage 2's export: the plan has no [stage2]");
+            }
+        }
         if let Some(s1) = &self.stage1 {
             blipd_stage1::run::validate_config(s1).context("[stage1]")?;
         }
@@ -87,9 +123,10 @@ impl PretrainPlan {
     }
 
     fn stage_dirs_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        let v = self.vae.as_mut().map(|s| &mut s.run.dir);
         let s1 = self.stage1.as_mut().map(|s| &mut s.run.dir);
         let s2 = self.stage2.as_mut().map(|s| &mut s.run.dir);
-        s1.into_iter().chain(s2)
+        v.into_iter().chain(s1).chain(s2)
     }
 
     /// Write the resolved plan into its folder (what `blipd resume` reads). The file does not depend
@@ -156,6 +193,7 @@ impl PretrainPlan {
                 [
                     st.model_dir.as_mut(),
                     st.bert_vocab.as_mut(),
+                    st.vae_dir.as_mut(),
                     d.shards.as_mut(),
                 ]
                 .into_iter()
@@ -182,7 +220,7 @@ fn migrate_run_relative(text: &str) -> Result<String> {
         return Ok(text.to_string());
     }
     let mut changed = false;
-    for stage in ["stage1", "stage2"] {
+    for stage in ["vae", "stage1", "stage2"] {
         let Some(run) = doc
             .get_mut(stage)
             .and_then(|s| s.get_mut("run"))

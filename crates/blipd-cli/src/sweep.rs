@@ -25,6 +25,11 @@ pub struct SweepConfig {
     pub set: Vec<String>,
     #[serde(rename = "variant")]
     pub variants: Vec<Variant>,
+    /// Runs of every variant, each with every seed of the plan (stages and `[eval]`) shifted by
+    /// 0, 1, …, seeds − 1 (in `<dir>/<variant>/seed-<k>` when more than one); the table shows
+    /// mean ± standard deviation over them.
+    #[serde(default = "one")]
+    pub seeds: usize,
     /// DreamBench scores of every variant's exported pipeline (the paper's Table 2 metrics).
     #[serde(default)]
     pub eval: Option<SweepEval>,
@@ -63,6 +68,10 @@ pub struct SweepEval {
     /// Images per scoring forward.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_images_per_prompt() -> usize {
@@ -109,11 +118,13 @@ pub struct Variant {
     pub set: Vec<String>,
 }
 
-/// One result.
+/// One result (one seed of one variant).
 #[derive(Clone, Debug, Serialize)]
 pub struct VariantResult {
     pub name: String,
     pub description: String,
+    /// Offset added to every seed of the plan.
+    pub seed_offset: u64,
     pub steps: u64,
     /// Mean training loss over the last 10% of steps (at least the last step).
     pub final_loss: f64,
@@ -125,6 +136,8 @@ pub struct VariantResult {
     pub clip_i: Option<f64>,
     pub clip_t: Option<f64>,
     pub images_scored: Option<usize>,
+    /// The plan's own `[eval]` (the micro world's zero-shot vs text-only), when it has one.
+    pub zero_shot: Option<blipd_apps::micro::ZeroShotReport>,
 }
 
 pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
@@ -153,19 +166,28 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
             Some((e, bench, ev))
         }
     };
+    if sweep.seeds == 0 {
+        bail!("{}: seeds = 0", path.display());
+    }
     // Every variant's plan is checked before the first one trains.
-    let mut plans = Vec::with_capacity(sweep.variants.len());
+    let mut plans = Vec::with_capacity(sweep.variants.len() * sweep.seeds);
     for v in &sweep.variants {
         let mut sets = sweep.set.clone();
         sets.extend(v.set.iter().cloned());
         sets.extend(extra_sets.iter().cloned());
-        let dir = sweep.dir.join(&v.name);
-        let plan = PretrainPlan::parse(&base_text, &sets, Some(&dir))
-            .with_context(|| format!("variant {}", v.name))?;
-        plans.push((dir, plan));
+        for k in 0..sweep.seeds as u64 {
+            let dir = match sweep.seeds {
+                1 => sweep.dir.join(&v.name),
+                _ => sweep.dir.join(&v.name).join(format!("seed-{k}")),
+            };
+            let mut plan = PretrainPlan::parse(&base_text, &sets, Some(&dir))
+                .with_context(|| format!("variant {}", v.name))?;
+            plan.shift_seeds(k);
+            plans.push((v, k, dir, plan));
+        }
     }
     let mut results = Vec::new();
-    for (v, (dir, plan)) in sweep.variants.iter().zip(plans) {
+    for (v, seed_offset, dir, plan) in plans {
         tracing::info!("sweep: variant {} → {}", v.name, dir.display());
         let start = Instant::now();
         crate::pretrain(plan.clone(), false, "sweep")
@@ -183,9 +205,20 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
         let tail = (losses.len() / 10).max(1);
         let final_loss = losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64;
         let mean_loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        let zero_shot = match &plan.eval {
+            Some(_) => {
+                let p = plan.dir.join("eval").join("zero_shot.json");
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("variant {}: reading {}", v.name, p.display()))?;
+                Some(serde_json::from_str(&text).with_context(|| p.display().to_string())?)
+            }
+            None => None,
+        };
         let mut row = VariantResult {
             name: v.name.clone(),
             description: v.description.clone(),
+            seed_offset,
+            zero_shot,
             steps: losses.len() as u64,
             final_loss,
             mean_loss,
@@ -242,33 +275,82 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Mean and sample standard deviation ("m ± s"; "m" alone for one value, "-" for none).
+fn mean_std(v: &[f64]) -> String {
+    match v.len() {
+        0 => "-".into(),
+        1 => format!("{:.3}", v[0]),
+        n => {
+            let m = v.iter().sum::<f64>() / n as f64;
+            let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64;
+            format!("{m:.3} ± {:.3}", var.sqrt())
+        }
+    }
+}
+
+/// One line per variant, each number the mean ± std over its seeds.
 fn table(rows: &[VariantResult]) -> String {
     let scored = rows.iter().any(|r| r.dino.is_some());
-    let mut s = String::from("| variant | change | steps | final loss (last 10%) | mean loss |");
+    let micro = rows.iter().any(|r| r.zero_shot.is_some());
+    let mut s =
+        String::from("| variant | change | seeds | steps | final loss (last 10%) | mean loss |");
+    let mut rule = String::from("|---|---|---:|---:|---:|---:|");
+    if micro {
+        s.push_str(
+            " subject fidelity, zero-shot | subject fidelity, text-only | text alignment, zero-shot \
+             | text alignment, text-only |",
+        );
+        rule.push_str("---:|---:|---:|---:|");
+    }
     if scored {
         s.push_str(" DINO | CLIP-I | CLIP-T | images |");
+        rule.push_str("---:|---:|---:|---:|");
     }
-    s.push_str(" wall s |\n|---|---|---:|---:|---:|");
-    if scored {
-        s.push_str("---:|---:|---:|---:|");
-    }
-    s.push_str("---:|\n");
-    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    s.push_str(" wall s |\n");
+    rule.push_str("---:|\n");
+    s.push_str(&rule);
+    let mut names: Vec<&str> = Vec::new();
     for r in rows {
+        if !names.contains(&r.name.as_str()) {
+            names.push(&r.name);
+        }
+    }
+    for name in names {
+        let group: Vec<&VariantResult> = rows.iter().filter(|r| r.name == name).collect();
+        let col = |f: &dyn Fn(&VariantResult) -> Option<f64>| {
+            mean_std(&group.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} |",
-            r.name, r.description, r.steps, r.final_loss, r.mean_loss
+            "| {} | {} | {} | {} | {} | {} |",
+            name,
+            group[0].description,
+            group.len(),
+            group[0].steps,
+            col(&|r| Some(r.final_loss)),
+            col(&|r| Some(r.mean_loss)),
         ));
+        if micro {
+            let z = |f: fn(&blipd_apps::micro::ZeroShotReport) -> f64| {
+                col(&|r: &VariantResult| r.zero_shot.as_ref().map(f))
+            };
+            s.push_str(&format!(
+                " {} | {} | {} | {} |",
+                z(|z| z.subject_fidelity_zero_shot),
+                z(|z| z.subject_fidelity_text_only),
+                z(|z| z.text_alignment_zero_shot),
+                z(|z| z.text_alignment_text_only),
+            ));
+        }
         if scored {
             s.push_str(&format!(
                 " {} | {} | {} | {} |",
-                f(r.dino),
-                f(r.clip_i),
-                f(r.clip_t),
-                r.images_scored.map_or("-".to_string(), |n| n.to_string())
+                col(&|r| r.dino),
+                col(&|r| r.clip_i),
+                col(&|r| r.clip_t),
+                group.iter().filter_map(|r| r.images_scored).sum::<usize>()
             ));
         }
-        s.push_str(&format!(" {:.1} |\n", r.wall_s));
+        s.push_str(&format!(" {} |\n", col(&|r| Some(r.wall_s))));
     }
     s
 }

@@ -1,0 +1,521 @@
+//! Evaluation in the procedural micro world ([`blipd_data::synthetic`]): does a model trained there
+//! render a subject it never saw from its subject embedding alone?
+//!
+//! A small probe classifier, trained on ground-truth renders of the *training* identities, reads
+//! palette, pattern, scene and shape off an image; its accuracy on renders of the *held-out*
+//! identities is reported beside the results. The trained pipeline then generates every held-out
+//! subject in scenes from their captions ("a star on grass") twice from the same initial noise:
+//! **zero-shot** (the reference image's subject embeddings in the prompt, as `blipd generate`) and
+//! **text-only** (the caption alone, as the 15 % dropped training samples). The text never names the
+//! palette or the pattern, so text-only can only guess them.
+//!
+//! - subject fidelity = mean over images of (palette agrees + pattern agrees) / 2, with the reference
+//!   subject's palette and pattern;
+//! - text alignment = share of images whose scene agrees with the prompt's.
+//!
+//! The probe is evaluation tooling (like a linear probe), trained here with Burn's Adam; the
+//! diffusion stages' training lives in the stage crates.
+
+use blipd_data::synthetic::{
+    caption, held_out_ids, render_pair, synth_pair, Identity, NUM_PALETTES, PATTERNS, SCENES,
+    SHAPES,
+};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::backend::AutodiffBackend;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::error::AppError;
+use crate::generate::{BlipDiffusionPipeline, GenerateOptions};
+
+/// `[eval]` of a pre-training plan on the procedural world.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroEvalConfig {
+    /// Held-out subjects to evaluate (unset: all of them, a tenth of the identities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<usize>,
+    /// Scenes each subject is rendered in.
+    #[serde(default = "default_scenes")]
+    pub scenes_per_subject: usize,
+    /// PNDM steps and classifier-free guidance of the generations.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+    /// Seed of the initial latents and of the reference poses.
+    #[serde(default)]
+    pub seed: u64,
+    /// Image size (the stage-2 `target_size`).
+    #[serde(default = "default_size")]
+    pub size: usize,
+    /// Optimizer steps of the probe classifier (batch 64).
+    #[serde(default = "default_probe_steps")]
+    pub probe_steps: usize,
+    /// Evaluate the held-out identities (`"held_out"`, the measure of zero-shot generalisation) or,
+    /// as a diagnostic, as many *training* identities (`"train"`: what the model memorised).
+    #[serde(default)]
+    pub split: Split,
+}
+
+/// Which identities [`evaluate`] renders.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    #[default]
+    HeldOut,
+    Train,
+}
+
+fn default_scenes() -> usize {
+    2
+}
+fn default_steps() -> usize {
+    25
+}
+fn default_guidance() -> f64 {
+    3.0
+}
+fn default_size() -> usize {
+    32
+}
+fn default_probe_steps() -> usize {
+    500
+}
+
+impl Default for MicroEvalConfig {
+    fn default() -> Self {
+        Self {
+            subjects: None,
+            scenes_per_subject: default_scenes(),
+            steps: default_steps(),
+            guidance_scale: default_guidance(),
+            seed: 0,
+            size: default_size(),
+            probe_steps: default_probe_steps(),
+            split: Split::HeldOut,
+        }
+    }
+}
+
+impl MicroEvalConfig {
+    pub fn validate(&self) -> Result<(), AppError> {
+        let bad = |m: &str| Err(AppError::Request(m.into()));
+        if self.subjects == Some(0) || self.scenes_per_subject == 0 {
+            return bad("subjects and scenes_per_subject must be ≥ 1");
+        }
+        if self.steps == 0 || self.probe_steps == 0 {
+            return bad("steps and probe_steps must be ≥ 1");
+        }
+        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+            return bad("guidance_scale must be finite and ≥ 0");
+        }
+        if self.size < 8 {
+            return bad("size must be ≥ 8 pixels");
+        }
+        Ok(())
+    }
+}
+
+/// Number of outputs of each probe head.
+const HEADS: [usize; 4] = [NUM_PALETTES, PATTERNS.len(), SCENES.len(), SHAPES.len()];
+
+/// The probe: three strided convolutions, global mean+max pooling, one linear layer whose outputs
+/// are the logits of the four heads (palette, pattern, scene, shape).
+#[derive(Module, Debug)]
+pub struct Probe<B: Backend> {
+    conv1: Conv2d<B>,
+    conv2: Conv2d<B>,
+    conv3: Conv2d<B>,
+    head: Linear<B>,
+}
+
+/// What the probe reads off an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    pub palette: usize,
+    pub pattern: usize,
+    pub scene: usize,
+    pub shape: usize,
+}
+
+impl<B: Backend> Probe<B> {
+    pub fn new(device: &B::Device) -> Self {
+        let conv = |i, o, s| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_stride([s, s])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        Self {
+            conv1: conv(3, 24, 2),
+            conv2: conv(24, 48, 2),
+            conv3: conv(48, 64, 1),
+            head: LinearConfig::new(128, HEADS.iter().sum()).init(device),
+        }
+    }
+
+    /// Images `[B, 3, S, S]` in [0, 1] → logits `[B, Σ heads]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = x * 2.0 - 1.0;
+        let x = relu(self.conv1.forward(x));
+        let x = relu(self.conv2.forward(x));
+        let x = relu(self.conv3.forward(x));
+        let [b, c, h, w] = x.dims();
+        let flat = x.reshape([b, c, h * w]);
+        let mean = flat.clone().mean_dim(2).reshape([b, c]);
+        let max = flat.max_dim(2).reshape([b, c]);
+        self.head.forward(Tensor::cat(vec![mean, max], 1))
+    }
+
+    /// The most likely value of each head.
+    pub fn read(&self, x: Tensor<B, 4>) -> Vec<Reading> {
+        let logits = self.forward(x);
+        let [b, _] = logits.dims();
+        let mut heads = Vec::new();
+        let mut o = 0;
+        for &n in &HEADS {
+            let arg: Vec<i64> = logits
+                .clone()
+                .slice([0..b, o..o + n])
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .unwrap_or_default();
+            heads.push(arg);
+            o += n;
+        }
+        (0..b)
+            .map(|i| Reading {
+                palette: heads[0][i] as usize,
+                pattern: heads[1][i] as usize,
+                scene: heads[2][i] as usize,
+                shape: heads[3][i] as usize,
+            })
+            .collect()
+    }
+}
+
+/// Images → `[N, 3, S, S]` in [0, 1].
+pub fn to_tensor<B: Backend>(images: &[RgbImage], device: &B::Device) -> Tensor<B, 4> {
+    let (w, h) = images
+        .first()
+        .map_or((0, 0), |i| (i.width() as usize, i.height() as usize));
+    let mut v = Vec::with_capacity(images.len() * 3 * w * h);
+    for img in images {
+        for c in 0..3 {
+            v.extend(img.pixels().map(|p| p[c] as f32 / 255.0));
+        }
+    }
+    Tensor::from_data(TensorData::new(v, [images.len(), 3, h, w]), device)
+}
+
+/// `[N, 3, H, W]` in [0, 1] → images.
+fn to_images<B: Backend>(x: Tensor<B, 4>) -> Result<Vec<RgbImage>, AppError> {
+    let u = blipd_models::vae::to_uint8_image(x * 2.0 - 1.0)?;
+    (0..u.batch)
+        .map(|i| {
+            RgbImage::from_raw(u.width as u32, u.height as u32, u.image(i).to_vec())
+                .ok_or_else(|| AppError::Request("image buffer size".into()))
+        })
+        .collect()
+}
+
+/// Accuracy of each head on held-out renders.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProbeAccuracy {
+    pub palette: f64,
+    pub pattern: f64,
+    pub scene: f64,
+    pub shape: f64,
+    /// Renders it was measured on (held-out identities, scenes and poses never in the probe's data).
+    pub renders: usize,
+}
+
+fn truth(p: &blipd_data::synthetic::SyntheticPair) -> Reading {
+    Reading {
+        palette: p.identity.palette,
+        pattern: p.identity.pattern,
+        scene: p.scene,
+        shape: p.identity.shape,
+    }
+}
+
+/// Trains the probe on ground-truth targets of training identities (Adam, lr 3e-3, batch 64) and
+/// measures it on 4 renders of every held-out identity.
+pub fn train_probe<B: AutodiffBackend>(
+    cfg: &MicroEvalConfig,
+    device: &B::Device,
+) -> (Probe<B::InnerBackend>, ProbeAccuracy) {
+    B::seed(device, 0x9_0BE);
+    let mut probe = Probe::<B>::new(device);
+    let mut optim = AdamConfig::new().init::<B, Probe<B>>();
+    let size = cfg.size as u32;
+    let batch = 64usize;
+    let total: usize = HEADS.iter().sum();
+    for step in 0..cfg.probe_steps {
+        let pairs: Vec<_> = (0..batch)
+            .map(|i| synth_pair((step * batch + i) as u64, 0x9_0BE, size))
+            .collect();
+        let images: Vec<RgbImage> = pairs.iter().map(|p| p.target.clone()).collect();
+        let mut onehot = vec![0f32; batch * total];
+        for (i, p) in pairs.iter().enumerate() {
+            let t = truth(p);
+            let mut o = 0;
+            for (k, &n) in HEADS.iter().enumerate() {
+                let v = [t.palette, t.pattern, t.scene, t.shape][k];
+                onehot[i * total + o + v] = 1.0;
+                o += n;
+            }
+        }
+        let logits = probe.forward(to_tensor::<B>(&images, device));
+        let target = Tensor::<B, 2>::from_data(TensorData::new(onehot, [batch, total]), device);
+        let mut loss = Tensor::<B, 1>::zeros([1], device);
+        let mut o = 0;
+        for &n in &HEADS {
+            let lp = log_softmax(logits.clone().slice([0..batch, o..o + n]), 1);
+            let t = target.clone().slice([0..batch, o..o + n]);
+            loss = loss - (lp * t).sum().reshape([1]) / batch as f64;
+            o += n;
+        }
+        let lr = if step < cfg.probe_steps * 3 / 4 {
+            3e-3
+        } else {
+            5e-4
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), &probe);
+        probe = optim.step(lr, probe, grads);
+    }
+    let probe = probe.valid();
+    // Held-out renders: every held-out identity in 4 scenes and poses.
+    let mut pairs = Vec::new();
+    for (k, &id) in held_out_ids().iter().enumerate() {
+        for j in 0..4 {
+            let scene = (k + j) % SCENES.len();
+            pairs.push(render_pair(
+                Identity::from_id(id),
+                scene,
+                (k * 4 + j) as u64,
+                0xACC,
+                size,
+            ));
+        }
+    }
+    let images: Vec<RgbImage> = pairs.iter().map(|p| p.target.clone()).collect();
+    let reads = probe.read(to_tensor::<B::InnerBackend>(&images, device));
+    let n = pairs.len() as f64;
+    let acc = |f: &dyn Fn(&Reading, &Reading) -> bool| {
+        pairs
+            .iter()
+            .zip(&reads)
+            .filter(|(p, r)| f(&truth(p), r))
+            .count() as f64
+            / n
+    };
+    let accuracy = ProbeAccuracy {
+        palette: acc(&|t, r| t.palette == r.palette),
+        pattern: acc(&|t, r| t.pattern == r.pattern),
+        scene: acc(&|t, r| t.scene == r.scene),
+        shape: acc(&|t, r| t.shape == r.shape),
+        renders: pairs.len(),
+    };
+    (probe, accuracy)
+}
+
+/// A mean with its 95 % normal interval half-width (1.96 · sd / √n).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Estimate {
+    pub mean: f64,
+    pub ci95: f64,
+}
+
+fn estimate(v: &[f64]) -> Estimate {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    Estimate {
+        mean,
+        ci95: 1.96 * (var / n).sqrt(),
+    }
+}
+
+/// `<run>/eval/zero_shot.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ZeroShotReport {
+    pub subject_fidelity_zero_shot: f64,
+    pub subject_fidelity_text_only: f64,
+    pub text_alignment_zero_shot: f64,
+    pub text_alignment_text_only: f64,
+    /// The same with 95 % intervals, and the palette and pattern agreements apart.
+    pub zero_shot: Detail,
+    pub text_only: Detail,
+    /// The probe's own accuracy on ground-truth renders of the held-out identities.
+    pub probe: ProbeAccuracy,
+    /// Chance level of subject fidelity (a uniform guess of palette and pattern).
+    pub chance_subject_fidelity: f64,
+    pub images: usize,
+    /// Subjects evaluated (held-out ones unless `config.split` says `train`).
+    pub held_out_subjects: usize,
+    pub config: MicroEvalConfig,
+}
+
+/// One condition's measurements.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Detail {
+    pub subject_fidelity: Estimate,
+    pub text_alignment: Estimate,
+    pub palette: f64,
+    pub pattern: f64,
+    pub shape: f64,
+}
+
+/// One evaluated request.
+struct Case {
+    identity: Identity,
+    scene: usize,
+    reference: RgbImage,
+}
+
+fn cases(cfg: &MicroEvalConfig) -> Vec<Case> {
+    let held = match cfg.split {
+        Split::HeldOut => held_out_ids(),
+        // As many training identities, spread over the list.
+        Split::Train => {
+            let train = blipd_data::synthetic::train_ids();
+            let n = held_out_ids().len();
+            (0..n).map(|i| train[i * train.len() / n]).collect()
+        }
+    };
+    let mut out = Vec::new();
+    for (k, &id) in held
+        .iter()
+        .take(cfg.subjects.unwrap_or(usize::MAX))
+        .enumerate()
+    {
+        let identity = Identity::from_id(id);
+        for j in 0..cfg.scenes_per_subject {
+            let scene = (k * 3 + j * 2 + cfg.seed as usize) % SCENES.len();
+            // The reference: the subject on an unrelated texture, another pose.
+            let reference = render_pair(
+                identity,
+                (scene + 1) % SCENES.len(),
+                (k * 16 + j) as u64,
+                cfg.seed ^ 0xEF,
+                cfg.size as u32,
+            )
+            .input;
+            out.push(Case {
+                identity,
+                scene,
+                reference,
+            });
+        }
+    }
+    out
+}
+
+/// Generates every case zero-shot and text-only from the same initial latents and scores both with
+/// `probe`. Returns the report and a sheet (rows: reference, zero-shot, text-only; one column per
+/// case, at most 16).
+pub fn evaluate<B: Backend>(
+    pipe: &BlipDiffusionPipeline<B>,
+    probe: &Probe<B>,
+    accuracy: ProbeAccuracy,
+    cfg: &MicroEvalConfig,
+) -> Result<(ZeroShotReport, RgbImage), AppError> {
+    cfg.validate()?;
+    let cases = cases(cfg);
+    let n = cases.len();
+    let opts = GenerateOptions {
+        guidance_scale: cfg.guidance_scale,
+        num_inference_steps: cfg.steps,
+        height: cfg.size,
+        width: cfg.size,
+        seed: cfg.seed,
+        ..GenerateOptions::default()
+    };
+    pipe.check_request(n, &opts)?;
+    let subjects: Vec<&str> = cases.iter().map(|c| SHAPES[c.identity.shape]).collect();
+    let prompts: Vec<String> = cases
+        .iter()
+        .map(|c| caption(c.identity.shape, c.scene))
+        .collect();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let mut pixels = Vec::with_capacity(n);
+    for c in &cases {
+        let r = &c.reference;
+        let img = crate::preprocess::RgbImage::new(
+            r.width() as usize,
+            r.height() as usize,
+            r.as_raw().clone(),
+        )?;
+        pixels.push(pipe.preprocess(&img, opts.reference_resize)?);
+    }
+    let ctx = pipe.subject_embeddings(Tensor::cat(pixels, 0), &subjects, opts.normalization)?;
+    let latents = pipe.initial_latents(n, &opts);
+    let zero_text = pipe.text_embeddings(ctx, &prompts, &subjects, &opts)?;
+    let text_text = pipe.text_only_embeddings(&prompts, &opts)?;
+    let mut none = |_: crate::generate::StepInfo<'_, B>| {};
+    let zero = pipe.decode(pipe.denoise(latents.clone(), zero_text, &opts, &mut none)?);
+    let text = pipe.decode(pipe.denoise(latents, text_text, &opts, &mut none)?);
+    let zero_reads = probe.read(zero.clone());
+    let text_reads = probe.read(text.clone());
+    let detail = |reads: &[Reading]| {
+        let fid: Vec<f64> = cases
+            .iter()
+            .zip(reads)
+            .map(|(c, r)| {
+                ((c.identity.palette == r.palette) as u8 as f64
+                    + (c.identity.pattern == r.pattern) as u8 as f64)
+                    / 2.0
+            })
+            .collect();
+        let align: Vec<f64> = cases
+            .iter()
+            .zip(reads)
+            .map(|(c, r)| (c.scene == r.scene) as u8 as f64)
+            .collect();
+        let share = |f: &dyn Fn(&Case, &Reading) -> bool| {
+            cases.iter().zip(reads).filter(|(c, r)| f(c, r)).count() as f64 / n as f64
+        };
+        Detail {
+            subject_fidelity: estimate(&fid),
+            text_alignment: estimate(&align),
+            palette: share(&|c, r| c.identity.palette == r.palette),
+            pattern: share(&|c, r| c.identity.pattern == r.pattern),
+            shape: share(&|c, r| c.identity.shape == r.shape),
+        }
+    };
+    let (zd, td) = (detail(&zero_reads), detail(&text_reads));
+    let report = ZeroShotReport {
+        subject_fidelity_zero_shot: zd.subject_fidelity.mean,
+        subject_fidelity_text_only: td.subject_fidelity.mean,
+        text_alignment_zero_shot: zd.text_alignment.mean,
+        text_alignment_text_only: td.text_alignment.mean,
+        zero_shot: zd,
+        text_only: td,
+        probe: accuracy,
+        chance_subject_fidelity: (1.0 / NUM_PALETTES as f64 + 1.0 / PATTERNS.len() as f64) / 2.0,
+        images: n,
+        held_out_subjects: cases.len() / cfg.scenes_per_subject,
+        config: cfg.clone(),
+    };
+    let cols = n.min(16);
+    let zero_img = to_images(zero)?;
+    let text_img = to_images(text)?;
+    let s = cfg.size as u32;
+    let mut sheet = RgbImage::new(s * cols as u32, s * 3);
+    for (i, case) in cases.iter().take(cols).enumerate() {
+        let x = (i as u32 * s) as i64;
+        image::imageops::overlay(&mut sheet, &case.reference, x, 0);
+        image::imageops::overlay(&mut sheet, &zero_img[i], x, s as i64);
+        image::imageops::overlay(&mut sheet, &text_img[i], x, 2 * s as i64);
+    }
+    Ok((report, sheet))
+}
