@@ -273,7 +273,7 @@ mod tests {
                     let text = std::fs::read_to_string(&p).unwrap();
                     let plan: PretrainPlan = blipd_train::parse_config(&text, &[])
                         .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
-                    assert!(plan.stage1.is_some() || plan.stage2.is_some());
+                    assert!(plan.vae.is_some() || plan.stage1.is_some() || plan.stage2.is_some());
                     if let Err(e) = PretrainPlan::load(&p, &[], None) {
                         let msg = format!("{e:#}");
                         assert!(msg.contains("no such file"), "{}: {msg}", p.display());
@@ -285,6 +285,44 @@ mod tests {
         assert!(n >= 5, "found {n} plan configs");
         let tiny = PretrainPlan::parse(TINY, &[], None).unwrap();
         assert!(tiny.stage1.is_some() && tiny.stage2.is_some());
+    }
+
+    /// The micro plan's sections are checked before anything runs, each error naming its key.
+    #[test]
+    fn micro_plan_sections_are_validated() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/micro.toml"),
+        )
+        .unwrap();
+        let plan = PretrainPlan::parse(&text, &[], None).unwrap();
+        assert!(plan.vae.is_some() && plan.eval.is_some());
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            format!("{:#}", PretrainPlan::parse(&text, &sets, None).unwrap_err())
+        };
+        let e = err(&["vae.stage.preset=\"huge\""]);
+        assert!(e.contains("[vae]") && e.contains("huge"), "{e}");
+        let e = err(&["vae.data.size=31"]);
+        assert!(e.contains("size = 31"), "{e}");
+        let e = err(&["eval.steps=0"]);
+        assert!(e.contains("[eval]") && e.contains("steps"), "{e}");
+        let e = err(&["stage2.stage.preset=\"giant\""]);
+        assert!(e.contains("giant"), "{e}");
+        // Seeds shift every stage and the evaluation together.
+        let mut shifted = plan.clone();
+        shifted.shift_seeds(2);
+        assert_eq!(
+            shifted.vae.unwrap().run.seed,
+            plan.vae.as_ref().unwrap().run.seed + 2
+        );
+        assert_eq!(
+            shifted.stage2.unwrap().run.seed,
+            plan.stage2.as_ref().unwrap().run.seed + 2
+        );
+        assert_eq!(
+            shifted.eval.unwrap().seed,
+            plan.eval.as_ref().unwrap().seed + 2
+        );
     }
 
     /// An old plan.toml (stage folders relative to the working directory, possibly nested deeper by
