@@ -53,16 +53,17 @@ pub struct Stage2Components<B: Backend> {
     pub num_ctx: usize,
 }
 
-/// Configs of the tiny stage-2 model (dimensions agree across networks: width 32, 4 queries,
-/// 28-px subject images, 32-px targets → 8×8 latents).
-pub fn tiny_configs(
-    vocab_size: usize,
-) -> (
+/// The four network configs of a preset: Q-Former (with its vision tower), text encoder, U-Net, VAE.
+pub type PresetConfigs = (
     Blip2Config,
     ClipTextConfig,
     UNet2DConditionConfig,
     VaeConfig,
-) {
+);
+
+/// Configs of the tiny stage-2 model (dimensions agree across networks: width 32, 4 queries,
+/// 28-px subject images, 32-px targets → 8×8 latents).
+pub fn tiny_configs(vocab_size: usize) -> PresetConfigs {
     let blip = Blip2Config::tiny();
     let width = blip.qformer_config.hidden_size;
     let text = ClipTextConfig {
@@ -80,14 +81,7 @@ pub fn tiny_configs(
 /// Configs of the micro stage-2 model (the procedural world of `configs/micro.toml`): the tiny
 /// Q-Former and text encoder (width 32, 4 queries), a U-Net and VAE sized for 32-px targets with
 /// 16×16 latents ([`UNet2DConditionConfig::micro`], [`VaeConfig::micro`]).
-pub fn micro_configs(
-    vocab_size: usize,
-) -> (
-    Blip2Config,
-    ClipTextConfig,
-    UNet2DConditionConfig,
-    VaeConfig,
-) {
+pub fn micro_configs(vocab_size: usize) -> PresetConfigs {
     let (blip, text, _, _) = tiny_configs(vocab_size);
     let mut unet = UNet2DConditionConfig::micro();
     unet.cross_attention_dim = blipd_models::unet::OneOrMany::One(text.hidden_size);
@@ -98,15 +92,7 @@ pub fn micro_configs(
 pub(crate) fn preset_configs(
     preset: &str,
     clip_vocab_size: usize,
-) -> Result<
-    (
-        Blip2Config,
-        ClipTextConfig,
-        UNet2DConditionConfig,
-        VaeConfig,
-    ),
-    ModelError,
-> {
+) -> Result<PresetConfigs, ModelError> {
     Ok(match preset {
         "tiny" => tiny_configs(clip_vocab_size),
         "micro" => micro_configs(clip_vocab_size),
