@@ -85,19 +85,27 @@ impl Identity {
 /// The identities never drawn for training: a tenth of all, chosen by a fixed hash (the same in
 /// every build), sorted.
 pub fn held_out_ids() -> Vec<usize> {
-    let mut ids: Vec<(u64, usize)> = (0..IDENTITIES)
-        .map(|id| (SplitMix::new(0x5EED_0000 + id as u64).next_u64(), id))
-        .collect();
-    ids.sort_unstable();
-    let mut held: Vec<usize> = ids[..IDENTITIES / 10].iter().map(|&(_, id)| id).collect();
-    held.sort_unstable();
-    held
+    split().0.clone()
 }
 
 /// The identities training draws from.
 pub fn train_ids() -> Vec<usize> {
-    let held = held_out_ids();
-    (0..IDENTITIES).filter(|id| !held.contains(id)).collect()
+    split().1.clone()
+}
+
+/// (held out, training) identities, computed once per process: every training pair draws from them.
+fn split() -> &'static (Vec<usize>, Vec<usize>) {
+    static SPLIT: std::sync::OnceLock<(Vec<usize>, Vec<usize>)> = std::sync::OnceLock::new();
+    SPLIT.get_or_init(|| {
+        let mut ids: Vec<(u64, usize)> = (0..IDENTITIES)
+            .map(|id| (SplitMix::new(0x5EED_0000 + id as u64).next_u64(), id))
+            .collect();
+        ids.sort_unstable();
+        let mut held: Vec<usize> = ids[..IDENTITIES / 10].iter().map(|&(_, id)| id).collect();
+        held.sort_unstable();
+        let train = (0..IDENTITIES).filter(|id| !held.contains(id)).collect();
+        (held, train)
+    })
 }
 
 /// The prompt text of a scene for a subject class: "a star on grass".
@@ -349,7 +357,7 @@ pub fn render_pair(
 /// Training pair number `index` of the dataset with `seed`, at `size`×`size` pixels: an identity
 /// drawn from [`train_ids`] (never a held-out one) in a random scene.
 pub fn synth_pair(index: u64, seed: u64, size: u32) -> SyntheticPair {
-    let train = train_ids();
+    let train = &split().1;
     let mut rng = SplitMix::new(seed ^ index.wrapping_mul(0xA24B_AED4_963E_E407));
     let identity = Identity::from_id(train[rng.below(train.len())]);
     let scene = rng.below(SCENES.len());

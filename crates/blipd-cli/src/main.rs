@@ -755,17 +755,9 @@ fn pretrain(mut plan: PretrainPlan, restart: bool, what: &str) -> Result<ExitCod
     let _lock = blipd_train::RunLock::acquire(&plan.dir, rank(), what)?;
     let path = plan.write()?;
     // `--restart` is for this invocation only: it is not in plan.toml.
-    if let Some(s) = plan.vae.as_mut() {
-        warn_restart_key(s.checkpoint.restart, restart);
-        s.checkpoint.restart = restart;
-    }
-    if let Some(s) = plan.stage1.as_mut() {
-        warn_restart_key(s.checkpoint.restart, restart);
-        s.checkpoint.restart = restart;
-    }
-    if let Some(s) = plan.stage2.as_mut() {
-        warn_restart_key(s.checkpoint.restart, restart);
-        s.checkpoint.restart = restart;
+    for c in plan.checkpoint_sections_mut() {
+        warn_restart_key(c.restart, restart);
+        c.restart = restart;
     }
     tracing::info!(
         "run folder {} (resolved config: {})",

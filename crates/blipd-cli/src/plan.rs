@@ -122,6 +122,16 @@ impl PretrainPlan {
         Ok(())
     }
 
+    /// The `[checkpoint]` section of every stage of the plan.
+    pub fn checkpoint_sections_mut(
+        &mut self,
+    ) -> impl Iterator<Item = &mut blipd_train::config::CheckpointSection> {
+        let v = self.vae.as_mut().map(|s| &mut s.checkpoint);
+        let s1 = self.stage1.as_mut().map(|s| &mut s.checkpoint);
+        let s2 = self.stage2.as_mut().map(|s| &mut s.checkpoint);
+        v.into_iter().chain(s1).chain(s2)
+    }
+
     fn stage_dirs_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
         let v = self.vae.as_mut().map(|s| &mut s.run.dir);
         let s1 = self.stage1.as_mut().map(|s| &mut s.run.dir);

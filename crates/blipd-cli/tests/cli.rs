@@ -29,6 +29,20 @@ fn fixture_image_nhwc(io: &blipd_models::weights::StateDict) -> (Vec<f32>, [usiz
     (nhwc, [h, w, c])
 }
 
+/// `blipd generate` with the request the pipeline fixtures were made with (gen_pipeline*.py).
+fn fixture_generate() -> Command {
+    let mut c = blipd();
+    c.arg("generate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .arg("--image")
+        .arg(pipeline_fixture().join("reference.png"))
+        .args(["--subject", "dog", "--prompt", "swimming underwater"])
+        .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
+        .args(["--guidance-scale", "7.5"]);
+    c
+}
+
 fn pipeline_fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
 }
@@ -606,15 +620,8 @@ fn generate_from_fixed_latents_matches_diffusers_and_writes_npy() {
     shape2[0] = 2;
     blipd_data::npy::write_f32(&latents, &shape2, &[lat.clone(), lat].concat()).unwrap();
     let run = |extra: &[&str], out: &Path| {
-        blipd()
-            .arg("generate")
-            .arg("--model")
-            .arg(pipeline_fixture())
-            .arg("--image")
-            .arg(pipeline_fixture().join("reference.png"))
-            .args(["--subject", "dog", "--prompt", "swimming underwater"])
-            .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
-            .args(["--guidance-scale", "7.5", "--latents"])
+        fixture_generate()
+            .arg("--latents")
             .arg(&latents)
             .args(extra)
             .arg("--out")
@@ -668,21 +675,8 @@ fn generate_with_ddim_matches_diffusers() {
         .unwrap();
     let (want_nhwc, _) = fixture_image_nhwc(&io);
     let npy = tmp.path().join("ddim.npy");
-    let o = blipd()
-        .arg("generate")
-        .arg("--model")
-        .arg(pipeline_fixture())
-        .arg("--image")
-        .arg(pipeline_fixture().join("reference.png"))
-        .args(["--subject", "dog", "--prompt", "swimming underwater"])
-        .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
-        .args([
-            "--guidance-scale",
-            "7.5",
-            "--scheduler",
-            "ddim",
-            "--latents",
-        ])
+    let o = fixture_generate()
+        .args(["--scheduler", "ddim", "--latents"])
         .arg(&latents)
         .arg("--out")
         .arg(&npy)
