@@ -1,6 +1,6 @@
 //! `blipd launch` end to end: the embedded two-stage plan as 2 rank processes — stage 1 (ITC/ITM over
-//! the global batch), rank 0's export handed to stage 2 on every rank, stage 2 with gradients through
-//! burn-collective — one summary on stdout, nothing from burn-collective there, and checkpoints that
+//! the global batch), rank 0's export handed to stage 2 on every rank, stage 2 with gradients over the
+//! default CPU transport (the TCP star) — one summary on stdout, nothing from burn-collective there, and checkpoints that
 //! record the world size.
 
 use std::process::Command;

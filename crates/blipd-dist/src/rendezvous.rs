@@ -313,7 +313,11 @@ impl Rendezvous {
                     return Err(DistError::Io {
                         rank: r,
                         op: op.into(),
-                        message: format!("sent {} bytes, expected {bytes_len}", got.len()),
+                        message: format!(
+                            "sent {} bytes, expected {bytes_len}: the ranks are in different \
+                             operations (that rank failed or diverged; its own error says where)",
+                            got.len()
+                        ),
                     });
                 }
                 buf.copy_from_slice(&got);
@@ -338,7 +342,11 @@ impl Rendezvous {
                 return Err(DistError::Io {
                     rank,
                     op: op.into(),
-                    message: format!("received {} bytes, expected {bytes_len}", got.len()),
+                    message: format!(
+                        "received {} bytes, expected {bytes_len}: the ranks are in different \
+                         operations (see rank 0's error)",
+                        got.len()
+                    ),
                 });
             }
             for (d, c) in data.iter_mut().zip(got.chunks_exact(4)) {

@@ -4,10 +4,10 @@
 //! source that hands each sample its position in the global sample stream, so per-sample randomness
 //! can be made independent of the number of ranks).
 //!
-//! This is the portable path: gradients are packed on the host and summed by burn-collective's ring
-//! all-reduce between the processes ([`crate::collective`], [`Transport::BurnCollective`], the
-//! default) or, with [`Transport::Tcp`], over the TCP control channel itself (rank 0 sums the
-//! contributions in rank order, then sends the sum back). Either way every rank gets identical values. It is meant for CPU runs, tests and small jobs; on GPUs the NCCL path
+//! This is the portable path: gradients are packed on the host and summed over the TCP control
+//! channel itself ([`Transport::Tcp`], the default: rank 0 sums the contributions in rank order, then
+//! sends the sum back) or, opt-in, by burn-collective's ring all-reduce between the processes
+//! ([`crate::collective`], [`Transport::BurnCollective`]). Either way every rank gets identical values. It is meant for CPU runs, tests and small jobs; on GPUs the NCCL path
 //! (`blipd-dist` feature `nccl`) replaces the transport. Like PyTorch DDP, and unlike a naive
 //! per-tensor loop:
 //! - only trainable parameters are reduced, flattened into buckets of [`DistConfig::bucket_mb`]
@@ -67,11 +67,12 @@ pub const ENV_GRAD_TRANSPORT: &str = "BLIPD_GRAD_TRANSPORT";
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// burn-collective 0.21's ring all-reduce between processes (see [`crate::collective`]):
-    /// `2·(W−1)/W` of the bucket bytes per link. The default.
-    #[default]
+    /// `2·(W−1)/W` of the bucket bytes per link. Opt-in: slower than the star at CPU scale and one
+    /// of its calls once hung in CI (docs/distributed.md).
     BurnCollective,
     /// The rendezvous star: rank 0 sums in rank order and sends the sum back (bit-identical and
-    /// order-deterministic, but rank 0's link carries `2·(W−1)` times the bytes).
+    /// order-deterministic, but rank 0's link carries `2·(W−1)` times the bytes). The default.
+    #[default]
     Tcp,
     /// NCCL on GPU `LOCAL_RANK` (blipd built with the `nccl` feature): rank 0 makes the NCCL id and
     /// sends it in the rendezvous payload; each bucket is staged to the device, `ncclAllReduce`d
@@ -119,8 +120,8 @@ pub struct DistConfig {
     /// `BLIPD_JOIN_TIMEOUT_S`.
     #[serde(default = "default_join_timeout")]
     pub join_timeout_s: f64,
-    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`burn-collective` | `tcp` |
-    /// `nccl`).
+    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`tcp`, the default |
+    /// `burn-collective` | `nccl`).
     #[serde(default)]
     pub transport: Transport,
 }
@@ -1412,7 +1413,14 @@ mod tests {
             ENV_GRAD_BF16 => Some("true".to_string()),
             _ => None,
         };
+        // The star is the default CPU transport; burn-collective only when asked for.
+        assert_eq!(DistConfig::default().transport, Transport::Tcp);
+        let c = DistConfig::default()
+            .with_vars(|k| (k == ENV_GRAD_TRANSPORT).then(|| "burn-collective".to_string()))
+            .unwrap();
+        assert_eq!(c.transport, Transport::BurnCollective);
         let c = DistConfig::default().with_vars(vars).unwrap();
+        assert_eq!(c.transport, Transport::Tcp);
         assert_eq!(c.collective_timeout_s, 7.5);
         assert_eq!(c.bucket_elems(), 262_144);
         assert!(c.bf16_grads);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blipd_train::dist_sync::{DistConfig, DistSync, Transport};
+use blipd_train::dist_sync::{DistConfig, DistSync};
 use blipd_train::{GradEntry, GradSet, GradSync};
 use burn::tensor::{Tensor, TensorData};
 
@@ -142,11 +142,6 @@ fn three_processes_average_gradients_through_burn_collective() {
     if std::env::var(WORKER_ENV).is_ok() {
         return;
     }
-    assert_eq!(
-        DistConfig::default().transport,
-        Transport::BurnCollective,
-        "the default gradient transport"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let world = 3;
     let t0 = Instant::now();
@@ -196,7 +191,9 @@ fn a_silent_rank_is_named_after_the_collective_timeout() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let timeout = 2.0;
+    // Not shorter: a healthy burn-collective call (websocket handshakes included) can take over
+    // 2 s on 2 loaded cores, which this test would misread as the hang.
+    let timeout = 5.0;
     let mut ranks = spawn(tmp.path(), 2, "1:1", timeout);
     let t0 = Instant::now();
     let st = wait(&mut ranks[0].0, Duration::from_secs(90));
