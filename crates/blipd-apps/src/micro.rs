@@ -61,6 +61,57 @@ pub struct MicroEvalConfig {
     /// as a diagnostic, as many *training* identities (`"train"`: what the model memorised).
     #[serde(default)]
     pub split: Split,
+    /// `[eval.finetune]`: also fine-tune the pipeline on the first held-out subjects and compare with
+    /// zero-shot ([`compare_finetuned`]; the plan runs the fine-tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<MicroFinetuneConfig>,
+}
+
+/// `[eval.finetune]`: subject fine-tuning (the released recipe: U-Net and the cached subject
+/// embedding trained on the caption `"a {shape}"`, constant lr) on each of the first `subjects`
+/// held-out identities, from `images` renders of it on unrelated textures (its "photos").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroFinetuneConfig {
+    #[serde(default = "default_ft_subjects")]
+    pub subjects: usize,
+    /// Optimizer steps per subject (the paper: 40–120).
+    #[serde(default = "default_ft_steps")]
+    pub steps: usize,
+    #[serde(default = "default_ft_lr")]
+    pub lr: f64,
+    #[serde(default = "default_ft_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_ft_images")]
+    pub images: usize,
+}
+
+fn default_ft_subjects() -> usize {
+    4
+}
+fn default_ft_steps() -> usize {
+    120
+}
+fn default_ft_lr() -> f64 {
+    5e-4
+}
+fn default_ft_batch() -> usize {
+    3
+}
+fn default_ft_images() -> usize {
+    4
+}
+
+impl Default for MicroFinetuneConfig {
+    fn default() -> Self {
+        Self {
+            subjects: default_ft_subjects(),
+            steps: default_ft_steps(),
+            lr: default_ft_lr(),
+            batch_size: default_ft_batch(),
+            images: default_ft_images(),
+        }
+    }
 }
 
 /// Which identities [`evaluate`] renders.
@@ -99,6 +150,7 @@ impl Default for MicroEvalConfig {
             size: default_size(),
             probe_steps: default_probe_steps(),
             split: Split::HeldOut,
+            finetune: None,
         }
     }
 }
@@ -117,6 +169,26 @@ impl MicroEvalConfig {
         }
         if self.size < 8 {
             return bad("size must be ≥ 8 pixels");
+        }
+        if let Some(ft) = &self.finetune {
+            if ft.subjects == 0 || ft.steps == 0 || ft.batch_size == 0 || ft.images == 0 {
+                return bad("[eval.finetune] subjects, steps, batch_size and images must be ≥ 1");
+            }
+            let held = held_out_ids()
+                .len()
+                .min(self.subjects.unwrap_or(usize::MAX));
+            if ft.subjects > held {
+                return Err(AppError::Request(format!(
+                    "[eval.finetune] subjects = {} but only {held} held-out subjects are evaluated",
+                    ft.subjects
+                )));
+            }
+            if !(ft.lr.is_finite() && ft.lr > 0.0) {
+                return bad("[eval.finetune] lr must be finite and > 0");
+            }
+            if self.split != Split::HeldOut {
+                return bad("[eval.finetune] needs split = \"held_out\"");
+            }
         }
         Ok(())
     }
@@ -377,6 +449,8 @@ pub struct Detail {
 
 /// One evaluated request.
 struct Case {
+    /// Index of the subject in the evaluated list.
+    subject: usize,
     identity: Identity,
     scene: usize,
     reference: RgbImage,
@@ -411,6 +485,7 @@ fn cases(cfg: &MicroEvalConfig) -> Vec<Case> {
             )
             .input;
             out.push(Case {
+                subject: k,
                 identity,
                 scene,
                 reference,
@@ -418,6 +493,38 @@ fn cases(cfg: &MicroEvalConfig) -> Vec<Case> {
         }
     }
     out
+}
+
+/// The measurements of `reads` (one per case).
+fn detail(cases: &[Case], reads: &[Reading]) -> Detail {
+    let n = cases.len().max(1) as f64;
+    let fid: Vec<f64> = cases
+        .iter()
+        .zip(reads)
+        .map(|(c, r)| fidelity(c, r))
+        .collect();
+    let align: Vec<f64> = cases
+        .iter()
+        .zip(reads)
+        .map(|(c, r)| (c.scene == r.scene) as u8 as f64)
+        .collect();
+    let share = |f: &dyn Fn(&Case, &Reading) -> bool| {
+        cases.iter().zip(reads).filter(|(c, r)| f(c, r)).count() as f64 / n
+    };
+    Detail {
+        subject_fidelity: estimate(&fid),
+        text_alignment: estimate(&align),
+        palette: share(&|c, r| c.identity.palette == r.palette),
+        pattern: share(&|c, r| c.identity.pattern == r.pattern),
+        shape: share(&|c, r| c.identity.shape == r.shape),
+    }
+}
+
+/// (palette agrees + pattern agrees) / 2.
+fn fidelity(c: &Case, r: &Reading) -> f64 {
+    ((c.identity.palette == r.palette) as u8 as f64
+        + (c.identity.pattern == r.pattern) as u8 as f64)
+        / 2.0
 }
 
 /// Generates every case zero-shot and text-only from the same initial latents and scores both with
@@ -466,33 +573,7 @@ pub fn evaluate<B: Backend>(
     let text = pipe.decode(pipe.denoise(latents, text_text, &opts, &mut none)?);
     let zero_reads = probe.read(zero.clone());
     let text_reads = probe.read(text.clone());
-    let detail = |reads: &[Reading]| {
-        let fid: Vec<f64> = cases
-            .iter()
-            .zip(reads)
-            .map(|(c, r)| {
-                ((c.identity.palette == r.palette) as u8 as f64
-                    + (c.identity.pattern == r.pattern) as u8 as f64)
-                    / 2.0
-            })
-            .collect();
-        let align: Vec<f64> = cases
-            .iter()
-            .zip(reads)
-            .map(|(c, r)| (c.scene == r.scene) as u8 as f64)
-            .collect();
-        let share = |f: &dyn Fn(&Case, &Reading) -> bool| {
-            cases.iter().zip(reads).filter(|(c, r)| f(c, r)).count() as f64 / n as f64
-        };
-        Detail {
-            subject_fidelity: estimate(&fid),
-            text_alignment: estimate(&align),
-            palette: share(&|c, r| c.identity.palette == r.palette),
-            pattern: share(&|c, r| c.identity.pattern == r.pattern),
-            shape: share(&|c, r| c.identity.shape == r.shape),
-        }
-    };
-    let (zd, td) = (detail(&zero_reads), detail(&text_reads));
+    let (zd, td) = (detail(&cases, &zero_reads), detail(&cases, &text_reads));
     let report = ZeroShotReport {
         subject_fidelity_zero_shot: zd.subject_fidelity.mean,
         subject_fidelity_text_only: td.subject_fidelity.mean,
@@ -518,4 +599,213 @@ pub fn evaluate<B: Backend>(
         image::imageops::overlay(&mut sheet, &text_img[i], x, 2 * s as i64);
     }
     Ok((report, sheet))
+}
+
+/// The `j`-th fine-tuned subject: its index `k` in the evaluated held-out list (the
+/// `[eval.finetune] subjects` are spread over that list), its identity, and its fine-tuning "photos":
+/// `images` renders of it on unrelated textures, in poses none of the evaluation references uses.
+pub fn finetune_subject(
+    cfg: &MicroEvalConfig,
+    j: usize,
+) -> Result<(usize, Identity, Vec<RgbImage>), AppError> {
+    let ft = cfg.finetune.clone().unwrap_or_default();
+    let held = held_out_ids();
+    let evaluated = held.len().min(cfg.subjects.unwrap_or(usize::MAX));
+    if j >= ft.subjects || ft.subjects > evaluated {
+        return Err(AppError::Request(format!(
+            "fine-tuned subject {j}: [eval.finetune] subjects = {} of {evaluated} evaluated",
+            ft.subjects
+        )));
+    }
+    let k = j * evaluated / ft.subjects;
+    let identity = Identity::from_id(held[k]);
+    let images = (0..ft.images)
+        .map(|i| {
+            render_pair(
+                identity,
+                i % SCENES.len(),
+                (5000 + k * 64 + i) as u64,
+                cfg.seed ^ 0xF17E,
+                cfg.size as u32,
+            )
+            .input
+        })
+        .collect();
+    Ok((k, identity, images))
+}
+
+/// `<run>/eval/finetune.json`: fine-tuned against zero-shot on the same held-out subjects, scenes and
+/// initial latents.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FinetuneReport {
+    pub subject_fidelity_finetuned: f64,
+    pub subject_fidelity_zero_shot: f64,
+    pub text_alignment_finetuned: f64,
+    pub text_alignment_zero_shot: f64,
+    pub finetuned: Detail,
+    pub zero_shot: Detail,
+    pub subjects: Vec<SubjectResult>,
+    pub images: usize,
+    pub config: MicroEvalConfig,
+}
+
+/// One fine-tuned subject.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubjectResult {
+    pub id: usize,
+    pub subject: String,
+    pub subject_fidelity_zero_shot: f64,
+    pub subject_fidelity_finetuned: f64,
+}
+
+/// Generates the evaluation cases of each fine-tuned subject `(k, pipeline)` (`k` indexes the
+/// held-out list, the pipeline is its fine-tuned folder, with `ctx_embeddings_cache`) with the
+/// fine-tuned pipeline and its cached subject embedding, and zero-shot with `base` from the same
+/// initial latents; scores both with `probe`. The sheet has one column per subject (its first scene):
+/// reference, zero-shot, fine-tuned.
+pub fn compare_finetuned<B: Backend>(
+    base: &BlipDiffusionPipeline<B>,
+    tuned: &[(usize, &BlipDiffusionPipeline<B>)],
+    probe: &Probe<B>,
+    cfg: &MicroEvalConfig,
+) -> Result<(FinetuneReport, RgbImage), AppError> {
+    cfg.validate()?;
+    if tuned.is_empty() {
+        return Err(AppError::Request("no fine-tuned subject to compare".into()));
+    }
+    let all = cases(cfg);
+    let opts = GenerateOptions {
+        guidance_scale: cfg.guidance_scale,
+        num_inference_steps: cfg.steps,
+        height: cfg.size,
+        width: cfg.size,
+        seed: cfg.seed,
+        ..GenerateOptions::default()
+    };
+    let mut none = |_: crate::generate::StepInfo<'_, B>| {};
+    let (mut done, mut zero_reads, mut ft_reads) = (Vec::new(), Vec::new(), Vec::new());
+    let mut subjects = Vec::new();
+    let s = cfg.size as u32;
+    let mut sheet = RgbImage::new(s * tuned.len() as u32, s * 3);
+    for (col, &(k, pipe)) in tuned.iter().enumerate() {
+        let cs: Vec<&Case> = all.iter().filter(|c| c.subject == k).collect();
+        let Some(first) = cs.first() else {
+            return Err(AppError::Request(format!(
+                "fine-tuned subject {k} is not among the {} evaluated",
+                all.len() / cfg.scenes_per_subject
+            )));
+        };
+        let m = cs.len();
+        let ctx_cache = pipe.ctx_cache.clone().ok_or_else(|| {
+            AppError::Request(format!(
+                "the fine-tuned pipeline of subject {k} has no ctx_embeddings_cache"
+            ))
+        })?;
+        let o = GenerateOptions {
+            seed: cfg.seed.wrapping_add(1 + k as u64),
+            ..opts.clone()
+        };
+        base.check_request(m, &o)?;
+        pipe.check_request(m, &o)?;
+        let names: Vec<&str> = cs.iter().map(|c| SHAPES[c.identity.shape]).collect();
+        let prompts: Vec<String> = cs
+            .iter()
+            .map(|c| caption(c.identity.shape, c.scene))
+            .collect();
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let mut pixels = Vec::with_capacity(m);
+        for c in &cs {
+            let r = &c.reference;
+            let img = crate::preprocess::RgbImage::new(
+                r.width() as usize,
+                r.height() as usize,
+                r.as_raw().clone(),
+            )?;
+            pixels.push(base.preprocess(&img, o.reference_resize)?);
+        }
+        let latents = base.initial_latents(m, &o);
+        let ctx = base.subject_embeddings(Tensor::cat(pixels, 0), &names, o.normalization)?;
+        let text = base.text_embeddings(ctx, &prompts, &names, &o)?;
+        let zero = base.decode(base.denoise(latents.clone(), text, &o, &mut none)?);
+        let text = pipe.text_embeddings(ctx_cache.repeat_dim(0, m), &prompts, &names, &o)?;
+        let ft = pipe.decode(pipe.denoise(latents, text, &o, &mut none)?);
+        let (zr, fr) = (probe.read(zero.clone()), probe.read(ft.clone()));
+        let mean = |reads: &[Reading]| {
+            cs.iter()
+                .zip(reads)
+                .map(|(c, r)| fidelity(c, r))
+                .sum::<f64>()
+                / m as f64
+        };
+        subjects.push(SubjectResult {
+            id: first.identity.id(),
+            subject: first.identity.describe(),
+            subject_fidelity_zero_shot: mean(&zr),
+            subject_fidelity_finetuned: mean(&fr),
+        });
+        let x = (col as u32 * s) as i64;
+        image::imageops::overlay(&mut sheet, &first.reference, x, 0);
+        image::imageops::overlay(&mut sheet, &to_images(zero)?[0], x, s as i64);
+        image::imageops::overlay(&mut sheet, &to_images(ft)?[0], x, 2 * s as i64);
+        done.extend(cs.into_iter().map(|c| Case {
+            subject: c.subject,
+            identity: c.identity,
+            scene: c.scene,
+            reference: RgbImage::new(1, 1),
+        }));
+        zero_reads.extend(zr);
+        ft_reads.extend(fr);
+    }
+    let (zd, fd) = (detail(&done, &zero_reads), detail(&done, &ft_reads));
+    let report = FinetuneReport {
+        subject_fidelity_finetuned: fd.subject_fidelity.mean,
+        subject_fidelity_zero_shot: zd.subject_fidelity.mean,
+        text_alignment_finetuned: fd.text_alignment.mean,
+        text_alignment_zero_shot: zd.text_alignment.mean,
+        finetuned: fd,
+        zero_shot: zd,
+        subjects,
+        images: done.len(),
+        config: cfg.clone(),
+    };
+    Ok((report, sheet))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finetune_subjects_are_spread_over_the_held_out_list_and_posed_apart() {
+        let cfg = MicroEvalConfig {
+            finetune: Some(MicroFinetuneConfig {
+                subjects: 4,
+                ..MicroFinetuneConfig::default()
+            }),
+            ..MicroEvalConfig::default()
+        };
+        cfg.validate().unwrap();
+        let held = held_out_ids();
+        let ks: Vec<usize> = (0..4)
+            .map(|j| finetune_subject(&cfg, j).unwrap().0)
+            .collect();
+        assert_eq!(
+            ks,
+            vec![0, held.len() / 4, held.len() / 2, 3 * held.len() / 4]
+        );
+        let (k, identity, images) = finetune_subject(&cfg, 1).unwrap();
+        assert_eq!(identity.id(), held[k]);
+        assert_eq!(images.len(), 4);
+        // The photos are not the evaluation references of that subject.
+        for c in cases(&cfg).iter().filter(|c| c.subject == k) {
+            assert!(images.iter().all(|i| i.as_raw() != c.reference.as_raw()));
+        }
+        assert!(finetune_subject(&cfg, 4).is_err());
+        let bad = MicroEvalConfig {
+            subjects: Some(3),
+            ..cfg.clone()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("only 3 held-out"), "{e}");
+    }
 }

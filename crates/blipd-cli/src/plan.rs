@@ -318,6 +318,19 @@ mod tests {
         assert!(e.contains("[eval]") && e.contains("steps"), "{e}");
         let e = err(&["stage2.stage.preset=\"giant\""]);
         assert!(e.contains("giant"), "{e}");
+        // [eval.finetune]: overridable, unset keys default, bad values named.
+        let ft = PretrainPlan::parse(&text, &["eval.finetune.steps=40".into()], None).unwrap();
+        let ft = ft.eval.unwrap().finetune.unwrap();
+        assert_eq!((ft.steps, ft.subjects, ft.batch_size), (40, 8, 3));
+        let e = err(&["eval.finetune.subjects=0"]);
+        assert!(
+            e.contains("[eval.finetune]") && e.contains("subjects"),
+            "{e}"
+        );
+        let e = err(&["eval.finetune.subjects=20"]);
+        assert!(e.contains("only 19 held-out"), "{e}");
+        let e = err(&["eval.finetune.lr=-1.0"]);
+        assert!(e.contains("lr"), "{e}");
         // Seeds shift every stage and the evaluation together.
         let mut shifted = plan.clone();
         shifted.shift_seeds(2);

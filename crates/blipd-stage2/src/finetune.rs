@@ -477,9 +477,26 @@ pub fn run_finetune<B: AutodiffBackend>(
     cfg: &FinetuneRunConfig,
     device: B::Device,
 ) -> Result<RunSummary, blipd_train::TrainError> {
+    let dist = blipd_train::dist_sync::from_env(&blipd_train::dist_sync::DistConfig::from_env()?)?;
+    fit::<B>(cfg, device, dist)
+}
+
+/// [`run_finetune`] in this process alone, whatever the environment says (a plan's evaluation
+/// fine-tunes on rank 0 only).
+pub fn run_finetune_single<B: AutodiffBackend>(
+    cfg: &FinetuneRunConfig,
+    device: B::Device,
+) -> Result<RunSummary, blipd_train::TrainError> {
+    fit::<B>(cfg, device, None)
+}
+
+fn fit<B: AutodiffBackend>(
+    cfg: &FinetuneRunConfig,
+    device: B::Device,
+    dist: Option<blipd_train::dist_sync::DistSync>,
+) -> Result<RunSummary, blipd_train::TrainError> {
     B::seed(&device, cfg.run.seed);
     let (stage, model, data) = build::<B>(cfg, &device)?;
-    let dist = blipd_train::dist_sync::from_env(&blipd_train::dist_sync::DistConfig::from_env()?)?;
     let (mut trainer, mut data) = match dist {
         None => (Trainer::from_run_config(cfg, stage, model, device)?, data),
         Some(mut sync) => {
