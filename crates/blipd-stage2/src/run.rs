@@ -170,7 +170,7 @@ pub fn fit_stage2<B: AutodiffBackend>(
             let model = sync.broadcast_module(model, "stage-2 model")?;
             stage.vae = sync.broadcast_module(stage.vae, "frozen VAE")?;
             sync.track_params::<B, _>(&model)?;
-            let data = data.with_rank(rank, world);
+            let data = data.with_rank(rank, world)?;
             let trainer =
                 Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
             (trainer, data)
@@ -225,11 +225,11 @@ pub enum Source {
 
 impl Source {
     /// This rank's slice of every global batch.
-    pub fn with_rank(self, rank: usize, world_size: usize) -> Self {
-        match self {
+    pub fn with_rank(self, rank: usize, world_size: usize) -> Result<Self, Stage2Error> {
+        Ok(match self {
             Source::Synthetic(s) => Source::Synthetic(s.with_rank(rank, world_size)),
-            Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size))),
-        }
+            Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size)?)),
+        })
     }
 }
 
@@ -335,13 +335,18 @@ impl ShardSource {
         })
     }
 
-    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
+    /// This rank's slice: the shards reopened for `rank` of `world_size`. A failure is an error (a
+    /// rank that kept the whole-dataset loader would silently train on every rank's samples).
+    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Result<Self, Stage2Error> {
         self.opts.rank = rank;
         self.opts.world_size = world_size;
-        if let Ok(l) = PairLoader::open(&self.dir, self.opts.clone()) {
-            self.loader = l;
-        }
-        self
+        self.loader = PairLoader::open(&self.dir, self.opts.clone()).map_err(|e| {
+            Stage2Error::Config(format!(
+                "[data] shards = {} (rank {rank} of {world_size}): {e}",
+                self.dir.display()
+            ))
+        })?;
+        Ok(self)
     }
 }
 

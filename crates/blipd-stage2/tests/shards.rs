@@ -66,3 +66,24 @@ fn missing_shards_are_a_clear_error() {
     };
     assert!(err.contains("nope"), "{err}");
 }
+
+/// A rank's slice that cannot be opened is an error naming the rank — never the whole dataset on
+/// every rank (it used to keep the unsliced loader silently).
+#[test]
+fn a_rank_slice_that_cannot_be_opened_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    write_shards(&shards);
+    let cfg = config(&tmp.path().join("run"), &shards, 2);
+    let source = blipd_stage2::run::ShardSource::open(&shards, &cfg, 32, None).unwrap();
+    std::fs::remove_dir_all(&shards).unwrap();
+    let err = match source.with_rank(1, 2) {
+        Ok(_) => panic!("the slice opened without its shards"),
+        Err(e) => e.to_string(),
+    };
+    println!("{err}");
+    assert!(
+        err.contains("rank 1 of 2") && err.contains("shards"),
+        "{err}"
+    );
+}
