@@ -6,6 +6,7 @@
 //!   centre crop), byte-exact with Pillow's bicubic resampling.
 //! - [`dreambench`]: zero-shot DreamBench generation in the layout [`eval`] scores.
 //! - [`eval`]: DreamBench DINO / CLIP-I / CLIP-T scores (DreamBooth's protocol).
+//! - [`interpolate`]: subject interpolation grids (bilinear blends of 2–4 subject embeddings, fig. 9).
 //! - [`micro`]: zero-shot vs text-only subject fidelity in the procedural micro world, scored by a
 //!   probe classifier (the evaluation of `configs/micro.toml`).
 //! - [`segment`]: CLIPSeg subject masks from class names (`blipd data masks --source clipseg`).
@@ -15,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod interpolate;
 pub mod micro;
 pub mod preprocess;
 pub mod segment;

@@ -4,6 +4,7 @@ mod arrays;
 mod bench_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod interpolate_cmd;
 mod plan;
 mod sweep;
 
@@ -239,6 +240,9 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// DreamBench DINO / CLIP-I / CLIP-T scores of generated images (DreamBooth's protocol, docs/eval.md).
     Eval(eval_cmd::EvalArgs),
+    /// Subject interpolation (paper fig. 9): 2–4 subjects' embeddings blended bilinearly and rendered
+    /// in one context from one noise, as a PNG grid whose corners are the subjects themselves.
+    Interpolate(interpolate_cmd::InterpolateArgs),
     /// Run a command as N local worker processes with torchrun's variables set
     /// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
     Launch {
@@ -369,6 +373,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Interpolate(args) => interpolate_cmd::run(args),
         Command::Generate {
             model,
             image,

@@ -688,3 +688,127 @@ fn generate_with_ddim_matches_diffusers() {
         blipd_testkit::assert_close_slice("DDIM image vs diffusers", &got.data, &want_nhwc, 1e-4);
     println!("generate --scheduler ddim: max |Δ| {e:.2e} vs diffusers 0.33.1 DDIMScheduler");
 }
+
+/// `blipd interpolate`: a row A → B from one noise whose end cells are the subjects alone (what
+/// `blipd generate` renders for each with the same seed), whose middle is neither, with the weights
+/// beside it; a single subject or a missing --subject is a clear error.
+#[test]
+fn interpolate_blends_two_subjects_between_their_own_generations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = pipeline_fixture().join("reference.png");
+    let b = tmp.path().join("b.png");
+    image::imageops::rotate90(&image::open(&a).unwrap().to_rgb8())
+        .save(&b)
+        .unwrap();
+    let out = tmp.path().join("grid.png");
+    let run = blipd()
+        .arg("interpolate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .arg("--image")
+        .arg(&a)
+        .arg("--image")
+        .arg(&b)
+        .args([
+            "--subject",
+            "dog",
+            "--subject",
+            "dog",
+            "--prompt",
+            "on the beach",
+        ])
+        .args([
+            "--side", "3", "--steps", "3", "--height", "16", "--width", "16",
+        ])
+        .args(["--batch", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let grid = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(grid.dimensions(), (48, 16));
+    let cell = |i: u32| image::imageops::crop_imm(&grid, i * 16, 0, 16, 16).to_image();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["weights"][1], serde_json::json!([0.5, 0.5]), "{meta}");
+
+    let alone = |img: &Path, name: &str| {
+        let p = tmp.path().join(name);
+        let o = blipd()
+            .arg("generate")
+            .arg("--model")
+            .arg(pipeline_fixture())
+            .arg("--image")
+            .arg(img)
+            .args([
+                "--subject",
+                "dog",
+                "--prompt",
+                "on the beach",
+                "--steps",
+                "3",
+            ])
+            .args(["--height", "16", "--width", "16", "--out"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert_ok(&o);
+        image::open(&p).unwrap().to_rgb8()
+    };
+    let max_diff = |x: &image::RgbImage, y: &image::RgbImage| {
+        x.as_raw()
+            .iter()
+            .zip(y.as_raw())
+            .map(|(p, q)| p.abs_diff(*q))
+            .max()
+            .unwrap()
+    };
+    let (ga, gb) = (alone(&a, "a.png"), alone(&b, "b_alone.png"));
+    // Batched cells may round differently from a batch of one: a level or two of 255.
+    let (da, db) = (max_diff(&cell(0), &ga), max_diff(&cell(2), &gb));
+    println!(
+        "end cells vs generate: {da}, {db} levels; A vs B: {}",
+        max_diff(&ga, &gb)
+    );
+    assert!(
+        da <= 2 && db <= 2,
+        "end cells differ from the subjects alone: {da}, {db}"
+    );
+    assert!(
+        max_diff(&ga, &gb) > 8,
+        "the two subjects render alike: the test cannot tell"
+    );
+    assert!(max_diff(&cell(1), &ga) > 2 && max_diff(&cell(1), &gb) > 2);
+
+    let one = blipd()
+        .arg("interpolate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .arg("--image")
+        .arg(&a)
+        .args(["--subject", "dog", "--prompt", "x"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&one.stderr);
+    assert!(
+        !one.status.success() && e.contains("2 to 4 subjects"),
+        "{e}"
+    );
+    let missing = blipd()
+        .arg("interpolate")
+        .arg("--model")
+        .arg(pipeline_fixture())
+        .arg("--image")
+        .arg(&a)
+        .arg("--image")
+        .arg(&b)
+        .args(["--subject", "dog", "--prompt", "x"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && e.contains("one subject per image"),
+        "{e}"
+    );
+}
