@@ -4,6 +4,7 @@
 //!   `BlipDiffusionPipeline` (and of LAVIS `BlipDiffusion.generate` with its preprocessing options).
 //! - [`preprocess`]: reference-image preprocessing (diffusers squash-resize or LAVIS shorter-side resize +
 //!   centre crop), byte-exact with Pillow's bicubic resampling.
+//! - [`canny`]: Canny edge maps of photos for ControlNet-canny, prepared as LAVIS does.
 //! - [`dreambench`]: zero-shot DreamBench generation in the layout [`eval`] scores.
 //! - [`eval`]: DreamBench DINO / CLIP-I / CLIP-T scores (DreamBooth's protocol).
 //! - [`interpolate`]: subject interpolation grids (bilinear blends of 2–4 subject embeddings, fig. 9).
@@ -11,6 +12,7 @@
 //!   probe classifier (the evaluation of `configs/micro.toml`).
 //! - [`segment`]: CLIPSeg subject masks from class names (`blipd data masks --source clipseg`).
 
+pub mod canny;
 pub mod dreambench;
 pub mod error;
 pub mod eval;

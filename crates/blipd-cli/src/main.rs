@@ -4,8 +4,10 @@ mod arrays;
 mod bench_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod generate_cmd;
 mod interpolate_cmd;
 mod plan;
+mod stylize_cmd;
 mod sweep;
 
 use std::path::{Path, PathBuf};
@@ -45,18 +47,9 @@ struct Cli {
     command: Command,
 }
 
-/// `--scheduler` of `generate`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum SchedulerArg {
-    /// PNDM (PLMS), diffusers' `BlipDiffusionPipeline`.
-    Pndm,
-    /// DDIM, η = 0 (LAVIS `use_ddim`).
-    Ddim,
-}
-
 /// `--mixed-precision` of inference commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Precision {
+pub(crate) enum Precision {
     No,
     Bf16,
 }
@@ -142,74 +135,7 @@ enum Command {
     InspectWeights { dir: PathBuf },
     /// Zero-shot subject-driven generation from a diffusers BLIP-Diffusion folder
     /// (`Salesforce/blipdiffusion` layout), as diffusers' `BlipDiffusionPipeline`.
-    Generate {
-        /// The pipeline folder (model_index.json, qformer/, text_encoder/, unet/, vae/, tokenizer/, …).
-        #[arg(long)]
-        model: PathBuf,
-        /// Reference image of the subject (not needed for a fine-tuned folder, whose cached subject
-        /// embedding is used instead). Repeat with --subject for subject interpolation: the subject
-        /// embeddings are mixed by --ratio (LAVIS' multi-subject input).
-        #[arg(long)]
-        image: Vec<PathBuf>,
-        /// Subject category of each reference image (fed to the Q-Former), e.g. "dog".
-        #[arg(long, required = true)]
-        subject: Vec<String>,
-        /// Mixing weights of the subjects (sum 1; default uniform).
-        #[arg(long)]
-        ratio: Vec<f64>,
-        /// A ControlNet condition image (canny edges, depth, …; resized bicubic to the output size):
-        /// structure-controlled generation, or stylization with a style image as the subject.
-        #[arg(long)]
-        control_image: Option<PathBuf>,
-        /// A diffusers ControlNetModel folder (e.g. lllyasviel/sd-controlnet-canny) when the model
-        /// folder has no controlnet/.
-        #[arg(long)]
-        controlnet: Option<PathBuf>,
-        #[arg(long, default_value_t = 1.0)]
-        controlnet_scale: f64,
-        /// `bf16`: matrix products in bf16 (autocast, as diffusers users run fp16/bf16 pipelines);
-        /// needs the cuda build.
-        #[arg(long, value_enum, default_value_t = Precision::No)]
-        mixed_precision: Precision,
-        /// Subject category named in the prompt (defaults to --subject), e.g. "tiger".
-        #[arg(long)]
-        target_subject: Option<String>,
-        /// The text prompt, e.g. "swimming underwater".
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        #[arg(long, default_value_t = 7.5)]
-        guidance_scale: f64,
-        #[arg(long, default_value = "")]
-        neg_prompt: String,
-        /// Output height in pixels (default 512, or what --latents gives).
-        #[arg(long)]
-        height: Option<usize>,
-        /// Output width in pixels (default 512, or what --latents gives).
-        #[arg(long)]
-        width: Option<usize>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Initial latents, float32 `(K, 4, h, w)` `.npy` (e.g. saved from diffusers or LAVIS): K
-        /// images of `h·f × w·f` pixels (f: the VAE's down-sampling factor), instead of --seed's.
-        #[arg(long)]
-        latents: Option<PathBuf>,
-        /// Images per call (default 1, or K of --latents).
-        #[arg(long)]
-        num_images: Option<usize>,
-        /// The sampler.
-        #[arg(long, value_enum, default_value_t = SchedulerArg::Pndm)]
-        scheduler: SchedulerArg,
-        /// LAVIS preprocessing (shorter-side resize + centre crop, `blip_caption` text) instead of diffusers'.
-        #[arg(long)]
-        lavis: bool,
-        /// BERT-uncased vocab.txt for the Q-Former (else <model>/qformer/vocab.txt or $BLIPD_BERT_VOCAB).
-        #[arg(long)]
-        bert_vocab: Option<PathBuf>,
-        #[arg(long, default_value = "out.png")]
-        out: PathBuf,
-    },
+    Generate(generate_cmd::GenerateArgs),
     /// The subject embedding `[1, Q, D]` of reference images (the Q-Former's output after the
     /// projection, averaged over the images): what fine-tuning caches and interpolation mixes, for
     /// comparing with another implementation. `.npy` (float32) or `.safetensors` (tensor
@@ -243,6 +169,9 @@ enum Command {
     /// Subject interpolation (paper fig. 9): 2–4 subjects' embeddings blended bilinearly and rendered
     /// in one context from one noise, as a PNG grid whose corners are the subjects themselves.
     Interpolate(interpolate_cmd::InterpolateArgs),
+    /// Stylization (paper fig. 10): a style image as the subject, the structure as Canny edges of a
+    /// photo through ControlNet-canny, a target subject in the prompt.
+    Stylize(stylize_cmd::StylizeArgs),
     /// Run a command as N local worker processes with torchrun's variables set
     /// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
     Launch {
@@ -374,167 +303,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval(args) => eval_cmd::run(args),
         Command::Interpolate(args) => interpolate_cmd::run(args),
-        Command::Generate {
-            model,
-            image,
-            subject,
-            ratio,
-            control_image,
-            controlnet,
-            controlnet_scale,
-            mixed_precision,
-            target_subject,
-            prompt,
-            steps,
-            guidance_scale,
-            neg_prompt,
-            height,
-            width,
-            seed,
-            latents,
-            num_images,
-            scheduler,
-            lavis,
-            bert_vocab,
-            out,
-        } => {
-            let start = Instant::now();
-            let out_npy = out.extension().is_some_and(|e| e == "npy");
-            let mut opts = if lavis {
-                blipd_apps::GenerateOptions::lavis()
-            } else {
-                blipd_apps::GenerateOptions::default()
-            };
-            opts.num_inference_steps = steps;
-            opts.guidance_scale = guidance_scale;
-            opts.neg_prompt = neg_prompt;
-            opts.seed = seed;
-            opts.sampler = match scheduler {
-                SchedulerArg::Pndm => blipd_apps::Sampler::Pndm,
-                SchedulerArg::Ddim => blipd_apps::Sampler::Ddim,
-            };
-            opts.controlnet_conditioning_scale = controlnet_scale;
-            let mut pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(
-                &model,
-                bert_vocab.as_deref(),
-                &device(),
-            )
-            .with_context(|| format!("loading {}", model.display()))?;
-            let init = match &latents {
-                None => None,
-                Some(p) => Some(arrays::read_latents::<Inner>(
-                    p,
-                    pipe.latent_factor(),
-                    height,
-                    width,
-                    &device(),
-                )?),
-            };
-            let (k, height, width) = match &init {
-                Some((l, h, w)) => {
-                    let k = l.dims()[0];
-                    if num_images.is_some_and(|n| n != k) {
-                        bail!(
-                            "--num-images {} but {} holds {k} latents",
-                            num_images.unwrap_or(0),
-                            latents
-                                .as_ref()
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_default()
-                        );
-                    }
-                    (k, *h, *w)
-                }
-                None => (
-                    num_images.unwrap_or(1),
-                    height.unwrap_or(512),
-                    width.unwrap_or(512),
-                ),
-            };
-            if k == 0 {
-                bail!("--num-images must be at least 1");
-            }
-            opts.height = height;
-            opts.width = width;
-            opts.validate()?;
-            if let Some(dir) = &controlnet {
-                pipe = pipe
-                    .with_controlnet(dir)
-                    .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
-            }
-            let tgt = target_subject.unwrap_or_else(|| subject[0].clone());
-            let mp: blipd_train::MixedPrecision = mixed_precision.into();
-            mp.check_backend(
-                &<Inner as burn::tensor::backend::Backend>::name(&device()),
-                "--mixed-precision",
-            )
-            .map_err(anyhow::Error::msg)?;
-            let _autocast = blipd_models::amp::Autocast::enter(mp.dtype());
-            let ctx = match &pipe.ctx_cache {
-                Some(cache) => {
-                    if !image.is_empty() {
-                        tracing::warn!(
-                            "{} is a fine-tuned folder: its cached subject embedding is used, --image is ignored",
-                            model.display()
-                        );
-                    }
-                    cache.clone()
-                }
-                None => {
-                    if image.is_empty() {
-                        anyhow::bail!(
-                            "--image is required: {} has no cached subject embedding (not a fine-tuned model)",
-                            model.display()
-                        );
-                    }
-                    if image.len() != subject.len() {
-                        anyhow::bail!(
-                            "{} --image and {} --subject: give one subject per image",
-                            image.len(),
-                            subject.len()
-                        );
-                    }
-                    let mut ctxs = Vec::with_capacity(image.len());
-                    for (path, subj) in image.iter().zip(&subject) {
-                        let reference = blipd_apps::RgbImage::open(path)?;
-                        let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
-                        ctxs.push(pipe.subject_embeddings(pixels, &[subj], opts.normalization)?);
-                    }
-                    blipd_apps::BlipDiffusionPipeline::<Inner>::mix_subject_embeddings(
-                        ctxs, &ratio,
-                    )?
-                }
-            };
-            // The request against the networks and the machine (size, memory), once the inputs
-            // are known to be there and before the first full-size allocation.
-            pipe.check_request(k, &opts)?;
-            let control = match &control_image {
-                None => None,
-                Some(p) => {
-                    Some(pipe.control_image(&blipd_apps::RgbImage::open(p)?, height, width)?)
-                }
-            };
-            let ctx = if k > 1 { ctx.repeat_dim(0, k) } else { ctx };
-            let result = pipe.generate_with_ctx_controlled(
-                ctx,
-                &vec![tgt.as_str(); k],
-                &vec![prompt.as_str(); k],
-                control,
-                &opts,
-                init.map(|(l, _, _)| l),
-                &mut |_| {},
-            )?;
-            let written = write_images(&result, &out, out_npy)?;
-            for p in &written {
-                println!("{}", p.display());
-            }
-            println!(
-                "{k} image{} of {width}×{height} ({:.1} s)",
-                if k == 1 { "" } else { "s" },
-                start.elapsed().as_secs_f64()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Stylize(args) => stylize_cmd::run(args),
+        Command::Generate(args) => generate_cmd::run(args),
         Command::EmbedSubject {
             model,
             image,
@@ -637,44 +407,6 @@ fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
 /// This process's rank in a data-parallel job (0 alone).
 fn rank() -> usize {
     blipd_dist::World::from_env().map_or(0, |w| w.rank)
-}
-
-/// The images of a generation: float32 NHWC in [0, 1] into one `.npy`, or 8-bit PNGs (`out` for one
-/// image, `<stem>_<i>.<ext>` for several). Returns the files written.
-fn write_images(
-    result: &blipd_apps::GenerateOutput<Inner>,
-    out: &Path,
-    npy: bool,
-) -> Result<Vec<PathBuf>> {
-    if npy {
-        let (data, dims) = arrays::nhwc_values(result.images.clone())?;
-        let tmp = out.with_extension("npy.tmp");
-        blipd_data::npy::write_f32(&tmp, &dims, &data)?;
-        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
-        return Ok(vec![out.to_path_buf()]);
-    }
-    let img = result.to_uint8()?;
-    let n = img.batch;
-    let mut written = Vec::with_capacity(n);
-    for i in 0..n {
-        let path = if n == 1 {
-            out.to_path_buf()
-        } else {
-            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
-            let ext = out.extension().map(|e| e.to_string_lossy().into_owned());
-            out.with_file_name(match ext {
-                Some(e) => format!("{stem}_{i}.{e}"),
-                None => format!("{stem}_{i}"),
-            })
-        };
-        let rgb =
-            image::RgbImage::from_raw(img.width as u32, img.height as u32, img.image(i).to_vec())
-                .context("decoded image has an unexpected size")?;
-        rgb.save(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        written.push(path);
-    }
-    Ok(written)
 }
 
 fn embed_subject(

@@ -812,3 +812,101 @@ fn interpolate_blends_two_subjects_between_their_own_generations() {
         "{e}"
     );
 }
+
+/// `blipd stylize` = `generate` with the style image as the subject and Canny edges of the structure
+/// photo as the ControlNet condition: the edge map it writes, given back to `generate` as the
+/// condition, gives the same image; bad thresholds are refused before any model is loaded.
+#[test]
+fn stylize_is_generate_with_canny_edges_of_the_structure_photo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = pipeline_fixture();
+    let cn = fx.join("../pipeline_controlnet/controlnet");
+    // The structure: a bright square on a dark ground (the fixture's 45×31 photos are too small to
+    // keep edges once scaled to 512).
+    let photo = tmp.path().join("structure.png");
+    let mut img = image::RgbImage::from_pixel(128, 96, image::Rgb([30, 40, 50]));
+    for y in 24..72 {
+        for x in 40..88 {
+            img.put_pixel(x, y, image::Rgb([230, 210, 190]));
+        }
+    }
+    img.save(&photo).unwrap();
+    let out = tmp.path().join("stylized.png");
+    let common = [
+        "--prompt",
+        "on a marble table",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+    ];
+    let o = blipd()
+        .arg("stylize")
+        .arg("--model")
+        .arg(&fx)
+        .arg("--controlnet")
+        .arg(&cn)
+        .arg("--style-image")
+        .arg(fx.join("small.png"))
+        .args(["--style-subject", "flower", "--target-subject", "teapot"])
+        .arg("--structure")
+        .arg(&photo)
+        .args(common)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let edges = image::open(tmp.path().join("stylized.canny.png"))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = edges.dimensions();
+    assert_eq!((w, h), (704, 512), "shorter side 512, sides rounded to 64s");
+    let lit = edges.pixels().filter(|p| p[0] == 255).count();
+    assert!(
+        edges.pixels().all(|p| p[0] == 0 || p[0] == 255),
+        "binary map"
+    );
+    assert!(lit > 100 && lit < (w * h / 2) as usize, "{lit} edge pixels");
+
+    let again = tmp.path().join("generated.png");
+    let o = blipd()
+        .arg("generate")
+        .arg("--model")
+        .arg(&fx)
+        .arg("--controlnet")
+        .arg(&cn)
+        .arg("--image")
+        .arg(fx.join("small.png"))
+        .args(["--subject", "flower", "--target-subject", "teapot"])
+        .arg("--control-image")
+        .arg(tmp.path().join("stylized.canny.png"))
+        .args(common)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert_eq!(
+        image::open(&out).unwrap().to_rgb8().as_raw(),
+        image::open(&again).unwrap().to_rgb8().as_raw(),
+        "stylize and generate with its edge map differ"
+    );
+
+    let o = blipd()
+        .arg("stylize")
+        .arg("--model")
+        .arg(tmp.path().join("no-such-model"))
+        .arg("--style-image")
+        .arg(&photo)
+        .args(["--style-subject", "flower", "--target-subject", "teapot"])
+        .arg("--structure")
+        .arg(&photo)
+        .args(["--canny", "70,30", "--prompt", "x"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("LOW,HIGH"), "{e}");
+}
