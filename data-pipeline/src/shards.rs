@@ -418,7 +418,12 @@ impl Manifest {
 
     /// Reads `dir/manifest.json`; `Ok(None)` when there is none.
     pub fn load(dir: &Path) -> Result<Option<Self>> {
-        let path = dir.join(MANIFEST_NAME);
+        Self::load_file(&dir.join(MANIFEST_NAME))
+    }
+
+    /// Reads a manifest file (`manifest.json` or a part's); `Ok(None)` when there is none.
+    pub fn load_file(path: &Path) -> Result<Option<Self>> {
+        let path = path.to_path_buf();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -436,11 +441,24 @@ impl Manifest {
 
     /// Writes `dir/manifest.json` atomically, shards sorted by index.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_file(&dir.join(MANIFEST_NAME))
+    }
+
+    /// Writes a manifest file atomically, shards sorted by index.
+    pub fn save_file(&self, path: &Path) -> Result<()> {
         let mut m = self.clone();
         m.shards.sort_by_key(|s| s.index);
         let mut text = serde_json::to_string_pretty(&m).expect("manifest serialises");
         text.push('\n');
-        write_atomic(&dir.join(MANIFEST_NAME), text.as_bytes())
+        write_atomic(path, text.as_bytes())
+    }
+
+    /// Shard indices of `part` (all of them without one) that are not complete yet.
+    pub fn missing(&self, part: Option<Part>) -> Vec<u64> {
+        let done: std::collections::HashSet<u64> = self.shards.iter().map(|e| e.index).collect();
+        (0..self.shards_total)
+            .filter(|k| part.is_none_or(|p| p.owns(*k)) && !done.contains(k))
+            .collect()
     }
 
     /// Pairs in completed shards.
@@ -459,6 +477,121 @@ impl Manifest {
     pub fn is_complete(&self) -> bool {
         self.shards.len() as u64 == self.shards_total
     }
+}
+
+/// One part of a synthesis split across machines (`blipd data synth --shard I/N`): the shards whose
+/// index `k` has `k mod N = I`. Shard `k` always covers the same rows and is made from them alone, so
+/// the parts' files are the single run's files; each part records its shards in its own manifest
+/// ([`Part::manifest_name`]) and [`merge_parts`] joins them into `manifest.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Part {
+    /// `"I/N"` with `I < N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || {
+            DataError::Config(format!(
+                "--shard {s:?}: expected I/N with 0 ≤ I < N, e.g. 3/16"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: u64 = i.trim().parse().map_err(|_| bad())?;
+        let count: u64 = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+
+    /// The part a job array gives this process: `SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN` of
+    /// `SLURM_ARRAY_TASK_COUNT`, else torchrun's `RANK` of `WORLD_SIZE`; `None` when neither is set
+    /// (or the world is one process).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let num = |k: &str| -> Result<Option<u64>> {
+            match var(k) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    DataError::Config(format!("environment variable {k}={v:?} is not a number"))
+                }),
+            }
+        };
+        let (index, count) = match (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
+            (Some(id), Some(n)) => (id - num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0).min(id), n),
+            _ => match (num("RANK")?, num("WORLD_SIZE")?) {
+                (Some(r), Some(w)) => (r, w),
+                _ => return Ok(None),
+            },
+        };
+        if count <= 1 {
+            return Ok(None);
+        }
+        Self::parse(&format!("{index}/{count}")).map(Some)
+    }
+
+    pub fn owns(&self, shard: u64) -> bool {
+        shard % self.count == self.index
+    }
+
+    /// `manifest.part-IIIII-of-NNNNN.json`.
+    pub fn manifest_name(&self) -> String {
+        format!("manifest.part-{:05}-of-{:05}.json", self.index, self.count)
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Joins the manifests of all `count` parts in `dir` into `manifest.json` (the single run's manifest,
+/// byte for byte) once every part is complete. An error names the parts still missing or incomplete,
+/// and parts of another configuration (fingerprint).
+pub fn merge_parts(dir: &Path, count: u64) -> Result<Manifest> {
+    let mut merged: Option<Manifest> = None;
+    let mut waiting = Vec::new();
+    for index in 0..count {
+        let part = Part { index, count };
+        let path = dir.join(part.manifest_name());
+        let Some(m) = Manifest::load_file(&path)? else {
+            waiting.push(format!("{part} (no {})", part.manifest_name()));
+            continue;
+        };
+        let missing = m.missing(Some(part));
+        if !missing.is_empty() {
+            waiting.push(format!("{part} ({} shard(s) to go)", missing.len()));
+        }
+        match &mut merged {
+            None => merged = Some(m),
+            Some(all) => {
+                if all.fingerprint != m.fingerprint
+                    || all.subjects != m.subjects
+                    || all.rows_per_shard != m.rows_per_shard
+                {
+                    return Err(DataError::Config(format!(
+                        "{}: part {part} is of another configuration or input (fingerprint {} ≠ {})",
+                        dir.display(),
+                        m.fingerprint,
+                        all.fingerprint
+                    )));
+                }
+                all.shards.extend(m.shards);
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        return Err(DataError::Config(format!(
+            "{}: not every part of {count} is complete: {}",
+            dir.display(),
+            waiting.join(", ")
+        )));
+    }
+    let m = merged.ok_or_else(|| DataError::Config("no parts to merge".into()))?;
+    m.save(dir)?;
+    Ok(m)
 }
 
 /// Reads a shard's row groups on demand.

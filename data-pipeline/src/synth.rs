@@ -27,7 +27,7 @@ use crate::error::{DataError, Result};
 use crate::imageio::{decode_image, ReadLimits};
 use crate::masks::{MaskSource, MaskStore};
 use crate::openimages::{FilterConfig, Subject};
-use crate::shards::{sha256_bytes, sha256_file, BadInput, Manifest, PairRecord, ShardEntry};
+use crate::shards::{sha256_bytes, sha256_file, BadInput, Manifest, PairRecord, Part, ShardEntry};
 use crate::{
     estimate_alpha_cf, estimate_foreground_ml, trimap_from_mask, CfOptions, FgOptions, Rgb,
     TrimapOptions,
@@ -298,9 +298,14 @@ pub struct SynthReport {
     pub pairs_new: u64,
     /// Rows processed by this run.
     pub rows_new: u64,
-    /// Every bad input of the dataset (this run's and earlier runs'), in row order.
+    /// Every bad input of the dataset (this part's, with a part), this run's and earlier runs', in
+    /// row order.
     pub bad: Vec<BadInput>,
     pub elapsed_s: f64,
+    /// The part this run made (`None`: the whole set).
+    pub part: Option<Part>,
+    /// `manifest.json` is complete: a whole-set run, or the part that completed the set.
+    pub merged: bool,
 }
 
 impl SynthReport {
@@ -619,6 +624,19 @@ fn make_pair(ctx: &Ctx, row: u64, subject: &Subject) -> std::result::Result<Pair
 
 /// Runs the chain into `synth.out_dir` (see the module docs).
 pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Result<SynthReport> {
+    synth_part(cfg, None, progress)
+}
+
+/// [`synth`] of one part of a run split across machines ([`Part`]): only the shards it owns, recorded
+/// in its own manifest; the part that completes the set also writes `manifest.json`
+/// ([`crate::shards::merge_parts`]), so the folder then equals a single run's, byte for byte. Parts may
+/// run at the same time in one folder (a shared filesystem); rerunning a failed part redoes only its
+/// missing shards.
+pub fn synth_part(
+    cfg: &PipelineConfig,
+    part: Option<Part>,
+    progress: &(dyn Fn(SynthEvent) + Sync),
+) -> Result<SynthReport> {
     let start = Instant::now();
     let s = &cfg.synth;
     if s.rows_per_shard == 0 || s.rows_per_group == 0 {
@@ -643,8 +661,11 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
     let bg_dir = required(&s.backgrounds_dir, "backgrounds_dir")?;
     let out_dir = required(&s.out_dir, "out_dir")?.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| DataError::io(&out_dir, e))?;
-    // One writer per folder; the OS drops the lock when the process dies (also on kill -9).
-    let lock_path = out_dir.join(".synth.lock");
+    // One writer per folder (per part); the OS drops the lock when the process dies (also on kill -9).
+    let lock_path = out_dir.join(match part {
+        None => ".synth.lock".to_string(),
+        Some(p) => format!(".synth.part-{:05}-of-{:05}.lock", p.index, p.count),
+    });
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -653,7 +674,8 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
         .map_err(|e| DataError::io(&lock_path, e))?;
     lock.try_lock().map_err(|_| {
         DataError::Config(format!(
-            "another `synth` is writing {} (lock {})",
+            "another `synth`{} is writing {} (lock {})",
+            part.map(|p| format!(" of part {p}")).unwrap_or_default(),
             out_dir.display(),
             lock_path.display()
         ))
@@ -690,7 +712,11 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
     };
 
     let n = rows.len() as u64;
-    let mut manifest = match Manifest::load(&out_dir)? {
+    let manifest_path = out_dir.join(match part {
+        None => crate::shards::MANIFEST_NAME.to_string(),
+        Some(p) => p.manifest_name(),
+    });
+    let mut manifest = match Manifest::load_file(&manifest_path)? {
         Some(m) if m.fingerprint != fp => {
             return Err(DataError::Config(format!(
             "{} holds shards of another configuration or input (fingerprint {} ≠ {}); use another \
@@ -703,10 +729,17 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
         Some(m) => m,
         None => Manifest::new(fp.clone(), n, s.rows_per_shard),
     };
-    // Temp files of a killed run.
+    // Temp files of a killed run (a part removes only its own: other parts may be writing theirs).
+    let mine = |k: u64| part.is_none_or(|p| p.owns(k));
+    let own_tmp: std::collections::HashSet<String> = (0..manifest.shards_total)
+        .filter(|&k| mine(k))
+        .map(|k| format!("{}.tmp", shard_name(k)))
+        .collect();
     for e in std::fs::read_dir(&out_dir).map_err(|e| DataError::io(&out_dir, e))? {
         let p = e.map_err(|e| DataError::io(&out_dir, e))?.path();
-        if p.extension().is_some_and(|x| x == "tmp") {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let ours = part.is_none() || name.is_some_and(|n| own_tmp.contains(&n));
+        if p.extension().is_some_and(|x| x == "tmp") && ours {
             std::fs::remove_file(&p).map_err(|e| DataError::io(&p, e))?;
         }
     }
@@ -737,10 +770,14 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
     let done: std::collections::HashSet<u64> = manifest.shards.iter().map(|e| e.index).collect();
     let shards_total = manifest.shards_total;
     let rows_done: u64 = manifest.shards.iter().map(|e| e.slice_rows).sum();
+    let rows_mine: u64 = (0..shards_total)
+        .filter(|&k| mine(k))
+        .map(|k| ((k + 1) * s.rows_per_shard).min(n) - k * s.rows_per_shard)
+        .sum();
     progress(SynthEvent::Started {
-        rows: n,
+        rows: rows_mine,
         rows_done,
-        shards_total,
+        shards_total: (0..shards_total).filter(|&k| mine(k)).count() as u64,
         shards_done: done.len() as u64,
     });
 
@@ -751,7 +788,7 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
     let chunk = (s.rows_per_group as usize).max(4 * pool.current_num_threads());
     let (mut written, mut pairs_new, mut rows_new) = (0u64, 0u64, 0u64);
     for k in 0..shards_total {
-        if done.contains(&k) {
+        if done.contains(&k) || !mine(k) {
             continue;
         }
         let first = k * s.rows_per_shard;
@@ -818,7 +855,7 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
             row_groups: groups,
             bad,
         });
-        manifest.save(&out_dir)?;
+        manifest.save_file(&manifest_path)?;
         written += 1;
         pairs_new += rows_written;
         rows_new += end - first;
@@ -828,10 +865,24 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
             bad: bad_count,
         });
     }
-    if shards_total == 0 {
-        manifest.save(&out_dir)?;
+    if shards_total == 0 || manifest.missing(part).is_empty() {
+        manifest.save_file(&manifest_path)?;
     }
     drop(lock);
+    // The part that finds every part complete writes manifest.json (several may: the same bytes).
+    let merged = match part {
+        None => true,
+        Some(p) if manifest.missing(part).is_empty() => {
+            match crate::shards::merge_parts(&out_dir, p.count) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::info!("part {p} complete; {e}");
+                    false
+                }
+            }
+        }
+        Some(_) => false,
+    };
     Ok(SynthReport {
         out_dir,
         shards_total,
@@ -842,5 +893,7 @@ pub fn synth(cfg: &PipelineConfig, progress: &(dyn Fn(SynthEvent) + Sync)) -> Re
         rows_new,
         bad: manifest.bad(),
         elapsed_s: start.elapsed().as_secs_f64(),
+        part,
+        merged,
     })
 }

@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use blipd_apps::segment::{write_clipseg_masks, ClipSegSegmenter, MaskEvent, MaskJobOptions};
 use blipd_data::masks::{MaskSource, MaskStore};
 use blipd_data::openimages::{filter_openimages, write_subjects_csv, FilterInputs, ImageDirSizes};
+use blipd_data::shards::Part;
 use blipd_data::shards::{Manifest, ShardReader};
-use blipd_data::synth::{read_subjects_csv, synth, PipelineConfig, SynthEvent};
+use blipd_data::synth::{read_subjects_csv, synth_part, PipelineConfig, SynthEvent};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -156,6 +157,21 @@ pub enum DataCommand {
         rows_per_shard: Option<u64>,
         #[arg(long)]
         threads: Option<usize>,
+        /// Make part I of N only (the shards k with k mod N = I), for splitting the run across
+        /// machines; default: a SLURM job array's task (SLURM_ARRAY_TASK_ID/COUNT) or RANK/WORLD_SIZE
+        /// when set. The part that completes the set writes manifest.json (else `merge-manifests`).
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+    },
+    /// Join the manifests of a synth run split into N parts (`synth --shard I/N`) into manifest.json,
+    /// once every part is complete (the part finishing last does it too); lists the parts still missing.
+    MergeManifests {
+        /// The shard folder.
+        #[arg(long)]
+        shards: PathBuf,
+        /// N, the number of parts.
+        #[arg(long)]
+        parts: u64,
     },
     /// A PNG grid of the first stored pairs: input (subject on a new background) | target, one pair per row,
     /// with the class name, ImageID and caption written under each row.
@@ -509,7 +525,12 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             max_side,
             rows_per_shard,
             threads,
+            shard,
         } => {
+            let part = match &shard {
+                Some(t) => Some(Part::parse(t)?),
+                None => Part::from_env(|k| std::env::var(k).ok())?,
+            };
             let mut cfg = PipelineConfig::from_file(&config)?;
             let s = &mut cfg.synth;
             s.subjects_csv = subjects.or(s.subjects_csv.take());
@@ -567,8 +588,14 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                 }
                 SynthEvent::ShardWritten { .. } => {}
             };
-            let report = synth(&cfg, &progress)?;
+            let report = synth_part(&cfg, part, &progress)?;
             pb.finish_and_clear();
+            if let Some(p) = part {
+                println!(
+                    "part {p}: {} of its shards written, {} already complete",
+                    report.shards_written, report.shards_skipped
+                );
+            }
             println!(
                 "{}: {} shards ({} written, {} already complete), {} pairs in total; this run: {} rows, {} pairs in \
                  {:.1} s = {:.2} pairs/s",
@@ -588,15 +615,11 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
-                let p = report.out_dir.join("bad_inputs.tsv");
-                let mut text = String::from("row\tImageID\tstage\treason\n");
-                for b in &report.bad {
-                    text.push_str(&format!(
-                        "{}\t{}\t{}\t{}\n",
-                        b.row, b.image_id, b.stage, b.reason
-                    ));
-                }
-                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+                let p = report.out_dir.join(match part {
+                    None => "bad_inputs.tsv".to_string(),
+                    Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
+                });
+                write_bad_inputs(&p, &report.bad)?;
                 println!(
                     "{} bad inputs ({}) → {}",
                     report.bad.len(),
@@ -607,6 +630,23 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                     println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
                 }
             }
+            if let Some(p) = part {
+                if report.merged {
+                    merged_outputs(&report.out_dir)?;
+                } else {
+                    println!(
+                        "part {p} done; manifest.json follows when every part is (or: blipd data \
+                         merge-manifests --shards {} --parts {})",
+                        report.out_dir.display(),
+                        p.count
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::MergeManifests { shards, parts } => {
+            blipd_data::shards::merge_parts(&shards, parts)?;
+            merged_outputs(&shards)?;
             Ok(ExitCode::SUCCESS)
         }
         DataCommand::Preview {
@@ -737,4 +777,34 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `bad_inputs.tsv`: row, ImageID, stage, reason.
+fn write_bad_inputs(path: &Path, bad: &[blipd_data::shards::BadInput]) -> Result<()> {
+    let mut text = String::from("row\tImageID\tstage\treason\n");
+    for b in bad {
+        text.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            b.row, b.image_id, b.stage, b.reason
+        ));
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// After the parts are joined: the whole set's `bad_inputs.tsv` and a summary line.
+fn merged_outputs(dir: &Path) -> Result<()> {
+    let m =
+        Manifest::load(dir)?.with_context(|| format!("no manifest.json in {}", dir.display()))?;
+    let bad = m.bad();
+    if !bad.is_empty() {
+        write_bad_inputs(&dir.join("bad_inputs.tsv"), &bad)?;
+    }
+    println!(
+        "{}: every part complete → manifest.json: {} shards, {} pairs, {} bad inputs",
+        dir.display(),
+        m.shards.len(),
+        m.rows(),
+        bad.len()
+    );
+    Ok(())
 }
