@@ -535,6 +535,15 @@ impl Part {
         shard % self.count == self.index
     }
 
+    /// Whether the row of `image_id` is this part's in a per-image job (`data masks`): FNV-1a of the
+    /// ImageID mod N, so every row of one image lands in one part whatever the row order.
+    pub fn owns_image(&self, image_id: &str) -> bool {
+        let h = image_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        h % self.count == self.index
+    }
+
     /// `manifest.part-IIIII-of-NNNNN.json`.
     pub fn manifest_name(&self) -> String {
         format!("manifest.part-{:05}-of-{:05}.json", self.index, self.count)

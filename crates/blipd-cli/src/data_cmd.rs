@@ -126,6 +126,10 @@ pub enum DataCommand {
         /// Pipeline config: [read] limits and [synth] image_extensions (defaults when absent).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Only part I of N of the images (by a hash of the ImageID), for splitting the run across
+        /// machines into one shared --out; default: a SLURM array's task or RANK/WORLD_SIZE when set.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
     },
     /// The whole chain into resumable Parquet shards (rerun after an interruption to finish; completed
     /// shards are kept).
@@ -271,6 +275,7 @@ fn clipseg_masks(
     batch_size: usize,
     prompt: String,
     cfg: &PipelineConfig,
+    part: Option<Part>,
 ) -> Result<ExitCode> {
     let t = Instant::now();
     let device = crate::device();
@@ -283,7 +288,7 @@ fn clipseg_masks(
         seg.map_size(),
         seg.map_size()
     );
-    let rows = read_subjects_csv(subjects)?;
+    let rows = part_rows(read_subjects_csv(subjects)?, part);
     let mut opts = MaskJobOptions::new(images, out);
     opts.batch_size = batch_size;
     opts.prompt_template = prompt;
@@ -341,7 +346,10 @@ fn clipseg_masks(
             0.0
         }
     );
-    let tsv = out.join("bad_inputs.tsv");
+    let tsv = out.join(match part {
+        None => "bad_inputs.tsv".to_string(),
+        Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
+    });
     if report.bad.is_empty() {
         if tsv.is_file() {
             std::fs::remove_file(&tsv).with_context(|| format!("removing {}", tsv.display()))?;
@@ -450,13 +458,18 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             batch_size,
             prompt,
             config,
+            shard,
         } => {
+            let part = match &shard {
+                Some(t) => Some(Part::parse(t)?),
+                None => Part::from_env(|k| std::env::var(k).ok())?,
+            };
             let source = match source {
                 MasksSourceArg::Clipseg => {
                     let images = images.context("--source clipseg needs --images <folder>")?;
                     let cfg = load_config(config.as_deref())?;
                     return clipseg_masks(
-                        &from, &images, &subjects, &out, batch_size, prompt, &cfg,
+                        &from, &images, &subjects, &out, batch_size, prompt, &cfg, part,
                     );
                 }
                 MasksSourceArg::Openimages => MaskSource::OpenImages,
@@ -466,7 +479,7 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                 bail!("--images is only used by --source clipseg");
             }
             let store = MaskStore::open(source, &from)?;
-            let rows = read_subjects_csv(&subjects)?;
+            let rows = part_rows(read_subjects_csv(&subjects)?, part);
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let limits = match &config {
                 Some(p) => PipelineConfig::from_file(p)?.read,
@@ -777,6 +790,22 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The rows of `part` (all without one), by a hash of their ImageID; the rest are logged as skipped.
+fn part_rows(
+    rows: Vec<blipd_data::synth::SubjectRow>,
+    part: Option<Part>,
+) -> Vec<blipd_data::synth::SubjectRow> {
+    let Some(p) = part else { return rows };
+    let n = rows.len();
+    let id = |r: &blipd_data::synth::SubjectRow| match r {
+        Ok(s) => s.image_id.clone(),
+        Err(b) => b.image_id.clone(),
+    };
+    let mine: Vec<_> = rows.into_iter().filter(|r| p.owns_image(&id(r))).collect();
+    println!("part {p}: {} of {n} rows", mine.len());
+    mine
 }
 
 /// `bad_inputs.tsv`: row, ImageID, stage, reason.

@@ -188,3 +188,95 @@ fn clipseg_model_folder_errors_name_the_file() {
     assert!(!o.status.success());
     assert!(t.contains("--images"), "{t}");
 }
+
+/// `data masks --shard I/N`: the parts, run into one folder, make the single run's masks (each image in
+/// exactly one part, by its ImageID), each part listing its own bad inputs.
+#[test]
+fn masks_split_into_parts_make_the_single_run_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    copy_dir(&fixture().join("images"), &images);
+    let csv = tmp.path().join("kept.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "ImageID,LabelName,ClassName,XMin,XMax,YMin,YMax\n\
+             {},/m/0bt9lr,Dog,0.1,0.9,0.05,0.95\n\
+             c0ffee0000000002,/m/01yrx,Cat,0.1,0.9,0.1,0.9\n\
+             {},/m/0kmg4,Stuffed animal,0.2,0.8,0.1,0.9\n",
+            IDS[0], IDS[1]
+        ),
+    )
+    .unwrap();
+    let single = tmp.path().join("single");
+    let o = masks(&fixture().join("model"), &images, &csv, &single);
+    assert!(o.status.success(), "{}", text(&o));
+    let split = tmp.path().join("split");
+    let mut seen = 0;
+    for i in 0..3 {
+        let o = blipd()
+            .args(["data", "masks", "--source", "clipseg", "--batch-size", "2"])
+            .arg("--from")
+            .arg(fixture().join("model"))
+            .arg("--images")
+            .arg(&images)
+            .arg("--subjects")
+            .arg(&csv)
+            .arg("--out")
+            .arg(&split)
+            .args(["--shard", &format!("{i}/3")])
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        let rows: usize = t
+            .split(&format!("part {i}/3: "))
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no part line:\n{t}"));
+        seen += rows;
+    }
+    assert_eq!(seen, 3, "every row in exactly one part");
+    for id in IDS {
+        let a = image::open(single.join(format!("{id}.png")))
+            .unwrap()
+            .to_luma16();
+        let b = image::open(split.join(format!("{id}.png")))
+            .unwrap()
+            .to_luma16();
+        let d = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap();
+        println!("{id}: max |Δ| {d} of 65535 between the split and the single run");
+        // Batches of other images may round a last bit differently.
+        assert!(d <= 2, "{id}: {d}");
+    }
+    let bad: Vec<_> = std::fs::read_dir(&split)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.starts_with("bad_inputs.part-").then_some(n)
+        })
+        .collect();
+    assert_eq!(bad.len(), 1, "one part had the missing image: {bad:?}");
+    let o = blipd()
+        .args(["data", "masks", "--source", "dir", "--shard", "3/3"])
+        .arg("--from")
+        .arg(&single)
+        .arg("--subjects")
+        .arg(&csv)
+        .arg("--out")
+        .arg(&split)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("I/N"),
+        "{}",
+        text(&o)
+    );
+}
