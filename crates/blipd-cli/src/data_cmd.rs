@@ -269,12 +269,8 @@ fn encode_latents(shards: &Path, model: &Path, size: usize, batch: usize) -> Res
 /// `blipd data masks --source clipseg`.
 fn clipseg_masks(
     model_dir: &Path,
-    images: &Path,
     subjects: &Path,
-    out: &Path,
-    batch_size: usize,
-    prompt: String,
-    cfg: &PipelineConfig,
+    opts: &MaskJobOptions,
     part: Option<Part>,
 ) -> Result<ExitCode> {
     let t = Instant::now();
@@ -282,18 +278,16 @@ fn clipseg_masks(
     let seg = ClipSegSegmenter::<crate::Inner>::load(model_dir, &device)
         .with_context(|| format!("loading CLIPSeg from {}", model_dir.display()))?;
     println!(
-        "CLIPSeg from {} ({:.1} s): {}×{} input, prompt {prompt:?}, batch {batch_size}",
+        "CLIPSeg from {} ({:.1} s): {}×{} input, prompt {:?}, batch {}",
         model_dir.display(),
         t.elapsed().as_secs_f64(),
         seg.map_size(),
-        seg.map_size()
+        seg.map_size(),
+        opts.prompt_template,
+        opts.batch_size
     );
     let rows = part_rows(read_subjects_csv(subjects)?, part);
-    let mut opts = MaskJobOptions::new(images, out);
-    opts.batch_size = batch_size;
-    opts.prompt_template = prompt;
-    opts.image_extensions = cfg.synth.image_extensions.clone();
-    opts.limits = cfg.read;
+    let out = opts.out_dir.as_path();
     let pb = bar(0, "clipseg");
     let (ok, bad) = (AtomicU64::new(0), AtomicU64::new(0));
     let progress = |e: MaskEvent| match e {
@@ -326,7 +320,7 @@ fn clipseg_masks(
             ));
         }
     };
-    let report = write_clipseg_masks(&seg, &rows, &opts, &progress)?;
+    let report = write_clipseg_masks(&seg, &rows, opts, &progress)?;
     pb.finish_and_clear();
     println!(
         "{}: {} masks written, {} already present, {} bad, of {} rows; {:.1} s = {:.2} images/s ({} batches, \
@@ -468,9 +462,12 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
                 MasksSourceArg::Clipseg => {
                     let images = images.context("--source clipseg needs --images <folder>")?;
                     let cfg = load_config(config.as_deref())?;
-                    return clipseg_masks(
-                        &from, &images, &subjects, &out, batch_size, prompt, &cfg, part,
-                    );
+                    let mut opts = MaskJobOptions::new(&images, &out);
+                    opts.batch_size = batch_size;
+                    opts.prompt_template = prompt;
+                    opts.image_extensions = cfg.synth.image_extensions.clone();
+                    opts.limits = cfg.read;
+                    return clipseg_masks(&from, &subjects, &opts, part);
                 }
                 MasksSourceArg::Openimages => MaskSource::OpenImages,
                 MasksSourceArg::Dir => MaskSource::Dir,
