@@ -25,25 +25,14 @@ CLASSES = ["dog", "cat", "teapot", "backpack", "vase", "clock", "sneaker", "bear
 
 
 def prepare(work, n, size):
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
-
     import gen_clipseg_masks as g
-    from common import randomize_, seed
+    from common import seed
 
     seed(0)
     work = pathlib.Path(work)
     w, h = (int(v) for v in size.split("x"))
     model_dir = work / "model"
-    config = CLIPSegConfig(
-        text_config=dict(bos_token_id=0, eos_token_id=2),
-        vision_config=dict(patch_size=16),
-        extract_layers=[3, 6, 9],
-        reduce_dim=64,
-        use_complex_transposed_convolution=True,
-    )
-    model = CLIPSegForImageSegmentation(config).eval()
-    randomize_(model, s=11)
-    model.decoder.transposed_convolution[4].weight.mul_(12.0)
+    model = g.full_size_model()
     model.save_pretrained(model_dir, safe_serialization=True)
     g.save_processor(model_dir)
     img_dir = work / "images"

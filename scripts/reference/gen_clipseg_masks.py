@@ -75,12 +75,9 @@ def make_images():
         im.save(p, optimize=True)
 
 
-def full_size(out):
-    """Random weights at the real size (the hub config.json of CIDAS/clipseg-rd64-refined)."""
-    out = pathlib.Path(out)
-    model_dir = out / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
+def full_size_model():
+    """A random-weight CLIPSegForImageSegmentation at the real size (the hub config.json of
+    CIDAS/clipseg-rd64-refined); also scripts/bench/clipseg_ref.py's model."""
     config = CLIPSegConfig(
         text_config=dict(bos_token_id=0, eos_token_id=2),
         vision_config=dict(patch_size=16),
@@ -91,6 +88,16 @@ def full_size(out):
     model = CLIPSegForImageSegmentation(config).eval()
     randomize_(model, s=11)
     model.decoder.transposed_convolution[4].weight.mul_(12.0)
+    return model
+
+
+def full_size(out):
+    """Random weights at the real size → DIR/model, and the fixture images' probabilities."""
+    out = pathlib.Path(out)
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model = full_size_model()
     model.save_pretrained(model_dir, safe_serialization=True)
     save_processor(model_dir)
     processor = CLIPSegProcessor.from_pretrained(model_dir)

@@ -495,6 +495,38 @@ fn cases(cfg: &MicroEvalConfig) -> Vec<Case> {
     out
 }
 
+/// The generation settings of `[eval]`.
+fn generate_options(cfg: &MicroEvalConfig) -> GenerateOptions {
+    GenerateOptions {
+        guidance_scale: cfg.guidance_scale,
+        num_inference_steps: cfg.steps,
+        height: cfg.size,
+        width: cfg.size,
+        seed: cfg.seed,
+        ..GenerateOptions::default()
+    }
+}
+
+/// The subject embeddings `[n, Q, D]` of the cases' reference images, as `blipd generate` makes them.
+fn subject_embeddings<B: Backend>(
+    pipe: &BlipDiffusionPipeline<B>,
+    cases: &[&Case],
+    subjects: &[&str],
+    opts: &GenerateOptions,
+) -> Result<Tensor<B, 3>, AppError> {
+    let mut pixels = Vec::with_capacity(cases.len());
+    for c in cases {
+        let r = &c.reference;
+        let img = crate::preprocess::RgbImage::new(
+            r.width() as usize,
+            r.height() as usize,
+            r.as_raw().clone(),
+        )?;
+        pixels.push(pipe.preprocess(&img, opts.reference_resize)?);
+    }
+    pipe.subject_embeddings(Tensor::cat(pixels, 0), subjects, opts.normalization)
+}
+
 /// The measurements of `reads` (one per case).
 fn detail(cases: &[Case], reads: &[Reading]) -> Detail {
     let n = cases.len().max(1) as f64;
@@ -539,14 +571,7 @@ pub fn evaluate<B: Backend>(
     cfg.validate()?;
     let cases = cases(cfg);
     let n = cases.len();
-    let opts = GenerateOptions {
-        guidance_scale: cfg.guidance_scale,
-        num_inference_steps: cfg.steps,
-        height: cfg.size,
-        width: cfg.size,
-        seed: cfg.seed,
-        ..GenerateOptions::default()
-    };
+    let opts = generate_options(cfg);
     pipe.check_request(n, &opts)?;
     let subjects: Vec<&str> = cases.iter().map(|c| SHAPES[c.identity.shape]).collect();
     let prompts: Vec<String> = cases
@@ -554,17 +579,8 @@ pub fn evaluate<B: Backend>(
         .map(|c| caption(c.identity.shape, c.scene))
         .collect();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let mut pixels = Vec::with_capacity(n);
-    for c in &cases {
-        let r = &c.reference;
-        let img = crate::preprocess::RgbImage::new(
-            r.width() as usize,
-            r.height() as usize,
-            r.as_raw().clone(),
-        )?;
-        pixels.push(pipe.preprocess(&img, opts.reference_resize)?);
-    }
-    let ctx = pipe.subject_embeddings(Tensor::cat(pixels, 0), &subjects, opts.normalization)?;
+    let refs: Vec<&Case> = cases.iter().collect();
+    let ctx = subject_embeddings(pipe, &refs, &subjects, &opts)?;
     let latents = pipe.initial_latents(n, &opts);
     let zero_text = pipe.text_embeddings(ctx, &prompts, &subjects, &opts)?;
     let text_text = pipe.text_only_embeddings(&prompts, &opts)?;
@@ -674,14 +690,7 @@ pub fn compare_finetuned<B: Backend>(
         return Err(AppError::Request("no fine-tuned subject to compare".into()));
     }
     let all = cases(cfg);
-    let opts = GenerateOptions {
-        guidance_scale: cfg.guidance_scale,
-        num_inference_steps: cfg.steps,
-        height: cfg.size,
-        width: cfg.size,
-        seed: cfg.seed,
-        ..GenerateOptions::default()
-    };
+    let opts = generate_options(cfg);
     let mut none = |_: crate::generate::StepInfo<'_, B>| {};
     let (mut done, mut zero_reads, mut ft_reads) = (Vec::new(), Vec::new(), Vec::new());
     let mut subjects = Vec::new();
@@ -713,18 +722,8 @@ pub fn compare_finetuned<B: Backend>(
             .map(|c| caption(c.identity.shape, c.scene))
             .collect();
         let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let mut pixels = Vec::with_capacity(m);
-        for c in &cs {
-            let r = &c.reference;
-            let img = crate::preprocess::RgbImage::new(
-                r.width() as usize,
-                r.height() as usize,
-                r.as_raw().clone(),
-            )?;
-            pixels.push(base.preprocess(&img, o.reference_resize)?);
-        }
         let latents = base.initial_latents(m, &o);
-        let ctx = base.subject_embeddings(Tensor::cat(pixels, 0), &names, o.normalization)?;
+        let ctx = subject_embeddings(base, &cs, &names, &o)?;
         let text = base.text_embeddings(ctx, &prompts, &names, &o)?;
         let zero = base.decode(base.denoise(latents.clone(), text, &o, &mut none)?);
         let text = pipe.text_embeddings(ctx_cache.repeat_dim(0, m), &prompts, &names, &o)?;

@@ -621,8 +621,22 @@ fn micro_eval(cfg: &blipd_apps::micro::MicroEvalConfig, model: &Path, out: &Path
         report.probe.pattern,
         report.probe.scene
     );
+    print_details(&[("zero-shot", z), ("text-only", t)]);
+    println!(
+        "  (chance subject fidelity {:.3}; rows of {}: reference, zero-shot, text-only)",
+        report.chance_subject_fidelity,
+        png.display()
+    );
+    if let Some(ft) = &cfg.finetune {
+        micro_finetune_eval(cfg, ft, model, out, &pipe, &probe)?;
+    }
+    Ok(())
+}
+
+/// The micro evaluation's table: one row per condition.
+fn print_details(rows: &[(&str, &blipd_apps::micro::Detail)]) {
     println!("             subject fidelity   text alignment   palette  pattern");
-    for (name, d) in [("zero-shot", z), ("text-only", t)] {
+    for (name, d) in rows {
         println!(
             "  {name:<10} {:.3} ± {:.3}      {:.3} ± {:.3}    {:.3}    {:.3}",
             d.subject_fidelity.mean,
@@ -633,15 +647,6 @@ fn micro_eval(cfg: &blipd_apps::micro::MicroEvalConfig, model: &Path, out: &Path
             d.pattern
         );
     }
-    println!(
-        "  (chance subject fidelity {:.3}; rows of {}: reference, zero-shot, text-only)",
-        report.chance_subject_fidelity,
-        png.display()
-    );
-    if let Some(ft) = &cfg.finetune {
-        micro_finetune_eval(cfg, ft, model, out, &pipe, &probe)?;
-    }
-    Ok(())
 }
 
 /// `[eval.finetune]`: fine-tunes the exported pipeline on each of the first held-out subjects
@@ -724,21 +729,10 @@ fn micro_finetune_eval(
         report.images,
         start.elapsed().as_secs_f64()
     );
-    println!("             subject fidelity   text alignment   palette  pattern");
-    for (name, d) in [
+    print_details(&[
         ("zero-shot", &report.zero_shot),
         ("fine-tuned", &report.finetuned),
-    ] {
-        println!(
-            "  {name:<10} {:.3} ± {:.3}      {:.3} ± {:.3}    {:.3}    {:.3}",
-            d.subject_fidelity.mean,
-            d.subject_fidelity.ci95,
-            d.text_alignment.mean,
-            d.text_alignment.ci95,
-            d.palette,
-            d.pattern
-        );
-    }
+    ]);
     println!(
         "  (rows of {}: reference, zero-shot, fine-tuned)",
         png.display()
