@@ -1,329 +1,215 @@
-//! A built-in 5×7 bitmap font for labelling preview grids (no font files, no text-rendering dependency).
-//!
-//! Printable ASCII (`' '`..=`'~'`); typographic quotes, dashes and the ellipsis are drawn as their ASCII
-//! forms, any other character as `?`. Each glyph is 5 columns × 7 rows above the baseline plus one
-//! descender row (8 rows of 5 bits, bit 4 = leftmost column): capitals and digits fill rows 0–6, lowercase
-//! letters rows 2–6, `g j p q y , ;` reach row 7. Glyphs advance by 6 columns (one blank column between
-//! letters) and lines by 10 rows, times an integer `scale`.
+//! Text for labelling preview grids: DejaVu Sans (embedded by the `dejavu` crate, the font the loss
+//! plots use) rasterised by `ab_glyph` — proportional, anti-aliased, kerned, any character the font
+//! has (Latin, Greek, Cyrillic, most symbols); no font file is read at run time.
 
-/// Glyph width in font pixels.
-pub const GLYPH_W: u32 = 5;
-/// Glyph height in font pixels (7 above the baseline + 1 descender row).
-pub const GLYPH_H: u32 = 8;
-/// Horizontal advance per character (glyph + 1 blank column).
-pub const ADVANCE: u32 = GLYPH_W + 1;
-/// Vertical advance per line (glyph + 2 blank rows).
-pub const LINE: u32 = GLYPH_H + 2;
+use ab_glyph::{point, Font as _, FontRef, PxScale, ScaleFont};
 
-/// ASCII stand-ins for common typographic characters.
-fn ascii_fold(c: char) -> char {
-    match c {
-        '\u{2018}' | '\u{2019}' | '\u{201a}' | '\u{2032}' => '\'',
-        '\u{201c}' | '\u{201d}' | '\u{201e}' | '\u{2033}' => '"',
-        '\u{2010}'..='\u{2015}' | '\u{2212}' => '-',
-        '\u{a0}' | '\u{2002}'..='\u{200a}' => ' ',
-        _ => c,
-    }
+/// DejaVu Sans at one pixel size.
+#[derive(Clone, Debug)]
+pub struct TextStyle {
+    font: FontRef<'static>,
+    scale: PxScale,
 }
 
-/// Glyphs of `' '` (0x20) to `'~'` (0x7E), in order.
-#[rustfmt::skip]
-const GLYPHS: [[u8; 8]; 95] = [
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // space
-    [0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000, 0b00100, 0b00000], // !
-    [0b01010, 0b01010, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // "
-    [0b01010, 0b01010, 0b11111, 0b01010, 0b11111, 0b01010, 0b01010, 0b00000], // #
-    [0b00100, 0b01111, 0b10100, 0b01110, 0b00101, 0b11110, 0b00100, 0b00000], // $
-    [0b11000, 0b11001, 0b00010, 0b00100, 0b01000, 0b10011, 0b00011, 0b00000], // %
-    [0b01100, 0b10010, 0b10100, 0b01000, 0b10101, 0b10010, 0b01101, 0b00000], // &
-    [0b00100, 0b00100, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // '
-    [0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00100, 0b00010, 0b00000], // (
-    [0b01000, 0b00100, 0b00010, 0b00010, 0b00010, 0b00100, 0b01000, 0b00000], // )
-    [0b00000, 0b00100, 0b10101, 0b01110, 0b10101, 0b00100, 0b00000, 0b00000], // *
-    [0b00000, 0b00100, 0b00100, 0b11111, 0b00100, 0b00100, 0b00000, 0b00000], // +
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b00100, 0b01000], // ,
-    [0b00000, 0b00000, 0b00000, 0b11111, 0b00000, 0b00000, 0b00000, 0b00000], // -
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b01100, 0b00000], // .
-    [0b00000, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b00000, 0b00000], // /
-    [0b01110, 0b10001, 0b10011, 0b10101, 0b11001, 0b10001, 0b01110, 0b00000], // 0
-    [0b00100, 0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000], // 1
-    [0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b01000, 0b11111, 0b00000], // 2
-    [0b11111, 0b00010, 0b00100, 0b00010, 0b00001, 0b10001, 0b01110, 0b00000], // 3
-    [0b00010, 0b00110, 0b01010, 0b10010, 0b11111, 0b00010, 0b00010, 0b00000], // 4
-    [0b11111, 0b10000, 0b11110, 0b00001, 0b00001, 0b10001, 0b01110, 0b00000], // 5
-    [0b00110, 0b01000, 0b10000, 0b11110, 0b10001, 0b10001, 0b01110, 0b00000], // 6
-    [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00000], // 7
-    [0b01110, 0b10001, 0b10001, 0b01110, 0b10001, 0b10001, 0b01110, 0b00000], // 8
-    [0b01110, 0b10001, 0b10001, 0b01111, 0b00001, 0b00010, 0b01100, 0b00000], // 9
-    [0b00000, 0b01100, 0b01100, 0b00000, 0b01100, 0b01100, 0b00000, 0b00000], // :
-    [0b00000, 0b01100, 0b01100, 0b00000, 0b00000, 0b01100, 0b00100, 0b01000], // ;
-    [0b00010, 0b00100, 0b01000, 0b10000, 0b01000, 0b00100, 0b00010, 0b00000], // <
-    [0b00000, 0b00000, 0b11111, 0b00000, 0b11111, 0b00000, 0b00000, 0b00000], // =
-    [0b01000, 0b00100, 0b00010, 0b00001, 0b00010, 0b00100, 0b01000, 0b00000], // >
-    [0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b00000, 0b00100, 0b00000], // ?
-    [0b01110, 0b10001, 0b00001, 0b01101, 0b10101, 0b10101, 0b01110, 0b00000], // @
-    [0b01110, 0b10001, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b00000], // A
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10001, 0b10001, 0b11110, 0b00000], // B
-    [0b01110, 0b10001, 0b10000, 0b10000, 0b10000, 0b10001, 0b01110, 0b00000], // C
-    [0b11100, 0b10010, 0b10001, 0b10001, 0b10001, 0b10010, 0b11100, 0b00000], // D
-    [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b11111, 0b00000], // E
-    [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b10000, 0b00000], // F
-    [0b01110, 0b10001, 0b10000, 0b10111, 0b10001, 0b10001, 0b01111, 0b00000], // G
-    [0b10001, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001, 0b00000], // H
-    [0b01110, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000], // I
-    [0b00111, 0b00010, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100, 0b00000], // J
-    [0b10001, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b10001, 0b00000], // K
-    [0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b11111, 0b00000], // L
-    [0b10001, 0b11011, 0b10101, 0b10101, 0b10001, 0b10001, 0b10001, 0b00000], // M
-    [0b10001, 0b10001, 0b11001, 0b10101, 0b10011, 0b10001, 0b10001, 0b00000], // N
-    [0b01110, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000], // O
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000, 0b10000, 0b00000], // P
-    [0b01110, 0b10001, 0b10001, 0b10001, 0b10101, 0b10010, 0b01101, 0b00000], // Q
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10100, 0b10010, 0b10001, 0b00000], // R
-    [0b01111, 0b10000, 0b10000, 0b01110, 0b00001, 0b00001, 0b11110, 0b00000], // S
-    [0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000], // T
-    [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000], // U
-    [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100, 0b00000], // V
-    [0b10001, 0b10001, 0b10001, 0b10101, 0b10101, 0b10101, 0b01010, 0b00000], // W
-    [0b10001, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b10001, 0b00000], // X
-    [0b10001, 0b10001, 0b10001, 0b01010, 0b00100, 0b00100, 0b00100, 0b00000], // Y
-    [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b11111, 0b00000], // Z
-    [0b01110, 0b01000, 0b01000, 0b01000, 0b01000, 0b01000, 0b01110, 0b00000], // [
-    [0b00000, 0b10000, 0b01000, 0b00100, 0b00010, 0b00001, 0b00000, 0b00000], // \
-    [0b01110, 0b00010, 0b00010, 0b00010, 0b00010, 0b00010, 0b01110, 0b00000], // ]
-    [0b00100, 0b01010, 0b10001, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // ^
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b11111, 0b00000], // _
-    [0b01000, 0b00100, 0b00010, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // `
-    [0b00000, 0b00000, 0b01110, 0b00001, 0b01111, 0b10001, 0b01111, 0b00000], // a
-    [0b10000, 0b10000, 0b10110, 0b11001, 0b10001, 0b10001, 0b11110, 0b00000], // b
-    [0b00000, 0b00000, 0b01110, 0b10000, 0b10000, 0b10001, 0b01110, 0b00000], // c
-    [0b00001, 0b00001, 0b01101, 0b10011, 0b10001, 0b10001, 0b01111, 0b00000], // d
-    [0b00000, 0b00000, 0b01110, 0b10001, 0b11111, 0b10000, 0b01110, 0b00000], // e
-    [0b00110, 0b01001, 0b01000, 0b11100, 0b01000, 0b01000, 0b01000, 0b00000], // f
-    [0b00000, 0b00000, 0b01111, 0b10001, 0b10001, 0b01111, 0b00001, 0b01110], // g
-    [0b10000, 0b10000, 0b10110, 0b11001, 0b10001, 0b10001, 0b10001, 0b00000], // h
-    [0b00100, 0b00000, 0b01100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000], // i
-    [0b00010, 0b00000, 0b00110, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100], // j
-    [0b10000, 0b10000, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b00000], // k
-    [0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000], // l
-    [0b00000, 0b00000, 0b11010, 0b10101, 0b10101, 0b10001, 0b10001, 0b00000], // m
-    [0b00000, 0b00000, 0b10110, 0b11001, 0b10001, 0b10001, 0b10001, 0b00000], // n
-    [0b00000, 0b00000, 0b01110, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000], // o
-    [0b00000, 0b00000, 0b11110, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000], // p
-    [0b00000, 0b00000, 0b01111, 0b10001, 0b10001, 0b01111, 0b00001, 0b00001], // q
-    [0b00000, 0b00000, 0b10110, 0b11001, 0b10000, 0b10000, 0b10000, 0b00000], // r
-    [0b00000, 0b00000, 0b01110, 0b10000, 0b01110, 0b00001, 0b11110, 0b00000], // s
-    [0b01000, 0b01000, 0b11100, 0b01000, 0b01000, 0b01001, 0b00110, 0b00000], // t
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b10011, 0b01101, 0b00000], // u
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100, 0b00000], // v
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10101, 0b10101, 0b01010, 0b00000], // w
-    [0b00000, 0b00000, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b00000], // x
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b01111, 0b00001, 0b01110], // y
-    [0b00000, 0b00000, 0b11111, 0b00010, 0b00100, 0b01000, 0b11111, 0b00000], // z
-    [0b00010, 0b00100, 0b00100, 0b01000, 0b00100, 0b00100, 0b00010, 0b00000], // {
-    [0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000], // |
-    [0b01000, 0b00100, 0b00100, 0b00010, 0b00100, 0b00100, 0b01000, 0b00000], // }
-    [0b00000, 0b00000, 0b01000, 0b10101, 0b00010, 0b00000, 0b00000, 0b00000], // ~
-];
-
-/// The 8 rows of `c` (bit 4 = leftmost column); `?` for characters outside printable ASCII.
-pub fn glyph(c: char) -> [u8; 8] {
-    let i = match ascii_fold(c) {
-        a @ ' '..='~' => a as usize - 0x20,
-        _ => '?' as usize - 0x20,
-    };
-    GLYPHS[i]
-}
-
-/// `text` with `…` spelled `...` (one glyph per character otherwise).
-fn fold_text(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.contains('\u{2026}') {
-        text.replace('\u{2026}', "...").into()
-    } else {
-        text.into()
-    }
-}
-
-/// Width in image pixels of `text` on one line (no trailing blank column).
-pub fn text_width(text: &str, scale: u32) -> u32 {
-    let n = fold_text(text).chars().count() as u32;
-    (n * ADVANCE).saturating_sub(1) * scale
-}
-
-/// How many characters fit in `width` pixels.
-pub fn chars_fitting(width: u32, scale: u32) -> usize {
-    ((width / scale.max(1) + 1) / ADVANCE) as usize
-}
-
-/// Draws `text` with its top-left corner at `(x, y)` in `color`; pixels outside the image are skipped.
-/// Returns the x just past the last character.
-pub fn draw_text(
-    img: &mut image::RgbImage,
-    x: i64,
-    y: i64,
-    text: &str,
-    scale: u32,
-    color: image::Rgb<u8>,
-) -> i64 {
-    let s = i64::from(scale.max(1));
-    let (w, h) = (i64::from(img.width()), i64::from(img.height()));
-    let mut cx = x;
-    for c in fold_text(text).chars() {
-        for (row, bits) in glyph(c).iter().enumerate() {
-            for col in 0..GLYPH_W {
-                if bits & (1 << (GLYPH_W - 1 - col)) == 0 {
-                    continue;
-                }
-                let (px, py) = (cx + i64::from(col) * s, y + row as i64 * s);
-                for dy in 0..s {
-                    for dx in 0..s {
-                        let (xx, yy) = (px + dx, py + dy);
-                        if (0..w).contains(&xx) && (0..h).contains(&yy) {
-                            img.put_pixel(xx as u32, yy as u32, color);
-                        }
-                    }
-                }
-            }
+impl TextStyle {
+    /// DejaVu Sans, `px` pixels from the top of the tallest glyph to the bottom of the deepest.
+    pub fn new(px: f32) -> Self {
+        let font = FontRef::try_from_slice(dejavu::sans::regular())
+            .expect("the embedded DejaVu Sans parses");
+        Self {
+            font,
+            scale: PxScale::from(px.max(1.0)),
         }
-        cx += i64::from(ADVANCE) * s;
     }
-    cx
-}
 
-/// Greedy word wrap to lines of at most `max_chars` characters (words longer than a line are split;
-/// runs of whitespace collapse to one space).
-pub fn wrap(text: &str, max_chars: usize) -> Vec<String> {
-    let max = max_chars.max(1);
-    let mut lines = Vec::new();
-    let mut cur = String::new();
-    let mut cur_len = 0;
-    for word in text.split_whitespace() {
-        let mut chars: Vec<char> = word.chars().collect();
-        while !chars.is_empty() {
-            let room = if cur_len == 0 {
-                max
-            } else {
-                max.saturating_sub(cur_len + 1)
+    /// Pixels from one line's top to the next's.
+    pub fn line_height(&self) -> u32 {
+        let f = self.font.as_scaled(self.scale);
+        (f.height() + f.line_gap()).ceil() as u32
+    }
+
+    /// Width in pixels of `text` on one line (advances and kerning).
+    pub fn width(&self, text: &str) -> u32 {
+        let f = self.font.as_scaled(self.scale);
+        let mut x = 0.0f32;
+        let mut prev = None;
+        for c in text.chars() {
+            let id = f.glyph_id(c);
+            if let Some(p) = prev {
+                x += f.kern(p, id);
+            }
+            x += f.h_advance(id);
+            prev = Some(id);
+        }
+        x.ceil() as u32
+    }
+
+    /// Draws `text` with the top of its line at `(x, y)`, blending `color` over the image by each
+    /// pixel's coverage; pixels outside the image are skipped. Returns the x just past the text.
+    pub fn draw(
+        &self,
+        img: &mut image::RgbImage,
+        x: i64,
+        y: i64,
+        text: &str,
+        color: image::Rgb<u8>,
+    ) -> i64 {
+        let f = self.font.as_scaled(self.scale);
+        let (w, h) = (i64::from(img.width()), i64::from(img.height()));
+        let baseline = y as f32 + f.ascent();
+        let mut cx = x as f32;
+        let mut prev = None;
+        for c in text.chars() {
+            let id = f.glyph_id(c);
+            if let Some(p) = prev {
+                cx += f.kern(p, id);
+            }
+            let glyph = id.with_scale_and_position(self.scale, point(cx, baseline));
+            cx += f.h_advance(id);
+            prev = Some(id);
+            let Some(outline) = self.font.outline_glyph(glyph) else {
+                continue; // a space
             };
-            if chars.len() <= room {
-                if cur_len > 0 {
-                    cur.push(' ');
-                    cur_len += 1;
+            let b = outline.px_bounds();
+            outline.draw(|gx, gy, coverage| {
+                let (px, py) = (
+                    b.min.x as i64 + i64::from(gx),
+                    b.min.y as i64 + i64::from(gy),
+                );
+                if !(0..w).contains(&px) || !(0..h).contains(&py) {
+                    return;
                 }
-                cur.extend(chars.iter());
-                cur_len += chars.len();
-                chars.clear();
-            } else if cur_len > 0 {
-                lines.push(std::mem::take(&mut cur));
-                cur_len = 0;
+                let a = coverage.clamp(0.0, 1.0);
+                let p = img.get_pixel_mut(px as u32, py as u32);
+                for k in 0..3 {
+                    let v = f32::from(p[k]) * (1.0 - a) + f32::from(color[k]) * a;
+                    p[k] = v.round() as u8;
+                }
+            });
+        }
+        cx.ceil() as i64
+    }
+
+    /// Greedy word wrap to lines at most `max_width` pixels wide (a word wider than a line is split
+    /// between characters; runs of whitespace collapse to one space), at most `max_lines` lines; a cut
+    /// ends with `…`.
+    pub fn wrap(&self, text: &str, max_width: u32, max_lines: usize) -> Vec<String> {
+        let fits = |s: &str| self.width(s) <= max_width;
+        let mut lines: Vec<String> = Vec::new();
+        let mut cur = String::new();
+        for word in text.split_whitespace() {
+            let joined = if cur.is_empty() {
+                word.to_string()
             } else {
-                let rest = chars.split_off(max);
-                lines.push(chars.iter().collect());
-                chars = rest;
+                format!("{cur} {word}")
+            };
+            if fits(&joined) {
+                cur = joined;
+                continue;
+            }
+            if !cur.is_empty() {
+                lines.push(std::mem::take(&mut cur));
+            }
+            // The word alone, split where it does not fit (at least one character per line).
+            for c in word.chars() {
+                let mut next = cur.clone();
+                next.push(c);
+                if !cur.is_empty() && !fits(&next) {
+                    lines.push(std::mem::take(&mut cur));
+                    next = c.to_string();
+                }
+                cur = next;
             }
         }
-    }
-    if cur_len > 0 {
-        lines.push(cur);
-    }
-    lines
-}
-
-/// [`wrap`] keeping at most `max_lines` lines; a cut ends with `...`.
-pub fn wrap_lines(text: &str, max_chars: usize, max_lines: usize) -> Vec<String> {
-    let mut lines = wrap(text, max_chars);
-    if lines.len() > max_lines && max_lines > 0 {
-        lines.truncate(max_lines);
-        let last = &mut lines[max_lines - 1];
-        let keep = max_chars.max(3) - 3;
-        if last.chars().count() > keep {
-            *last = last.chars().take(keep).collect();
+        if !cur.is_empty() {
+            lines.push(cur);
         }
-        last.push_str("...");
+        if max_lines > 0 && lines.len() > max_lines {
+            lines.truncate(max_lines);
+            let last = lines.last_mut().expect("max_lines > 0");
+            while !last.is_empty() && !fits(&format!("{last}…")) {
+                last.pop();
+            }
+            let trimmed = last.trim_end().to_string();
+            *last = format!("{trimmed}…");
+        }
+        lines
     }
-    lines
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn render(text: &str) -> Vec<String> {
-        let mut img = image::RgbImage::new(text_width(text, 1), GLYPH_H);
-        draw_text(&mut img, 0, 0, text, 1, image::Rgb([255, 255, 255]));
-        (0..GLYPH_H)
-            .map(|y| {
-                (0..img.width())
-                    .map(|x| if img.get_pixel(x, y)[0] > 0 { '#' } else { '.' })
-                    .collect()
-            })
+    fn ink(img: &image::RgbImage) -> Vec<(u32, u32)> {
+        img.enumerate_pixels()
+            .filter(|(_, _, p)| p[0] < 255)
+            .map(|(x, y, _)| (x, y))
             .collect()
     }
 
+    /// Text lands inside its measured box: left of `width`, within one line height.
     #[test]
-    fn draws_glyph_rows_left_to_right() {
+    fn draws_inside_the_measured_box() {
+        let style = TextStyle::new(16.0);
+        let text = "A dog, on the grass (Émile's)";
+        let (w, h) = (style.width(text) + 20, style.line_height() + 20);
+        let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+        let end = style.draw(&mut img, 10, 10, text, image::Rgb([0, 0, 0]));
+        assert_eq!(end, 10 + i64::from(style.width(text)));
+        let pts = ink(&img);
+        assert!(pts.len() > 200, "{} inked pixels", pts.len());
+        for (x, y) in pts {
+            assert!((9..=10 + style.width(text) + 1).contains(&x), "x {x}");
+            assert!((10..10 + style.line_height()).contains(&y), "y {y}");
+        }
+        // Anti-aliased: some pixels are neither background nor full ink.
+        assert!(img.pixels().any(|p| p[0] > 0 && p[0] < 255));
+    }
+
+    /// Proportional widths; a space draws nothing; characters beyond ASCII have their own glyphs.
+    #[test]
+    fn widths_and_glyphs() {
+        let style = TextStyle::new(12.0);
+        assert!(style.width("WWW") > style.width("iii"));
+        assert_eq!(style.width(""), 0);
+        assert!(style.width("ab") > style.width("a"));
+        let render = |t: &str| {
+            let mut img = image::RgbImage::from_pixel(40, 20, image::Rgb([255, 255, 255]));
+            style.draw(&mut img, 2, 2, t, image::Rgb([0, 0, 0]));
+            img
+        };
+        assert!(ink(&render(" ")).is_empty());
+        assert_ne!(render("é"), render("e"));
+        assert_ne!(render("é"), render("?"));
+        // Drawing partly outside the image on every side is fine.
+        let mut small = image::RgbImage::from_pixel(6, 6, image::Rgb([255, 255, 255]));
+        style.draw(&mut small, -4, -5, "MW", image::Rgb([0, 0, 0]));
+        assert!(!ink(&small).is_empty());
+    }
+
+    #[test]
+    fn wrap_fits_the_width_and_cuts_with_an_ellipsis() {
+        let style = TextStyle::new(12.0);
+        let text = "a photo of a  dog\non the beach at sunset with a red ball";
+        let width = style.width("a photo of a dog");
+        let lines = style.wrap(text, width, 0);
+        assert!(lines.len() > 2, "{lines:?}");
+        for l in &lines {
+            assert!(style.width(l) <= width, "{l:?}");
+        }
         assert_eq!(
-            render("Hi"),
-            [
-                "#...#...#..",
-                "#...#......",
-                "#...#..##..",
-                "#####...#..",
-                "#...#...#..",
-                "#...#...#..",
-                "#...#..###.",
-                "...........",
-            ]
+            lines.join(" "),
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
         );
-    }
-
-    #[test]
-    fn every_printable_glyph_is_distinct_and_non_ascii_is_a_question_mark() {
-        let mut seen = std::collections::HashSet::new();
-        for c in '!'..='~' {
-            let g = glyph(c);
-            assert!(g.iter().any(|&r| r != 0), "{c:?} is blank");
-            assert!(g.iter().all(|&r| r < 32), "{c:?} is wider than 5");
-            assert!(seen.insert(g), "{c:?} duplicates another glyph");
-        }
-        assert_eq!(glyph(' '), [0; 8]);
-        assert_eq!(glyph('é'), glyph('?'));
-        assert_eq!(glyph('\n'), glyph('?'));
-        assert_eq!(glyph('\u{2014}'), glyph('-'));
-        assert_eq!(glyph('\u{2019}'), glyph('\''));
-        assert_eq!(text_width("a\u{2026}", 1), text_width("a...", 1));
-        // Descenders use the last row; capitals do not.
-        for c in ['g', 'j', 'p', 'q', 'y'] {
-            assert_ne!(glyph(c)[7], 0, "{c}");
-        }
-        for c in 'A'..='Z' {
-            assert_eq!(glyph(c)[7], 0, "{c}");
-        }
-    }
-
-    #[test]
-    fn scaled_text_and_clipping() {
-        assert_eq!(text_width("abc", 2), (3 * 6 - 1) * 2);
-        assert_eq!(text_width("", 3), 0);
-        assert_eq!(chars_fitting(text_width("abcd", 2), 2), 4);
-        assert_eq!(chars_fitting(text_width("abcd", 2) - 1, 2), 3);
-        let mut img = image::RgbImage::new(8, 8);
-        // Partly outside on every side: no panic, something drawn.
-        let end = draw_text(&mut img, -3, -2, "MW", 2, image::Rgb([9, 9, 9]));
-        assert_eq!(end, -3 + 2 * 12);
-        assert!(img.pixels().any(|p| p[0] == 9));
-    }
-
-    #[test]
-    fn word_wrap() {
-        assert_eq!(
-            wrap("a photo of a  dog\non the beach", 10),
-            ["a photo of", "a dog on", "the beach"]
-        );
-        assert_eq!(wrap("abcdefghij klm", 4), ["abcd", "efgh", "ij", "klm"]);
-        assert!(wrap("   ", 5).is_empty());
-        let cut = wrap_lines("one two three four five six", 9, 2);
-        assert_eq!(cut, ["one two", "three..."]);
-        assert!(cut.iter().all(|l| l.chars().count() <= 9));
+        let cut = style.wrap(text, width, 2);
+        assert_eq!(cut.len(), 2);
+        assert!(cut[1].ends_with('…'), "{cut:?}");
+        assert!(style.width(&cut[1]) <= width);
+        // A word wider than the line is split between characters.
+        let long = style.wrap("abcdefghijklmnopqrstuvwxyz", style.width("abcdefgh"), 0);
+        assert!(long.len() >= 3, "{long:?}");
+        assert_eq!(long.concat(), "abcdefghijklmnopqrstuvwxyz");
+        assert!(style.wrap("   ", 50, 3).is_empty());
     }
 }

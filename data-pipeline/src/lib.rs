@@ -19,6 +19,7 @@ pub mod moments;
 pub mod npy;
 pub mod openimages;
 pub mod preprocess;
+pub mod preview;
 pub mod shards;
 pub mod synth;
 pub mod synthetic;

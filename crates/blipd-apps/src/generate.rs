@@ -15,17 +15,18 @@
 
 use std::path::Path;
 
+use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptTemplate};
 use blipd_models::controlnet::{self, ControlNetModel};
 use blipd_models::ctx_clip_text::{
     ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY, DEFAULT_CTX_BEGIN_POS,
 };
 use blipd_models::qformer::{Blip2Config, Blip2QFormerModel};
+use blipd_models::sampling::{self, Control, Steps};
+pub use blipd_models::sampling::{Sampler, StepInfo};
 use blipd_models::schedulers::{
     DdimScheduler, DdimSchedulerConfig, PndmScheduler, PndmSchedulerConfig,
 };
-use blipd_models::tokenizers::{
-    BertTokenizer, BlipDiffusionPrompt, ClipTokenizer, TextNormalization, TokenBatch,
-};
+use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer, TextNormalization};
 use blipd_models::unet::{self, UNet2DConditionModel};
 use blipd_models::vae::{to_uint8_image, AutoencoderKL, Uint8Images};
 use blipd_models::weights::{DiffusersFolder, StateDict};
@@ -50,7 +51,8 @@ pub struct GenerateOptions {
     pub neg_prompt: String,
     /// Prompt amplification: the built prompt is repeated `int(prompt_strength · prompt_reps)` times.
     pub prompt_strength: f64,
-    pub prompt_reps: usize,
+    /// `None`: the model's own (`_blipd_prompt_reps` of a blipd export, else the released 20).
+    pub prompt_reps: Option<usize>,
     /// Subject / prompt normalisation (diffusers: none; LAVIS notebooks: `blip_caption`).
     pub normalization: TextNormalization,
     /// Reference-image resize (diffusers squash vs LAVIS shorter side + centre crop).
@@ -64,55 +66,6 @@ pub struct GenerateOptions {
     pub sampler: Sampler,
 }
 
-/// The denoising sampler of a generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Sampler {
-    #[default]
-    Pndm,
-    Ddim,
-}
-
-/// A sampler ready to step: the schedulers' common surface for [`BlipDiffusionPipeline::denoise`].
-enum Steps<B: Backend> {
-    Pndm(PndmScheduler<B>),
-    Ddim(DdimScheduler),
-}
-
-impl<B: Backend> Steps<B> {
-    fn timesteps(&self) -> Vec<usize> {
-        match self {
-            Steps::Pndm(s) => s.timesteps().to_vec(),
-            Steps::Ddim(s) => s.timesteps().to_vec(),
-        }
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        match self {
-            Steps::Pndm(s) => s.init_noise_sigma(),
-            Steps::Ddim(s) => s.init_noise_sigma(),
-        }
-    }
-
-    fn scale_model_input(&self, x: Tensor<B, 4>, t: usize) -> Tensor<B, 4> {
-        match self {
-            Steps::Pndm(s) => s.scale_model_input(x, t),
-            Steps::Ddim(s) => s.scale_model_input(x, t),
-        }
-    }
-
-    fn step(
-        &mut self,
-        eps: Tensor<B, 4>,
-        t: usize,
-        latents: Tensor<B, 4>,
-    ) -> Result<Tensor<B, 4>, AppError> {
-        Ok(match self {
-            Steps::Pndm(s) => s.step(eps, t, latents)?,
-            Steps::Ddim(s) => s.step(eps, t, latents)?.prev_sample,
-        })
-    }
-}
-
 impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
@@ -122,7 +75,7 @@ impl Default for GenerateOptions {
             width: 512,
             neg_prompt: String::new(),
             prompt_strength: 1.0,
-            prompt_reps: 20,
+            prompt_reps: None,
             normalization: TextNormalization::None,
             reference_resize: ReferenceResize::Diffusers,
             seed: 42,
@@ -144,7 +97,7 @@ impl GenerateOptions {
     }
 
     fn do_cfg(&self) -> bool {
-        self.guidance_scale > 1.0
+        sampling::guided(self.guidance_scale)
     }
 
     /// The values that need no model to check: sizes above 0, at least one step, finite scales.
@@ -190,17 +143,6 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// What [`BlipDiffusionPipeline::denoise`] reports after each scheduler step.
-pub struct StepInfo<'a, B: Backend> {
-    /// Index of the network call (0-based; `num_inference_steps + 1` calls in all).
-    pub index: usize,
-    pub timestep: usize,
-    /// Guided noise prediction of this call.
-    pub noise_pred: &'a Tensor<B, 4>,
-    /// Latents after the step.
-    pub latents: &'a Tensor<B, 4>,
-}
-
 /// Result of a generation.
 #[derive(Debug, Clone)]
 pub struct GenerateOutput<B: Backend> {
@@ -242,8 +184,13 @@ pub struct BlipDiffusionPipeline<B: Backend> {
     pub image_size: usize,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
-    /// Where the subject embeddings are spliced into the prompt tokens (2: after BOS and "a").
-    pub ctx_begin_pos: usize,
+    /// How the model reads its prompt: the template, repetitions and splice position it was trained
+    /// with (`ctx_begin_pos`, and a blipd export's `_blipd_prompt_template` / `_blipd_prompt_reps`;
+    /// the released form otherwise), for its text encoder's positions and the Q-Former's queries.
+    pub prompt: BlipDiffusionPrompt,
+    /// Whether the Q-Former reads the subject's class text beside the image (true; a blipd export of
+    /// the "without subject text" ablation sets `_blipd_subject_text: false`).
+    pub subject_text: bool,
     /// A fine-tuned folder's cached subject embedding `[1, N, D]` (`ctx_embeddings_cache.safetensors`,
     /// written by `blipd finetune`): generation uses it instead of a reference image, as LAVIS does.
     pub ctx_cache: Option<Tensor<B, 3>>,
@@ -291,7 +238,8 @@ fn rgb_triplet(
 impl<B: Backend> BlipDiffusionPipeline<B> {
     /// Load a diffusers BlipDiffusion folder (a local copy of `Salesforce/blipdiffusion`):
     /// `qformer/`, `text_encoder/`, `unet/`, `vae/`, `tokenizer/`, optional `scheduler/` and
-    /// `image_processor/`, `model_index.json` (`ctx_begin_pos`, `mean`, `std`).
+    /// `image_processor/`, `model_index.json` (`ctx_begin_pos`, `mean`, `std`; blipd exports add
+    /// `_blipd_prompt_template`, `_blipd_prompt_reps`).
     ///
     /// The Q-Former's BERT vocabulary is not part of the released folder: it is looked up as
     /// `qformer/vocab.txt`, then `bert_vocab`, then `$BLIPD_BERT_VOCAB`.
@@ -383,9 +331,31 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 ),
             ));
         }
-        let ctx_begin_pos = folder
-            .index_usize("ctx_begin_pos")
-            .unwrap_or(DEFAULT_CTX_BEGIN_POS);
+        let template = match folder.index.get("_blipd_prompt_template") {
+            None => PromptTemplate::Released,
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| folder_err(&idx, "`_blipd_prompt_template` is not a string"))
+                .and_then(|name| {
+                    PromptTemplate::from_name(name).map_err(|e| folder_err(&idx, e.to_string()))
+                })?,
+        };
+        let subject_text = match folder.index.get("_blipd_subject_text") {
+            None => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| folder_err(&idx, "`_blipd_subject_text` is not true or false"))?,
+        };
+        let prompt = BlipDiffusionPrompt {
+            template,
+            prompt_reps: folder.index_usize("_blipd_prompt_reps").unwrap_or(20),
+            ctx_begin_pos: folder
+                .index_usize("ctx_begin_pos")
+                .unwrap_or(DEFAULT_CTX_BEGIN_POS),
+            num_ctx_tokens: qcfg.num_query_tokens,
+            max_position_embeddings: text_encoder.max_position_embeddings,
+            ..BlipDiffusionPrompt::default()
+        };
         let cache_path = dir.join(CTX_CACHE_FILE);
         let ctx_cache = if cache_path.is_file() {
             let sd = StateDict::read(&cache_path)?;
@@ -423,7 +393,8 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             image_size,
             image_mean,
             image_std,
-            ctx_begin_pos,
+            prompt,
+            subject_text,
             device: device.clone(),
         })
     }
@@ -510,24 +481,27 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             .map(|s| normalization.apply(s))
             .collect();
         let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-        let tokens = self.qformer_tokenizer.encode_batch(&refs)?;
-        let ids = tokens.ids_tensor::<B>(&self.device);
-        let mask = int_mask::<B>(&tokens, &self.device);
-        Ok(self.qformer.forward(pixels, ids, mask))
+        Ok(conditioning::subject_embeddings(
+            &self.qformer,
+            &self.qformer_tokenizer,
+            pixels,
+            self.subject_text.then_some(&refs[..]),
+        )?)
     }
 
+    /// The model's prompt ([`Self::prompt`]) with the request's strength, repetitions and
+    /// normalisation.
     fn prompt_builder(&self, opts: &GenerateOptions) -> BlipDiffusionPrompt {
         BlipDiffusionPrompt {
             prompt_strength: opts.prompt_strength,
-            prompt_reps: opts.prompt_reps,
+            prompt_reps: opts.prompt_reps.unwrap_or(self.prompt.prompt_reps),
             normalization: opts.normalization,
-            num_ctx_tokens: self.qformer.num_query_tokens(),
-            max_position_embeddings: self.text_encoder.max_position_embeddings,
+            ..self.prompt.clone()
         }
     }
 
-    /// Conditional text embeddings `[B, 77, D]`: the amplified prompt with the subject embeddings
-    /// spliced after token `ctx_begin_pos`.
+    /// Conditional text embeddings `[B, 77, D]`: each prompt built with its target subject, the
+    /// subject embeddings spliced in ([`conditioning::condition`], the path training takes).
     pub fn encode_prompt(
         &self,
         ctx: Tensor<B, 3>,
@@ -542,13 +516,15 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 prompts.len()
             )));
         }
-        let tokens =
-            self.prompt_builder(opts)
-                .cond_tokens(&self.tokenizer, prompts, tgt_subjects)?;
-        let ids = tokens.ids_tensor::<B>(&self.device);
-        Ok(self
-            .text_encoder
-            .forward(ids, Some(ctx), self.ctx_begin_pos)?)
+        Ok(conditioning::condition(
+            &self.text_encoder,
+            &self.tokenizer,
+            &self.prompt_builder(opts),
+            ctx,
+            prompts,
+            tgt_subjects,
+            &vec![true; prompts.len()],
+        )?)
     }
 
     /// Unconditional text embeddings `[batch, 77, D]` of the negative prompt (no subject embeddings).
@@ -558,11 +534,29 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         batch: usize,
         opts: &GenerateOptions,
     ) -> Result<Tensor<B, 3>, AppError> {
-        let tokens = self
-            .prompt_builder(opts)
-            .uncond_tokens(&self.tokenizer, neg_prompt, batch)?;
-        let ids = tokens.ids_tensor::<B>(&self.device);
-        Ok(self.text_encoder.forward(ids, None, 0)?)
+        Ok(conditioning::negative_states(
+            &self.text_encoder,
+            &self.tokenizer,
+            &self.prompt_builder(opts),
+            neg_prompt,
+            batch,
+        )?)
+    }
+
+    /// With guidance, `[uncond; cond]` (`[2B, 77, D]`) for conditional states `cond` (`[B, 77, D]`);
+    /// without, `cond`.
+    fn with_negative(
+        &self,
+        cond: Tensor<B, 3>,
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        Ok(conditioning::with_negative(
+            &self.text_encoder,
+            &self.tokenizer,
+            &self.prompt_builder(opts),
+            cond,
+            opts.do_cfg().then_some(opts.neg_prompt.as_str()),
+        )?)
     }
 
     /// The conditioning of prompts *without* subject embeddings — each prompt alone, as the dropped
@@ -581,15 +575,13 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 )));
             }
         }
-        let trimmed: Vec<&str> = prompts.iter().map(|p| p.trim()).collect();
-        let tokens = self.tokenizer.encode_batch(&trimmed, max)?;
-        let ids = tokens.ids_tensor::<B>(&self.device);
-        let cond = self.text_encoder.forward(ids, None, 0)?;
-        if !opts.do_cfg() {
-            return Ok(cond);
-        }
-        let uncond = self.encode_negative(&opts.neg_prompt, prompts.len(), opts)?;
-        Ok(Tensor::cat(vec![uncond, cond], 0))
+        let prompt = self.prompt_builder(opts);
+        let rows = prompts
+            .iter()
+            .map(|p| prompt.text_only(&self.tokenizer, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cond = conditioning::encode_rows(&self.text_encoder, &rows, None)?;
+        self.with_negative(cond, opts)
     }
 
     /// The U-Net conditioning: `[uncond; cond]` (`[2B, 77, D]`) with CFG, else `cond` (`[B, 77, D]`).
@@ -601,11 +593,7 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         opts: &GenerateOptions,
     ) -> Result<Tensor<B, 3>, AppError> {
         let cond = self.encode_prompt(ctx, prompts, tgt_subjects, opts)?;
-        if !opts.do_cfg() {
-            return Ok(cond);
-        }
-        let uncond = self.encode_negative(&opts.neg_prompt, prompts.len(), opts)?;
-        Ok(Tensor::cat(vec![uncond, cond], 0))
+        self.with_negative(cond, opts)
     }
 
     /// Pixels per latent pixel: `2^(len(unet.block_out_channels) − 1)` (8 for SD-1.5), as diffusers'
@@ -730,41 +718,20 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         opts: &GenerateOptions,
         on_step: &mut dyn FnMut(StepInfo<'_, B>),
     ) -> Result<Tensor<B, 4>, AppError> {
-        let cfg = opts.do_cfg();
         let control = match control {
             None => None,
-            Some(c) => {
-                let net = self.controlnet.as_ref().ok_or_else(|| {
+            Some(image) => Some(Control {
+                net: self.controlnet.as_ref().ok_or_else(|| {
                     AppError::Request(
                         "a condition image needs a ControlNet (the folder's controlnet/ or --controlnet)"
                             .into(),
                     )
-                })?;
-                let [b, _, _, _] = latents.dims();
-                let [cb, _, _, _] = c.dims();
-                let c = if cb == 1 && b > 1 {
-                    c.repeat_dim(0, b)
-                } else {
-                    c
-                };
-                let c = if cfg {
-                    Tensor::cat(vec![c.clone(), c], 0)
-                } else {
-                    c
-                };
-                Some((net, c))
-            }
+                })?,
+                image,
+                scale: opts.controlnet_conditioning_scale,
+            }),
         };
-        let [b, _, _, _] = latents.dims();
-        let [tb, _, _] = text_embeddings.dims();
-        let expected = if cfg { 2 * b } else { b };
-        if tb != expected {
-            return Err(AppError::Request(format!(
-                "{tb} text embeddings for {b} latents (expected {expected}{})",
-                if cfg { " with guidance" } else { "" }
-            )));
-        }
-        let mut scheduler = match opts.sampler {
+        let scheduler = match opts.sampler {
             Sampler::Pndm => {
                 let mut s = PndmScheduler::<B>::new(self.scheduler.clone())?;
                 s.set_timesteps(opts.num_inference_steps)?;
@@ -776,47 +743,15 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 Steps::Ddim(s)
             }
         };
-        let timesteps = scheduler.timesteps();
-        let mut latents = latents.mul_scalar(scheduler.init_noise_sigma());
-        for (index, &t) in timesteps.iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(input, t);
-            let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
-            let eps = match &control {
-                None => self.unet.forward(input, tt, text_embeddings.clone(), None),
-                Some((net, cond)) => {
-                    let res = net.forward(
-                        input.clone(),
-                        tt.clone(),
-                        text_embeddings.clone(),
-                        cond.clone(),
-                        opts.controlnet_conditioning_scale,
-                    );
-                    self.unet
-                        .forward(input, tt, text_embeddings.clone(), Some(res.into_extras()))
-                }
-            };
-            let eps = if cfg {
-                let mut halves = eps.chunk(2, 0);
-                let cond = halves.pop().expect("two halves");
-                let uncond = halves.pop().expect("two halves");
-                uncond.clone() + (cond - uncond).mul_scalar(opts.guidance_scale)
-            } else {
-                eps
-            };
-            latents = scheduler.step(eps.clone(), t, latents)?;
-            on_step(StepInfo {
-                index,
-                timestep: t,
-                noise_pred: &eps,
-                latents: &latents,
-            });
-        }
-        Ok(latents)
+        Ok(sampling::denoise(
+            &self.unet,
+            control,
+            scheduler,
+            latents,
+            text_embeddings,
+            opts.guidance_scale,
+            on_step,
+        )?)
     }
 
     /// VAE decode of diffusion latents → images in `[0, 1]` (`(x/2 + 0.5).clamp(0, 1)`).
@@ -980,15 +915,4 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             &mut |_| {},
         )
     }
-}
-
-fn int_mask<B: Backend>(tokens: &TokenBatch, device: &B::Device) -> Tensor<B, 2, Int> {
-    let (b, l) = (tokens.batch_size(), tokens.seq_len());
-    let flat: Vec<i64> = tokens
-        .attention_mask
-        .iter()
-        .flatten()
-        .map(|&m| i64::from(m))
-        .collect();
-    Tensor::from_data(TensorData::new(flat, [b, l]), device)
 }

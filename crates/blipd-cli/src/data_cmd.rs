@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use blipd_apps::segment::{write_clipseg_masks, ClipSegSegmenter, MaskEvent, MaskJobOptions};
 use blipd_data::masks::{MaskSource, MaskStore};
 use blipd_data::openimages::{filter_openimages, write_subjects_csv, FilterInputs, ImageDirSizes};
+use blipd_data::shards::Manifest;
 use blipd_data::shards::Part;
-use blipd_data::shards::{Manifest, ShardReader};
 use blipd_data::synth::{read_subjects_csv, synth_part, PipelineConfig, SynthEvent};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,42 +55,10 @@ pub enum DataCommand {
     /// side file per shard and `moments.json`, keyed by the VAE's weights, the size and the crop rule.
     /// A stage-2 run over the folder with that VAE and `[data] target_size` then skips the VAE encoder
     /// (and refuses a cache made for anything else). Resumable: current side files are kept.
-    EncodeLatents {
-        /// Shard folder (`blipd data synth` output).
-        #[arg(long)]
-        shards: PathBuf,
-        /// A diffusers pipeline folder (its `vae/`) or a VAE component folder: the VAE stage 2 will use.
-        #[arg(long)]
-        model: PathBuf,
-        /// Target side in pixels (stage 2's `[data] target_size`).
-        #[arg(long, default_value_t = 512)]
-        size: usize,
-        /// Images per VAE batch.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-    },
+    EncodeLatents(EncodeLatentsArgs),
     /// OpenImages V6 subject filter (paper appendix A.5): box CSV + class descriptions (+ image labels)
     /// → kept-subjects CSV, with per-rule drop counts.
-    Filter {
-        /// e.g. oidv6-train-annotations-bbox.csv (13 or 21 columns).
-        #[arg(long)]
-        boxes: PathBuf,
-        /// class-descriptions-boxable.csv (no header).
-        #[arg(long)]
-        classes: PathBuf,
-        /// Optional human-verified image labels (drops images with people).
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        /// Folder of <ImageID>.jpg (pixel sizes for the aspect rule are read from the headers).
-        #[arg(long)]
-        images: PathBuf,
-        /// Pipeline config ([filter], [read]); defaults when absent.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Kept subjects CSV; problems go to <out>.problems.tsv.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Filter(FilterArgs),
     /// One mask per kept subject into a <ImageID>.png folder (the `dir` mask source of `synth`).
     ///
     /// `--source clipseg` (the paper's way): CLIPSeg rd64-refined prompted with the subject's class name
@@ -103,107 +71,167 @@ pub enum DataCommand {
     ///
     /// `--source openimages`: OpenImages segmentation masks in `--from` (<ImageID>_<mid>_<BoxID>.png, the
     /// one whose box best overlaps the subject's). `--source dir`: re-export a <ImageID>.png folder.
-    Masks {
-        /// Kept-subjects CSV (`blipd data filter`): ImageID, ClassName (the CLIPSeg prompt), box, …
-        #[arg(long)]
-        subjects: PathBuf,
-        #[arg(long, value_enum, default_value = "openimages")]
-        source: MasksSourceArg,
-        /// Folder of source masks (openimages, dir) or the CLIPSeg model folder (clipseg).
-        #[arg(long)]
-        from: PathBuf,
-        /// Folder of <ImageID>.<ext> images (clipseg).
-        #[arg(long)]
-        images: Option<PathBuf>,
-        #[arg(long)]
-        out: PathBuf,
-        /// Images per CLIPSeg forward.
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// CLIPSeg prompt; `{}` is replaced by the class name.
-        #[arg(long, default_value = "{}")]
-        prompt: String,
-        /// Pipeline config: [read] limits and [synth] image_extensions (defaults when absent).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Only part I of N of the images (by a hash of the ImageID), for splitting the run across
-        /// machines into one shared --out; default: a SLURM array's task or RANK/WORLD_SIZE when set.
-        #[arg(long, value_name = "I/N")]
-        shard: Option<String>,
-    },
+    Masks(MasksArgs),
     /// The whole chain into resumable Parquet shards (rerun after an interruption to finish; completed
     /// shards are kept).
-    Synth {
-        /// e.g. configs/data/pipeline.toml
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        subjects: Option<PathBuf>,
-        #[arg(long)]
-        images: Option<PathBuf>,
-        #[arg(long)]
-        masks: Option<PathBuf>,
-        #[arg(long, value_enum)]
-        mask_source: Option<MaskSourceArg>,
-        #[arg(long)]
-        backgrounds: Option<PathBuf>,
-        #[arg(long)]
-        captions: Option<PathBuf>,
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        limit: Option<u64>,
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long)]
-        max_side: Option<u32>,
-        #[arg(long)]
-        rows_per_shard: Option<u64>,
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Make part I of N only (the shards k with k mod N = I), for splitting the run across
-        /// machines; default: a SLURM job array's task (SLURM_ARRAY_TASK_ID/COUNT) or RANK/WORLD_SIZE
-        /// when set. The part that completes the set writes manifest.json (else `merge-manifests`).
-        #[arg(long, value_name = "I/N")]
-        shard: Option<String>,
-    },
+    Synth(SynthArgs),
     /// Join the manifests of a synth run split into N parts (`synth --shard I/N`) into manifest.json,
     /// once every part is complete (the part finishing last does it too); lists the parts still missing.
-    MergeManifests {
-        /// The shard folder.
-        #[arg(long)]
-        shards: PathBuf,
-        /// N, the number of parts.
-        #[arg(long)]
-        parts: u64,
-    },
+    MergeManifests(MergeManifestsArgs),
     /// A PNG grid of the first stored pairs: input (subject on a new background) | target, one pair per row,
     /// with the class name, ImageID and caption written under each row.
-    Preview {
-        #[arg(long)]
-        shards: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        /// Pairs shown.
-        #[arg(long, default_value_t = 8)]
-        n: usize,
-        /// Cell size in pixels.
-        #[arg(long, default_value_t = 192)]
-        cell: u32,
-    },
+    Preview(PreviewArgs),
     /// Closed-form matting of one image: trimap grey levels ≤ 10% background, ≥ 90% foreground, else
     /// unknown; α written as a 16-bit grey PNG.
-    Matte {
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long)]
-        trimap: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        /// Also write the estimated foreground colours (RGB PNG).
-        #[arg(long)]
-        foreground: Option<PathBuf>,
-    },
+    Matte(MatteArgs),
+}
+
+/// Arguments of `blipd data encode-latents`.
+#[derive(Args)]
+pub struct EncodeLatentsArgs {
+    /// Shard folder (`blipd data synth` output).
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// A diffusers pipeline folder (its `vae/`) or a VAE component folder: the VAE stage 2 will use.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Target side in pixels (stage 2's `[data] target_size`).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Images per VAE batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+/// Arguments of `blipd data filter`.
+#[derive(Args)]
+pub struct FilterArgs {
+    /// e.g. oidv6-train-annotations-bbox.csv (13 or 21 columns).
+    #[arg(long)]
+    pub boxes: PathBuf,
+    /// class-descriptions-boxable.csv (no header).
+    #[arg(long)]
+    pub classes: PathBuf,
+    /// Optional human-verified image labels (drops images with people).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Folder of <ImageID>.jpg (pixel sizes for the aspect rule are read from the headers).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Pipeline config ([filter], [read]); defaults when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kept subjects CSV; problems go to <out>.problems.tsv.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `blipd data masks`.
+#[derive(Args)]
+pub struct MasksArgs {
+    /// Kept-subjects CSV (`blipd data filter`): ImageID, ClassName (the CLIPSeg prompt), box, …
+    #[arg(long)]
+    pub subjects: PathBuf,
+    #[arg(long, value_enum, default_value = "openimages")]
+    pub source: MasksSourceArg,
+    /// Folder of source masks (openimages, dir) or the CLIPSeg model folder (clipseg).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Folder of <ImageID>.<ext> images (clipseg).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per CLIPSeg forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// CLIPSeg prompt; `{}` is replaced by the class name.
+    #[arg(long, default_value = "{}")]
+    pub prompt: String,
+    /// Pipeline config: [read] limits and [synth] image_extensions (defaults when absent).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Only part I of N of the images (by a hash of the ImageID), for splitting the run across
+    /// machines into one shared --out; default: a SLURM array's task or RANK/WORLD_SIZE when set.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+}
+
+/// Arguments of `blipd data synth`.
+#[derive(Args)]
+pub struct SynthArgs {
+    /// e.g. configs/data/pipeline.toml
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub subjects: Option<PathBuf>,
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    #[arg(long)]
+    pub masks: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub mask_source: Option<MaskSourceArg>,
+    #[arg(long)]
+    pub backgrounds: Option<PathBuf>,
+    #[arg(long)]
+    pub captions: Option<PathBuf>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub max_side: Option<u32>,
+    #[arg(long)]
+    pub rows_per_shard: Option<u64>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Make part I of N only (the shards k with k mod N = I), for splitting the run across
+    /// machines; default: a SLURM job array's task (SLURM_ARRAY_TASK_ID/COUNT) or RANK/WORLD_SIZE
+    /// when set. The part that completes the set writes manifest.json (else `merge-manifests`).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+}
+
+/// Arguments of `blipd data merge-manifests`.
+#[derive(Args)]
+pub struct MergeManifestsArgs {
+    /// The shard folder.
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// N, the number of parts.
+    #[arg(long)]
+    pub parts: u64,
+}
+
+/// Arguments of `blipd data preview`.
+#[derive(Args)]
+pub struct PreviewArgs {
+    #[arg(long)]
+    pub shards: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Pairs shown.
+    #[arg(long, default_value_t = 8)]
+    pub n: usize,
+    /// Cell size in pixels.
+    #[arg(long, default_value_t = 192)]
+    pub cell: u32,
+}
+
+/// Arguments of `blipd data matte`.
+#[derive(Args)]
+pub struct MatteArgs {
+    #[arg(long)]
+    pub image: PathBuf,
+    #[arg(long)]
+    pub trimap: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the estimated foreground colours (RGB PNG).
+    #[arg(long)]
+    pub foreground: Option<PathBuf>,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -225,7 +253,14 @@ fn load_config(path: Option<&Path>) -> Result<PipelineConfig> {
 }
 
 /// `blipd data encode-latents`.
-fn encode_latents(shards: &Path, model: &Path, size: usize, batch: usize) -> Result<ExitCode> {
+fn encode_latents(args: EncodeLatentsArgs) -> Result<ExitCode> {
+    let EncodeLatentsArgs {
+        shards,
+        model,
+        size,
+        batch,
+    } = args;
+    let (shards, model) = (shards.as_path(), model.as_path());
     let vae_dir = if model.join("vae").join("config.json").is_file() {
         model.join("vae")
     } else {
@@ -367,426 +402,356 @@ fn clipseg_masks(
 
 pub fn run(args: DataArgs) -> Result<ExitCode> {
     match args.command {
-        DataCommand::EncodeLatents {
-            shards,
-            model,
-            size,
-            batch,
-        } => encode_latents(&shards, &model, size, batch),
-        DataCommand::Filter {
-            boxes,
-            classes,
-            labels,
-            images,
-            config,
-            out,
-        } => {
-            let cfg = load_config(config.as_deref())?;
-            let start = Instant::now();
-            let mut sizes = ImageDirSizes {
-                dir: images,
-                use_exif_orientation: cfg.filter.use_exif_orientation,
-                limits: cfg.read,
-            };
-            let report = filter_openimages(
-                &FilterInputs {
-                    boxes_csv: &boxes,
-                    class_descriptions_csv: &classes,
-                    image_labels_csv: labels.as_deref(),
-                },
-                &cfg.filter,
-                &mut sizes,
-            )
-            .with_context(|| format!("filtering {}", boxes.display()))?;
-            write_subjects_csv(&out, &report.kept)?;
-            println!(
-                "{} boxes in {} images → {} subjects ({:.1} s) → {}",
-                report.boxes_seen,
-                report.images_seen,
-                report.kept.len(),
-                start.elapsed().as_secs_f64(),
-                out.display()
-            );
-            for (rule, n) in &report.drops {
-                println!("  dropped {n:>9}  {rule:?}");
-            }
-            if report.unknown_classes > 0 {
-                println!(
-                    "  {} boxes of classes missing from {} were dropped (one problem row per class)",
-                    report.unknown_classes,
-                    classes.display()
-                );
-            }
-            if report.unsorted_ids > 0 {
-                println!(
-                    "  warning: {} ImageIDs out of order (file not sorted)",
-                    report.unsorted_ids
-                );
-            }
-            if !report.problems.is_empty() {
-                let mut p = out.as_os_str().to_os_string();
-                p.push(".problems.tsv");
-                let p = PathBuf::from(p);
-                let mut text = String::from("line\tImageID\treason\n");
-                for pr in &report.problems {
-                    text.push_str(&format!("{}\t{}\t{}\n", pr.line, pr.image_id, pr.reason));
-                }
-                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-                println!(
-                    "  {} problem rows/images → {}",
-                    report.problems.len(),
-                    p.display()
-                );
-                for pr in report.problems.iter().take(5) {
-                    println!("    line {} {}: {}", pr.line, pr.image_id, pr.reason);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+        DataCommand::EncodeLatents(a) => encode_latents(a),
+        DataCommand::Filter(a) => filter(a),
+        DataCommand::Masks(a) => masks(a),
+        DataCommand::Synth(a) => synth(a),
+        DataCommand::MergeManifests(a) => merge_manifests(a),
+        DataCommand::Preview(a) => preview(a),
+        DataCommand::Matte(a) => matte(a),
+    }
+}
+
+/// `blipd data filter`.
+fn filter(args: FilterArgs) -> Result<ExitCode> {
+    let FilterArgs {
+        boxes,
+        classes,
+        labels,
+        images,
+        config,
+        out,
+    } = args;
+    let cfg = load_config(config.as_deref())?;
+    let start = Instant::now();
+    let mut sizes = ImageDirSizes {
+        dir: images,
+        use_exif_orientation: cfg.filter.use_exif_orientation,
+        limits: cfg.read,
+    };
+    let report = filter_openimages(
+        &FilterInputs {
+            boxes_csv: &boxes,
+            class_descriptions_csv: &classes,
+            image_labels_csv: labels.as_deref(),
+        },
+        &cfg.filter,
+        &mut sizes,
+    )
+    .with_context(|| format!("filtering {}", boxes.display()))?;
+    write_subjects_csv(&out, &report.kept)?;
+    println!(
+        "{} boxes in {} images → {} subjects ({:.1} s) → {}",
+        report.boxes_seen,
+        report.images_seen,
+        report.kept.len(),
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    for (rule, n) in &report.drops {
+        println!("  dropped {n:>9}  {rule:?}");
+    }
+    if report.unknown_classes > 0 {
+        println!(
+            "  {} boxes of classes missing from {} were dropped (one problem row per class)",
+            report.unknown_classes,
+            classes.display()
+        );
+    }
+    if report.unsorted_ids > 0 {
+        println!(
+            "  warning: {} ImageIDs out of order (file not sorted)",
+            report.unsorted_ids
+        );
+    }
+    if !report.problems.is_empty() {
+        let mut p = out.as_os_str().to_os_string();
+        p.push(".problems.tsv");
+        let p = PathBuf::from(p);
+        let mut text = String::from("line\tImageID\treason\n");
+        for pr in &report.problems {
+            text.push_str(&format!("{}\t{}\t{}\n", pr.line, pr.image_id, pr.reason));
         }
-        DataCommand::Masks {
-            subjects,
-            source,
-            from,
-            images,
-            out,
-            batch_size,
-            prompt,
-            config,
-            shard,
-        } => {
-            let part = match &shard {
-                Some(t) => Some(Part::parse(t)?),
-                None => Part::from_env(|k| std::env::var(k).ok())?,
-            };
-            let source = match source {
-                MasksSourceArg::Clipseg => {
-                    let images = images.context("--source clipseg needs --images <folder>")?;
-                    let cfg = load_config(config.as_deref())?;
-                    let mut opts = MaskJobOptions::new(&images, &out);
-                    opts.batch_size = batch_size;
-                    opts.prompt_template = prompt;
-                    opts.image_extensions = cfg.synth.image_extensions.clone();
-                    opts.limits = cfg.read;
-                    return clipseg_masks(&from, &subjects, &opts, part);
-                }
-                MasksSourceArg::Openimages => MaskSource::OpenImages,
-                MasksSourceArg::Dir => MaskSource::Dir,
-            };
-            if images.is_some() {
-                bail!("--images is only used by --source clipseg");
-            }
-            let store = MaskStore::open(source, &from)?;
-            let rows = part_rows(read_subjects_csv(&subjects)?, part);
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let limits = match &config {
-                Some(p) => PipelineConfig::from_file(p)?.read,
-                None => blipd_data::ReadLimits::default(),
-            };
-            let pb = bar(rows.len() as u64, "masks");
-            let start = Instant::now();
-            let (mut written, mut present, mut missing) = (0u64, 0u64, Vec::new());
-            for r in &rows {
-                match r {
-                    Err(b) => missing.push(format!("{} (csv: {})", b.image_id, b.reason)),
-                    // Resumable: a mask already written (atomically, so complete) is kept.
-                    Ok(s) if out.join(format!("{}.png", s.image_id)).is_file() => present += 1,
-                    Ok(s) => match store.load_native(s, &limits) {
-                        Ok(m) => {
-                            // 16-bit grey like the CLIPSeg source (soft masks keep their levels),
-                            // written to a temporary name and renamed into place.
-                            let p = out.join(format!("{}.png", s.image_id));
-                            let tmp = out.join(format!(".{}.png.tmp", s.image_id));
-                            m.mask
-                                .to_luma16()
-                                .save_with_format(&tmp, image::ImageFormat::Png)
-                                .with_context(|| format!("writing {}", tmp.display()))?;
-                            std::fs::rename(&tmp, &p)
-                                .with_context(|| format!("renaming into {}", p.display()))?;
-                            written += 1;
-                        }
-                        Err(e) => missing.push(format!("{}: {e}", s.image_id)),
-                    },
-                }
-                pb.inc(1);
-            }
-            pb.finish_and_clear();
-            println!(
-                "{written} masks → {} ({:.1} s), {present} already present, {} subjects without a mask",
-                out.display(),
-                start.elapsed().as_secs_f64(),
-                missing.len()
-            );
-            for m in missing.iter().take(10) {
-                println!("  {m}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        DataCommand::Synth {
-            config,
-            subjects,
-            images,
-            masks,
-            mask_source,
-            backgrounds,
-            captions,
-            out,
-            limit,
-            seed,
-            max_side,
-            rows_per_shard,
-            threads,
-            shard,
-        } => {
-            let part = match &shard {
-                Some(t) => Some(Part::parse(t)?),
-                None => Part::from_env(|k| std::env::var(k).ok())?,
-            };
-            let mut cfg = PipelineConfig::from_file(&config)?;
-            let s = &mut cfg.synth;
-            s.subjects_csv = subjects.or(s.subjects_csv.take());
-            s.images_dir = images.or(s.images_dir.take());
-            s.masks_dir = masks.or(s.masks_dir.take());
-            s.backgrounds_dir = backgrounds.or(s.backgrounds_dir.take());
-            s.captions = captions.or(s.captions.take());
-            s.out_dir = out.or(s.out_dir.take());
-            s.limit = limit.or(s.limit);
-            if let Some(v) = mask_source {
-                s.mask_source = v.into();
-            }
-            if let Some(v) = seed {
-                s.seed = v;
-            }
-            if let Some(v) = max_side {
-                s.max_side = v;
-            }
-            if let Some(v) = rows_per_shard {
-                s.rows_per_shard = v;
-            }
-            if let Some(v) = threads {
-                s.threads = v;
-            }
-            let pb = bar(0, "synth");
-            let ok = AtomicU64::new(0);
-            let bad = AtomicU64::new(0);
-            let progress = |e: SynthEvent| match e {
-                SynthEvent::Started {
-                    rows,
-                    rows_done,
-                    shards_total,
-                    shards_done,
-                } => {
-                    pb.set_length(rows);
-                    pb.set_position(rows_done);
-                    pb.reset_eta();
-                    if shards_done > 0 {
-                        pb.println(format!(
-                            "resuming: {shards_done} of {shards_total} shards already complete"
-                        ));
-                    }
-                }
-                SynthEvent::Row { ok: good } => {
-                    if good { &ok } else { &bad }.fetch_add(1, Ordering::Relaxed);
-                    pb.inc(1);
-                    pb.set_message(format!(
-                        "{} pairs, {} bad",
-                        ok.load(Ordering::Relaxed),
-                        bad.load(Ordering::Relaxed)
-                    ));
-                }
-                SynthEvent::ShardInvalid { index, reason } => {
-                    pb.println(format!("shard {index}: {reason}; rebuilding"));
-                }
-                SynthEvent::ShardWritten { .. } => {}
-            };
-            let report = synth_part(&cfg, part, &progress)?;
-            pb.finish_and_clear();
-            if let Some(p) = part {
-                println!(
-                    "part {p}: {} of its shards written, {} already complete",
-                    report.shards_written, report.shards_skipped
-                );
-            }
-            println!(
-                "{}: {} shards ({} written, {} already complete), {} pairs in total; this run: {} rows, {} pairs in \
-                 {:.1} s = {:.2} pairs/s",
-                report.out_dir.display(),
-                report.shards_total,
-                report.shards_written,
-                report.shards_skipped,
-                report.pairs_total,
-                report.rows_new,
-                report.pairs_new,
-                report.elapsed_s,
-                report.pairs_per_s()
-            );
-            if !report.bad.is_empty() {
-                let by: Vec<String> = report
-                    .bad_by_stage()
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect();
-                let p = report.out_dir.join(match part {
-                    None => "bad_inputs.tsv".to_string(),
-                    Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
-                });
-                write_bad_inputs(&p, &report.bad)?;
-                println!(
-                    "{} bad inputs ({}) → {}",
-                    report.bad.len(),
-                    by.join(", "),
-                    p.display()
-                );
-                for b in report.bad.iter().take(10) {
-                    println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
-                }
-            }
-            if let Some(p) = part {
-                if report.merged {
-                    merged_outputs(&report.out_dir)?;
-                } else {
-                    println!(
-                        "part {p} done; manifest.json follows when every part is (or: blipd data \
-                         merge-manifests --shards {} --parts {})",
-                        report.out_dir.display(),
-                        p.count
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        DataCommand::MergeManifests { shards, parts } => {
-            blipd_data::shards::merge_parts(&shards, parts)?;
-            merged_outputs(&shards)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        DataCommand::Preview {
-            shards,
-            out,
-            n,
-            cell,
-        } => {
-            let m = Manifest::load(&shards)?
-                .with_context(|| format!("no manifest.json in {}", shards.display()))?;
-            let mut recs = Vec::new();
-            let mut entries = m.shards.clone();
-            entries.sort_by_key(|e| e.index);
-            'outer: for e in &entries {
-                let r = ShardReader::open(&shards.join(&e.file))?;
-                for g in 0..r.num_row_groups() {
-                    for rec in r.read_group(g)? {
-                        recs.push(rec);
-                        if recs.len() >= n {
-                            break 'outer;
-                        }
-                    }
-                }
-            }
-            if recs.is_empty() {
-                bail!("{} holds no pairs", shards.display());
-            }
-            // Each row: input | target, then the class name and the caption (wrapped, at most 4
-            // lines) in the built-in 5×7 font.
-            let gap = 4u32;
-            let scale = if cell >= 160 { 2 } else { 1 };
-            let line_h = blipd_data::font::LINE * scale;
-            let text_w = 2 * cell + gap;
-            let max_chars = blipd_data::font::chars_fitting(text_w, scale);
-            let labels: Vec<(String, Vec<String>)> = recs
-                .iter()
-                .map(|rec| {
-                    // The ImageID only when it fits beside the class name.
-                    let full = format!("[{}] {}", rec.class_name, rec.image_id);
-                    let head = if full.chars().count() <= max_chars {
-                        vec![full]
-                    } else {
-                        blipd_data::font::wrap_lines(&format!("[{}]", rec.class_name), max_chars, 1)
-                    };
-                    let caption = blipd_data::font::wrap_lines(&rec.caption, max_chars, 4);
-                    (head.concat(), caption)
-                })
-                .collect();
-            let row_h: Vec<u32> = labels
-                .iter()
-                .map(|(_, c)| cell + gap + (1 + c.len() as u32) * line_h + gap)
-                .collect();
-            let mut grid = image::RgbImage::from_pixel(
-                2 * cell + 3 * gap,
-                row_h.iter().sum::<u32>() + gap,
-                image::Rgb([255, 255, 255]),
-            );
-            let limits = blipd_data::ReadLimits::default();
-            let mut y0 = gap;
-            for (i, rec) in recs.iter().enumerate() {
-                for (j, bytes) in [&rec.input_image, &rec.target_image]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let img =
-                        blipd_data::imageio::decode_image(bytes, &rec.image_id, &limits)?.to_rgb8();
-                    let s = f64::from(cell) / f64::from(img.width().max(img.height()));
-                    let (w, h) = (
-                        ((f64::from(img.width()) * s).round() as u32).clamp(1, cell),
-                        ((f64::from(img.height()) * s).round() as u32).clamp(1, cell),
-                    );
-                    let small =
-                        image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
-                    let x = gap + j as u32 * (cell + gap) + (cell - w) / 2;
-                    let y = y0 + (cell - h) / 2;
-                    image::imageops::replace(&mut grid, &small, i64::from(x), i64::from(y));
-                }
-                let (head, caption) = &labels[i];
-                let mut ty = i64::from(y0 + cell + gap);
-                let tx = i64::from(gap);
-                blipd_data::font::draw_text(
-                    &mut grid,
-                    tx,
-                    ty,
-                    head,
-                    scale,
-                    image::Rgb([20, 60, 160]),
-                );
-                for line in caption {
-                    ty += i64::from(line_h);
-                    blipd_data::font::draw_text(
-                        &mut grid,
-                        tx,
-                        ty,
-                        line,
-                        scale,
-                        image::Rgb([0, 0, 0]),
-                    );
-                }
-                y0 += row_h[i];
-                println!(
-                    "row {i}: {} [{}] \"{}\" on {}",
-                    rec.image_id, rec.class_name, rec.caption, rec.background_id
-                );
-            }
-            grid.save(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("{} pairs (input | target) → {}", recs.len(), out.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        DataCommand::Matte {
-            image,
-            trimap,
-            out,
-            foreground,
-        } => {
-            let start = Instant::now();
-            let stats = blipd_data::matte_file(&image, &trimap, &out, foreground.as_deref())
-                .with_context(|| format!("matting {}", image.display()))?;
-            println!(
-                "{}: {} unknown pixels, {} CG iterations, {:.2} s → {}",
-                image.display(),
-                stats.unknown,
-                stats.iterations,
-                start.elapsed().as_secs_f64(),
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        println!(
+            "  {} problem rows/images → {}",
+            report.problems.len(),
+            p.display()
+        );
+        for pr in report.problems.iter().take(5) {
+            println!("    line {} {}: {}", pr.line, pr.image_id, pr.reason);
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd data masks`.
+fn masks(args: MasksArgs) -> Result<ExitCode> {
+    let MasksArgs {
+        subjects,
+        source,
+        from,
+        images,
+        out,
+        batch_size,
+        prompt,
+        config,
+        shard,
+    } = args;
+    let part = match &shard {
+        Some(t) => Some(Part::parse(t)?),
+        None => Part::from_env(|k| std::env::var(k).ok())?,
+    };
+    let source = match source {
+        MasksSourceArg::Clipseg => {
+            let images = images.context("--source clipseg needs --images <folder>")?;
+            let cfg = load_config(config.as_deref())?;
+            let mut opts = MaskJobOptions::new(&images, &out);
+            opts.batch_size = batch_size;
+            opts.prompt_template = prompt;
+            opts.image_extensions = cfg.synth.image_extensions.clone();
+            opts.limits = cfg.read;
+            return clipseg_masks(&from, &subjects, &opts, part);
+        }
+        MasksSourceArg::Openimages => MaskSource::OpenImages,
+        MasksSourceArg::Dir => MaskSource::Dir,
+    };
+    if images.is_some() {
+        bail!("--images is only used by --source clipseg");
+    }
+    let store = MaskStore::open(source, &from)?;
+    let rows = part_rows(read_subjects_csv(&subjects)?, part);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let limits = match &config {
+        Some(p) => PipelineConfig::from_file(p)?.read,
+        None => blipd_data::ReadLimits::default(),
+    };
+    let pb = bar(rows.len() as u64, "masks");
+    let start = Instant::now();
+    let (mut written, mut present, mut missing) = (0u64, 0u64, Vec::new());
+    for r in &rows {
+        match r {
+            Err(b) => missing.push(format!("{} (csv: {})", b.image_id, b.reason)),
+            // Resumable: a mask already written (atomically, so complete) is kept.
+            Ok(s) if out.join(format!("{}.png", s.image_id)).is_file() => present += 1,
+            Ok(s) => match store.load_native(s, &limits) {
+                Ok(m) => {
+                    // 16-bit grey like the CLIPSeg source (soft masks keep their levels),
+                    // written to a temporary name and renamed into place.
+                    let p = out.join(format!("{}.png", s.image_id));
+                    let tmp = out.join(format!(".{}.png.tmp", s.image_id));
+                    m.mask
+                        .to_luma16()
+                        .save_with_format(&tmp, image::ImageFormat::Png)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &p)
+                        .with_context(|| format!("renaming into {}", p.display()))?;
+                    written += 1;
+                }
+                Err(e) => missing.push(format!("{}: {e}", s.image_id)),
+            },
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    println!(
+        "{written} masks → {} ({:.1} s), {present} already present, {} subjects without a mask",
+        out.display(),
+        start.elapsed().as_secs_f64(),
+        missing.len()
+    );
+    for m in missing.iter().take(10) {
+        println!("  {m}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd data synth`.
+fn synth(args: SynthArgs) -> Result<ExitCode> {
+    let SynthArgs {
+        config,
+        subjects,
+        images,
+        masks,
+        mask_source,
+        backgrounds,
+        captions,
+        out,
+        limit,
+        seed,
+        max_side,
+        rows_per_shard,
+        threads,
+        shard,
+    } = args;
+    let part = match &shard {
+        Some(t) => Some(Part::parse(t)?),
+        None => Part::from_env(|k| std::env::var(k).ok())?,
+    };
+    let mut cfg = PipelineConfig::from_file(&config)?;
+    let s = &mut cfg.synth;
+    s.subjects_csv = subjects.or(s.subjects_csv.take());
+    s.images_dir = images.or(s.images_dir.take());
+    s.masks_dir = masks.or(s.masks_dir.take());
+    s.backgrounds_dir = backgrounds.or(s.backgrounds_dir.take());
+    s.captions = captions.or(s.captions.take());
+    s.out_dir = out.or(s.out_dir.take());
+    s.limit = limit.or(s.limit);
+    if let Some(v) = mask_source {
+        s.mask_source = v.into();
+    }
+    if let Some(v) = seed {
+        s.seed = v;
+    }
+    if let Some(v) = max_side {
+        s.max_side = v;
+    }
+    if let Some(v) = rows_per_shard {
+        s.rows_per_shard = v;
+    }
+    if let Some(v) = threads {
+        s.threads = v;
+    }
+    let pb = bar(0, "synth");
+    let ok = AtomicU64::new(0);
+    let bad = AtomicU64::new(0);
+    let progress = |e: SynthEvent| match e {
+        SynthEvent::Started {
+            rows,
+            rows_done,
+            shards_total,
+            shards_done,
+        } => {
+            pb.set_length(rows);
+            pb.set_position(rows_done);
+            pb.reset_eta();
+            if shards_done > 0 {
+                pb.println(format!(
+                    "resuming: {shards_done} of {shards_total} shards already complete"
+                ));
+            }
+        }
+        SynthEvent::Row { ok: good } => {
+            if good { &ok } else { &bad }.fetch_add(1, Ordering::Relaxed);
+            pb.inc(1);
+            pb.set_message(format!(
+                "{} pairs, {} bad",
+                ok.load(Ordering::Relaxed),
+                bad.load(Ordering::Relaxed)
+            ));
+        }
+        SynthEvent::ShardInvalid { index, reason } => {
+            pb.println(format!("shard {index}: {reason}; rebuilding"));
+        }
+        SynthEvent::ShardWritten { .. } => {}
+    };
+    let report = synth_part(&cfg, part, &progress)?;
+    pb.finish_and_clear();
+    if let Some(p) = part {
+        println!(
+            "part {p}: {} of its shards written, {} already complete",
+            report.shards_written, report.shards_skipped
+        );
+    }
+    println!(
+        "{}: {} shards ({} written, {} already complete), {} pairs in total; this run: {} rows, {} pairs in \
+         {:.1} s = {:.2} pairs/s",
+        report.out_dir.display(),
+        report.shards_total,
+        report.shards_written,
+        report.shards_skipped,
+        report.pairs_total,
+        report.rows_new,
+        report.pairs_new,
+        report.elapsed_s,
+        report.pairs_per_s()
+    );
+    if !report.bad.is_empty() {
+        let by: Vec<String> = report
+            .bad_by_stage()
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let p = report.out_dir.join(match part {
+            None => "bad_inputs.tsv".to_string(),
+            Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
+        });
+        write_bad_inputs(&p, &report.bad)?;
+        println!(
+            "{} bad inputs ({}) → {}",
+            report.bad.len(),
+            by.join(", "),
+            p.display()
+        );
+        for b in report.bad.iter().take(10) {
+            println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
+        }
+    }
+    if let Some(p) = part {
+        if report.merged {
+            merged_outputs(&report.out_dir)?;
+        } else {
+            println!(
+                "part {p} done; manifest.json follows when every part is (or: blipd data \
+                 merge-manifests --shards {} --parts {})",
+                report.out_dir.display(),
+                p.count
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd data merge-manifests`.
+fn merge_manifests(args: MergeManifestsArgs) -> Result<ExitCode> {
+    let MergeManifestsArgs { shards, parts } = args;
+    blipd_data::shards::merge_parts(&shards, parts)?;
+    merged_outputs(&shards)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd data preview`.
+fn preview(args: PreviewArgs) -> Result<ExitCode> {
+    let PreviewArgs {
+        shards,
+        out,
+        n,
+        cell,
+    } = args;
+    let recs = blipd_data::preview::first_pairs(&shards, n)?;
+    let grid = blipd_data::preview::preview_grid(&recs, cell)?;
+    for (i, rec) in recs.iter().enumerate() {
+        println!(
+            "row {i}: {} [{}] \"{}\" on {}",
+            rec.image_id, rec.class_name, rec.caption, rec.background_id
+        );
+    }
+    grid.save(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("{} pairs (input | target) → {}", recs.len(), out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd data matte`.
+fn matte(args: MatteArgs) -> Result<ExitCode> {
+    let MatteArgs {
+        image,
+        trimap,
+        out,
+        foreground,
+    } = args;
+    let start = Instant::now();
+    let stats = blipd_data::matte_file(&image, &trimap, &out, foreground.as_deref())
+        .with_context(|| format!("matting {}", image.display()))?;
+    println!(
+        "{}: {} unknown pixels, {} CG iterations, {:.2} s → {}",
+        image.display(),
+        stats.unknown,
+        stats.iterations,
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The rows of `part` (all without one), by a hash of their ImageID; the rest are logged as skipped.

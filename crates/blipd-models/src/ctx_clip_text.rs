@@ -470,50 +470,6 @@ impl<B: Backend> ContextClipTextModel<B> {
     }
 }
 
-/// BLIP-Diffusion's text conditioning (diffusers `encode_prompt` + the CFG branch of `__call__`):
-/// the conditional prompts are built and tokenized to `77 - 16` tokens by `prompt`, the subject
-/// embeddings `ctx_embeddings` `[B, 16, D]` are spliced at `ctx_begin_pos` (2 in the released
-/// pipeline); with `neg_prompt` the unconditional embeddings (77 tokens, no context) come first.
-/// Returns `[2B, 77, D]` = `[uncond; cond]` with a negative prompt, else `[B, 77, D]`.
-#[allow(clippy::too_many_arguments)]
-pub fn blip_diffusion_text_embeddings<B: Backend>(
-    text_encoder: &ContextClipTextModel<B>,
-    tokenizer: &crate::tokenizers::ClipTokenizer,
-    prompt: &crate::tokenizers::BlipDiffusionPrompt,
-    prompts: &[&str],
-    tgt_subjects: &[&str],
-    ctx_embeddings: Tensor<B, 3>,
-    ctx_begin_pos: usize,
-    neg_prompt: Option<&str>,
-) -> Result<Tensor<B, 3>, ModelError> {
-    let device = ctx_embeddings.device();
-    let [b, n, _] = ctx_embeddings.dims();
-    if b != prompts.len() || n != prompt.num_ctx_tokens {
-        return Err(ModelError::Invalid(format!(
-            "BLIP-Diffusion text conditioning: {} prompts with ctx_embeddings of shape {:?} \
-             (expected [{}, {}, D])",
-            prompts.len(),
-            ctx_embeddings.dims(),
-            prompts.len(),
-            prompt.num_ctx_tokens
-        )));
-    }
-    let cond_ids = prompt
-        .cond_tokens(tokenizer, prompts, tgt_subjects)?
-        .ids_tensor::<B>(&device);
-    let cond = text_encoder.forward(cond_ids, Some(ctx_embeddings), ctx_begin_pos)?;
-    match neg_prompt {
-        None => Ok(cond),
-        Some(neg) => {
-            let uncond_ids = prompt
-                .uncond_tokens(tokenizer, neg, b)?
-                .ids_tensor::<B>(&device);
-            let uncond = text_encoder.forward(uncond_ids, None, 0)?;
-            Ok(Tensor::cat(vec![uncond, cond], 0))
-        }
-    }
-}
-
 /// Reference keys → module paths. Module fields mirror transformers' names, so this is the identity;
 /// LAVIS' `text_encoder/pytorch_model.bin` uses the same `text_model.*` names.
 pub fn key_map() -> KeyMap {

@@ -505,7 +505,7 @@ fn py_isspace(c: char) -> bool {
 }
 
 /// Python's `str.strip()` (no argument).
-fn py_strip(s: &str) -> &str {
+pub(crate) fn py_strip(s: &str) -> &str {
     s.trim_matches(py_isspace)
 }
 
@@ -573,133 +573,7 @@ impl TextNormalization {
     }
 }
 
-/// BLIP-Diffusion's conditional / unconditional prompt construction (LAVIS `_build_prompt` and
-/// diffusers `BlipDiffusionPipeline._build_prompt` / `encode_prompt`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlipDiffusionPrompt {
-    /// Default 1.0.
-    pub prompt_strength: f64,
-    /// Default 20.
-    pub prompt_reps: usize,
-    /// Subject/prompt normalisation (default none, as diffusers).
-    pub normalization: TextNormalization,
-    /// Subject embeddings spliced into the prompt (16).
-    pub num_ctx_tokens: usize,
-    /// CLIP text positions (77).
-    pub max_position_embeddings: usize,
-}
-
-impl Default for BlipDiffusionPrompt {
-    fn default() -> Self {
-        Self {
-            prompt_strength: 1.0,
-            prompt_reps: 20,
-            normalization: TextNormalization::None,
-            num_ctx_tokens: crate::ctx_clip_text::NUM_CTX_TOKENS,
-            max_position_embeddings: CLIP_MAX_LENGTH,
-        }
-    }
-}
-
-impl BlipDiffusionPrompt {
-    /// Number of repetitions: Python's `int(prompt_strength * prompt_reps)` (truncation toward zero).
-    pub fn repetitions(&self) -> usize {
-        let r = self.prompt_strength * self.prompt_reps as f64;
-        if r.is_finite() && r > 0.0 {
-            r.trunc() as usize
-        } else {
-            0
-        }
-    }
-
-    /// Token budget of the conditional prompt: `max_position_embeddings - num_ctx_tokens` (61).
-    pub fn cond_max_length(&self) -> usize {
-        self.max_position_embeddings
-            .saturating_sub(self.num_ctx_tokens)
-    }
-
-    /// Normalise a subject string (also what the Q-Former's `cond_subject` should get).
-    pub fn normalize(&self, text: &str) -> String {
-        self.normalization.apply(text)
-    }
-
-    /// `", ".join(["a " + tgt_subject + " " + prompt.strip()] * reps)` after normalisation.
-    pub fn build(&self, prompt: &str, tgt_subject: &str) -> String {
-        vec![self.build_one(prompt, tgt_subject); self.repetitions()].join(", ")
-    }
-
-    /// One copy of the amplified prompt: `"a " + tgt_subject + " " + prompt.strip()`, normalised.
-    fn build_one(&self, prompt: &str, tgt_subject: &str) -> String {
-        let prompt = self.normalize(prompt);
-        let subject = self.normalize(tgt_subject);
-        format!("a {subject} {}", py_strip(&prompt))
-    }
-
-    /// Conditional ids `[B, 61]` for `prompts[i]` with `tgt_subjects[i]` (BOS … EOS, pad = EOS).
-    pub fn cond_tokens(
-        &self,
-        tokenizer: &ClipTokenizer,
-        prompts: &[&str],
-        tgt_subjects: &[&str],
-    ) -> Result<TokenBatch, ModelError> {
-        if prompts.len() != tgt_subjects.len() {
-            return Err(ModelError::Tokenizer(format!(
-                "{} prompts but {} target subjects",
-                prompts.len(),
-                tgt_subjects.len()
-            )));
-        }
-        let texts: Vec<String> = prompts
-            .iter()
-            .zip(tgt_subjects)
-            .map(|(p, s)| self.build(p, s))
-            .collect();
-        // The repetitions are meant to fill the budget and be cut (the released behaviour); a single
-        // copy that does not fit loses part of the prompt itself: say how much (the released code
-        // cuts silently).
-        let budget = self.cond_max_length();
-        for (p, s) in prompts.iter().zip(tgt_subjects) {
-            let one = self.build_one(p, s);
-            let dropped = tokenizer.overflow(&one, budget)?;
-            if dropped > 0 {
-                tracing::warn!(
-                    "prompt {one:?} is {} tokens, over the {} the text encoder has beside the {} \
-                     subject embeddings: its last {dropped} token{} are dropped",
-                    dropped + budget.saturating_sub(2),
-                    budget.saturating_sub(2),
-                    self.num_ctx_tokens,
-                    if dropped == 1 { "" } else { "s" }
-                );
-            }
-        }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        tokenizer.encode_batch(&refs, budget)
-    }
-
-    /// Unconditional ids `[batch, 77]` for the negative prompt (no context, not normalised).
-    ///
-    /// The released pipelines tokenize it with `padding="max_length"` but without truncation, so a
-    /// negative prompt over 77 tokens crashes them; here it is truncated to 77 (EOS kept last).
-    pub fn uncond_tokens(
-        &self,
-        tokenizer: &ClipTokenizer,
-        neg_prompt: &str,
-        batch: usize,
-    ) -> Result<TokenBatch, ModelError> {
-        let dropped = tokenizer.overflow(neg_prompt, self.max_position_embeddings)?;
-        if dropped > 0 {
-            tracing::warn!(
-                "negative prompt is {} tokens with BOS and EOS; truncated to {}: its last {dropped} \
-                 token{} are dropped (the reference pipeline would fail)",
-                dropped + self.max_position_embeddings,
-                self.max_position_embeddings,
-                if dropped == 1 { "" } else { "s" }
-            );
-        }
-        let texts = vec![neg_prompt; batch];
-        tokenizer.encode_batch(&texts, self.max_position_embeddings)
-    }
-}
+pub use crate::conditioning::{BlipDiffusionPrompt, PromptTemplate};
 
 // ---------------------------------------------------------------------------------------------
 // BERT (Q-Former)

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::synth_pair;
-use blipd_train::dist_sync::{DistConfig, KeyedSource};
+use blipd_train::dist_sync::DistConfig;
+use blipd_train::KeyedSource;
 use blipd_train::{
     BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainError, TrainRng, Trainer,
 };

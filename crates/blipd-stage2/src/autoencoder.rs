@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use blipd_data::preprocess::vae_target;
 use blipd_data::synthetic::synth_pair;
 use blipd_models::vae::{AutoencoderKL, VaeConfig};
-use blipd_train::dist_sync::KeyedSource;
+use blipd_train::KeyedSource;
 use blipd_train::{
     EpochSampler, RunConfig, RunSummary, SampleContext, StepOutput, TrainRng, Trainer,
 };

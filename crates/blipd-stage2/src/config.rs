@@ -4,18 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// How the subject embeddings enter the CLIP prompt.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PromptTemplate {
-    /// The released code's `"a [subject] [prompt]"`, repeated `prompt_reps` times (joined by ", "),
-    /// truncated to `max_len − N` tokens, with the N subject embeddings after token `ctx_begin_pos` (2).
-    #[default]
-    Released,
-    /// The paper's `"[text prompt], the [subject text] is [subject prompt]"`: the N subject
-    /// embeddings follow the words "…, the dog is".
-    Paper,
-}
+pub use blipd_models::conditioning::PromptTemplate;
 
 /// Where the Q-Former (and projection) start from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +126,23 @@ impl Default for Stage2Config {
 }
 
 impl Stage2Config {
+    /// The prompt construction of the run, for a text encoder of `max_text_len` positions and `num_ctx`
+    /// subject embeddings (what the exported pipeline prompts with too).
+    pub fn prompt(
+        &self,
+        num_ctx: usize,
+        max_text_len: usize,
+    ) -> blipd_models::conditioning::BlipDiffusionPrompt {
+        blipd_models::conditioning::BlipDiffusionPrompt {
+            template: self.template,
+            prompt_reps: self.prompt_reps,
+            ctx_begin_pos: self.ctx_begin_pos,
+            num_ctx_tokens: num_ctx,
+            max_position_embeddings: max_text_len,
+            ..Default::default()
+        }
+    }
+
     /// The loss options of the run.
     pub fn loss_options(&self) -> crate::loss::LossOptions {
         crate::loss::LossOptions {

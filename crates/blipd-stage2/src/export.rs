@@ -2,7 +2,8 @@
 //! that `blipd generate --model`, `blipd eval --model` and stage 2's own `model_dir` read:
 //!
 //! ```text
-//! model_index.json                     ctx_begin_pos, mean/std (null: the image processor's), components
+//! model_index.json                     ctx_begin_pos, mean/std (null: the image processor's), components,
+//!                                      _blipd_prompt_template/_prompt_reps/_subject_text (how it was trained)
 //! qformer/{config.json, model.safetensors, vocab.txt}   ViT + Q-Former + projection, BERT vocabulary
 //! text_encoder/{config.json, model.safetensors}          context CLIP text encoder
 //! unet/, vae/                          config.json + diffusion_pytorch_model.safetensors
@@ -22,7 +23,6 @@ use blipd_models::write_json;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde_json::json;
 
-use crate::config::PromptTemplate;
 use crate::model::Stage2Model;
 use crate::stage::Stage2;
 use crate::Stage2Error;
@@ -122,20 +122,17 @@ fn write_folder<B: AutodiffBackend, M: Backend>(
         }),
         None,
     )?;
-    if stage.config.template != PromptTemplate::Released {
-        tracing::warn!(
-            "the model was trained with the {:?} prompt template; the exported pipeline prompts with \
-             the released one (\"a {{subject}} {{prompt}}\", subject embeddings after token {})",
-            stage.config.template,
-            stage.config.ctx_begin_pos
-        );
-    }
     write_json(
         &dir.join("model_index.json"),
         &json!({
             "_class_name": "BlipDiffusionPipeline",
             "_blipd_version": env!("CARGO_PKG_VERSION"),
             "ctx_begin_pos": stage.config.ctx_begin_pos,
+            // How the model was trained to read its prompt: the pipeline prompts the same way
+            // (keys with `_` are ignored by diffusers, which always prompts with the released form).
+            "_blipd_prompt_template": stage.config.template.name(),
+            "_blipd_prompt_reps": stage.config.prompt_reps,
+            "_blipd_subject_text": stage.config.use_subject_text,
             "mean": null,
             "std": null,
             "image_processor": ["blip_diffusion", "BlipImageProcessor"],

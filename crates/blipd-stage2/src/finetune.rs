@@ -18,17 +18,16 @@
 use std::path::{Path, PathBuf};
 
 use blipd_data::preprocess::{clip_input, vae_target};
-use blipd_models::ctx_clip_text::{
-    blip_diffusion_text_embeddings, ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY,
-};
+use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptRow};
+use blipd_models::ctx_clip_text::{ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY};
 use blipd_models::qformer::Blip2QFormerModel;
 use blipd_models::schedulers::ddpm::DdpmScheduler;
-use blipd_models::tokenizers::{BertTokenizer, BlipDiffusionPrompt, ClipTokenizer};
+use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
 use blipd_models::unet::UNet2DConditionModel;
 use blipd_models::vae::AutoencoderKL;
 use blipd_models::weights::write_safetensors;
 use blipd_train::{
-    EpochSampler, GradSync, IndexedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput,
+    EpochSampler, GradSync, KeyedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput,
     TrainRng, Trainer,
 };
 use burn::module::{AutodiffModule, Module, Param};
@@ -39,7 +38,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::export::{io, replace_dir};
-use crate::stage::{ids_tensor, plms_image};
+use crate::stage::plms_image;
 use crate::{Stage2Components, Stage2Config, Stage2Error};
 
 /// `[stage]` of a fine-tuning run.
@@ -236,8 +235,15 @@ impl<B: AutodiffBackend> Finetune<B> {
         ctx: Tensor<BB, 3>,
     ) -> Result<Tensor<BB, 3>, Stage2Error> {
         let [b, _, _] = ctx.dims();
-        let ids = ids_tensor::<BB>(&self.caption_ids, &ctx.device()).repeat_dim(0, b);
-        Ok(text_encoder.forward(ids, Some(ctx), self.config.ctx_begin_pos)?)
+        let row = PromptRow {
+            ids: self.caption_ids.clone(),
+            ctx_pos: Some(self.config.ctx_begin_pos),
+        };
+        Ok(conditioning::encode_rows(
+            text_encoder,
+            &vec![row; b],
+            Some(ctx),
+        )?)
     }
 }
 
@@ -286,17 +292,17 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
         let prompt = BlipDiffusionPrompt {
             num_ctx_tokens: self.num_ctx,
             max_position_embeddings: self.max_text_len,
+            ctx_begin_pos: self.config.ctx_begin_pos,
             ..BlipDiffusionPrompt::default()
         };
-        let states = blip_diffusion_text_embeddings(
+        let states = conditioning::guided_states(
             &model.text_encoder,
             &self.clip_tokenizer,
             &prompt,
+            model.ctx.val(),
             &[self.config.sample_prompt.as_str()],
             &[self.config.subject.as_str()],
-            model.ctx.val(),
-            self.config.ctx_begin_pos,
-            Some(""),
+            blipd_models::sampling::guided(self.config.guidance_scale).then_some(""),
         )
         .map_err(Stage2Error::from)?;
         let img = plms_image(
@@ -333,24 +339,17 @@ pub fn subject_embedding<IB: Backend>(
     pixels: Tensor<IB, 4>,
     subject: &str,
 ) -> Result<Tensor<IB, 3>, Stage2Error> {
-    let device = pixels.device();
     let n = pixels.dims()[0];
-    let toks = tokenizer.encode_batch(&vec![subject; n])?;
-    let image = qformer.image_embeds(pixels);
-    let hidden = qformer.multimodal(
-        &image,
-        toks.ids_tensor(&device),
-        toks.mask_tensor::<IB>(&device).int(),
-    );
-    Ok(qformer.project(hidden).mean_dim(0))
+    let subjects = vec![subject; n];
+    Ok(conditioning::subject_embeddings(qformer, tokenizer, pixels, Some(&subjects))?.mean_dim(0))
 }
 
 /// The fine-tuning data: the subject's targets, sampled with repetition (LAVIS repeats the folder
 /// 100,000 times, so a batch of 3 from one photo is that photo three times).
-pub type FinetuneSource = IndexedSource<MakeFinetuneBatch>;
+pub type FinetuneSource = KeyedSource<MakeFinetuneBatch>;
 
-/// Builds a fine-tuning batch from sample indices.
-pub type MakeFinetuneBatch = Box<dyn FnMut(&[usize]) -> blipd_train::Result<FinetuneBatch>>;
+/// Builds a fine-tuning batch from sample indices (and their keys in the sample stream, unused).
+pub type MakeFinetuneBatch = Box<dyn FnMut(&[usize], &[u64]) -> blipd_train::Result<FinetuneBatch>>;
 
 /// Builds the stage, the model (with the subject embedding computed from the photos) and the data.
 pub fn build<B: AutodiffBackend>(
@@ -453,7 +452,7 @@ pub fn build<B: AutodiffBackend>(
     // Enough repetitions that one epoch holds at least one global batch of any size used here.
     let reps = batch.div_ceil(n_img).max(1) * 64;
     let sampler = EpochSampler::new(n_img * reps, batch, cfg.run.seed, cfg.data.shuffle);
-    let make: MakeFinetuneBatch = Box::new(move |idx: &[usize]| {
+    let make: MakeFinetuneBatch = Box::new(move |idx: &[usize], _keys: &[u64]| {
         let mut v = Vec::with_capacity(idx.len() * 3 * size * size);
         for &i in idx {
             v.extend_from_slice(&targets[i % targets.len()]);
@@ -462,7 +461,7 @@ pub fn build<B: AutodiffBackend>(
             target: TensorData::new(v, [idx.len(), 3, size, size]),
         })
     });
-    Ok((stage, model, IndexedSource::new(sampler, make)))
+    Ok((stage, model, KeyedSource::new(sampler, batch, make)))
 }
 
 /// Where [`run_finetune`] exports: `<run.dir>/export`.

@@ -14,7 +14,6 @@ pub mod finetune;
 pub mod latents;
 pub mod loss;
 pub mod model;
-pub mod prompt;
 pub mod run;
 pub mod stage;
 pub mod tiny;
@@ -22,7 +21,6 @@ pub mod tiny;
 pub use config::{PromptTemplate, QFormerInit, Stage2Config};
 pub use export::export_pipeline;
 pub use model::{Stage2Components, Stage2Model};
-pub use prompt::PromptBuilder;
 pub use stage::{Stage2, Stage2Batch, TargetPosterior, Targets};
 
 /// Errors of stage 2 (wrapped into the trainer's error at the `Stage` boundary).

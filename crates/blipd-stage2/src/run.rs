@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::{held_out_ids, render_pair, synth_pair, vocabulary, Identity, SCENES};
-use blipd_train::dist_sync::{DistConfig, KeyedSource};
+use blipd_train::dist_sync::DistConfig;
+use blipd_train::KeyedSource;
 use blipd_train::{BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -195,7 +196,7 @@ pub fn fit_stage2<B: AutodiffBackend>(
             dir.display()
         );
     }
-    let truncated = crate::prompt::truncated_prompts();
+    let truncated = blipd_models::conditioning::truncated_prompts();
     if truncated > 0 {
         tracing::warn!(
             "stage 2: {truncated} training prompt{} did not fit the text encoder and lost their last \

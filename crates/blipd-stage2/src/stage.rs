@@ -1,9 +1,10 @@
 //! The stage-2 [`Stage`] implementation: diffusion loss on (composite → original) pairs.
 
+use blipd_models::conditioning::{self, BlipDiffusionPrompt};
 use blipd_models::ctx_clip_text::ClipTextConfig;
 use blipd_models::qformer::Blip2Config;
+use blipd_models::sampling::{self, Steps};
 use blipd_models::schedulers::ddpm::DdpmScheduler;
-use blipd_models::schedulers::pndm::PndmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
 use blipd_models::vae::{AutoencoderKL, VaeConfig};
 use blipd_train::{SampleContext, Stage, StepOutput, TrainRng};
@@ -15,7 +16,6 @@ use rand::Rng;
 
 use crate::config::Stage2Config;
 use crate::model::{Stage2Components, Stage2Model};
-use crate::prompt::PromptBuilder;
 use crate::Stage2Error;
 
 pub use blipd_data::preprocess::{clip_input, clip_pixels_to_rgb, vae_target, CLIP_MEAN, CLIP_STD};
@@ -102,7 +102,8 @@ pub struct Stage2<B: AutodiffBackend> {
     pub ddpm: DdpmScheduler,
     pub clip_tokenizer: ClipTokenizer,
     pub bert_tokenizer: BertTokenizer,
-    pub prompts: PromptBuilder,
+    /// How captions and subject embeddings become the CLIP prompt (the `[stage]` template).
+    pub prompt: BlipDiffusionPrompt,
     pub image_size: usize,
     pub target_size: usize,
     /// Pixels per latent cell (8 for SD-1.5's VAE).
@@ -131,13 +132,7 @@ impl<B: AutodiffBackend> Stage2<B> {
                  VAE's down-sampling factor)"
             )));
         }
-        let prompts = PromptBuilder {
-            template: config.template,
-            prompt_reps: config.prompt_reps,
-            ctx_begin_pos: config.ctx_begin_pos,
-            num_ctx: parts.num_ctx,
-            max_len: parts.max_text_len,
-        };
+        let prompt = config.prompt(parts.num_ctx, parts.max_text_len);
         let model = parts.model.with_frozen(&config);
         let stage = Self {
             vae: parts.vae.valid(),
@@ -147,7 +142,7 @@ impl<B: AutodiffBackend> Stage2<B> {
             ddpm: DdpmScheduler::sd15(),
             clip_tokenizer: parts.clip_tokenizer,
             bert_tokenizer: parts.bert_tokenizer,
-            prompts,
+            prompt,
             image_size: parts.image_size,
             target_size,
             latent_factor: parts.vae_config.downsample_factor(),
@@ -160,8 +155,9 @@ impl<B: AutodiffBackend> Stage2<B> {
     }
 
     /// Text-encoder hidden states `[B, max_len, D]` for the batch: subject embeddings spliced into
-    /// the conditional prompt, or the text-only prompt where `keep[i]` is false.
-    fn prompt_states<BB: Backend>(
+    /// the conditional prompt, or the text-only prompt where `keep[i]` is false
+    /// ([`blipd_models::conditioning::condition`], the path generation takes too).
+    pub fn prompt_states<BB: Backend>(
         &self,
         text_encoder: &blipd_models::ctx_clip_text::ContextClipTextModel<BB>,
         ctx: Tensor<BB, 3>,
@@ -169,63 +165,34 @@ impl<B: AutodiffBackend> Stage2<B> {
         subjects: &[String],
         keep: &[bool],
     ) -> Result<Tensor<BB, 3>, Stage2Error> {
-        let device = ctx.device();
-        let [b, n, d] = ctx.dims();
-        // Every row's ids first, then one token-embedding lookup for the whole batch (one gradient
-        // table for the text encoder's 49408-row embedding in training, not one per sample).
-        let mut ids_all: Vec<u32> = Vec::new();
-        let mut spans = Vec::with_capacity(b);
-        for i in 0..b {
-            let (ids, pos) = if keep[i] {
-                let (ids, pos) =
-                    self.prompts
-                        .conditional(&self.clip_tokenizer, &captions[i], &subjects[i])?;
-                (ids, Some(pos))
-            } else {
-                (
-                    self.prompts.text_only(&self.clip_tokenizer, &captions[i])?,
-                    None,
-                )
-            };
-            spans.push((ids_all.len(), ids.len(), pos));
-            ids_all.extend(ids);
-        }
-        let tokens = text_encoder.token_embeddings(ids_tensor::<BB>(&ids_all, &device));
-        let width = tokens.dims()[2];
-        let mut rows = Vec::with_capacity(b);
-        for (i, (start, len, pos)) in spans.into_iter().enumerate() {
-            let t = tokens.clone().slice([0..1, start..start + len, 0..width]);
-            let row = match pos {
-                Some(pos) => {
-                    let c = ctx.clone().slice([i..i + 1, 0..n, 0..d]);
-                    text_encoder.embed_tokens(t, Some(c), pos)?
-                }
-                None => text_encoder.embed_tokens(t, None, 0)?,
-            };
-            rows.push(row);
-        }
-        let embeds = Tensor::cat(rows, 0);
-        Ok(encode_embeds(text_encoder, embeds))
+        let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        Ok(conditioning::condition(
+            text_encoder,
+            &self.clip_tokenizer,
+            &self.prompt,
+            ctx,
+            &captions,
+            &subjects,
+            keep,
+        )?)
     }
 
-    /// Subject embeddings `[B, N, D]` from subject images and class names.
-    fn subject_embeddings<BB: Backend>(
+    /// Subject embeddings `[B, N, D]` from subject images (CLIP-normalised `[B, 3, S, S]`) and class
+    /// names, as the training step computes them.
+    pub fn subject_embeddings<BB: Backend>(
         &self,
         qformer: &blipd_models::qformer::Blip2QFormerModel<BB>,
         input: Tensor<BB, 4>,
         subjects: &[String],
     ) -> Result<Tensor<BB, 3>, Stage2Error> {
-        let device = input.device();
-        let image = qformer.image_embeds(input);
-        let hidden = if self.config.use_subject_text {
-            let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-            let toks = self.bert_tokenizer.encode_batch(&refs)?;
-            let mask = toks.mask_tensor::<BB>(&device).int();
-            qformer.multimodal(&image, toks.ids_tensor::<BB>(&device), mask)
-        } else {
-            qformer.query_pass(&image).0
-        };
-        Ok(qformer.project(hidden))
+        let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        Ok(conditioning::subject_embeddings(
+            qformer,
+            &self.bert_tokenizer,
+            input,
+            self.config.use_subject_text.then_some(&refs[..]),
+        )?)
     }
 }
 
@@ -238,19 +205,6 @@ pub(crate) fn std_normal(rng: &mut TrainRng, n: usize) -> Vec<f32> {
             ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
         })
         .collect()
-}
-
-pub(crate) fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
-}
-
-/// The CLIP text transformer over already-built embeddings (causal mask over all positions).
-fn encode_embeds<B: Backend>(
-    te: &blipd_models::ctx_clip_text::ContextClipTextModel<B>,
-    embeds: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    te.encode_embeds(embeds)
 }
 
 impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
@@ -470,36 +424,31 @@ impl<B: AutodiffBackend> Stage2<B> {
         let input =
             Tensor::<I<B>, 4>::from_data(TensorData::new(pixels.to_vec(), [1, 3, s, s]), dev);
         let ctx = self.subject_embeddings(&model.qformer, input, &[subject.to_string()])?;
-        let cond = self.prompt_states(
+        let guidance = self.config.guidance_scale;
+        let states = conditioning::guided_states(
             &model.text_encoder,
-            ctx.clone(),
-            &[prompt.to_string()],
-            &[subject.to_string()],
-            &[true],
+            &self.clip_tokenizer,
+            &self.prompt,
+            ctx,
+            &[prompt],
+            &[subject],
+            sampling::guided(guidance).then_some(""),
         )?;
-        let uncond = {
-            let ids = self.prompts.text_only(&self.clip_tokenizer, "")?;
-            let e = model
-                .text_encoder
-                .embed(ids_tensor::<I<B>>(&ids, dev), None, 0)?;
-            encode_embeds(&model.text_encoder, e)
-        };
-        let states = Tensor::cat(vec![uncond, cond], 0);
         plms_image(
             &model.unet,
             &self.vae,
             states,
             self.target_size / self.latent_factor,
             self.config.sample_steps,
-            self.config.guidance_scale,
+            guidance,
             rng,
         )
     }
 }
 
-/// One image by PNDM (PLMS) sampling with classifier-free guidance: `states` are the text-encoder
-/// states `[uncond; cond]` (`[2, L, D]`), the initial `lat`×`lat` latents come from `rng`
-/// (Box–Muller), the result is decoded by `vae`. For sample sheets during training.
+/// One image by PNDM (PLMS) sampling ([`blipd_models::sampling::denoise`], the loop generation
+/// runs): `states` from [`conditioning::guided_states`] (`[uncond; cond]` when guided), the initial
+/// `lat`×`lat` latents from `rng` (Box–Muller), the result decoded by `vae`. For sample sheets.
 pub fn plms_image<B: Backend>(
     unet: &blipd_models::unet::UNet2DConditionModel<B>,
     vae: &AutoencoderKL<B>,
@@ -512,23 +461,16 @@ pub fn plms_image<B: Backend>(
     let dev = &states.device();
     let channels = unet.conv_in.weight.dims()[1];
     let noise = std_normal(rng, channels * lat * lat);
-    let mut x = Tensor::<B, 4>::from_data(TensorData::new(noise, [1, channels, lat, lat]), dev);
-    let mut sched = PndmScheduler::<B, 4>::blip_diffusion();
-    sched.set_timesteps(steps.max(1))?;
-    for &t in sched.timesteps().to_vec().iter() {
-        let xin = Tensor::cat(vec![x.clone(), x.clone()], 0);
-        let tt = Tensor::<B, 1>::from_floats([t as f32, t as f32], dev);
-        let eps = unet.forward(xin, tt, states.clone(), None);
-        let [_, c, h, w] = eps.dims();
-        let eu = eps.clone().slice([0..1, 0..c, 0..h, 0..w]);
-        let ec = eps.slice([1..2, 0..c, 0..h, 0..w]);
-        let e = if guidance_scale > 1.0 {
-            eu.clone() + (ec - eu) * guidance_scale
-        } else {
-            ec
-        };
-        x = sched.step(e, t, x)?;
-    }
+    let x = Tensor::<B, 4>::from_data(TensorData::new(noise, [1, channels, lat, lat]), dev);
+    let x = sampling::denoise(
+        unet,
+        None,
+        Steps::blip_diffusion_pndm(steps.max(1))?,
+        x,
+        states,
+        guidance_scale,
+        &mut |_| {},
+    )?;
     Ok(to_rgb(vae.decode_latents(x)))
 }
 

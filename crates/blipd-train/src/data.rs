@@ -135,40 +135,63 @@ impl EpochSampler {
     }
 }
 
-/// A [`BatchSource`] made of an [`EpochSampler`] and a function that builds a batch from
-/// sample indices.
-pub struct IndexedSource<F> {
+/// A [`BatchSource`] over an [`EpochSampler`] whose batch builder also receives each sample's
+/// *global key*: its position in the run's stream of samples, `epoch · len + position in the epoch's
+/// order`. The key of a sample does not depend on how the global batch is split (1 rank × 2B,
+/// 2 ranks × B, or gradient accumulation), so randomness derived from it (e.g. a per-sample stream
+/// `TrainRng::new(seed, base + key)`) makes runs with different world sizes draw the same numbers.
+pub struct KeyedSource<F> {
     pub sampler: EpochSampler,
+    batch_size: usize,
+    rank: usize,
+    world_size: usize,
     make: F,
 }
 
-impl<F, T> IndexedSource<F>
+impl<F, T> KeyedSource<F>
 where
-    F: FnMut(&[usize]) -> Result<T>,
+    F: FnMut(&[usize], &[u64]) -> Result<T>,
 {
-    pub fn new(sampler: EpochSampler, make: F) -> Self {
-        Self { sampler, make }
+    /// `sampler` must be for one rank of one; use [`KeyedSource::with_rank`] to split.
+    pub fn new(sampler: EpochSampler, batch_size: usize, make: F) -> Self {
+        Self {
+            sampler,
+            batch_size,
+            rank: 0,
+            world_size: 1,
+            make,
+        }
     }
 
     /// This rank's slice of every global batch ([`EpochSampler::with_rank`]).
     pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
         self.sampler = self.sampler.with_rank(rank, world_size);
+        self.rank = rank;
+        self.world_size = world_size;
         self
     }
 }
 
-impl<F, T> BatchSource for IndexedSource<F>
+impl<F, T> BatchSource for KeyedSource<F>
 where
-    F: FnMut(&[usize]) -> Result<T>,
+    F: FnMut(&[usize], &[u64]) -> Result<T>,
 {
     type Batch = T;
+
     fn next_batch(&mut self) -> Result<T> {
         let idx = self.sampler.next_indices()?;
-        (self.make)(&idx)
+        // After the call, `position` is the end of the global batch this slice belongs to.
+        let s = self.sampler.state();
+        let global = (self.batch_size * self.world_size) as u64;
+        let start = s.epoch * s.len + s.position - global + (self.rank * self.batch_size) as u64;
+        let keys: Vec<u64> = (0..idx.len() as u64).map(|j| start + j).collect();
+        (self.make)(&idx, &keys)
     }
+
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(self.sampler.state()).expect("sampler state serialises")
     }
+
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
         let s: SamplerState = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::data(format!("bad sampler state: {e}")))?;
@@ -210,5 +233,33 @@ mod tests {
             both.extend(r1.next_indices().unwrap());
             assert_eq!(both, single.next_indices().unwrap());
         }
+    }
+
+    #[test]
+    fn keyed_source_keys_do_not_depend_on_the_split() {
+        let keys = |rank: usize, world: usize, batch: usize, steps: usize| {
+            let s = EpochSampler::new(10, batch, 3, true);
+            let mut src = KeyedSource::new(s, batch, |idx: &[usize], k: &[u64]| {
+                Ok(idx
+                    .iter()
+                    .copied()
+                    .zip(k.iter().copied())
+                    .collect::<Vec<_>>())
+            })
+            .with_rank(rank, world);
+            (0..steps)
+                .map(|_| src.next_batch().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let single = keys(0, 1, 4, 5);
+        let (r0, r1) = (keys(0, 2, 2, 5), keys(1, 2, 2, 5));
+        for i in 0..5 {
+            let mut both = r0[i].clone();
+            both.extend(r1[i].clone());
+            assert_eq!(both, single[i]);
+        }
+        // Epochs of 10 samples with a global batch of 4: 8 per epoch, keys jump to 10, 20, ...
+        let k: Vec<u64> = single.iter().flatten().map(|p| p.1).collect();
+        assert_eq!(&k[..12], &[0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]);
     }
 }

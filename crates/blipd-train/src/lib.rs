@@ -34,7 +34,7 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{load_config, parse_config, MixedPrecision, RunConfig, TrainerConfig};
-pub use data::{BatchSource, EpochSampler, IndexedSource};
+pub use data::{BatchSource, EpochSampler, KeyedSource};
 pub use ema::{Ema, EmaConfig};
 pub use error::{ConfigError, Result, TrainError};
 pub use grads::{GradEntry, GradSet, GradSync, LocalSync};

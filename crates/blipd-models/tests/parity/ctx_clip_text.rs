@@ -186,7 +186,7 @@ fn ctx_clip_text_weights_strict_and_round_trip() {
 /// The pipeline helper: [uncond; cond] with the cond half equal to a manual splice.
 #[test]
 fn ctx_clip_text_blip_diffusion_conditioning() {
-    use blipd_models::ctx_clip_text::blip_diffusion_text_embeddings;
+    use blipd_models::conditioning::{condition, guided_states};
     use blipd_models::tokenizers::{BlipDiffusionPrompt, ClipTokenizer};
 
     let tok = ClipTokenizer::from_dir(&fixture_dir("tokenizers").join("tiny_clip")).unwrap();
@@ -208,14 +208,13 @@ fn ctx_clip_text_blip_diffusion_conditioning() {
     );
     let prompts = ["swimming", "in the snow"];
     let subjects = ["dog", "cat"];
-    let out = blip_diffusion_text_embeddings(
+    let out = guided_states(
         &model,
         &tok,
         &prompt,
+        ctx.clone(),
         &prompts,
         &subjects,
-        ctx.clone(),
-        2,
         Some(""),
     )
     .unwrap();
@@ -237,26 +236,46 @@ fn ctx_clip_text_blip_diffusion_conditioning() {
         .unwrap();
     assert_close("conditioning uncond half", out.narrow(0, 0, 2), unc, 0.0);
     // Without a negative prompt: cond only; a context/prompt count mismatch is an error.
-    let only = blip_diffusion_text_embeddings(
+    let only = guided_states(
         &model,
         &tok,
         &prompt,
+        ctx.clone(),
         &prompts,
         &subjects,
-        ctx.clone(),
-        2,
         None,
     )
     .unwrap();
     assert_eq!(only.dims(), [2, 24, 32]);
-    assert!(blip_diffusion_text_embeddings(
+    // Subject dropping: row 0 conditional, row 1 its prompt alone (24 ids, no context).
+    let mixed = condition(
         &model,
         &tok,
         &prompt,
+        ctx.clone(),
+        &prompts,
+        &subjects,
+        &[true, false],
+    )
+    .unwrap();
+    assert_close(
+        "kept row",
+        mixed.clone().narrow(0, 0, 1),
+        only.clone().narrow(0, 0, 1),
+        0.0,
+    );
+    let text = tok.encode_batch(&["in the snow"], 24).unwrap();
+    let text = model
+        .forward(text.ids_tensor::<B>(&device()), None, 0)
+        .unwrap();
+    assert_close("dropped row", mixed.narrow(0, 1, 1), text, 0.0);
+    assert!(guided_states(
+        &model,
+        &tok,
+        &prompt,
+        ctx,
         &prompts[..1],
         &subjects[..1],
-        ctx,
-        2,
         None
     )
     .is_err());

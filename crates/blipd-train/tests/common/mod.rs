@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use blipd_train::config::{parse_config, RunConfig};
 use blipd_train::{
-    EpochSampler, IndexedSource, Result, SampleContext, Stage, StepOutput, TrainError, TrainRng,
+    EpochSampler, KeyedSource, Result, SampleContext, Stage, StepOutput, TrainError, TrainRng,
     Trainer,
 };
 use burn::module::{Module, Param};
@@ -82,11 +82,12 @@ pub type Batch = (Tensor<B, 2>, Tensor<B, 2>);
 pub fn data_source(
     seed: u64,
     batch: usize,
-) -> IndexedSource<impl FnMut(&[usize]) -> Result<Batch>> {
+) -> KeyedSource<impl FnMut(&[usize], &[u64]) -> Result<Batch>> {
     let device = Default::default();
-    IndexedSource::new(
+    KeyedSource::new(
         EpochSampler::new(N, batch, seed, true),
-        move |idx: &[usize]| {
+        batch,
+        move |idx: &[usize], _keys: &[u64]| {
             let mut xs = Vec::with_capacity(idx.len() * IN);
             let mut ys = Vec::with_capacity(idx.len() * OUT);
             for &i in idx {

@@ -1,8 +1,7 @@
 //! Data-parallel training over the [`blipd_dist`] rendezvous: [`DistSync`] (a [`GradSync`] that
 //! all-reduces gradients in buckets), the initial-weights broadcast ([`DistSync::broadcast_module`]),
-//! [`from_env`] (joins the job torchrun / SLURM / `blipd launch` describe), and [`KeyedSource`] (a data
-//! source that hands each sample its position in the global sample stream, so per-sample randomness
-//! can be made independent of the number of ranks).
+//! and [`from_env`] (joins the job torchrun / SLURM / `blipd launch` describe); the settings are
+//! [`DistConfig`] (`config.rs`), the broadcast's module walk is `broadcast.rs`.
 //!
 //! This is the portable path: gradients are packed on the host and summed over the TCP control
 //! channel itself ([`Transport::Tcp`], the default: rank 0 sums the contributions in rank order, then
@@ -38,201 +37,21 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use blipd_dist::{DistError, Rendezvous, RendezvousConfig, World};
-use burn::module::{Module, ModuleMapper, Param};
+use blipd_dist::{DistError, Rendezvous, World};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 
 use crate::collective::{CollectiveLink, LinkError};
-use crate::data::{BatchSource, EpochSampler, SamplerState};
 use crate::error::{Result, TrainError};
 use crate::grads::{GradEntry, GradSet, GradSync};
 use crate::params::{param_infos, PathStack};
 
-/// Collective timeout in seconds (overrides [`DistConfig::collective_timeout_s`]).
-pub const ENV_COLLECTIVE_TIMEOUT: &str = "BLIPD_COLLECTIVE_TIMEOUT_S";
-/// Rendezvous (join) timeout in seconds.
-pub const ENV_JOIN_TIMEOUT: &str = "BLIPD_JOIN_TIMEOUT_S";
-/// Gradient bucket size in MiB.
-pub const ENV_BUCKET_MB: &str = "BLIPD_BUCKET_MB";
-/// `1`/`true`: round gradients to bf16 for the all-reduce.
-pub const ENV_GRAD_BF16: &str = "BLIPD_GRAD_BF16";
-/// Gradient transport: `tcp` or `burn-collective`.
-pub const ENV_GRAD_TRANSPORT: &str = "BLIPD_GRAD_TRANSPORT";
+mod broadcast;
+mod config;
 
-/// What carries the gradient buckets (the control plane — join, layout check, control message,
-/// barriers, broadcasts — is always the TCP rendezvous).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Transport {
-    /// burn-collective 0.21's ring all-reduce between processes (see [`crate::collective`]):
-    /// `2·(W−1)/W` of the bucket bytes per link. Opt-in: slower than the star at CPU scale and one
-    /// of its calls once hung in CI (docs/distributed.md).
-    BurnCollective,
-    /// The rendezvous star: rank 0 sums in rank order and sends the sum back (bit-identical and
-    /// order-deterministic, but rank 0's link carries `2·(W−1)` times the bytes). The default.
-    #[default]
-    Tcp,
-    /// NCCL on GPU `LOCAL_RANK` (blipd built with the `nccl` feature): rank 0 makes the NCCL id and
-    /// sends it in the rendezvous payload; each bucket is staged to the device, `ncclAllReduce`d
-    /// and copied back. With `WORLD_SIZE=1` set explicitly it still runs (a world of one), so the
-    /// path can be checked on a single GPU.
-    Nccl,
-}
-
-impl std::str::FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "burn-collective" | "burn_collective" | "collective" => Ok(Self::BurnCollective),
-            "tcp" => Ok(Self::Tcp),
-            "nccl" => Ok(Self::Nccl),
-            _ => Err(format!(
-                "`{s}`: expected `burn-collective`, `tcp` or `nccl`"
-            )),
-        }
-    }
-}
-
-/// Settings of the data-parallel path. Every field can be overridden from the environment
-/// ([`DistConfig::with_env`]); the defaults follow PyTorch DDP where it has one.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistConfig {
-    /// Gradient bucket size in MiB (DDP's `bucket_cap_mb`, 25). Env `BLIPD_BUCKET_MB`.
-    #[serde(default = "default_bucket_mb")]
-    pub bucket_mb: f64,
-    /// Round gradients to bf16 before the all-reduce and the averaged result to bf16 after it (DDP's
-    /// `bf16_compress_hook`). Precision cost: bf16 keeps 8 significant bits, so each value is off by
-    /// up to 2⁻⁹ ≈ 0.2 % relative before the sum and again after it (an NCCL ring that adds in bf16
-    /// rounds at each of its `W−1` hops). Only worth it where the link is the bottleneck: it halves
-    /// the bytes on the NCCL path; on this TCP path values still travel as f32, so it only emulates
-    /// the precision (for testing a bf16 run's numerics on the CPU). Env `BLIPD_GRAD_BF16`.
-    #[serde(default)]
-    pub bf16_grads: bool,
-    /// Timeout of one collective operation, seconds (PyTorch's process-group timeout is 10–30 min).
-    /// A rank that waits longer for a peer aborts with an error naming the peer and the operation.
-    /// Env `BLIPD_COLLECTIVE_TIMEOUT_S`.
-    #[serde(default = "default_collective_timeout")]
-    pub collective_timeout_s: f64,
-    /// How long rank 0 waits for all ranks to join, and others retry connecting. Env
-    /// `BLIPD_JOIN_TIMEOUT_S`.
-    #[serde(default = "default_join_timeout")]
-    pub join_timeout_s: f64,
-    /// What carries the gradient buckets. Env `BLIPD_GRAD_TRANSPORT` (`tcp`, the default |
-    /// `burn-collective` | `nccl`).
-    #[serde(default)]
-    pub transport: Transport,
-}
-
-fn default_bucket_mb() -> f64 {
-    25.0
-}
-fn default_collective_timeout() -> f64 {
-    600.0
-}
-fn default_join_timeout() -> f64 {
-    300.0
-}
-
-impl Default for DistConfig {
-    fn default() -> Self {
-        Self {
-            bucket_mb: default_bucket_mb(),
-            bf16_grads: false,
-            collective_timeout_s: default_collective_timeout(),
-            join_timeout_s: default_join_timeout(),
-            transport: Transport::default(),
-        }
-    }
-}
-
-impl DistConfig {
-    /// The defaults, overridden by the `BLIPD_*` environment variables.
-    pub fn from_env() -> Result<Self> {
-        Self::default().with_env()
-    }
-
-    /// `self` overridden by the `BLIPD_*` environment variables that are set.
-    pub fn with_env(self) -> Result<Self> {
-        self.with_vars(|k| std::env::var(k).ok())
-    }
-
-    /// `self` overridden by the variables `get` returns (testable form of [`DistConfig::with_env`]).
-    pub fn with_vars(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let num = |var: &str| -> Result<Option<f64>> {
-            match get(var) {
-                None => Ok(None),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
-                    _ => Err(TrainError::Sync(format!(
-                        "environment variable {var}={v:?}: expected a positive number"
-                    ))),
-                },
-            }
-        };
-        if let Some(x) = num(ENV_COLLECTIVE_TIMEOUT)? {
-            self.collective_timeout_s = x;
-        }
-        if let Some(x) = num(ENV_JOIN_TIMEOUT)? {
-            self.join_timeout_s = x;
-        }
-        if let Some(x) = num(ENV_BUCKET_MB)? {
-            self.bucket_mb = x;
-        }
-        if let Some(v) = get(ENV_GRAD_BF16) {
-            self.bf16_grads = match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" | "" => false,
-                _ => {
-                    return Err(TrainError::Sync(format!(
-                        "environment variable {ENV_GRAD_BF16}={v:?}: expected 0/1/true/false"
-                    )))
-                }
-            };
-        }
-        if let Some(v) = get(ENV_GRAD_TRANSPORT) {
-            self.transport = v.parse().map_err(|e| {
-                TrainError::Sync(format!("environment variable {ENV_GRAD_TRANSPORT}: {e}"))
-            })?;
-        }
-        self.validate()?;
-        Ok(self)
-    }
-
-    /// Rejects values that cannot work.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| {
-            Err(TrainError::Sync(format!(
-                "dist config: {what} = {v} must be a positive number"
-            )))
-        };
-        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
-            return bad("bucket_mb", self.bucket_mb);
-        }
-        if !(self.collective_timeout_s.is_finite() && self.collective_timeout_s > 0.0) {
-            return bad("collective_timeout_s", self.collective_timeout_s);
-        }
-        if !(self.join_timeout_s.is_finite() && self.join_timeout_s > 0.0) {
-            return bad("join_timeout_s", self.join_timeout_s);
-        }
-        Ok(())
-    }
-
-    /// The rendezvous deadlines.
-    pub fn rendezvous(&self) -> RendezvousConfig {
-        RendezvousConfig {
-            join_timeout: Duration::from_secs_f64(self.join_timeout_s),
-            op_timeout: Duration::from_secs_f64(self.collective_timeout_s),
-        }
-    }
-
-    /// Bucket capacity in f32 elements (at least 1).
-    pub fn bucket_elems(&self) -> usize {
-        ((self.bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
-    }
-}
+use broadcast::BroadcastMapper;
+pub use config::*;
 
 /// Joins the data-parallel job described by the environment (torchrun's `RANK`/`WORLD_SIZE`/
 /// `MASTER_ADDR`/`MASTER_PORT`, or SLURM's variables) and returns its gradient sync, or `None` for a
@@ -985,171 +804,6 @@ fn difference(mine: &str, theirs: &str) -> Option<String> {
     Some("contents differ".into())
 }
 
-/// Rank 0: appends each parameter to the pending frame and broadcasts full frames; other ranks:
-/// receive frames as needed and take parameters from them in the same visiting order.
-struct BroadcastMapper<'a, B: Backend> {
-    sync: &'a mut DistSync,
-    op: String,
-    cap: usize,
-    stack: PathStack,
-    pending: Vec<u8>,
-    queue: std::collections::VecDeque<Vec<u8>>,
-    error: Option<TrainError>,
-    bytes: usize,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: Backend> BroadcastMapper<'_, B> {
-    fn next_bytes(&mut self) -> Result<Vec<u8>> {
-        while self.queue.is_empty() {
-            let frame = self
-                .sync
-                .rv
-                .broadcast(&[], &self.op)
-                .map_err(|e| self.sync.err(e))?;
-            self.bytes += frame.len();
-            let mut rest = frame.as_slice();
-            while !rest.is_empty() {
-                if rest.len() < 8 {
-                    return Err(TrainError::Sync(format!("{}: truncated frame", self.op)));
-                }
-                let n = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default()) as usize;
-                if rest.len() < 8 + n {
-                    return Err(TrainError::Sync(format!("{}: truncated frame", self.op)));
-                }
-                self.queue.push_back(rest[8..8 + n].to_vec());
-                rest = &rest[8 + n..];
-            }
-        }
-        Ok(self.queue.pop_front().unwrap_or_default())
-    }
-}
-
-impl<B: Backend> ModuleMapper<B> for BroadcastMapper<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.stack.enter(name);
-    }
-
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.stack.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.error.is_some() {
-            return param;
-        }
-        let (id, tensor, mapper) = param.consume();
-        if self.sync.rv.world.rank == 0 {
-            let data = tensor.clone().into_data();
-            let bytes = data.as_bytes();
-            self.pending
-                .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            self.pending.extend_from_slice(bytes);
-            if self.pending.len() >= self.cap {
-                let frame = std::mem::take(&mut self.pending);
-                self.bytes += frame.len();
-                if let Err(e) = self.sync.rv.broadcast(&frame, &self.op) {
-                    self.error = Some(self.sync.err(e));
-                }
-            }
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let tensor = match self.next_bytes() {
-            Ok(bytes) => {
-                let (shape, dtype, device) = (tensor.dims(), tensor.dtype(), tensor.device());
-                let expected = shape.iter().product::<usize>() * dtype.size();
-                if bytes.len() != expected {
-                    self.error = Some(TrainError::Sync(format!(
-                        "rank {}: {}: `{}` got {} bytes from rank 0, expected {expected}",
-                        self.sync.rv.world.rank,
-                        self.op,
-                        self.stack.path(),
-                        bytes.len()
-                    )));
-                    tensor
-                } else {
-                    let data = TensorData::from_bytes_vec(bytes, shape, dtype);
-                    let new = Tensor::<B, D>::from_data(data, (&device, dtype));
-                    if tensor.is_require_grad() {
-                        new.require_grad()
-                    } else {
-                        new
-                    }
-                }
-            }
-            Err(e) => {
-                self.error = Some(e);
-                tensor
-            }
-        };
-        Param::from_mapped_value(id, tensor, mapper)
-    }
-}
-
-/// A [`BatchSource`] over an [`EpochSampler`] whose batch builder also receives each sample's
-/// *global key*: its position in the run's stream of samples, `epoch · len + position in the epoch's
-/// order`. The key of a sample does not depend on how the global batch is split (1 rank × 2B,
-/// 2 ranks × B, or gradient accumulation), so randomness derived from it (e.g. a per-sample stream
-/// `TrainRng::new(seed, base + key)`) makes runs with different world sizes draw the same numbers.
-pub struct KeyedSource<F> {
-    pub sampler: EpochSampler,
-    batch_size: usize,
-    rank: usize,
-    world_size: usize,
-    make: F,
-}
-
-impl<F, T> KeyedSource<F>
-where
-    F: FnMut(&[usize], &[u64]) -> Result<T>,
-{
-    /// `sampler` must be for one rank of one; use [`KeyedSource::with_rank`] to split.
-    pub fn new(sampler: EpochSampler, batch_size: usize, make: F) -> Self {
-        Self {
-            sampler,
-            batch_size,
-            rank: 0,
-            world_size: 1,
-            make,
-        }
-    }
-
-    /// This rank's slice of every global batch ([`EpochSampler::with_rank`]).
-    pub fn with_rank(mut self, rank: usize, world_size: usize) -> Self {
-        self.sampler = self.sampler.with_rank(rank, world_size);
-        self.rank = rank;
-        self.world_size = world_size;
-        self
-    }
-}
-
-impl<F, T> BatchSource for KeyedSource<F>
-where
-    F: FnMut(&[usize], &[u64]) -> Result<T>,
-{
-    type Batch = T;
-
-    fn next_batch(&mut self) -> Result<T> {
-        let idx = self.sampler.next_indices()?;
-        // After the call, `position` is the end of the global batch this slice belongs to.
-        let s = self.sampler.state();
-        let global = (self.batch_size * self.world_size) as u64;
-        let start = s.epoch * s.len + s.position - global + (self.rank * self.batch_size) as u64;
-        let keys: Vec<u64> = (0..idx.len() as u64).map(|j| start + j).collect();
-        (self.make)(&idx, &keys)
-    }
-
-    fn state(&self) -> serde_json::Value {
-        serde_json::to_value(self.sampler.state()).expect("sampler state serialises")
-    }
-
-    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let s: SamplerState = serde_json::from_value(state.clone())
-            .map_err(|e| TrainError::data(format!("bad sampler state: {e}")))?;
-        self.sampler.load_state(&s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1430,33 +1084,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(ENV_COLLECTIVE_TIMEOUT), "{e}");
-    }
-
-    #[test]
-    fn keyed_source_keys_do_not_depend_on_the_split() {
-        let keys = |rank: usize, world: usize, batch: usize, steps: usize| {
-            let s = EpochSampler::new(10, batch, 3, true);
-            let mut src = KeyedSource::new(s, batch, |idx: &[usize], k: &[u64]| {
-                Ok(idx
-                    .iter()
-                    .copied()
-                    .zip(k.iter().copied())
-                    .collect::<Vec<_>>())
-            })
-            .with_rank(rank, world);
-            (0..steps)
-                .map(|_| src.next_batch().unwrap())
-                .collect::<Vec<_>>()
-        };
-        let single = keys(0, 1, 4, 5);
-        let (r0, r1) = (keys(0, 2, 2, 5), keys(1, 2, 2, 5));
-        for i in 0..5 {
-            let mut both = r0[i].clone();
-            both.extend(r1[i].clone());
-            assert_eq!(both, single[i]);
-        }
-        // Epochs of 10 samples with a global batch of 4: 8 per epoch, keys jump to 10, 20, ...
-        let k: Vec<u64> = single.iter().flatten().map(|p| p.1).collect();
-        assert_eq!(&k[..12], &[0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]);
     }
 }

@@ -3,7 +3,27 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
+
+/// The `blipd` binary of this build, logging warnings only.
+pub fn blipd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));
+    c.env("BLIPD_LOG", "warn");
+    c
+}
+
+/// Runs `c`, asserts it succeeded (printing its output otherwise) and returns stdout + stderr.
+pub fn run_ok(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{c:?} failed:\n{t}");
+    t
+}
+
+/// The diffusers pipeline fixture of blipd-models (its `reference.png` is a subject photo).
+pub fn pipeline_fixture() -> PathBuf {
+    fixture("pipeline")
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,4 +96,19 @@ pub fn tiny_bench(root: &Path) -> PathBuf {
     });
     g.save(bench.join("vase/00.png")).unwrap();
     bench
+}
+
+/// `blipd generate` at 16 px with 3 steps from the pipeline fixture's reference photo; asserts success.
+pub fn generate_16px(model: &Path, subject: &str, prompt: &str, out_png: &Path) {
+    run_ok(
+        blipd()
+            .arg("generate")
+            .arg("--model")
+            .arg(model)
+            .arg("--image")
+            .arg(pipeline_fixture().join("reference.png"))
+            .args(["--subject", subject, "--prompt", prompt, "--steps", "3"])
+            .args(["--height", "16", "--width", "16", "--out"])
+            .arg(out_png),
+    );
 }

@@ -1,17 +1,14 @@
-//! The `blipd` binary end to end: weights inspection (success and a full problem list), the embedded
-//! pre-training plan with overrides, resume, plots, generation from the run's export, a sweep with
-//! DreamBench scores, and config errors.
+//! The `blipd` binary command by command: weights inspection (success and a full problem list),
+//! generation (parity with diffusers, ControlNet, mixing, fixed latents, DDIM), fine-tuning,
+//! embed-subject, interpolate, stylize, a sweep with DreamBench scores, and config errors. The user's
+//! whole journeys are in e2e.rs.
 
 mod common;
 
+use common::{blipd, generate_16px, pipeline_fixture};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn blipd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));
-    c.env("BLIPD_LOG", "warn");
-    c
-}
 
 /// Asserts that a `blipd` run succeeded, printing its stderr otherwise.
 fn assert_ok(o: &std::process::Output) {
@@ -41,26 +38,6 @@ fn fixture_generate() -> Command {
         .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
         .args(["--guidance-scale", "7.5"]);
     c
-}
-
-fn pipeline_fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-models/tests/fixtures/pipeline")
-}
-
-/// `blipd generate` at 16 px with 3 steps from the fixture's reference photo; asserts success.
-fn generate_16px(model: &Path, subject: &str, prompt: &str, out_png: &Path) {
-    let out = blipd()
-        .arg("generate")
-        .arg("--model")
-        .arg(model)
-        .arg("--image")
-        .arg(pipeline_fixture().join("reference.png"))
-        .args(["--subject", subject, "--prompt", prompt, "--steps", "3"])
-        .args(["--height", "16", "--width", "16", "--out"])
-        .arg(out_png)
-        .output()
-        .unwrap();
-    assert_ok(&out);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -126,97 +103,6 @@ fn inspect_weights_lists_components_and_every_problem() {
         stderr.contains("no weight file for component `vae`"),
         "{stderr}"
     );
-}
-
-#[test]
-fn pretrain_resume_and_plot() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let short = [
-        "--set",
-        "stage1.train.max_steps=3",
-        "--set",
-        "stage2.train.max_steps=4",
-        "--set",
-        "stage2.checkpoint.every=2",
-        "--set",
-        "stage2.sample.every=0",
-        "--set",
-        "stage2.data.synthetic.pairs=8",
-    ];
-    let out = blipd()
-        .arg("pretrain")
-        .arg("--run-dir")
-        .arg(&run)
-        .args(short)
-        .output()
-        .unwrap();
-    assert_ok(&out);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("stage 1: step 3"), "{stdout}");
-    assert!(stdout.contains("stage 2: step 4"), "{stdout}");
-    assert!(run
-        .join("stage1/export/qformer/model.safetensors")
-        .is_file());
-    let s2cfg = std::fs::read_to_string(run.join("stage2/config.toml")).unwrap();
-    assert!(
-        s2cfg.contains("stage1/export/qformer/model.safetensors"),
-        "stage 2 starts from stage 1:\n{s2cfg}"
-    );
-    assert!(run.join("plan.toml").is_file());
-    let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 4);
-    assert!(
-        run.join("stage2/samples").is_dir(),
-        "a sample grid at the end"
-    );
-    // The run ends with a pipeline folder that `blipd generate` takes.
-    let png = run.join("gen.png");
-    generate_16px(&run.join("stage2/export"), "ball", "on a beach", &png);
-    // As in diffusers, the latent size is height / 2^(U-Net levels − 1) (2 for the tiny U-Net), and
-    // the tiny VAE decodes ×4: 16 → 8×8 latents → 32×32 pixels (both factors are 8 for SD-1.5).
-    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (32, 32));
-
-    // Resume with a longer schedule continues from step 4.
-    let out = blipd()
-        .arg("resume")
-        .arg(&run)
-        .args(["--set", "stage2.train.max_steps=6"])
-        .output()
-        .unwrap();
-    assert_ok(&out);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("resumed from step 4"), "{stdout}");
-    let metrics = std::fs::read_to_string(run.join("stage2/metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 6);
-    // TensorBoard event files beside metrics.jsonl: the loss curve of both sessions as
-    // metrics.jsonl has it, and the sample sheet as an image.
-    let s2 = run.join("stage2");
-    let tb_loss = blipd_train::tensorboard::read_scalars(&s2, "train/loss").unwrap();
-    let jsonl: Vec<(u64, f32)> = blipd_train::metrics::read_metrics(&s2.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(|r| (r.step, r.loss as f32))
-        .collect();
-    assert_eq!(tb_loss, jsonl);
-    let images: Vec<String> = blipd_train::tensorboard::event_files(&s2)
-        .unwrap()
-        .iter()
-        .flat_map(|f| blipd_train::tensorboard::read_events(f).unwrap())
-        .flat_map(|e| e.summary.into_iter().flat_map(|s| s.value))
-        .filter(|v| v.image.is_some())
-        .map(|v| v.tag)
-        .collect();
-    assert!(
-        images.contains(&"samples/samples".to_string()),
-        "{images:?}"
-    );
-
-    let out = blipd().arg("plot").arg(&run).output().unwrap();
-    assert_ok(&out);
-    assert!(run.join("stage2/loss.png").is_file());
-    // The plan's two stages in one figure too.
-    assert!(run.join("loss-all.png").is_file());
 }
 
 #[test]

@@ -14,7 +14,7 @@ const STEPS: u64 = 20;
 const REL_TOL: f64 = 1e-3;
 
 fn golden_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny_losses.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/tiny_losses.json")
 }
 
 fn losses(run: &std::path::Path, stage: &str) -> Vec<f64> {

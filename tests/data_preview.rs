@@ -1,5 +1,5 @@
-//! `blipd data preview`: the grid carries the class name and caption of each row, drawn with the built-in
-//! bitmap font (pairs made by `blipd data synth` from two photos with ellipse masks).
+//! `blipd data preview`: the grid carries the class name and caption of each row, drawn in DejaVu Sans
+//! (pairs made by `blipd data synth` from two photos with ellipse masks).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,33 +98,42 @@ fn preview_rows_have_class_and_caption_text() {
         .args(["--cell", &cell.to_string()]));
     assert!(t.contains("2 pairs"), "{t}");
     let grid = image::open(&grid_path).unwrap().to_rgb8();
-    // Rows: image cell, then 1 label line + wrapped caption lines of 10 px (scale 1 below 160 px cells).
-    let line = 10;
-    let chars = (2 * cell + gap + 1) / 6; // 32 characters per line
-    assert_eq!(chars, 32);
-    let caption_lines = [3, 1]; // the long caption wraps to 3 lines; "a photo of a stuffed animal" fits
+    // Rows: image cell, then 1 label line + the wrapped caption's lines (12-px text below 160-px cells).
+    let style = blipd_data::font::TextStyle::new(12.0);
+    let line = style.line_height();
+    let recs = blipd_data::preview::first_pairs(&pairs, 2).unwrap();
+    let caption_lines: Vec<u32> = recs
+        .iter()
+        .map(|r| style.wrap(&r.caption, 2 * cell + gap, 4).len() as u32)
+        .collect();
+    assert!(
+        caption_lines[0] >= 2 && caption_lines[1] == 1,
+        "the long caption wraps, \"a photo of a stuffed animal\" fits: {caption_lines:?}"
+    );
     let expected_h: u32 = caption_lines
         .iter()
         .map(|c| cell + gap + (1 + c) * line + gap)
         .sum::<u32>()
         + gap;
     assert_eq!(grid.dimensions(), (2 * cell + 3 * gap, expected_h));
-    // Label pixels (class name colour) under each row's images, caption pixels (black) below them.
+    // Label ink (the class name's blue) under each row's images, caption ink (black) below it.
     let mut y0 = gap;
     for c in caption_lines {
         let text_top = y0 + cell + gap;
-        let count = |rgb: [u8; 3], y_from: u32, y_to: u32| {
+        let count = |ink: &dyn Fn([u8; 3]) -> bool, y_from: u32, y_to: u32| {
             (y_from..y_to)
                 .flat_map(|y| (0..grid.width()).map(move |x| (x, y)))
-                .filter(|&(x, y)| grid.get_pixel(x, y).0 == rgb)
+                .filter(|&(x, y)| ink(grid.get_pixel(x, y).0))
                 .count()
         };
+        let blue = |p: [u8; 3]| p[2] > 120 && p[0] < 150 && p[2] as i32 - p[0] as i32 > 40;
+        let black = |p: [u8; 3]| p.iter().all(|&v| v < 100);
         assert!(
-            count([20, 60, 160], text_top, text_top + line) > 50,
+            count(&blue, text_top, text_top + line) > 40,
             "label at {text_top}"
         );
         assert!(
-            count([0, 0, 0], text_top + line, text_top + (1 + c) * line) > 50 * c as usize,
+            count(&black, text_top + line, text_top + (1 + c) * line) > 40 * c as usize,
             "caption at {text_top}"
         );
         y0 += cell + gap + (1 + c) * line + gap;
