@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 
 use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::synth_pair;
-use blipd_train::dist_sync::DistConfig;
 use blipd_train::KeyedSource;
 use blipd_train::{
-    BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainError, TrainRng, Trainer,
+    BatchSource, EpochSampler, RunConfig, RunSummary, TrainError, TrainRng, Trainer,
 };
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -37,6 +36,12 @@ impl Source {
             Source::Indexed(s) => Source::Indexed(s.with_rank(rank, world_size)),
             Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size)?)),
         })
+    }
+}
+
+impl blipd_train::RankSlice for Source {
+    fn rank_slice(self, rank: usize, world_size: usize) -> blipd_train::Result<Self> {
+        Ok(self.with_rank(rank, world_size)?)
     }
 }
 
@@ -197,28 +202,20 @@ pub fn run_stage1<B: AutodiffBackend>(
     device: B::Device,
 ) -> Result<RunSummary, TrainError> {
     let (stage, model, data, blip) = build::<B>(cfg, &device)?;
-    let mut data = data;
-    let mut trainer = match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)? {
-        None => Trainer::from_run_config(cfg, stage, model, device)?,
-        Some(mut sync) => {
-            let (rank, world) = (
-                GradSync::<B::InnerBackend>::rank(&sync),
-                GradSync::<B::InnerBackend>::world_size(&sync),
-            );
-            let model = sync.broadcast_module(model, "stage-1 model")?;
-            sync.track_params::<B, _>(&model)?;
-            data = data.with_rank(rank, world)?;
-            Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync))
-        }
-    };
-    let summary = trainer.fit(&mut data)?;
-    if trainer.rank() == 0 {
+    let export = |trainer: &Trainer<B, Stage1<B>>| -> blipd_train::Result<()> {
         let model: &Stage1Model<B> = trainer.model();
         export(model, &blip, &trainer.stage().tokenizer, &export_dir(cfg))?;
-    }
-    // Stage 2 (next in a plan) reads the export on every rank.
-    trainer.barrier()?;
-    Ok(summary)
+        Ok(())
+    };
+    // Stage 2 (next in a plan) reads the export on every rank: `fit` ends at a barrier.
+    blipd_train::fit(
+        cfg,
+        device,
+        (stage, model, data),
+        blipd_train::join_from_env()?,
+        "stage-1 model",
+        export,
+    )
 }
 
 /// The pieces of a stage-1 run (for callers that drive the trainer themselves), plus the Q-Former

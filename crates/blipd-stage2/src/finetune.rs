@@ -27,8 +27,8 @@ use blipd_models::unet::UNet2DConditionModel;
 use blipd_models::vae::AutoencoderKL;
 use blipd_models::weights::write_safetensors;
 use blipd_train::{
-    EpochSampler, GradSync, KeyedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput,
-    TrainRng, Trainer,
+    EpochSampler, KeyedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput, TrainRng,
+    Trainer,
 };
 use burn::module::{AutodiffModule, Module, Param};
 use burn::prelude::*;
@@ -356,6 +356,7 @@ pub fn build<B: AutodiffBackend>(
     cfg: &FinetuneRunConfig,
     device: &B::Device,
 ) -> Result<(Finetune<B>, FinetuneModel<B>, FinetuneSource), Stage2Error> {
+    B::seed(device, cfg.run.seed);
     cfg.train
         .mixed_precision
         .check_backend(&B::name(device), "[train] mixed_precision")
@@ -476,8 +477,7 @@ pub fn run_finetune<B: AutodiffBackend>(
     cfg: &FinetuneRunConfig,
     device: B::Device,
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    let dist = blipd_train::dist_sync::from_env(&blipd_train::dist_sync::DistConfig::from_env()?)?;
-    fit::<B>(cfg, device, dist)
+    fit::<B>(cfg, device, blipd_train::join_from_env()?)
 }
 
 /// [`run_finetune`] in this process alone, whatever the environment says (a plan's evaluation
@@ -494,34 +494,17 @@ fn fit<B: AutodiffBackend>(
     device: B::Device,
     dist: Option<blipd_train::dist_sync::DistSync>,
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    B::seed(&device, cfg.run.seed);
-    let (stage, model, data) = build::<B>(cfg, &device)?;
-    let (mut trainer, mut data) = match dist {
-        None => (Trainer::from_run_config(cfg, stage, model, device)?, data),
-        Some(mut sync) => {
-            let (rank, world) = (
-                GradSync::<B::InnerBackend>::rank(&sync),
-                GradSync::<B::InnerBackend>::world_size(&sync),
-            );
-            let model = sync.broadcast_module(model, "fine-tuning model")?;
-            sync.track_params::<B, _>(&model)?;
-            let data = data.with_rank(rank, world);
-            let trainer =
-                Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
-            (trainer, data)
-        }
-    };
-    let summary = trainer.fit(&mut data)?;
-    if trainer.rank() == 0 {
+    let parts = build::<B>(cfg, &device)?;
+    let export = |trainer: &Trainer<B, Finetune<B>>| -> blipd_train::Result<()> {
         let out = export_dir(cfg);
         match trainer.ema_model() {
             Some(ema) => export_finetuned(trainer.stage(), ema, &cfg.stage.model_dir, &out)?,
             None => export_finetuned(trainer.stage(), trainer.model(), &cfg.stage.model_dir, &out)?,
         };
         tracing::info!("fine-tuned pipeline exported to {}", out.display());
-    }
-    trainer.barrier()?;
-    Ok(summary)
+        Ok(())
+    };
+    blipd_train::fit(cfg, device, parts, dist, "fine-tuning model", export)
 }
 
 /// Links `from` to `to` (same filesystem), else copies it.

@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use blipd_data::loader::{LoaderOptions, PairLoader};
 use blipd_data::synthetic::{held_out_ids, render_pair, synth_pair, vocabulary, Identity, SCENES};
-use blipd_train::dist_sync::DistConfig;
 use blipd_train::KeyedSource;
-use blipd_train::{BatchSource, EpochSampler, GradSync, RunConfig, RunSummary, TrainRng, Trainer};
+use blipd_train::{BatchSource, EpochSampler, RunConfig, RunSummary, TrainRng, Trainer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -138,48 +137,29 @@ pub fn validate_config(cfg: &Stage2RunConfig) -> Result<(), Stage2Error> {
     Ok(())
 }
 
-/// Build the stage, its model and its data source, and train to `train.max_steps` (resuming from the
-/// newest valid checkpoint of the run directory when there is one).
+/// Build the stage, its model and its data source (seeded from `run.seed`), and train to
+/// `train.max_steps` (resuming from the newest valid checkpoint of the run directory when there is one).
 pub fn run_stage2<B: AutodiffBackend>(
     cfg: &Stage2RunConfig,
     device: B::Device,
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    // Seeded initialisation: the same random weights for a seed, whatever the number of ranks.
-    B::seed(&device, cfg.run.seed);
     let parts = build::<B>(cfg, &device)?;
     fit_stage2(cfg, device, parts)
 }
 
-/// Trains the pieces [`build`] made, to `train.max_steps` (resuming when there is a checkpoint). When
-/// the process was launched as one rank of several (`WORLD_SIZE > 1`: torchrun, `blipd launch`,
-/// srun), it joins the job first ([`blipd_train::dist_sync::from_env`], settings from the `BLIPD_*`
-/// environment), takes rank 0's weights (trainable model and frozen VAE), and trains on its slice of
-/// every global batch with the gradients averaged over ranks.
+/// Trains the pieces [`build`] made with [`blipd_train::fit`]: when the process was launched as one
+/// rank of several (`WORLD_SIZE > 1`: torchrun, `blipd launch`, srun) it joins the job, takes rank
+/// 0's weights (trainable model and frozen VAE) and trains on its slice of every global batch; rank 0
+/// exports the pipeline (the EMA weights when EMA is on, as diffusers' training scripts save).
 pub fn fit_stage2<B: AutodiffBackend>(
     cfg: &Stage2RunConfig,
     device: B::Device,
-    (mut stage, model, data): (Stage2<B>, crate::Stage2Model<B>, Source),
+    parts: (Stage2<B>, crate::Stage2Model<B>, Source),
 ) -> Result<RunSummary, blipd_train::TrainError> {
-    let (mut trainer, mut data) = match blipd_train::dist_sync::from_env(&DistConfig::from_env()?)?
-    {
-        None => (Trainer::from_run_config(cfg, stage, model, device)?, data),
-        Some(mut sync) => {
-            let (rank, world) = (
-                GradSync::<B::InnerBackend>::rank(&sync),
-                GradSync::<B::InnerBackend>::world_size(&sync),
-            );
-            let model = sync.broadcast_module(model, "stage-2 model")?;
-            stage.vae = sync.broadcast_module(stage.vae, "frozen VAE")?;
-            sync.track_params::<B, _>(&model)?;
-            let data = data.with_rank(rank, world)?;
-            let trainer =
-                Trainer::from_run_config(cfg, stage, model, device)?.with_grad_sync(Box::new(sync));
-            (trainer, data)
+    let export = |trainer: &Trainer<B, Stage2<B>>| -> blipd_train::Result<()> {
+        if !cfg.stage.export {
+            return Ok(());
         }
-    };
-    let summary = trainer.fit(&mut data)?;
-    if cfg.stage.export && trainer.rank() == 0 {
-        // With EMA on, the averaged weights are the ones to keep (as diffusers' training scripts save).
         let dir = match trainer.ema_model() {
             Some(ema) => crate::export::export_pipeline(trainer.stage(), ema, &export_dir(cfg))?,
             None => {
@@ -195,7 +175,16 @@ pub fn fit_stage2<B: AutodiffBackend>(
             },
             dir.display()
         );
-    }
+        Ok(())
+    };
+    let summary = blipd_train::fit(
+        cfg,
+        device,
+        parts,
+        blipd_train::join_from_env()?,
+        "stage-2 model",
+        export,
+    )?;
     let truncated = blipd_models::conditioning::truncated_prompts();
     if truncated > 0 {
         tracing::warn!(
@@ -204,8 +193,6 @@ pub fn fit_stage2<B: AutodiffBackend>(
             if truncated == 1 { "" } else { "s" }
         );
     }
-    // Whoever runs next (generation, evaluation) may read the export on any rank.
-    trainer.barrier()?;
     Ok(summary)
 }
 
@@ -231,6 +218,12 @@ impl Source {
             Source::Synthetic(s) => Source::Synthetic(s.with_rank(rank, world_size)),
             Source::Shards(s) => Source::Shards(Box::new(s.with_rank(rank, world_size)?)),
         })
+    }
+}
+
+impl blipd_train::RankSlice for Source {
+    fn rank_slice(self, rank: usize, world_size: usize) -> blipd_train::Result<Self> {
+        Ok(self.with_rank(rank, world_size)?)
     }
 }
 
@@ -410,11 +403,13 @@ impl BatchSource for ShardSource {
     }
 }
 
-/// The pieces of a stage-2 run (for callers that drive the trainer themselves).
+/// The pieces of a stage-2 run (for callers that drive the trainer themselves). Seeds the backend from
+/// `run.seed` first: the same random weights for a seed, whatever the number of ranks.
 pub fn build<B: AutodiffBackend>(
     cfg: &Stage2RunConfig,
     device: &B::Device,
 ) -> Result<(Stage2<B>, crate::Stage2Model<B>, Source), Stage2Error> {
+    B::seed(device, cfg.run.seed);
     cfg.train
         .mixed_precision
         .check_backend(&B::name(device), "[train] mixed_precision")

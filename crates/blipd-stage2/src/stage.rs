@@ -320,6 +320,14 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
         Ok(out)
     }
 
+    fn broadcast_frozen(
+        &mut self,
+        sync: &mut blipd_train::dist_sync::DistSync,
+    ) -> blipd_train::Result<()> {
+        self.vae = sync.broadcast_module(self.vae.clone(), "frozen VAE")?;
+        Ok(())
+    }
+
     fn sample(
         &mut self,
         model: &<Stage2Model<B> as AutodiffModule<B>>::InnerModule,

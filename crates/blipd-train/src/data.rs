@@ -172,6 +172,15 @@ where
     }
 }
 
+impl<F, T> crate::fit::RankSlice for KeyedSource<F>
+where
+    F: FnMut(&[usize], &[u64]) -> Result<T>,
+{
+    fn rank_slice(self, rank: usize, world_size: usize) -> Result<Self> {
+        Ok(self.with_rank(rank, world_size))
+    }
+}
+
 impl<F, T> BatchSource for KeyedSource<F>
 where
     F: FnMut(&[usize], &[u64]) -> Result<T>,

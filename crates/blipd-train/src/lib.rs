@@ -20,6 +20,7 @@ pub mod data;
 pub mod dist_sync;
 pub mod ema;
 pub mod error;
+pub mod fit;
 mod fused;
 pub mod grads;
 pub mod metrics;
@@ -37,6 +38,7 @@ pub use config::{load_config, parse_config, MixedPrecision, RunConfig, TrainerCo
 pub use data::{BatchSource, EpochSampler, KeyedSource};
 pub use ema::{Ema, EmaConfig};
 pub use error::{ConfigError, Result, TrainError};
+pub use fit::{fit, join_from_env, RankSlice};
 pub use grads::{GradEntry, GradSet, GradSync, LocalSync};
 pub use optim::{AdamW, AdamWConfig};
 pub use plot::{plot_metrics, plot_series, PlotOptions, Series};

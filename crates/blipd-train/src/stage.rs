@@ -106,6 +106,13 @@ pub trait Stage<B: AutodiffBackend> {
         Ok(())
     }
 
+    /// In a data-parallel run, replaces the stage's frozen networks (those outside [`Stage::Model`],
+    /// e.g. stage 2's VAE) by rank 0's, with [`crate::dist_sync::DistSync::broadcast_module`]; the default has none.
+    fn broadcast_frozen(&mut self, sync: &mut crate::dist_sync::DistSync) -> Result<()> {
+        let _ = sync;
+        Ok(())
+    }
+
     /// Writes the stage's own resumable state (anything besides the model weights, e.g. a
     /// running statistic) into `dir` (an empty folder inside the checkpoint being written).
     fn save_state(&self, dir: &Path) -> Result<()> {
