@@ -121,6 +121,39 @@ fn check(extra: &[&str]) {
     assert_eq!(guided.dims()[0], 4);
     assert_close(&format!("{what} guided"), sheet, guided, 0.0);
     assert_eq!(pipe.prompt, stage.prompt, "{what}: the pipeline's prompt");
+
+    // Fine-tuning the export starts from the subject embedding the training step would compute for
+    // its photo (with or without the subject text, as the export says).
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let photo = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
+    });
+    photo.save(photos.join("00.png")).unwrap();
+    let ft_cfg: blipd_stage2::finetune::FinetuneRunConfig = blipd_train::parse_config(
+        &format!(
+            "[run]\ndir = {:?}\nseed = 3\n[train]\nmax_steps = 1\nbatch_size = 1\nprogress = false\n\
+             [optimizer]\nlr = 0.001\n[checkpoint]\nevery = 0\n[sample]\nat_end = false\n\
+             [stage]\nmodel_dir = {:?}\nsubject = \"dog\"\n[data]\nimages = {:?}\ntarget_size = 32\n",
+            tmp.path().join("ft").display().to_string(),
+            export.display().to_string(),
+            photos.display().to_string()
+        ),
+        &[],
+    )
+    .unwrap();
+    let (_, ft_model, _) = blipd_stage2::finetune::build::<CpuTrain>(&ft_cfg, &device).unwrap();
+    let px = blipd_data::preprocess::clip_input(&photo, s);
+    let px = Tensor::<Cpu, 4>::from_data(burn::tensor::TensorData::new(px, [1, 3, s, s]), &device);
+    let want = stage
+        .subject_embeddings(&model.qformer, px, &["dog".to_string()])
+        .unwrap();
+    assert_close(
+        &format!("{what} fine-tuning's initial subject embedding"),
+        ft_model.ctx.val().inner(),
+        want,
+        0.0,
+    );
 }
 
 #[test]

@@ -332,16 +332,20 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
 }
 
 /// The initial subject embedding `[1, N, D]`: the mean over the photos (`pixels` `[n, 3, S, S]`,
-/// CLIP-normalised) of ViT → Q-Former (with the subject text) → projection (LAVIS `before_training`).
+/// CLIP-normalised) of ViT → Q-Former (reading the subject text, as LAVIS `before_training` does; `None`
+/// for a model trained without it) → projection.
 pub fn subject_embedding<IB: Backend>(
     qformer: &Blip2QFormerModel<IB>,
     tokenizer: &BertTokenizer,
     pixels: Tensor<IB, 4>,
-    subject: &str,
+    subject: Option<&str>,
 ) -> Result<Tensor<IB, 3>, Stage2Error> {
     let n = pixels.dims()[0];
-    let subjects = vec![subject; n];
-    Ok(conditioning::subject_embeddings(qformer, tokenizer, pixels, Some(&subjects))?.mean_dim(0))
+    let subjects = subject.map(|s| vec![s; n]);
+    Ok(
+        conditioning::subject_embeddings(qformer, tokenizer, pixels, subjects.as_deref())?
+            .mean_dim(0),
+    )
 }
 
 /// The fine-tuning data: the subject's targets, sampled with repetition (LAVIS repeats the folder
@@ -389,11 +393,16 @@ pub fn build<B: AutodiffBackend>(
     let n_img = images.len();
     let input =
         Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(pixels, [n_img, 3, s, s]), device);
+    // A blipd export of a model trained without the subject text says so; its Q-Former reads none.
+    let subject_text = blipd_models::weights::DiffusersFolder::open(&c.model_dir)
+        .ok()
+        .and_then(|f| f.index.get("_blipd_subject_text").and_then(|v| v.as_bool()))
+        .unwrap_or(true);
     let ctx = subject_embedding(
         &parts.model.qformer.valid(),
         &parts.bert_tokenizer,
         input,
-        &c.subject,
+        subject_text.then_some(c.subject.as_str()),
     )?;
     let num_ctx = ctx.dims()[1];
     let ctx = Param::from_tensor(Tensor::<B, 3>::from_inner(ctx)).set_require_grad(c.train_ctx);

@@ -223,7 +223,7 @@ fn subject_embedding_and_loss_match_the_released_forward() {
         &parts.model.qformer,
         &parts.bert_tokenizer,
         t4("photos"),
-        "dog",
+        Some("dog"),
     )
     .unwrap();
     let want = io
