@@ -134,17 +134,40 @@ fn pretrain_resume_plot_generate_and_evaluate() {
             .arg("--generated")
             .arg(root.join("eval"))
             .args(["--prompts-per-subject", "1", "--images-per-prompt", "1"])
-            .args(["--steps", "2", "--size", "16", "--batch-size", "2"]),
+            .args(["--steps", "2", "--size", "16", "--batch-size", "2"])
+            .args(["--seeds", "2"]),
     );
+    // Two seeds, each generated and scored on its own, then mean ± std over them (tables 5/6 and 1).
+    for seed in [0, 1] {
+        for d in ["dog", "vase"] {
+            let img = root.join(format!("eval/seed-{seed}/{d}/0_0.png"));
+            assert!(img.is_file(), "{}\n{t}", img.display());
+        }
+        assert!(root.join(format!("eval/seed-{seed}/scores.json")).is_file());
+    }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&scores).unwrap()).unwrap();
-    let text = report.to_string();
-    for k in ["dino", "clip_i", "clip_t"] {
-        assert!(text.contains(k), "{k} missing from {text}\n{t}");
+    assert_eq!(report["seeds"], serde_json::json!([0, 1]), "{report}");
+    let subjects = report["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 2, "{report}");
+    for s in subjects.iter().chain([&report["average"]]) {
+        for k in ["dino", "clip_i", "clip_t"] {
+            let (m, sd) = (
+                s[k]["mean"].as_f64().unwrap(),
+                s[k]["std"].as_f64().unwrap(),
+            );
+            assert!(m.abs() <= 1.0 && (0.0..=2.0).contains(&sd), "{k}: {s}");
+        }
     }
-    for d in ["dog", "vase"] {
-        assert!(root.join("eval").join(d).join("0_0.png").is_file(), "{t}");
-    }
+    let md = std::fs::read_to_string(scores.with_extension("md")).unwrap();
+    assert!(md.contains("| **average** |") && md.contains(" ± "), "{md}");
+    // The contact sheet: a row per subject (real photo + its generated image).
+    let sheet = image::open(scores.with_extension("png")).unwrap().to_rgb8();
+    assert!(
+        sheet.width() >= 2 * 128 && sheet.height() >= 2 * 128,
+        "{:?}",
+        sheet.dimensions()
+    );
 }
 
 /// A binary ellipse inscribed in the box `[x_min, x_max, y_min, y_max]` (fractions of `w`×`h`).

@@ -16,6 +16,7 @@ pub mod canny;
 pub mod dreambench;
 pub mod error;
 pub mod eval;
+pub mod eval_seeds;
 pub mod generate;
 pub mod inspect;
 pub mod interpolate;

@@ -72,6 +72,11 @@ pub struct GenArgs {
     pub size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Generate and score N times, with seeds `--seed` … `--seed + N − 1`, into <generated>/seed-<s>/;
+    /// the report gives each subject's DINO / CLIP-I / CLIP-T and their average as mean ± std over the
+    /// seeds (the papers' tables 5/6 and 1), and <out>.png a contact sheet of the first seed.
+    #[arg(long, default_value_t = 1, requires = "model")]
+    pub seeds: u64,
 }
 
 impl GenArgs {
@@ -211,6 +216,12 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         .generated
         .clone()
         .context("--generated is required (or --oracle)")?;
+    if args.gen.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    if args.gen.seeds > 1 {
+        return run_seeds(&args, &bench, &mut ev, &generated);
+    }
     if let Some(model) = &args.gen.model {
         generate_images(
             model,
@@ -251,5 +262,59 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--seeds N`: one generation and scoring per seed, then the summary over seeds and a contact sheet.
+fn run_seeds(
+    args: &EvalArgs,
+    bench: &DreamBench,
+    ev: &mut DreamBenchEval<super::Inner>,
+    generated: &Path,
+) -> Result<ExitCode> {
+    let model = args.gen.model.as_ref().context("--seeds needs --model")?;
+    let opts = EvalOptions {
+        batch_size: args.batch_size,
+        subjects: args.subjects.clone(),
+    };
+    let seeds: Vec<u64> = (0..args.gen.seeds).map(|k| args.gen.seed + k).collect();
+    let mut reports = Vec::with_capacity(seeds.len());
+    for &seed in &seeds {
+        let dir = generated.join(format!("seed-{seed}"));
+        let mut gen = args.gen.options(&args.subjects);
+        gen.generate.seed = seed;
+        generate_images(model, args.gen.bert_vocab.as_deref(), bench, &gen, &dir)?;
+        let report = score(ev, bench, &dir, &opts)?;
+        if report.n_images() == 0 {
+            bail!(
+                "seed {seed}: no generated image could be scored in {}",
+                dir.display()
+            );
+        }
+        report.write(&dir.join("scores.json"))?;
+        println!(
+            "seed {seed}: {} images scored → {}",
+            report.n_images(),
+            dir.join("scores.json").display()
+        );
+        reports.push(report);
+    }
+    let summary = blipd_apps::eval_seeds::SeedsReport { seeds, reports };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| generated.join("scores.json"));
+    let md = summary.write(&out)?;
+    let sheet_path = out.with_extension("png");
+    blipd_apps::eval_seeds::contact_sheet(bench, &summary.reports[0], 8, 128)
+        .save(&sheet_path)
+        .with_context(|| format!("writing {}", sheet_path.display()))?;
+    print!("{}", summary.to_markdown());
+    println!(
+        "\nscores: {} and {}; contact sheet (first seed): {}",
+        out.display(),
+        md.display(),
+        sheet_path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -102,6 +102,7 @@ impl SweepEval {
             neg_prompt: self.neg_prompt.clone(),
             size: self.size,
             seed: self.seed,
+            seeds: 1,
         }
     }
 }
