@@ -229,3 +229,32 @@ fn a_missing_backgrounds_dir_is_one_clear_cause() {
     );
     assert_eq!(line.matches("No such file").count(), 1, "{line}");
 }
+
+/// `eval --seeds` needs `--model` (there is nothing to regenerate per seed otherwise) and at least one
+/// seed; both refused before any model loads.
+#[test]
+fn eval_seeds_without_a_model_or_with_zero_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = [
+        "eval",
+        "--generated",
+        "gen",
+        "--dreambench",
+        "bench",
+        "--clip",
+        "clip",
+        "--dino",
+        "dino",
+    ];
+    let (ok, stderr) = blipd_in(tmp.path(), &[&common[..], &["--seeds", "2"]].concat());
+    assert!(!ok && stderr.contains("--model"), "{stderr}");
+    let fixture = pipeline_fixture().display().to_string();
+    let (ok, stderr) = blipd_in(
+        tmp.path(),
+        &[&common[..], &["--model", fixture.as_str(), "--seeds", "0"]].concat(),
+    );
+    assert!(
+        !ok && stderr.contains("--seeds must be at least 1"),
+        "{stderr}"
+    );
+}

@@ -184,6 +184,9 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if args.gen.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
     let device = super::device();
     let bench = DreamBench::open(&args.dreambench)?;
     let mut ev = DreamBenchEval::<super::Inner>::load(&args.clip, &args.dino, &device)
@@ -216,9 +219,6 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         .generated
         .clone()
         .context("--generated is required (or --oracle)")?;
-    if args.gen.seeds == 0 {
-        bail!("--seeds must be at least 1");
-    }
     if args.gen.seeds > 1 {
         return run_seeds(&args, &bench, &mut ev, &generated);
     }
