@@ -710,16 +710,24 @@ impl EvalReport {
 
     /// Write the JSON to `path` and the Markdown table next to it (`.md`).
     pub fn write(&self, path: &Path) -> Result<PathBuf, EvalError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        }
-        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
-        blipd_models::weights::atomic_write(path, text.as_bytes()).map_err(io_err(path))?;
-        let md = path.with_extension("md");
-        blipd_models::weights::atomic_write(&md, self.to_markdown().as_bytes())
-            .map_err(io_err(&md))?;
-        Ok(md)
+        write_report(path, &self.to_json(), &self.to_markdown())
     }
+}
+
+/// Writes `json` to `path` and `markdown` next to it (`.md`), each atomically; returns the `.md` path.
+pub(crate) fn write_report(
+    path: &Path,
+    json: &Value,
+    markdown: &str,
+) -> Result<PathBuf, EvalError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let text = serde_json::to_string_pretty(json).unwrap_or_default();
+    blipd_models::weights::atomic_write(path, text.as_bytes()).map_err(io_err(path))?;
+    let md = path.with_extension("md");
+    blipd_models::weights::atomic_write(&md, markdown.as_bytes()).map_err(io_err(&md))?;
+    Ok(md)
 }
 
 /// Progress of [`DreamBenchEval::evaluate`].

@@ -170,21 +170,7 @@ impl SeedsReport {
 
     /// The JSON at `path` and the Markdown beside it (`.md`).
     pub fn write(&self, path: &Path) -> Result<PathBuf, EvalError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| EvalError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| EvalError::Io { path: p, source }
-        };
-        blipd_models::weights::atomic_write(path, text.as_bytes()).map_err(io(path))?;
-        let md = path.with_extension("md");
-        blipd_models::weights::atomic_write(&md, self.to_markdown().as_bytes()).map_err(io(&md))?;
-        Ok(md)
+        crate::eval::write_report(path, &self.to_json(), &self.to_markdown())
     }
 }
 

@@ -15,11 +15,9 @@
 
 use std::path::Path;
 
-use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptTemplate};
+use blipd_models::conditioning::{self, BlipDiffusionPrompt, TrainedConditioning};
 use blipd_models::controlnet::{self, ControlNetModel};
-use blipd_models::ctx_clip_text::{
-    ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY, DEFAULT_CTX_BEGIN_POS,
-};
+use blipd_models::ctx_clip_text::{ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY};
 use blipd_models::qformer::{Blip2Config, Blip2QFormerModel};
 use blipd_models::sampling::{self, Control, Steps};
 pub use blipd_models::sampling::{Sampler, StepInfo};
@@ -331,31 +329,10 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
                 ),
             ));
         }
-        let template = match folder.index.get("_blipd_prompt_template") {
-            None => PromptTemplate::Released,
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| folder_err(&idx, "`_blipd_prompt_template` is not a string"))
-                .and_then(|name| {
-                    PromptTemplate::from_name(name).map_err(|e| folder_err(&idx, e.to_string()))
-                })?,
-        };
-        let subject_text = match folder.index.get("_blipd_subject_text") {
-            None => true,
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| folder_err(&idx, "`_blipd_subject_text` is not true or false"))?,
-        };
-        let prompt = BlipDiffusionPrompt {
-            template,
-            prompt_reps: folder.index_usize("_blipd_prompt_reps").unwrap_or(20),
-            ctx_begin_pos: folder
-                .index_usize("ctx_begin_pos")
-                .unwrap_or(DEFAULT_CTX_BEGIN_POS),
-            num_ctx_tokens: qcfg.num_query_tokens,
-            max_position_embeddings: text_encoder.max_position_embeddings,
-            ..BlipDiffusionPrompt::default()
-        };
+        let trained = TrainedConditioning::from_index(&folder.index)
+            .map_err(|e| folder_err(&idx, e.to_string()))?;
+        let prompt = trained.prompt(qcfg.num_query_tokens, text_encoder.max_position_embeddings);
+        let subject_text = trained.subject_text;
         let cache_path = dir.join(CTX_CACHE_FILE);
         let ctx_cache = if cache_path.is_file() {
             let sd = StateDict::read(&cache_path)?;

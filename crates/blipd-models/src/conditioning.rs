@@ -54,6 +54,95 @@ impl PromptTemplate {
     }
 }
 
+/// How a model was trained to read its prompt, as `model_index.json` records it: diffusers'
+/// `ctx_begin_pos`, and the keys blipd's stage-2 export adds (`_blipd_prompt_template`,
+/// `_blipd_prompt_reps`, `_blipd_subject_text`; diffusers ignores keys starting with `_`). A folder
+/// without them (the released weights) reads the released way: the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainedConditioning {
+    pub template: PromptTemplate,
+    pub prompt_reps: usize,
+    pub ctx_begin_pos: usize,
+    /// Whether the Q-Former reads the subject's class text beside the image.
+    pub subject_text: bool,
+}
+
+impl Default for TrainedConditioning {
+    fn default() -> Self {
+        Self {
+            template: PromptTemplate::Released,
+            prompt_reps: 20,
+            ctx_begin_pos: DEFAULT_CTX_BEGIN_POS,
+            subject_text: true,
+        }
+    }
+}
+
+impl TrainedConditioning {
+    const TEMPLATE: &'static str = "_blipd_prompt_template";
+    const REPS: &'static str = "_blipd_prompt_reps";
+    const SUBJECT_TEXT: &'static str = "_blipd_subject_text";
+    const CTX_BEGIN_POS: &'static str = "ctx_begin_pos";
+
+    /// Reads a `model_index.json` object; a key of the wrong type is an error naming it.
+    pub fn from_index(index: &serde_json::Value) -> Result<Self, ModelError> {
+        let d = Self::default();
+        let bad = |key: &str, want: &str| {
+            ModelError::Invalid(format!("model_index.json: `{key}` is not {want}"))
+        };
+        let usize_of = |key: &str, default: usize| match index.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(key, "a non-negative integer")),
+        };
+        Ok(Self {
+            template: match index.get(Self::TEMPLATE) {
+                None => d.template,
+                Some(v) => PromptTemplate::from_name(
+                    v.as_str().ok_or_else(|| bad(Self::TEMPLATE, "a string"))?,
+                )?,
+            },
+            prompt_reps: usize_of(Self::REPS, d.prompt_reps)?,
+            ctx_begin_pos: usize_of(Self::CTX_BEGIN_POS, d.ctx_begin_pos)?,
+            subject_text: match index.get(Self::SUBJECT_TEXT) {
+                None => d.subject_text,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| bad(Self::SUBJECT_TEXT, "true or false"))?,
+            },
+        })
+    }
+
+    /// The `model_index.json` entries that [`Self::from_index`] reads back.
+    pub fn index_entries(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(Self::CTX_BEGIN_POS.into(), self.ctx_begin_pos.into());
+        m.insert(Self::TEMPLATE.into(), self.template.name().into());
+        m.insert(Self::REPS.into(), self.prompt_reps.into());
+        m.insert(Self::SUBJECT_TEXT.into(), self.subject_text.into());
+        m
+    }
+
+    /// The prompt construction for a text encoder of `max_position_embeddings` positions and
+    /// `num_ctx_tokens` subject embeddings.
+    pub fn prompt(
+        &self,
+        num_ctx_tokens: usize,
+        max_position_embeddings: usize,
+    ) -> BlipDiffusionPrompt {
+        BlipDiffusionPrompt {
+            template: self.template,
+            prompt_reps: self.prompt_reps,
+            ctx_begin_pos: self.ctx_begin_pos,
+            num_ctx_tokens,
+            max_position_embeddings,
+            ..BlipDiffusionPrompt::default()
+        }
+    }
+}
+
 /// One prompt of a batch: token ids, and the index after which the subject embeddings are spliced
 /// (`None`: a text-only prompt, no embeddings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -599,6 +688,30 @@ mod tests {
             tok.encode(&released.build("on the grass", "dog"), 61)
                 .unwrap()
         );
+    }
+
+    /// What the export writes reads back; the released folder's index gives the defaults; a wrong type
+    /// is an error naming the key.
+    #[test]
+    fn trained_conditioning_round_trips_through_the_index() {
+        let t = TrainedConditioning {
+            template: PromptTemplate::Paper,
+            prompt_reps: 3,
+            ctx_begin_pos: 4,
+            subject_text: false,
+        };
+        let index = serde_json::Value::Object(t.index_entries());
+        assert_eq!(TrainedConditioning::from_index(&index).unwrap(), t);
+        let released =
+            serde_json::json!({"_class_name": "BlipDiffusionPipeline", "ctx_begin_pos": 2});
+        assert_eq!(
+            TrainedConditioning::from_index(&released).unwrap(),
+            TrainedConditioning::default()
+        );
+        let e = TrainedConditioning::from_index(&serde_json::json!({"_blipd_subject_text": "no"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("_blipd_subject_text"), "{e}");
     }
 
     /// `cond_tokens`' attention mask is the tokenizer's (1 through the first EOS).

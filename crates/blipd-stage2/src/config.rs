@@ -126,20 +126,13 @@ impl Default for Stage2Config {
 }
 
 impl Stage2Config {
-    /// The prompt construction of the run, for a text encoder of `max_text_len` positions and `num_ctx`
-    /// subject embeddings (what the exported pipeline prompts with too).
-    pub fn prompt(
-        &self,
-        num_ctx: usize,
-        max_text_len: usize,
-    ) -> blipd_models::conditioning::BlipDiffusionPrompt {
-        blipd_models::conditioning::BlipDiffusionPrompt {
+    /// How the run conditions on prompts (what its export records and the pipeline follows).
+    pub fn trained_conditioning(&self) -> blipd_models::conditioning::TrainedConditioning {
+        blipd_models::conditioning::TrainedConditioning {
             template: self.template,
             prompt_reps: self.prompt_reps,
             ctx_begin_pos: self.ctx_begin_pos,
-            num_ctx_tokens: num_ctx,
-            max_position_embeddings: max_text_len,
-            ..Default::default()
+            subject_text: self.use_subject_text,
         }
     }
 

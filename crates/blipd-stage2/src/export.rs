@@ -122,17 +122,9 @@ fn write_folder<B: AutodiffBackend, M: Backend>(
         }),
         None,
     )?;
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
+    let mut index = json!({
             "_class_name": "BlipDiffusionPipeline",
             "_blipd_version": env!("CARGO_PKG_VERSION"),
-            "ctx_begin_pos": stage.config.ctx_begin_pos,
-            // How the model was trained to read its prompt: the pipeline prompts the same way
-            // (keys with `_` are ignored by diffusers, which always prompts with the released form).
-            "_blipd_prompt_template": stage.config.template.name(),
-            "_blipd_prompt_reps": stage.config.prompt_reps,
-            "_blipd_subject_text": stage.config.use_subject_text,
             "mean": null,
             "std": null,
             "image_processor": ["blip_diffusion", "BlipImageProcessor"],
@@ -142,8 +134,12 @@ fn write_folder<B: AutodiffBackend, M: Backend>(
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
-        }),
-        None,
-    )?;
+    });
+    // How the model was trained to read its prompt (ctx_begin_pos, template, repetitions, subject
+    // text): the pipeline prompts the same way.
+    if let Some(obj) = index.as_object_mut() {
+        obj.extend(stage.config.trained_conditioning().index_entries());
+    }
+    write_json(&dir.join("model_index.json"), &index, None)?;
     Ok(())
 }

@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use blipd_data::preprocess::{clip_input, vae_target};
-use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptRow};
+use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptRow, TrainedConditioning};
 use blipd_models::ctx_clip_text::{ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY};
 use blipd_models::qformer::Blip2QFormerModel;
 use blipd_models::schedulers::ddpm::DdpmScheduler;
@@ -394,10 +394,8 @@ pub fn build<B: AutodiffBackend>(
     let input =
         Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(pixels, [n_img, 3, s, s]), device);
     // A blipd export of a model trained without the subject text says so; its Q-Former reads none.
-    let subject_text = blipd_models::weights::DiffusersFolder::open(&c.model_dir)
-        .ok()
-        .and_then(|f| f.index.get("_blipd_subject_text").and_then(|v| v.as_bool()))
-        .unwrap_or(true);
+    let folder = blipd_models::weights::DiffusersFolder::open(&c.model_dir)?;
+    let subject_text = TrainedConditioning::from_index(&folder.index)?.subject_text;
     let ctx = subject_embedding(
         &parts.model.qformer.valid(),
         &parts.bert_tokenizer,

@@ -132,7 +132,9 @@ impl<B: AutodiffBackend> Stage2<B> {
                  VAE's down-sampling factor)"
             )));
         }
-        let prompt = config.prompt(parts.num_ctx, parts.max_text_len);
+        let prompt = config
+            .trained_conditioning()
+            .prompt(parts.num_ctx, parts.max_text_len);
         let model = parts.model.with_frozen(&config);
         let stage = Self {
             vae: parts.vae.valid(),
