@@ -233,6 +233,25 @@ fn rgb_triplet(
     }
 }
 
+/// A fine-tuned subject embedding (`ctx_embeddings_cache.safetensors`): `[1, q, D]` for a Q-Former of
+/// `q` queries.
+fn read_ctx_cache<B: Backend>(
+    path: &Path,
+    q: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, AppError> {
+    let sd = StateDict::read(path)?;
+    let data = sd.data(CTX_CACHE_KEY)?.convert::<f32>();
+    let shape = data.shape.clone();
+    if shape.len() != 3 || shape[0] != 1 || shape[1] != q {
+        return Err(folder_err(
+            path,
+            format!("`{CTX_CACHE_KEY}` has shape {shape:?}, expected [1, {q}, D]"),
+        ));
+    }
+    Ok(Tensor::<B, 3>::from_data(data, device))
+}
+
 impl<B: Backend> BlipDiffusionPipeline<B> {
     /// Load a diffusers BlipDiffusion folder (a local copy of `Salesforce/blipdiffusion`):
     /// `qformer/`, `text_encoder/`, `unet/`, `vae/`, `tokenizer/`, optional `scheduler/` and
@@ -335,17 +354,7 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         let subject_text = trained.subject_text;
         let cache_path = dir.join(CTX_CACHE_FILE);
         let ctx_cache = if cache_path.is_file() {
-            let sd = StateDict::read(&cache_path)?;
-            let data = sd.data(CTX_CACHE_KEY)?.convert::<f32>();
-            let shape = data.shape.clone();
-            let q = qcfg.num_query_tokens;
-            if shape.len() != 3 || shape[0] != 1 || shape[1] != q {
-                return Err(folder_err(
-                    &cache_path,
-                    format!("`{CTX_CACHE_KEY}` has shape {shape:?}, expected [1, {q}, D]"),
-                ));
-            }
-            Some(Tensor::<B, 3>::from_data(data, device))
+            Some(read_ctx_cache(&cache_path, qcfg.num_query_tokens, device)?)
         } else {
             None
         };
@@ -374,6 +383,48 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
             subject_text,
             device: device.clone(),
         })
+    }
+
+    /// Applies a LoRA to the U-Net, fused at `weight` (diffusers' `lora_scale`; 1 = as trained): a
+    /// diffusers/PEFT LoRA file or folder ([`blipd_models::lora::LoraWeights::read`]), or the folder
+    /// `blipd finetune --lora` exports, whose `ctx_embeddings_cache.safetensors` (beside the adapter)
+    /// becomes the cached subject embedding, as a fine-tuned pipeline folder's does.
+    pub fn with_lora(mut self, path: &Path, weight: f64) -> Result<Self, AppError> {
+        let lora = blipd_models::lora::LoraWeights::read(path)?;
+        let unet = self.unet;
+        self.unet = blipd_models::lora::apply(
+            unet,
+            &lora,
+            weight,
+            blipd_models::lora::ApplyMode::Fuse,
+            &self.device,
+        )?;
+        tracing::info!(
+            "LoRA {} fused at weight {weight}: {} projections, rank {}, {} parameters",
+            lora.source.display(),
+            lora.modules.len(),
+            lora.rank(),
+            lora.num_params()
+        );
+        let cache = lora
+            .source
+            .parent()
+            .map(|d| d.join(CTX_CACHE_FILE))
+            .filter(|p| p.is_file());
+        if let Some(cache) = cache {
+            if self.ctx_cache.is_some() {
+                tracing::warn!(
+                    "{}: replaces the model folder's cached subject embedding",
+                    cache.display()
+                );
+            }
+            self.ctx_cache = Some(read_ctx_cache(
+                &cache,
+                self.prompt.num_ctx_tokens,
+                &self.device,
+            )?);
+        }
+        Ok(self)
     }
 
     /// Adds (or replaces) the ControlNet from a diffusers `ControlNetModel` folder (config.json + weights,

@@ -88,6 +88,13 @@ pub struct GenerateArgs {
     /// LAVIS preprocessing (shorter-side resize + centre crop, `blip_caption` text) instead of diffusers'.
     #[arg(long)]
     pub lavis: bool,
+    /// A LoRA for the U-Net, fused before sampling: a diffusers/PEFT LoRA file or folder, or what
+    /// `blipd finetune --lora` exports (its cached subject embedding is then used, no --image needed).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// The LoRA's weight (diffusers' `lora_scale`): 1 as trained, 0 the base model.
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f64,
     /// BERT-uncased vocab.txt for the Q-Former (else <model>/qformer/vocab.txt or $BLIPD_BERT_VOCAB).
     #[arg(long)]
     pub bert_vocab: Option<PathBuf>,
@@ -118,6 +125,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         num_images,
         scheduler,
         lavis,
+        lora,
+        lora_scale,
         bert_vocab,
         out,
     } = args;
@@ -143,6 +152,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let mut pipe =
         blipd_apps::BlipDiffusionPipeline::<Inner>::load(&model, bert_vocab.as_deref(), &device())
             .with_context(|| format!("loading {}", model.display()))?;
+    if let Some(l) = &lora {
+        pipe = pipe
+            .with_lora(l, lora_scale)
+            .with_context(|| format!("applying the LoRA {}", l.display()))?;
+    }
     let init = match &latents {
         None => None,
         Some(p) => Some(arrays::read_latents::<Inner>(

@@ -85,6 +85,8 @@ pub fn run(a: StylizeArgs) -> Result<ExitCode> {
         num_images: None,
         scheduler: SchedulerArg::Pndm,
         lavis: a.lavis,
+        lora: None,
+        lora_scale: 1.0,
         bert_vocab: a.bert_vocab,
         out: a.out,
     })

@@ -18,6 +18,7 @@ pub mod conditioning;
 pub mod controlnet;
 pub mod ctx_clip_text;
 pub mod dino;
+pub mod lora;
 pub mod proj;
 pub mod qformer;
 pub mod sampling;

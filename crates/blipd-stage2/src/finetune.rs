@@ -14,12 +14,20 @@
 //! The run ends with a pipeline folder (`<run.dir>/export`): the base folder's components with the
 //! trained U-Net and `ctx_embeddings_cache.safetensors`; `blipd generate` then uses the cached subject
 //! embedding instead of a reference image, as LAVIS does for fine-tuned checkpoints.
+//!
+//! **LoRA** (`[stage.lora]`, `blipd finetune --lora RANK`; not in the released code): the U-Net is
+//! frozen and low-rank adapters on its attention projections ([`blipd_models::lora`]) train with the
+//! subject embedding. The export is then an adapter folder of a few MB instead of a pipeline with a
+//! 3.4 GB U-Net (LAVIS issue #515): `pytorch_lora_weights.safetensors` (the diffusers/PEFT layout
+//! `load_lora_weights` reads), `ctx_embeddings_cache.safetensors` beside it, and `blipd_lora.json`
+//! naming the base; `blipd generate --model BASE --lora <export>` applies both.
 
 use std::path::{Path, PathBuf};
 
 use blipd_data::preprocess::{clip_input, vae_target};
 use blipd_models::conditioning::{self, BlipDiffusionPrompt, PromptRow, TrainedConditioning};
 use blipd_models::ctx_clip_text::{ContextClipTextModel, CTX_CACHE_FILE, CTX_CACHE_KEY};
+use blipd_models::lora::{self, LoraSpec};
 use blipd_models::qformer::Blip2QFormerModel;
 use blipd_models::schedulers::ddpm::DdpmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
@@ -74,6 +82,10 @@ pub struct FinetuneConfig {
     pub min_snr_gamma: Option<f64>,
     #[serde(default)]
     pub noise_offset: f64,
+    /// Train LoRA adapters on the frozen U-Net's attention projections instead of the whole U-Net
+    /// (`[stage.lora]`: `rank`, `alpha` (default `rank`), `targets`).
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
 }
 
 impl FinetuneConfig {
@@ -370,6 +382,15 @@ pub fn build<B: AutodiffBackend>(
         return Err(Stage2Error::Config("[stage] subject is empty".into()));
     }
     c.loss_options().validate()?;
+    if let Some(spec) = &c.lora {
+        spec.validate()?;
+        if c.train_text_encoder {
+            return Err(Stage2Error::Config(
+                "[stage] lora trains adapters on the U-Net only; set train_text_encoder = false"
+                    .into(),
+            ));
+        }
+    }
     let images = read_images(&cfg.data.images)?;
     let base = Stage2Config {
         model_dir: Some(c.model_dir.clone()),
@@ -438,8 +459,22 @@ pub fn build<B: AutodiffBackend>(
         device: device.clone(),
         autocast: cfg.train.mixed_precision.dtype(),
     };
+    let unet = match &c.lora {
+        None => parts.model.unet,
+        Some(spec) => {
+            let unet = lora::attach(parts.model.unet.no_grad(), spec, device)?;
+            tracing::info!(
+                "LoRA rank {} (alpha {}) on {:?} of every attention layer: {} trainable U-Net parameters",
+                spec.rank,
+                spec.alpha.unwrap_or(spec.rank as f64),
+                spec.targets.iter().map(|t| t.key()).collect::<Vec<_>>(),
+                lora::adapter_tensors(&unet).iter().map(|(_, d)| d.num_elements()).sum::<usize>()
+            );
+            unet
+        }
+    };
     let model = FinetuneModel {
-        unet: parts.model.unet,
+        unet,
         text_encoder,
         ctx,
     };
@@ -504,11 +539,23 @@ fn fit<B: AutodiffBackend>(
     let parts = build::<B>(cfg, &device)?;
     let export = |trainer: &Trainer<B, Finetune<B>>| -> blipd_train::Result<()> {
         let out = export_dir(cfg);
-        match trainer.ema_model() {
-            Some(ema) => export_finetuned(trainer.stage(), ema, &cfg.stage.model_dir, &out)?,
-            None => export_finetuned(trainer.stage(), trainer.model(), &cfg.stage.model_dir, &out)?,
+        let base = &cfg.stage.model_dir;
+        let stage = trainer.stage();
+        match (trainer.ema_model(), cfg.stage.lora.is_some()) {
+            (Some(ema), false) => export_finetuned(stage, ema, base, &out)?,
+            (None, false) => export_finetuned(stage, trainer.model(), base, &out)?,
+            (Some(ema), true) => export_lora(stage, ema, base, &out)?,
+            (None, true) => export_lora(stage, trainer.model(), base, &out)?,
         };
-        tracing::info!("fine-tuned pipeline exported to {}", out.display());
+        tracing::info!(
+            "fine-tuned {} exported to {}",
+            if cfg.stage.lora.is_some() {
+                "LoRA"
+            } else {
+                "pipeline"
+            },
+            out.display()
+        );
         Ok(())
     };
     blipd_train::fit(cfg, device, parts, dist, "fine-tuning model", export)
@@ -538,6 +585,63 @@ fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<(), Stage2Error> {
         }
     }
     Ok(())
+}
+
+/// What a LoRA fine-tuning run exports beside its adapter (`blipd_lora.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraExportInfo {
+    /// The pipeline folder the adapter was trained on (`--model` of `blipd generate`).
+    pub base_model: PathBuf,
+    pub subject: String,
+    pub rank: usize,
+    /// `lora_alpha` during training; the written `lora_B` has `alpha / rank` folded in.
+    pub alpha: f64,
+    pub targets: Vec<blipd_models::lora::LoraTarget>,
+    pub ctx_begin_pos: usize,
+}
+
+/// Name of [`LoraExportInfo`]'s file in a LoRA export.
+pub const LORA_INFO_FILE: &str = "blipd_lora.json";
+
+/// A LoRA run's export: the adapters ([`lora::LORA_FILE`]), the subject embedding
+/// ([`CTX_CACHE_FILE`]) and [`LoraExportInfo`], nothing of the base.
+pub fn export_lora<B: AutodiffBackend, M: Backend>(
+    stage: &Finetune<B>,
+    model: &FinetuneModel<M>,
+    base: &Path,
+    out: &Path,
+) -> Result<PathBuf, Stage2Error> {
+    let spec =
+        stage.config.lora.as_ref().ok_or_else(|| {
+            Stage2Error::Config("export_lora on a run without [stage.lora]".into())
+        })?;
+    replace_dir(out, |tmp| {
+        let info = LoraExportInfo {
+            base_model: base.to_path_buf(),
+            subject: stage.config.subject.clone(),
+            rank: spec.rank,
+            alpha: spec.alpha.unwrap_or(spec.rank as f64),
+            targets: spec.targets.clone(),
+            ctx_begin_pos: stage.config.ctx_begin_pos,
+        };
+        lora::save_adapters(
+            &model.unet,
+            &tmp.join(lora::LORA_FILE),
+            &[
+                ("blipd_rank", spec.rank.to_string()),
+                ("blipd_alpha", info.alpha.to_string()),
+                ("blipd_alpha_folded_into_lora_B", "true".into()),
+            ],
+        )?;
+        let ctx = model.ctx.val().into_data().convert::<f32>();
+        write_safetensors(
+            &tmp.join(CTX_CACHE_FILE),
+            &[(CTX_CACHE_KEY.to_string(), ctx)],
+            None,
+        )?;
+        blipd_models::write_json(&tmp.join(LORA_INFO_FILE), &info, None)?;
+        Ok(())
+    })
 }
 
 /// The fine-tuned pipeline: `base`'s components with `model`'s U-Net (and text encoder when trained),
@@ -590,4 +694,35 @@ pub fn export_finetuned<B: AutodiffBackend, M: Backend>(
         blipd_models::write_json(&tmp.join("model_index.json"), &index, None)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_finetune_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/finetune");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let cfg: FinetuneRunConfig = blipd_train::parse_config(&text, &[])
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            let lora = e.path().to_string_lossy().contains("lora");
+            assert_eq!(cfg.stage.lora.is_some(), lora, "{}", e.path().display());
+            if let Some(spec) = cfg.stage.lora {
+                assert_eq!((spec.rank, spec.scale()), (4, 1.0));
+                assert_eq!(spec.targets, blipd_models::lora::LoraTarget::ALL.to_vec());
+            }
+            n += 1;
+        }
+        assert!(n >= 3);
+        // Unknown LoRA keys are named.
+        let e = blipd_train::parse_config::<FinetuneRunConfig>(
+            "[stage]\nmodel_dir = \"m\"\nsubject = \"dog\"\n[stage.lora]\nrank = 4\nrnak = 2\n[data]\nimages = \"x\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rnak"), "{e}");
+    }
 }

@@ -175,6 +175,8 @@ pub struct Attention<B: Backend> {
     pub to_k: Linear<B>,
     pub to_v: Linear<B>,
     pub to_out: Linear<B>,
+    /// Low-rank adapters on the projections ([`crate::lora`]); `None` in a plain U-Net.
+    pub lora: Option<crate::lora::AttentionLora<B>>,
     pub heads: usize,
     pub dim_head: usize,
 }
@@ -194,6 +196,7 @@ impl<B: Backend> Attention<B> {
             to_k: linear(kv_dim, inner, false, device),
             to_v: linear(kv_dim, inner, false, device),
             to_out: linear(inner, query_dim, true, device),
+            lora: None,
             heads,
             dim_head,
         }
@@ -209,9 +212,10 @@ impl<B: Backend> Attention<B> {
         actx: &mut AttentionContext<'_, B>,
     ) -> Tensor<B, 3> {
         let kv = context.unwrap_or_else(|| x.clone());
-        let q = crate::amp::linear(&self.to_q, x);
-        let k = crate::amp::linear(&self.to_k, kv.clone());
-        let v = crate::amp::linear(&self.to_v, kv);
+        let lora = self.lora.as_ref();
+        let q = crate::lora::project(&self.to_q, lora.and_then(|l| l.to_q.as_ref()), x);
+        let k = crate::lora::project(&self.to_k, lora.and_then(|l| l.to_k.as_ref()), kv.clone());
+        let v = crate::lora::project(&self.to_v, lora.and_then(|l| l.to_v.as_ref()), kv);
         let scale = (self.dim_head as f64).powf(-0.5);
 
         site.index = actx.next_index;
@@ -242,7 +246,7 @@ impl<B: Backend> Attention<B> {
                 )),
             },
         };
-        crate::amp::linear(&self.to_out, out)
+        crate::lora::project(&self.to_out, lora.and_then(|l| l.to_out.as_ref()), out)
     }
 }
 

@@ -808,7 +808,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
     }
 
     /// Save in the diffusers layout: `dir/config.json` and `dir/diffusion_pytorch_model.safetensors`.
+    /// A U-Net carrying LoRA adapters is refused: merge them first ([`crate::lora::merge`]) or save
+    /// them apart ([`crate::lora::save_adapters`]).
     pub fn save_diffusers(&self, dir: &Path) -> Result<(), ModelError> {
+        if crate::lora::has_adapters(self) {
+            return Err(ModelError::Invalid(
+                "this U-Net carries LoRA adapters: merge them (lora::merge) or save them with lora::save_adapters".into(),
+            ));
+        }
         save_component(
             self,
             &self.config,

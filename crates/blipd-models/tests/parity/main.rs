@@ -11,6 +11,7 @@ mod clipseg;
 mod controlnet;
 mod ctx_clip_text;
 mod dino;
+mod lora;
 mod proj;
 mod qformer;
 mod schedulers;
