@@ -13,8 +13,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
 fi
 if [ $# -eq 0 ]; then
-  # `pipeline` first: the fine-tuning, stage-2 loss, ControlNet- and DDIM-pipeline generators read its folder.
-  set -- pipeline $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//' | grep -vx pipeline)
+  # `pipeline` first: the fine-tuning, stage-2 loss, edit, ControlNet- and DDIM-pipeline generators read its
+  # folder; `unet` before `lora`, which adapts its U-Net.
+  set -- pipeline unet $(cd "$here" && ls gen_*.py | sed 's/^gen_//; s/\.py$//' | grep -vx pipeline | grep -vx unet)
 fi
 for g in "$@"; do
   echo "== $g"

@@ -14,6 +14,7 @@
 
 pub mod canny;
 pub mod dreambench;
+pub mod edit;
 pub mod error;
 pub mod eval;
 pub mod eval_seeds;

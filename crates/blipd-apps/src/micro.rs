@@ -84,6 +84,10 @@ pub struct MicroFinetuneConfig {
     pub batch_size: usize,
     #[serde(default = "default_ft_images")]
     pub images: usize,
+    /// Fine-tune LoRA adapters of this rank on the frozen U-Net instead of the whole U-Net
+    /// (`blipd finetune --lora`); `lr` then applies to the adapters and the subject embedding.
+    #[serde(default)]
+    pub lora_rank: Option<usize>,
 }
 
 fn default_ft_subjects() -> usize {
@@ -110,6 +114,7 @@ impl Default for MicroFinetuneConfig {
             lr: default_ft_lr(),
             batch_size: default_ft_batch(),
             images: default_ft_images(),
+            lora_rank: None,
         }
     }
 }

@@ -724,7 +724,10 @@ fn micro_finetune_eval(
             model = model.display().to_string(),
             images = img_dir.display().to_string(),
             size = cfg.size,
-        );
+        ) + &ft
+            .lora_rank
+            .map(|r| format!("\n[stage.lora]\nrank = {r}\n"))
+            .unwrap_or_default();
         let run_cfg: blipd_stage2::finetune::FinetuneRunConfig =
             toml::from_str(&toml_text).context("the fine-tuning config of [eval.finetune]")?;
         tracing::info!(
@@ -735,8 +738,12 @@ fn micro_finetune_eval(
         blipd_stage2::finetune::run_finetune_single::<Train>(&run_cfg, device())
             .with_context(|| format!("fine-tuning in {}", dir.display()))?;
         let export = blipd_stage2::finetune::export_dir(&run_cfg);
-        let pipe = blipd_apps::BlipDiffusionPipeline::<Inner>::load(&export, None, &dev)
-            .with_context(|| format!("loading {}", export.display()))?;
+        let pipe = match ft.lora_rank {
+            None => blipd_apps::BlipDiffusionPipeline::<Inner>::load(&export, None, &dev),
+            Some(_) => blipd_apps::BlipDiffusionPipeline::<Inner>::load(model, None, &dev)
+                .and_then(|p| p.with_lora(&export, 1.0)),
+        }
+        .with_context(|| format!("loading {}", export.display()))?;
         tuned.push((k, pipe));
     }
     let pairs: Vec<(usize, &blipd_apps::BlipDiffusionPipeline<Inner>)> =
@@ -755,7 +762,10 @@ fn micro_finetune_eval(
     .save(&png)
     .with_context(|| format!("writing {}", png.display()))?;
     println!(
-        "eval: fine-tuned ({} steps, lr {:e}) vs zero-shot on {} held-out subjects, {} images ({:.1} s)",
+        "eval: fine-tuned ({}{} steps, lr {:e}) vs zero-shot on {} held-out subjects, {} images ({:.1} s)",
+        ft.lora_rank
+            .map(|r| format!("LoRA rank {r}, "))
+            .unwrap_or_default(),
         ft.steps,
         ft.lr,
         report.subjects.len(),

@@ -6,7 +6,7 @@ use burn::prelude::*;
 
 use crate::controlnet::ControlNetModel;
 use crate::schedulers::{DdimScheduler, PndmScheduler};
-use crate::unet::UNet2DConditionModel;
+use crate::unet::{AttentionHook, UNet2DConditionModel, UNetExtras};
 use crate::ModelError;
 
 /// The denoising sampler of a generation.
@@ -99,10 +99,55 @@ pub fn guided(guidance_scale: f64) -> bool {
 pub fn denoise<B: Backend>(
     unet: &UNet2DConditionModel<B>,
     control: Option<Control<'_, B>>,
+    scheduler: Steps<B>,
+    latents: Tensor<B, 4>,
+    states: Tensor<B, 3>,
+    guidance_scale: f64,
+    on_step: &mut dyn FnMut(StepInfo<'_, B>),
+) -> Result<Tensor<B, 4>, ModelError> {
+    denoise_with(
+        unet,
+        control,
+        scheduler,
+        latents,
+        states,
+        guidance_scale,
+        Edit::default(),
+        on_step,
+    )
+}
+
+/// What prompt-to-prompt editing adds to the sampling loop (LAVIS `generate_then_edit`).
+pub struct Edit<'a, B: Backend> {
+    /// The attention controller: sees (and may replace) the attention probabilities of every U-Net
+    /// forward, and transforms the latents after every scheduler step
+    /// ([`AttentionHook::step_callback`], LAVIS `controller.step_callback`).
+    pub controller: Option<&'a mut dyn AttentionHook<B>>,
+    /// The first `unguided_rows` rows step with their conditional noise, unguided (LAVIS's
+    /// reconstruction row when editing an inverted photo: `noise_pred[2]`); the others with the
+    /// guided noise.
+    pub unguided_rows: usize,
+}
+
+impl<B: Backend> Default for Edit<'_, B> {
+    fn default() -> Self {
+        Self {
+            controller: None,
+            unguided_rows: 0,
+        }
+    }
+}
+
+/// [`denoise`] with an [`Edit`].
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_with<B: Backend>(
+    unet: &UNet2DConditionModel<B>,
+    control: Option<Control<'_, B>>,
     mut scheduler: Steps<B>,
     latents: Tensor<B, 4>,
     states: Tensor<B, 3>,
     guidance_scale: f64,
+    mut edit: Edit<'_, B>,
     on_step: &mut dyn FnMut(StepInfo<'_, B>),
 ) -> Result<Tensor<B, 4>, ModelError> {
     let cfg = guided(guidance_scale);
@@ -140,28 +185,41 @@ pub fn denoise<B: Backend>(
         };
         let input = scheduler.scale_model_input(input, t);
         let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]), &device);
-        let eps = match &control {
-            None => unet.forward(input, tt, states.clone(), None),
-            Some((net, image, scale)) => {
-                let res = net.forward(
-                    input.clone(),
-                    tt.clone(),
-                    states.clone(),
-                    image.clone(),
-                    *scale,
-                );
-                unet.forward(input, tt, states.clone(), Some(res.into_extras()))
-            }
+        let extras = control.as_ref().map(|(net, image, scale)| {
+            net.forward(
+                input.clone(),
+                tt.clone(),
+                states.clone(),
+                image.clone(),
+                *scale,
+            )
+            .into_extras()
+        });
+        let extras = match edit.controller.as_deref_mut() {
+            None => extras,
+            Some(h) => Some(match extras {
+                None => UNetExtras::hook(h),
+                Some(e) => e.with_hook(h),
+            }),
         };
+        let eps = unet.forward(input, tt, states.clone(), extras);
         let eps = if cfg {
             let mut halves = eps.chunk(2, 0);
             let cond = halves.pop().expect("two halves");
             let uncond = halves.pop().expect("two halves");
-            uncond.clone() + (cond - uncond).mul_scalar(guidance_scale)
+            let guided = uncond.clone() + (cond.clone() - uncond).mul_scalar(guidance_scale);
+            match edit.unguided_rows.min(b) {
+                0 => guided,
+                k if k == b => cond,
+                k => Tensor::cat(vec![cond.narrow(0, 0, k), guided.narrow(0, k, b - k)], 0),
+            }
         } else {
             eps
         };
         latents = scheduler.step(eps.clone(), t, latents)?;
+        if let Some(h) = edit.controller.as_deref_mut() {
+            latents = h.step_callback(latents);
+        }
         on_step(StepInfo {
             index,
             timestep: t,

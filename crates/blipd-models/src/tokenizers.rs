@@ -505,7 +505,7 @@ fn py_isspace(c: char) -> bool {
 }
 
 /// Python's `str.strip()` (no argument).
-pub(crate) fn py_strip(s: &str) -> &str {
+pub fn py_strip(s: &str) -> &str {
     s.trim_matches(py_isspace)
 }
 

@@ -108,6 +108,13 @@ pub trait AttentionHook<B: Backend> {
     fn forward_done(&mut self, layers: usize) {
         let _ = layers;
     }
+
+    /// Called by the sampling loop ([`crate::sampling::denoise_with`]) with the latents after each
+    /// scheduler step; returns the latents to continue from (LAVIS `controller.step_callback`, where
+    /// prompt-to-prompt's LocalBlend works). Default: unchanged.
+    fn step_callback(&mut self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        latents
+    }
 }
 
 /// How attention is computed where no hook asks for the probabilities.
