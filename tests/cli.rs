@@ -441,6 +441,151 @@ fn finetune_lora_exports_an_adapter_that_generate_applies() {
     assert!(!bad.exists());
 }
 
+/// `blipd edit` on the tiny pipeline: a generated source and a photo (DDIM inversion) each give
+/// source.png, edit.png, mask.png and edit.json; bad requests fail before anything is written.
+#[test]
+fn edit_writes_source_edit_and_mask_and_refuses_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = pipeline_fixture();
+    let edit = |extra: &[&str], out: &Path| {
+        blipd()
+            .arg("edit")
+            .arg("--model")
+            .arg(&fx)
+            .args([
+                "--cond-subject",
+                "dog",
+                "--prompt",
+                "sitting on a sofa",
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--height",
+                "32",
+                "--blend-grid",
+                "16",
+                "--threshold",
+                "0.62",
+            ])
+            .args(if extra.contains(&"--width") {
+                &[][..]
+            } else {
+                &["--width", "32"][..]
+            })
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let reference = fx.join("reference.png").display().to_string();
+    let photo = fx.join("small.png").display().to_string();
+    for (name, extra) in [
+        (
+            "generated",
+            vec!["--image", &reference, "--src-subject", "cat"],
+        ),
+        (
+            "photo",
+            vec![
+                "--image",
+                &reference,
+                "--src-subject",
+                "cat",
+                "--source-image",
+                &photo,
+                "--inversion-steps",
+                "3",
+            ],
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let o = edit(&extra, &out);
+        assert_ok(&o);
+        for f in ["source.png", "edit.png", "mask.png", "edit.json"] {
+            assert!(out.join(f).is_file(), "{name}: {f}");
+        }
+        let (s, e) = (
+            image::open(out.join("source.png")).unwrap().to_rgb8(),
+            image::open(out.join("edit.png")).unwrap().to_rgb8(),
+        );
+        assert_eq!(s.dimensions(), (32, 32));
+        assert_ne!(s.as_raw(), e.as_raw(), "{name}: the edit changed nothing");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("edit.json")).unwrap()).unwrap();
+        let frac = meta["mask_fraction"].as_f64().unwrap();
+        assert!(frac > 0.0 && frac < 1.0, "{name}: mask fraction {frac}");
+        assert_eq!(meta["inversion_prompt"].is_string(), name == "photo");
+    }
+    // Bad input: each refused with what to fix; the output folder never appears.
+    let bad = tmp.path().join("bad");
+    for (extra, needle) in [
+        (vec!["--src-subject", "cat"], "--image is needed"),
+        (
+            vec!["--image", &reference, "--src-subject", "teddy bear"],
+            "one word",
+        ),
+        (
+            vec![
+                "--image",
+                &reference,
+                "--src-subject",
+                "cat",
+                "--guidance-scale",
+                "1",
+            ],
+            "guidance",
+        ),
+        (
+            vec![
+                "--image",
+                &reference,
+                "--src-subject",
+                "cat",
+                "--threshold",
+                "2",
+            ],
+            "threshold",
+        ),
+        (
+            vec![
+                "--image",
+                &reference,
+                "--src-subject",
+                "cat",
+                "--source-image",
+                &photo,
+                "--width",
+                "64",
+            ],
+            "square",
+        ),
+        (
+            vec!["--image", "missing.png", "--src-subject", "cat"],
+            "missing.png",
+        ),
+    ] {
+        let o = edit(&extra, &bad);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!bad.exists(), "{extra:?} wrote {}", bad.display());
+    }
+    let o = edit(
+        &[
+            "--image",
+            &reference,
+            "--src-subject",
+            "cat",
+            "--blend-grid",
+            "5",
+        ],
+        &bad,
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--blend-grid"));
+}
+
 #[test]
 fn generate_with_a_controlnet_and_with_two_mixed_subjects() {
     let tmp = tempfile::tempdir().unwrap();

@@ -33,7 +33,8 @@ use blipd_models::unet::{AttentionHook, AttentionSite, UNetPlace};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{AppError, BlipDiffusionPipeline};
+use crate::preprocess::{resize_shorter_center_crop, PilResample, RgbImage};
+use crate::{AppError, BlipDiffusionPipeline, GenerateOutput};
 
 /// LAVIS `_CTX_BEGIN_POS`: the subject embeddings follow `[BOS] a`.
 pub const CTX_BEGIN_POS: usize = 2;
@@ -442,12 +443,11 @@ impl<B: Backend> AttentionHook<B> for Refine<B> {
     }
 }
 
-/// What an edit gives: both rows' final latents `[2, C, h, w]` (source, edit), their images `[2, 3, H,
-/// W]` in `[0, 1]`, and the last LocalBlend mask `[h, w]`.
+/// What an edit gives: both rows' final latents `[2, C, h, w]` and images `[2, 3, H, W]` in `[0, 1]`
+/// (source, edit), the last LocalBlend mask `[h, w]` (1 where the edit is kept), and the two prompts.
 #[derive(Debug)]
 pub struct EditOutput<B: Backend> {
-    pub latents: Tensor<B, 4>,
-    pub images: Tensor<B, 4>,
+    pub output: GenerateOutput<B>,
     pub mask: Tensor<B, 2>,
     pub prompts: [String; 2],
 }
@@ -567,13 +567,15 @@ pub fn generate_then_edit<B: Backend>(
     let mask = ctl
         .mask()
         .ok_or_else(|| AppError::Request(format!(
-            "no cross-attention layer of the U-Net has a {g}×{g} query grid for LocalBlend (set the blend grid)",
+            "no cross-attention layer of the U-Net has a {g}×{g} query grid for LocalBlend (set the blend grid, --blend-grid)",
             g = ctl.grid
         )))?;
     let images = pipe.decode(out.clone());
     Ok(EditOutput {
-        latents: out,
-        images,
+        output: GenerateOutput {
+            images,
+            latents: out,
+        },
         mask,
         prompts,
     })
@@ -612,4 +614,39 @@ pub fn ddim_invert<B: Backend>(
         x = sched.inversion_step(eps, t, x)?;
     }
     Ok((x, text))
+}
+
+/// A photo's latent `[1, C, S/f, S/f]` as LAVIS `edit` makes it: torchvision `Resize(S)` (bilinear) +
+/// `CenterCrop(S)` + `ToTensor`, `2x − 1`, the VAE's posterior **sampled** (LAVIS leaves the noise
+/// unseeded; here it comes from Burn's RNG seeded with `seed`) × the scaling factor.
+pub fn photo_latents<B: Backend>(
+    pipe: &BlipDiffusionPipeline<B>,
+    photo: &RgbImage,
+    size: usize,
+    seed: u64,
+) -> Result<Tensor<B, 4>, AppError> {
+    let f = pipe.latent_factor();
+    if size == 0 || !size.is_multiple_of(f) {
+        return Err(AppError::Request(format!(
+            "the photo size {size} must be a positive multiple of the VAE's factor {f}"
+        )));
+    }
+    let img = resize_shorter_center_crop(photo, size, PilResample::Bilinear)?;
+    let plane = size * size;
+    let mut chw = vec![0f32; 3 * plane];
+    for (i, px) in img.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            chw[c * plane + i] = 2.0 * (f32::from(px[c]) / 255.0) - 1.0;
+        }
+    }
+    let x = Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, size, size]), &pipe.device);
+    let posterior = pipe.vae.encode(x);
+    B::seed(&pipe.device, seed);
+    let shape = pipe.latent_shape(1, size, size);
+    let noise = Tensor::random(
+        shape,
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &pipe.device,
+    );
+    Ok(posterior.sample(noise) * pipe.vae.scaling_factor)
 }

@@ -334,6 +334,33 @@ fn pil_resize_nearest(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     }
 }
 
+/// torchvision `Resize(size)` + `CenterCrop(size)` of a PIL image: the shorter side to `size` (the
+/// longer to `int(size · long / short)`) with Pillow's `filter`, then the centre `size × size`.
+pub fn resize_shorter_center_crop(
+    image: &RgbImage,
+    size: usize,
+    filter: PilResample,
+) -> Result<RgbImage, AppError> {
+    let (w, h) = (image.width, image.height);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    if short == 0 || size == 0 {
+        return Err(AppError::Image(format!(
+            "cannot resize a {w}×{h} image to {size}"
+        )));
+    }
+    // torchvision: new_long = int(size * long / short)
+    let new_long = ((size * long) as f64 / short as f64) as usize;
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
+    let resized = pil_resize(image, nw, nh, filter)?;
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
+    resized.crop(left, top, size, size)
+}
+
 /// How the reference image is brought to the ViT's `S×S` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReferenceResize {
@@ -357,23 +384,10 @@ pub fn preprocess_reference<B: Backend>(
         ReferenceResize::Diffusers => (image.resize_bicubic(size, size)?, |v| {
             (f64::from(v) * (1.0 / 255.0)) as f32
         }),
-        ReferenceResize::Lavis => {
-            let (w, h) = (image.width, image.height);
-            let (short, long) = if w <= h { (w, h) } else { (h, w) };
-            // torchvision: new_long = int(size * long / short)
-            let new_long = ((size * long) as f64 / short as f64) as usize;
-            let (nw, nh) = if w <= h {
-                (size, new_long)
-            } else {
-                (new_long, size)
-            };
-            let resized = image.resize_bicubic(nw, nh)?;
-            let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
-            let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
-            (resized.crop(left, top, size, size)?, |v| {
-                f32::from(v) / 255.0
-            })
-        }
+        ReferenceResize::Lavis => (
+            resize_shorter_center_crop(image, size, PilResample::Bicubic)?,
+            |v| f32::from(v) / 255.0,
+        ),
     };
     let plane = size * size;
     let mut chw = vec![0f32; 3 * plane];

@@ -165,11 +165,11 @@ fn generated_edit_matches_the_reference() {
     .unwrap();
     assert_latents(
         "generated edit latents",
-        out.latents.clone(),
+        out.output.latents.clone(),
         tensor(&io, "gen_latents"),
     );
     assert_mask("generated edit mask", out.mask, tensor(&io, "gen_mask"));
-    assert_eq!(out.images.dims()[0], 2);
+    assert_eq!(out.output.images.dims()[0], 2);
     // Not vacuous: without the refinement (no cross or self replacement) the edit row differs.
     let plain = RefineConfig {
         cross_replace_steps: 0.0,
@@ -179,7 +179,10 @@ fn generated_edit_matches_the_reference() {
     let other =
         edit::generate_then_edit(&p, &request(&e, &io, plain), tensor(&io, "latents0"), false)
             .unwrap();
-    let d = (other.latents - out.latents).abs().max().into_scalar();
+    let d = (other.output.latents - out.output.latents)
+        .abs()
+        .max()
+        .into_scalar();
     assert!(d > 1e-2, "the refinement changed nothing ({d})");
 }
 
@@ -233,7 +236,7 @@ fn inverted_photo_edit_matches_the_reference() {
     .unwrap();
     assert_latents(
         "inverted edit latents",
-        out.latents,
+        out.output.latents,
         tensor(&io, "inv_edit_latents"),
     );
     assert_mask("inverted edit mask", out.mask, tensor(&io, "inv_mask"));

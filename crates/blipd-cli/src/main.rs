@@ -3,6 +3,7 @@
 mod arrays;
 mod bench_cmd;
 mod data_cmd;
+mod edit_cmd;
 mod eval_cmd;
 mod generate_cmd;
 mod interpolate_cmd;
@@ -178,6 +179,9 @@ enum Command {
     /// Subject interpolation (paper fig. 9): 2–4 subjects' embeddings blended bilinearly and rendered
     /// in one context from one noise, as a PNG grid whose corners are the subjects themselves.
     Interpolate(interpolate_cmd::InterpolateArgs),
+    /// Subject-driven editing with prompt-to-prompt (paper fig. 5/11, LAVIS's algorithm): the
+    /// --src-subject of a generated scene, or of a photo (DDIM inversion), becomes the reference subject.
+    Edit(edit_cmd::EditArgs),
     /// Stylization (paper fig. 10): a style image as the subject, the structure as Canny edges of a
     /// photo through ControlNet-canny, a target subject in the prompt.
     Stylize(stylize_cmd::StylizeArgs),
@@ -336,6 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval(args) => eval_cmd::run(args),
         Command::Interpolate(args) => interpolate_cmd::run(args),
+        Command::Edit(args) => edit_cmd::run(args),
         Command::Stylize(args) => stylize_cmd::run(args),
         Command::Generate(args) => generate_cmd::run(args),
         Command::EmbedSubject {
