@@ -1,5 +1,8 @@
-//! Bad requests to `blipd generate` are clear errors before any work: truncated images, sizes the
-//! networks cannot take or the machine cannot hold, non-finite guidance.
+//! Bad requests are clear errors before any work and write nothing: `blipd generate`'s truncated images,
+//! sizes the networks cannot take or the machine cannot hold, non-finite guidance; the matrix of every
+//! application command (generate, embed-subject, interpolate, stylize, edit) × missing and unreadable
+//! images, folders missing a component, wrong latents, ratios, LoRA files for another network; data and
+//! eval errors.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -257,4 +260,366 @@ fn eval_seeds_without_a_model_or_with_zero_are_refused() {
         !ok && stderr.contains("--seeds must be at least 1"),
         "{stderr}"
     );
+}
+
+/// The application commands × the bad inputs a user sends them: a missing reference, an unreadable
+/// one (not an image), a model folder missing a component, and each command's own (latents of the wrong
+/// shape or dtype, ratios that do not sum to 1, a LoRA for another network, an unknown output format).
+/// Each: exit non-zero, no panic, a message naming the problem, and no output file or folder.
+#[test]
+fn every_command_refuses_bad_input_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fx = pipeline_fixture();
+    let reference = fx.join("reference.png").display().to_string();
+    let missing = root.join("missing.png").display().to_string();
+    let garbage = root.join("garbage.png");
+    std::fs::write(&garbage, b"this is not a PNG").unwrap();
+    let garbage = garbage.display().to_string();
+    // A folder without its VAE.
+    let no_vae = root.join("no_vae");
+    copy_dir(&fx, &no_vae);
+    std::fs::remove_dir_all(no_vae.join("vae")).unwrap();
+    let no_vae = no_vae.display().to_string();
+    let model = fx.display().to_string();
+    let cn = fx
+        .join("../pipeline_controlnet/controlnet")
+        .display()
+        .to_string();
+    // Latents of the wrong rank, and integer ones (float16/32/64 are read and converted).
+    let bad_shape = root.join("rank3.npy");
+    blipd_data::npy::write_f32(&bad_shape, &[4, 8, 8], &[0.0; 256]).unwrap();
+    let f64_npy = root.join("int64.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 4, 8, 8), }";
+    let pad = 64 - (10 + header.len() + 1) % 64;
+    let header = format!("{header}{}\n", " ".repeat(pad));
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(vec![0u8; 8 * 256]);
+    std::fs::write(&f64_npy, bytes).unwrap();
+    let (bad_shape, f64_npy) = (
+        bad_shape.display().to_string(),
+        f64_npy.display().to_string(),
+    );
+    let other_lora = fx.join("../lora/adapter").display().to_string();
+    let size = ["--height", "16", "--width", "16", "--steps", "1"];
+
+    let out_of = |cmd: &str| root.join(format!("{cmd}-out.png"));
+    type Case<'a> = (&'a str, Vec<String>, &'a str);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let gen = |extra: &[&str]| {
+        let mut v = s(&["--subject", "dog", "--prompt", "on a beach"]);
+        v.extend(s(&size));
+        v.extend(s(extra));
+        v
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "generate",
+            gen(&["--model", &model, "--image", &missing]),
+            "missing.png",
+        ),
+        (
+            "generate",
+            gen(&["--model", &model, "--image", &garbage]),
+            "garbage.png",
+        ),
+        (
+            "generate",
+            gen(&["--model", &no_vae, "--image", &reference]),
+            "no vae/",
+        ),
+        (
+            "generate",
+            gen(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--latents",
+                &bad_shape,
+            ]),
+            "expected (K, 4, h, w)",
+        ),
+        (
+            "generate",
+            gen(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--latents",
+                &f64_npy,
+            ]),
+            "float16/32/64",
+        ),
+        (
+            "generate",
+            gen(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--image",
+                &reference,
+                "--subject",
+                "cat",
+                "--ratio",
+                "0.3",
+                "--ratio",
+                "0.3",
+            ]),
+            "sum to 1",
+        ),
+        (
+            "generate",
+            gen(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--lora",
+                &other_lora,
+            ]),
+            "does not fit this U-Net",
+        ),
+        (
+            "generate",
+            gen(&["--model", &model, "--image", &reference, "--lora", &missing]),
+            "missing.png",
+        ),
+        (
+            "embed-subject",
+            s(&["--model", &model, "--image", &missing, "--subject", "dog"]),
+            "missing.png",
+        ),
+        (
+            "embed-subject",
+            s(&["--model", &model, "--image", &garbage, "--subject", "dog"]),
+            "garbage.png",
+        ),
+        (
+            "embed-subject",
+            s(&[
+                "--model",
+                &no_vae,
+                "--image",
+                &reference,
+                "--subject",
+                "dog",
+            ]),
+            "no vae/",
+        ),
+        (
+            "interpolate",
+            s(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--image",
+                &missing,
+                "--subject",
+                "a",
+                "--subject",
+                "b",
+                "--prompt",
+                "x",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--steps",
+                "1",
+            ]),
+            "missing.png",
+        ),
+        (
+            "interpolate",
+            s(&[
+                "--model",
+                &no_vae,
+                "--image",
+                &reference,
+                "--image",
+                &reference,
+                "--subject",
+                "a",
+                "--subject",
+                "b",
+                "--prompt",
+                "x",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--steps",
+                "1",
+            ]),
+            "vae",
+        ),
+        (
+            "stylize",
+            s(&[
+                "--model",
+                &model,
+                "--controlnet",
+                &cn,
+                "--style-image",
+                &garbage,
+                "--style-subject",
+                "flower",
+                "--structure",
+                &reference,
+                "--target-subject",
+                "teapot",
+                "--prompt",
+                "x",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--steps",
+                "1",
+            ]),
+            "garbage.png",
+        ),
+        (
+            "stylize",
+            s(&[
+                "--model",
+                &model,
+                "--controlnet",
+                &missing,
+                "--style-image",
+                &reference,
+                "--style-subject",
+                "flower",
+                "--structure",
+                &reference,
+                "--target-subject",
+                "teapot",
+                "--prompt",
+                "x",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--steps",
+                "1",
+            ]),
+            "missing.png",
+        ),
+        (
+            "edit",
+            s(&[
+                "--model",
+                &model,
+                "--image",
+                &garbage,
+                "--cond-subject",
+                "dog",
+                "--src-subject",
+                "cat",
+                "--prompt",
+                "x",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--steps",
+                "1",
+            ]),
+            "garbage.png",
+        ),
+        (
+            "edit",
+            s(&[
+                "--model",
+                &model,
+                "--image",
+                &reference,
+                "--cond-subject",
+                "dog",
+                "--src-subject",
+                "cat",
+                "--prompt",
+                "x",
+                "--source-image",
+                &missing,
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--steps",
+                "1",
+            ]),
+            "missing.png",
+        ),
+        (
+            "edit",
+            s(&[
+                "--model",
+                &no_vae,
+                "--image",
+                &reference,
+                "--cond-subject",
+                "dog",
+                "--src-subject",
+                "cat",
+                "--prompt",
+                "x",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--steps",
+                "1",
+            ]),
+            "vae",
+        ),
+    ];
+    for (i, (cmd, args, needle)) in cases.iter().enumerate() {
+        let out = if *cmd == "embed-subject" {
+            root.join(format!("emb-{i}.npy"))
+        } else if *cmd == "edit" {
+            root.join(format!("edit-{i}"))
+        } else {
+            out_of(&format!("{cmd}-{i}"))
+        };
+        let flag = if *cmd == "edit" { "--out-dir" } else { "--out" };
+        let o = Command::new(env!("CARGO_BIN_EXE_blipd"))
+            .env("BLIPD_LOG", "warn")
+            .arg(cmd)
+            .args(args)
+            .arg(flag)
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("panicked") && o.status.code().is_some(),
+            "{cmd} {args:?} crashed: {err}"
+        );
+        assert!(!o.status.success(), "{cmd} {args:?} was accepted");
+        assert!(
+            err.contains(needle),
+            "{cmd} {args:?}: expected {needle:?} in: {err}"
+        );
+        assert!(!out.exists(), "{cmd} {args:?} wrote {}", out.display());
+        eprintln!("{cmd} → {}", err.trim().lines().last().unwrap_or(""));
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
 }

@@ -24,6 +24,9 @@ pub enum DataError {
         actual_w: u32,
         actual_h: u32,
     },
+    /// A `.npy` array that is not a float array this crate reads.
+    #[error("{path}: {reason}")]
+    Npy { path: PathBuf, reason: String },
     /// A CSV file is unusable as a whole (missing header column, unreadable).
     #[error("{path}: {reason}")]
     Csv { path: PathBuf, reason: String },

@@ -14,9 +14,9 @@ pub struct NpyF32 {
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> DataError {
-    DataError::Shard {
+    DataError::Npy {
         path: path.to_path_buf(),
-        reason: format!("not a float32 .npy file: {}", reason.into()),
+        reason: format!("not a float .npy array: {}", reason.into()),
     }
 }
 

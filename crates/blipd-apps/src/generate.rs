@@ -266,6 +266,21 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         device: &B::Device,
     ) -> Result<Self, AppError> {
         let folder = DiffusersFolder::open(dir)?;
+        let missing: Vec<String> = ["qformer", "text_encoder", "unet", "vae", "tokenizer"]
+            .iter()
+            .filter(|c| !dir.join(c).is_dir())
+            .map(|c| format!("{c}/"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(folder_err(
+                dir,
+                format!(
+                    "not a BlipDiffusion pipeline folder: no {} (it needs qformer/, text_encoder/, unet/, \
+                     vae/ and tokenizer/: a local copy of Salesforce/blipdiffusion or a blipd export)",
+                    missing.join(", ")
+                ),
+            ));
+        }
 
         let qdir = folder.component("qformer");
         let qcfg = Blip2Config::from_file(&qdir.config_path())?;

@@ -19,6 +19,9 @@ pub enum ModelError {
     Invalid(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A LoRA file that cannot be read or applied (the message names the file).
+    #[error("{0}")]
+    Lora(String),
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
 }

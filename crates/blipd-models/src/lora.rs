@@ -455,7 +455,7 @@ struct PeftConfig {
 }
 
 fn invalid(path: &Path, msg: impl std::fmt::Display) -> ModelError {
-    ModelError::Invalid(format!("LoRA {}: {msg}", path.display()))
+    ModelError::Lora(format!("LoRA {}: {msg}", path.display()))
 }
 
 impl LoraWeights {
@@ -657,7 +657,7 @@ pub fn apply<B: Backend>(
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(5);
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::Lora(format!(
             "LoRA {} does not fit this U-Net (a LoRA for another network?): {n} problem(s): {}{}",
             lora.source.display(),
             problems.join("; "),
