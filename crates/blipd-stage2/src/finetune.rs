@@ -174,6 +174,31 @@ pub struct Finetune<B: AutodiffBackend> {
     pub latent_factor: usize,
     pub device: B::Device,
     pub autocast: Option<burn::tensor::FloatDType>,
+    /// With LoRA: where the frozen U-Net and text encoder come from ([`Stage::frozen_source`]), so
+    /// checkpoints hold only the adapters and the subject embedding.
+    pub frozen_source: Option<String>,
+}
+
+/// The base folder's U-Net and text-encoder weight files (path, size, modification time): what a
+/// LoRA checkpoint's frozen weights are rebuilt from.
+fn frozen_files(model_dir: &Path) -> Result<String, Stage2Error> {
+    let dir = model_dir.canonicalize().map_err(io(model_dir))?;
+    let mut parts = vec![dir.display().to_string()];
+    for c in ["unet", "text_encoder"] {
+        let f = blipd_models::weights::component_weight_file(&dir.join(c))?;
+        let m = std::fs::metadata(&f).map_err(io(&f))?;
+        let modified = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        parts.push(format!(
+            "{} ({} bytes, modified at {modified})",
+            f.strip_prefix(&dir).unwrap_or(&f).display(),
+            m.len()
+        ));
+    }
+    Ok(parts.join(", "))
 }
 
 /// The subject's photos in file-name order; an unreadable one is an error naming it.
@@ -293,6 +318,10 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
             .collect();
         let loss = self.loss_from(model, target, vae_noise, noise, t)?;
         Ok(StepOutput::new(loss))
+    }
+
+    fn frozen_source(&self) -> Option<String> {
+        self.frozen_source.clone()
     }
 
     fn sample(
@@ -458,6 +487,10 @@ pub fn build<B: AutodiffBackend>(
         latent_factor,
         device: device.clone(),
         autocast: cfg.train.mixed_precision.dtype(),
+        frozen_source: match &c.lora {
+            Some(_) => Some(frozen_files(&c.model_dir)?),
+            None => None,
+        },
     };
     let unet = match &c.lora {
         None => parts.model.unet,

@@ -263,3 +263,98 @@ fn subject_embedding_and_loss_match_the_released_forward() {
         "{loss} vs {want}"
     );
 }
+
+/// LoRA fine-tuning: the loss falls with only the adapters and the subject embedding training; a
+/// checkpoint holds just those (not the frozen U-Net); stopping at a checkpoint and resuming gives the
+/// same adapter as an uninterrupted run, bit for bit; and a base folder whose U-Net changed since the
+/// checkpoint is refused on resume instead of silently training on other frozen weights.
+#[test]
+fn lora_checkpoints_hold_only_the_adapters_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("photos");
+    photos(&images);
+    let lora_cfg = |dir: &std::path::Path, steps: u64, every: u64, model: &std::path::Path| {
+        let mut c = config(dir, &images, steps);
+        c.stage.model_dir = model.to_path_buf();
+        c.stage.lora = Some(blipd_models::lora::LoraSpec::new(2));
+        c.optimizer.lr = 0.01;
+        c.checkpoint.every = every;
+        c.checkpoint.keep_last = 0;
+        c
+    };
+    let dev = Default::default();
+    // Uninterrupted, 12 steps.
+    let full = lora_cfg(&tmp.path().join("full"), 12, 0, &fixture());
+    run_finetune::<B>(&full, dev).unwrap();
+    let losses: Vec<f64> = blipd_train::metrics::read_metrics(&full.run.dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.loss)
+        .collect();
+    println!("LoRA fine-tuning losses {losses:?}");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(mean(&losses[8..]) < 0.95 * mean(&losses[..4]), "{losses:?}");
+    let adapter = |cfg: &FinetuneRunConfig| {
+        StateDict::read(&export_dir(cfg).join(blipd_models::lora::LORA_FILE)).unwrap()
+    };
+    let a = adapter(&full);
+    assert!(a
+        .keys()
+        .all(|k| k.starts_with("unet.") && k.contains(".lora_")));
+    assert!(!export_dir(&full).join("unet").exists());
+
+    // 6 steps with a checkpoint, then resumed to 12: the same adapter, bit for bit.
+    let model = tmp.path().join("base");
+    copy_dir(&fixture(), &model);
+    let half = lora_cfg(&tmp.path().join("half"), 6, 6, &model);
+    run_finetune::<B>(&half, dev).unwrap();
+    let ckpt = blipd_train::checkpoint::checkpoint_dir(&half.run.dir, 6);
+    let saved = StateDict::read(&ckpt.join("model.safetensors")).unwrap();
+    let keys: Vec<&String> = saved.keys().collect();
+    assert!(
+        keys.iter()
+            .all(|k| k.contains("lora") || k.as_str() == "ctx"),
+        "a LoRA checkpoint holds the frozen weights too: {keys:?}"
+    );
+    let bytes = std::fs::metadata(ckpt.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let unet = std::fs::metadata(
+        blipd_models::weights::component_weight_file(&fixture().join("unet")).unwrap(),
+    )
+    .unwrap()
+    .len();
+    println!("LoRA checkpoint model.safetensors: {bytes} bytes (the U-Net alone: {unet} bytes)");
+    assert!(bytes < unet);
+    let resumed = lora_cfg(&tmp.path().join("half"), 12, 6, &model);
+    let s = run_finetune::<B>(&resumed, dev).unwrap();
+    assert_eq!(s.resumed_from, Some(6));
+    let b = adapter(&resumed);
+    for k in a.keys() {
+        let (x, y) = (
+            a.data(k).unwrap().to_vec::<f32>().unwrap(),
+            b.data(k).unwrap().to_vec::<f32>().unwrap(),
+        );
+        assert_eq!(x, y, "{k} differs after resuming");
+    }
+    // The base U-Net changes (rewritten): resuming the 12-step run is refused, naming why.
+    let more = lora_cfg(&tmp.path().join("half"), 18, 6, &model);
+    let f = blipd_models::weights::component_weight_file(&model.join("unet")).unwrap();
+    let bytes = std::fs::read(&f).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::fs::write(&f, bytes).unwrap();
+    let err = run_finetune::<B>(&more, dev).unwrap_err().to_string();
+    assert!(err.contains("frozen weights"), "{err}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}

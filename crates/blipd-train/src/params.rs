@@ -253,14 +253,34 @@ pub fn save_module<B: Backend, M: Module<B>>(
     path: &Path,
     metadata: BTreeMap<String, String>,
 ) -> Result<()> {
+    save_module_subset(module, path, metadata, None)
+}
+
+/// [`save_module`] of the parameters whose paths are in `keep` (all when `None`).
+pub fn save_module_subset<B: Backend, M: Module<B>>(
+    module: &M,
+    path: &Path,
+    metadata: BTreeMap<String, String>,
+    keep: Option<&std::collections::HashSet<String>>,
+) -> Result<()> {
     let infos = param_infos(module);
     let flats = flat_params(module);
     let tensors = flats
         .into_iter()
         .zip(infos)
+        .filter(|((p, _), _)| keep.is_none_or(|k| k.contains(p)))
         .map(|((p, t), info)| (p, t, info.shape))
         .collect();
     write_tensors(path, tensors, metadata)
+}
+
+/// The paths of `module`'s trainable parameters.
+pub fn trainable_paths<B: Backend, M: Module<B>>(module: &M) -> std::collections::HashSet<String> {
+    param_infos(module)
+        .into_iter()
+        .filter(|i| i.trainable)
+        .map(|i| i.path)
+        .collect()
 }
 
 /// Checks that the file holds exactly the module's parameters with the same shapes; the error
@@ -302,21 +322,37 @@ fn check_keys(infos: &[ParamInfo], st: &safetensors::SafeTensors<'_>, path: &Pat
 /// `ParamId`, its dtype (the file's values are cast to it) and its `require_grad` flag.
 pub fn load_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<M> {
     let file = TensorFile::read(path)?;
-    load_module_from(module, &file)
+    load_module_from(module, &file, None)
+}
+
+/// [`load_module`] of a file written by [`save_module_subset`] with `keep`: exactly those
+/// parameters must be there; the others keep the values `module` has.
+pub fn load_module_subset<B: Backend, M: Module<B>>(
+    module: M,
+    path: &Path,
+    keep: &std::collections::HashSet<String>,
+) -> Result<M> {
+    let file = TensorFile::read(path)?;
+    load_module_from(module, &file, Some(keep))
 }
 
 pub(crate) fn load_module_from<B: Backend, M: Module<B>>(
     module: M,
     file: &TensorFile,
+    keep: Option<&std::collections::HashSet<String>>,
 ) -> Result<M> {
     let st = file.parse()?;
-    let infos = param_infos(&module);
+    let infos: Vec<ParamInfo> = param_infos(&module)
+        .into_iter()
+        .filter(|i| keep.is_none_or(|k| k.contains(&i.path)))
+        .collect();
     check_keys(&infos, &st, &file.path)?;
 
     struct L<'a, 'b> {
         stack: PathStack,
         st: &'a safetensors::SafeTensors<'b>,
         path: &'a Path,
+        keep: Option<&'a std::collections::HashSet<String>>,
         error: Option<TrainError>,
     }
     impl<B: Backend> ModuleMapper<B> for L<'_, '_> {
@@ -327,8 +363,11 @@ pub(crate) fn load_module_from<B: Backend, M: Module<B>>(
             self.stack.exit();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (id, tensor, mapper) = param.consume();
             let key = self.stack.path();
+            if self.keep.is_some_and(|k| !k.contains(&key)) {
+                return param;
+            }
+            let (id, tensor, mapper) = param.consume();
             let loaded = self
                 .st
                 .tensor(&key)
@@ -365,6 +404,7 @@ pub(crate) fn load_module_from<B: Backend, M: Module<B>>(
         stack: PathStack::default(),
         st: &st,
         path: &file.path,
+        keep,
         error: None,
     };
     let module = module.map(&mut l);

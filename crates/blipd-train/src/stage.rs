@@ -113,6 +113,15 @@ pub trait Stage<B: AutodiffBackend> {
         Ok(())
     }
 
+    /// Where the model's frozen parameters come from, when the stage rebuilds them from fixed inputs
+    /// at every start (e.g. LoRA fine-tuning: the base U-Net read from its folder). Checkpoints then
+    /// hold only the trainable parameters (a LoRA run's checkpoint is megabytes, not the 3.4 GB
+    /// U-Net), and a resume requires the same source (the description is compared). `None` (the
+    /// default): checkpoints hold every parameter.
+    fn frozen_source(&self) -> Option<String> {
+        None
+    }
+
     /// Writes the stage's own resumable state (anything besides the model weights, e.g. a
     /// running statistic) into `dir` (an empty folder inside the checkpoint being written).
     fn save_state(&self, dir: &Path) -> Result<()> {

@@ -22,7 +22,9 @@ use crate::error::{Result, TrainError};
 use crate::grads::{GradSet, GradSync, LocalSync};
 use crate::metrics::{MetricsRecord, MetricsWriter, METRICS_FILE};
 use crate::optim::AdamW;
-use crate::params::{load_module, param_infos, save_module};
+use crate::params::{
+    load_module, load_module_subset, param_infos, save_module_subset, trainable_paths,
+};
 use crate::plot::{plot_metrics, PlotOptions};
 use crate::rng::{streams, RngState, TrainRng};
 use crate::schedule::LrSchedule;
@@ -60,6 +62,9 @@ pub struct TrainerState {
     pub world_size: usize,
     /// EMA updates applied (absent without EMA).
     pub ema_step: Option<u64>,
+    /// [`Stage::frozen_source`] when the checkpoint holds only the trainable parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_source: Option<String>,
 }
 
 /// `rank-<r>.json` of a checkpoint.
@@ -416,13 +421,39 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
         }
 
         let model = self.model.take().expect("model present");
-        let model = load_module(model, &dir.join(files::MODEL))?;
+        // A checkpoint without the frozen parameters resumes only onto the same frozen source.
+        let keep = match (&state.frozen_source, self.stage.frozen_source()) {
+            (None, _) => None,
+            (Some(then), Some(now)) if *then == now => Some(trainable_paths(&model)),
+            (Some(then), now) => {
+                self.model = Some(model);
+                return Err(TrainError::Checkpoint {
+                    path: dir.join(files::TRAINER),
+                    reason: format!(
+                        "the checkpoint holds only the trainable weights, trained on frozen weights from \
+                         {then}; this run {}",
+                        match now {
+                            Some(n) => format!("builds them from {n}"),
+                            None => "needs every weight".into(),
+                        }
+                    ),
+                });
+            }
+        };
+        let load = |m: S::Model, p: &Path| match &keep {
+            None => load_module(m, p),
+            Some(k) => load_module_subset(m, p, k),
+        };
+        let model = load(model, &dir.join(files::MODEL))?;
         self.optim
             .load(&dir.join(files::OPTIMIZER), &model, &self.device)?;
         if let Some(ema) = &mut self.ema {
             let p = dir.join(files::EMA);
             if p.exists() {
-                let m = load_module(ema.model().clone(), &p)?;
+                let m = match &keep {
+                    None => load_module(ema.model().clone(), &p)?,
+                    Some(k) => load_module_subset(ema.model().clone(), &p, k)?,
+                };
                 ema.set_model(m);
                 ema.optimization_step = state.ema_step.unwrap_or(state.step);
             } else {
@@ -486,10 +517,12 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 .collect();
             let mut meta = BTreeMap::new();
             meta.insert("step".to_string(), self.step.to_string());
-            save_module(model, &dir.join(files::MODEL), meta.clone())?;
+            let frozen_source = self.stage.frozen_source();
+            let keep = frozen_source.as_ref().map(|_| trainable_paths(model));
+            save_module_subset(model, &dir.join(files::MODEL), meta.clone(), keep.as_ref())?;
             self.optim.save(&dir.join(files::OPTIMIZER), &shapes)?;
             if let Some(ema) = &self.ema {
-                save_module(ema.model(), &dir.join(files::EMA), meta)?;
+                save_module_subset(ema.model(), &dir.join(files::EMA), meta, keep.as_ref())?;
             }
             write_file_synced(&dir.join(files::CONFIG), self.config_toml.as_bytes())?;
             let stage_dir = dir.join(files::STAGE_DIR);
@@ -502,6 +535,7 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                 skipped: self.skipped,
                 world_size: self.sync.world_size(),
                 ema_step: self.ema.as_ref().map(|e| e.optimization_step),
+                frozen_source,
             };
             write_json(&dir.join(files::TRAINER), &state)?;
         }
