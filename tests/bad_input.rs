@@ -4,6 +4,10 @@
 //! images, folders missing a component, wrong latents, ratios, LoRA files for another network; data and
 //! eval errors.
 
+mod common;
+
+use common::copy_dir;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -609,17 +613,5 @@ fn every_command_refuses_bad_input_and_writes_nothing() {
         );
         assert!(!out.exists(), "{cmd} {args:?} wrote {}", out.display());
         eprintln!("{cmd} → {}", err.trim().lines().last().unwrap_or(""));
-    }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
     }
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{blipd, generate_16px, pipeline_fixture};
+use common::{blipd, copy_dir, generate_16px, pipeline_fixture};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,18 +38,6 @@ fn fixture_generate() -> Command {
         .args(["--neg-prompt", "blurry, low quality", "--steps", "3"])
         .args(["--guidance-scale", "7.5"]);
     c
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -3,6 +3,10 @@
 //! and a missing image reported without stopping the run, a rerun skipping what is there, and clear errors
 //! for a broken model folder.
 
+mod common;
+
+use common::copy_dir;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -16,13 +20,6 @@ fn blipd() -> Command {
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../blipd-apps/tests/fixtures/clipseg_masks")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 fn text(o: &Output) -> String {

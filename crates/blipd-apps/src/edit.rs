@@ -1,5 +1,5 @@
 //! Subject-driven editing with prompt-to-prompt, as LAVIS does it (`BlipDiffusion.generate_then_edit` and
-//! `edit`, `ptp_utils.py`'s `AttentionRefine` + `LocalBlend`; model.md §5.2; paper fig. 5/11).
+//! `edit`, `ptp_utils.py`'s `AttentionRefine` + `LocalBlend`; model.md §5.2; paper fig. 4 right, fig. 5 rows 9–10).
 //!
 //! Two prompts run side by side in one CFG batch `[u_src, u_tgt, c_src, c_tgt]`:
 //! - the **source** `"a {src_subject} {prompt}"` (text only), and

@@ -1,4 +1,4 @@
-//! `blipd edit`: subject-driven editing with prompt-to-prompt, as LAVIS does it (paper fig. 5/11;
+//! `blipd edit`: subject-driven editing with prompt-to-prompt, as LAVIS does it (paper fig. 4 right, fig. 5 rows 9–10;
 //! `blipd_apps::edit`). A generated scene (`"a {src} {prompt}"`), or a photo through DDIM inversion,
 //! has its `--src-subject` replaced by the reference subject, the rest kept by LocalBlend's mask.
 

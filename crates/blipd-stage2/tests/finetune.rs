@@ -3,7 +3,8 @@
 //! forward computed with diffusers (`scripts/reference/gen_finetune_loss.py` → fixtures/finetune_loss),
 //! the subject embedding starts as the mean of the Q-Former's outputs over the photos, only the U-Net and
 //! the embedding train (the loss falls), the export holds the trained U-Net and embedding beside the
-//! untouched base components, and bad inputs are named.
+//! untouched base components, and bad inputs are named. Every test holds `blipd_testkit::serial()`: the
+//! backend's random generator is process-global, and exact resumption needs its draws undisturbed.
 
 use blipd_models::ctx_clip_text::{CTX_CACHE_FILE, CTX_CACHE_KEY};
 use blipd_models::weights::{collect_reference, KeyMap, StateDict};
@@ -63,6 +64,7 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn embedding_starts_as_the_mean_subject_embedding_and_training_moves_only_unet_and_ctx() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("photos");
     photos(&images);
@@ -167,6 +169,7 @@ fn embedding_starts_as_the_mean_subject_embedding_and_training_moves_only_unet_a
 
 #[test]
 fn bad_inputs_are_named() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -191,6 +194,7 @@ fn bad_inputs_are_named() {
 
 #[test]
 fn subject_embedding_and_loss_match_the_released_forward() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("photos");
     photos(&images);
@@ -270,6 +274,7 @@ fn subject_embedding_and_loss_match_the_released_forward() {
 /// checkpoint is refused on resume instead of silently training on other frozen weights.
 #[test]
 fn lora_checkpoints_hold_only_the_adapters_and_resume_exactly() {
+    let _serial = blipd_testkit::serial();
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("photos");
     photos(&images);
