@@ -4,9 +4,7 @@
 //! images, folders missing a component, wrong latents, ratios, LoRA files for another network; data and
 //! eval errors.
 
-mod common;
-
-use common::copy_dir;
+use blipd_testkit::copy_dir;
 
 use std::path::PathBuf;
 use std::process::Command;

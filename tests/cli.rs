@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{blipd, copy_dir, generate_16px, pipeline_fixture};
+use blipd_testkit::copy_dir;
+use common::{blipd, generate_16px, pipeline_fixture};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -206,28 +207,35 @@ fn sweep_writes_one_table_with_dreambench_scores() {
     assert!(!err.contains("stage 1:"), "trained before failing: {err}");
 }
 
-#[test]
-fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
-    let tmp = tempfile::tempdir().unwrap();
-    let photos = tmp.path().join("photos");
+/// A 3-step fine-tuning config on the pipeline fixture's reference photo, run folder `root/run`;
+/// `optimizer` is the text after `[optimizer]` (more sections may follow it).
+fn finetune_config(root: &Path, optimizer: &str) -> PathBuf {
+    let photos = root.join("photos");
     std::fs::create_dir_all(&photos).unwrap();
     std::fs::copy(
         pipeline_fixture().join("reference.png"),
         photos.join("00.png"),
     )
     .unwrap();
-    let cfg = tmp.path().join("finetune.toml");
+    let cfg = root.join("finetune.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[run]\ndir = {:?}\n[train]\nmax_steps = 3\nbatch_size = 2\n[optimizer]\nlr = 0.001\n\
+            "[run]\ndir = {:?}\n[train]\nmax_steps = 3\nbatch_size = 2\n[optimizer]\n{optimizer}\
              [stage]\nmodel_dir = {:?}\nsubject = \"dog\"\nsample_steps = 2\n[data]\nimages = {:?}\ntarget_size = 16\n",
-            tmp.path().join("run").display().to_string(),
+            root.join("run").display().to_string(),
             pipeline_fixture().display().to_string(),
             photos.display().to_string()
         ),
     )
     .unwrap();
+    cfg
+}
+
+#[test]
+fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = finetune_config(tmp.path(), "lr = 0.001\n");
     let out = blipd()
         .arg("finetune")
         .arg("--config")
@@ -281,26 +289,7 @@ fn finetune_exports_a_pipeline_that_generates_without_a_reference_image() {
 #[test]
 fn finetune_lora_exports_an_adapter_that_generate_applies() {
     let tmp = tempfile::tempdir().unwrap();
-    let photos = tmp.path().join("photos");
-    std::fs::create_dir_all(&photos).unwrap();
-    std::fs::copy(
-        pipeline_fixture().join("reference.png"),
-        photos.join("00.png"),
-    )
-    .unwrap();
-    let cfg = tmp.path().join("finetune.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[run]\ndir = {:?}\n[train]\nmax_steps = 3\nbatch_size = 2\n[optimizer]\nlr = 0.01\n\
-             [sample]\nevery = 0\n\
-             [stage]\nmodel_dir = {:?}\nsubject = \"dog\"\nsample_steps = 2\n[data]\nimages = {:?}\ntarget_size = 16\n",
-            tmp.path().join("run").display().to_string(),
-            pipeline_fixture().display().to_string(),
-            photos.display().to_string()
-        ),
-    )
-    .unwrap();
+    let cfg = finetune_config(tmp.path(), "lr = 0.01\n[sample]\nevery = 0\n");
     let finetune = |extra: &[&str]| {
         blipd()
             .arg("finetune")

@@ -3,9 +3,7 @@
 //! and a missing image reported without stopping the run, a rerun skipping what is there, and clear errors
 //! for a broken model folder.
 
-mod common;
-
-use common::copy_dir;
+use blipd_testkit::copy_dir;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{copy_dir, text};
+use blipd_testkit::copy_dir;
+use common::text;
 
 fn blipd(cwd: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_blipd"));

@@ -112,16 +112,3 @@ pub fn generate_16px(model: &Path, subject: &str, prompt: &str, out_png: &Path) 
             .arg(out_png),
     );
 }
-
-/// Copies the folder `from` into `to`, recursively.
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}

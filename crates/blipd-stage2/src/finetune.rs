@@ -620,6 +620,17 @@ fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<(), Stage2Error> {
     Ok(())
 }
 
+/// The trained subject embedding as `dir/ctx_embeddings_cache.safetensors` (LAVIS's cache).
+fn write_ctx_cache<M: Backend>(model: &FinetuneModel<M>, dir: &Path) -> Result<(), Stage2Error> {
+    let ctx = model.ctx.val().into_data().convert::<f32>();
+    write_safetensors(
+        &dir.join(CTX_CACHE_FILE),
+        &[(CTX_CACHE_KEY.to_string(), ctx)],
+        None,
+    )?;
+    Ok(())
+}
+
 /// What a LoRA fine-tuning run exports beside its adapter (`blipd_lora.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraExportInfo {
@@ -666,12 +677,7 @@ pub fn export_lora<B: AutodiffBackend, M: Backend>(
                 ("blipd_alpha_folded_into_lora_B", "true".into()),
             ],
         )?;
-        let ctx = model.ctx.val().into_data().convert::<f32>();
-        write_safetensors(
-            &tmp.join(CTX_CACHE_FILE),
-            &[(CTX_CACHE_KEY.to_string(), ctx)],
-            None,
-        )?;
+        write_ctx_cache(model, tmp)?;
         blipd_models::write_json(&tmp.join(LORA_INFO_FILE), &info, None)?;
         Ok(())
     })
@@ -705,12 +711,7 @@ pub fn export_finetuned<B: AutodiffBackend, M: Backend>(
         if !vocab.is_file() {
             stage.bert_tokenizer.save_vocab(&tmp.join("qformer"))?;
         }
-        let ctx = model.ctx.val().into_data().convert::<f32>();
-        write_safetensors(
-            &tmp.join(CTX_CACHE_FILE),
-            &[(CTX_CACHE_KEY.to_string(), ctx)],
-            None,
-        )?;
+        write_ctx_cache(model, tmp)?;
         let idx_path = base.join("model_index.json");
         let mut index: serde_json::Value = if idx_path.is_file() {
             blipd_models::read_json(&idx_path)?

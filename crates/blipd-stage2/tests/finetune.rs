@@ -310,7 +310,7 @@ fn lora_checkpoints_hold_only_the_adapters_and_resume_exactly() {
 
     // 6 steps with a checkpoint, then resumed to 12: the same adapter, bit for bit.
     let model = tmp.path().join("base");
-    copy_dir(&fixture(), &model);
+    blipd_testkit::copy_dir(&fixture(), &model);
     let half = lora_cfg(&tmp.path().join("half"), 6, 6, &model);
     run_finetune::<B>(&half, dev).unwrap();
     let ckpt = blipd_train::checkpoint::checkpoint_dir(&half.run.dir, 6);
@@ -350,16 +350,4 @@ fn lora_checkpoints_hold_only_the_adapters_and_resume_exactly() {
     std::fs::write(&f, bytes).unwrap();
     let err = run_finetune::<B>(&more, dev).unwrap_err().to_string();
     assert!(err.contains("frozen weights"), "{err}");
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }

@@ -154,6 +154,19 @@ pub fn assert_close<B1: Backend, B2: Backend, const D: usize>(
     assert_close_slice(what, &values(actual), &values(expected), tol)
 }
 
+/// Copies the folder `from` into `to`, recursively (fixture folders into a test's temporary folder).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
