@@ -376,7 +376,36 @@ impl<B: Backend> Refine<B> {
     }
 }
 
+impl<B: Backend> Refine<B> {
+    /// A LocalBlend layer: a down/up cross-attention layer with a `grid × grid` query grid.
+    fn stores(&self, site: &AttentionSite) -> bool {
+        site.is_cross
+            && site.place != UNetPlace::Mid
+            && site.height == self.grid
+            && site.width == self.grid
+    }
+
+    /// Whether the target row's probabilities are replaced at this layer in the current step.
+    fn edits(&self, site: &AttentionSite) -> bool {
+        if site.is_cross {
+            self.step < self.cross_until
+        } else {
+            let (lo, hi) = self.self_range;
+            lo <= self.step
+                && self.step < hi
+                && site.query_pixels() <= self.cfg.self_replace_max_pixels
+        }
+    }
+}
+
 impl<B: Backend> AttentionHook<B> for Refine<B> {
+    /// Layers neither stored nor edited (at 512²: the 64×64 self-attention, whose probabilities would
+    /// be 2 GiB per call for the CFG batch, and every layer once the replacement steps are over) run
+    /// the fused kernel; their target row is what LAVIS computes there unchanged.
+    fn wants(&self, site: &AttentionSite) -> bool {
+        self.stores(site) || self.edits(site)
+    }
+
     fn on_attention(&mut self, site: &AttentionSite, probs: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, heads, q, k] = probs.dims();
         assert_eq!(
@@ -384,27 +413,19 @@ impl<B: Backend> AttentionHook<B> for Refine<B> {
             "prompt-to-prompt expects the CFG batch [u_src, u_tgt, c_src, c_tgt]"
         );
         let src = probs.clone().narrow(0, 2, 1).squeeze_dim::<3>(0); // [H, q, k]
-        if site.is_cross
-            && site.place != UNetPlace::Mid
-            && site.height == self.grid
-            && site.width == self.grid
-        {
+        if self.stores(site) {
             self.step_maps.push(src.clone());
         }
+        if !self.edits(site) {
+            return probs;
+        }
         let new_tgt = if site.is_cross {
-            if self.step >= self.cross_until {
-                return probs;
-            }
             assert_eq!(k, self.max_len, "cross-attention over {k} keys");
             let tgt = probs.clone().narrow(0, 3, 1).squeeze_dim::<3>(0);
             let gathered = src.select(2, self.mapper.clone());
             let a = self.alphas.clone();
             gathered * a.clone() + tgt * (a.neg() + 1.0)
         } else {
-            let (lo, hi) = self.self_range;
-            if !(lo <= self.step && self.step < hi && q <= self.cfg.self_replace_max_pixels) {
-                return probs;
-            }
             src
         };
         Tensor::cat(
@@ -429,7 +450,7 @@ impl<B: Backend> AttentionHook<B> for Refine<B> {
     }
 
     fn step_callback(&mut self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [n, c, h, w] = latents.dims();
+        let [n, _, h, w] = latents.dims();
         assert_eq!(n, 2, "prompt-to-prompt steps [source, target] latents");
         if self.store.is_empty() {
             return latents;
@@ -438,7 +459,6 @@ impl<B: Backend> AttentionHook<B> for Refine<B> {
         self.mask = Some(mask.clone());
         let m = mask.reshape([1, 1, h, w]);
         let src = latents.clone().narrow(0, 0, 1);
-        let _ = c;
         src.clone() + m * (latents - src)
     }
 }
