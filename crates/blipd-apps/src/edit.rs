@@ -187,29 +187,6 @@ pub fn refinement_mapper(
     Ok((mapper, alphas))
 }
 
-/// One token as transformers' `CLIPTokenizer.decode([id])` gives it: the byte-level token string
-/// decoded to UTF-8, `</w>` → space, stripped.
-fn decode_token(tok: &ClipTokenizer, id: u32) -> String {
-    let Some(token) = tok.inner().id_to_token(id) else {
-        return String::new();
-    };
-    let table: std::collections::HashMap<char, u8> = blipd_models::tokenizers::bytes_to_unicode()
-        .into_iter()
-        .map(|(b, c)| (c, b))
-        .collect();
-    let bytes: Vec<u8> = token
-        .chars()
-        .flat_map(|c| match table.get(&c) {
-            Some(&b) => vec![b],
-            None => c.to_string().into_bytes(),
-        })
-        .collect();
-    String::from_utf8_lossy(&bytes)
-        .replace("</w>", " ")
-        .trim()
-        .to_string()
-}
-
 /// LAVIS `get_word_inds`: the token positions (1-based, after BOS) of every occurrence of `word` among
 /// the space-separated words of `text`, found by walking the decoded tokens' lengths.
 pub fn word_inds(tok: &ClipTokenizer, text: &str, word: &str) -> Result<Vec<usize>, AppError> {
@@ -222,7 +199,7 @@ pub fn word_inds(tok: &ClipTokenizer, text: &str, word: &str) -> Result<Vec<usiz
     let ids = encode_full(tok, text)?;
     let (mut cur, mut ptr) = (0usize, 0usize);
     for (i, &id) in ids[1..ids.len() - 1].iter().enumerate() {
-        cur += decode_token(tok, id).trim_matches('#').chars().count();
+        cur += tok.decode(&[id], false)?.trim_matches('#').chars().count();
         if places.contains(&ptr) {
             out.push(i + 1);
         }

@@ -487,11 +487,16 @@ impl ClipTokenizer {
         })
     }
 
-    /// Decode ids back to text (special tokens skipped when asked).
+    /// Decode ids back to text (special tokens skipped when asked) as transformers' `CLIPTokenizer`
+    /// joins tokens (`convert_tokens_to_string`): the byte-level text with each word end `</w>` as a
+    /// space, stripped; `decode(&[id])` of `cat</w>` is `"cat"`. (transformers' optional clean-up of
+    /// spaces before punctuation is not applied.)
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
-        self.inner
+        let text = self
+            .inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| tok_err("decoding", e))
+            .map_err(|e| tok_err("decoding", e))?;
+        Ok(text.replace("</w>", " ").trim().to_string())
     }
 }
 

@@ -72,7 +72,7 @@ mod tests {
         let words = ["a", "photo", "of", "red", "circle", "on", "background", ","];
         let (clip, bert) = tiny_tokenizers(&words).unwrap();
         let ids = clip.tokenize("a photo of a red circle").unwrap();
-        let back = clip.decode(&ids, true).unwrap().replace("</w>", " ");
+        let back = clip.decode(&ids, true).unwrap();
         assert_eq!(back.trim(), "a photo of a red circle");
         assert_eq!(ids.len(), 6, "one token per word: {ids:?}");
         let enc = clip.encode("a red circle", 10).unwrap();
