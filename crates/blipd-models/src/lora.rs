@@ -363,6 +363,19 @@ pub fn has_adapters<B: Backend>(unet: &UNet2DConditionModel<B>) -> bool {
     })
 }
 
+/// Number of adapter parameters the U-Net carries (from the shapes: nothing is read back).
+pub fn num_adapter_params<B: Backend>(unet: &UNet2DConditionModel<B>) -> usize {
+    attentions(unet)
+        .iter()
+        .filter_map(|(_, a)| a.lora.as_ref())
+        .flat_map(|l| LoraTarget::ALL.into_iter().filter_map(|t| l.get(t)))
+        .map(|l| {
+            let ([i, r], [_, o]) = (dims(&l.down), dims(&l.up));
+            i * r + r * o
+        })
+        .sum()
+}
+
 /// The adapters in the diffusers layout (`unet.<module>.lora_A.weight` `(r, in)`,
 /// `unet.<module>.lora_B.weight` `(out, r)` with the scale folded in), sorted by key.
 pub fn adapter_tensors<B: Backend>(unet: &UNet2DConditionModel<B>) -> Vec<(String, TensorData)> {
@@ -709,6 +722,7 @@ mod tests {
             .map(|(_, d)| d.num_elements())
             .sum();
         assert_eq!(n, 797_184);
+        assert_eq!(num_adapter_params(&unet), n);
         let paths: Vec<String> = attentions(&unet).into_iter().map(|(p, _)| p).collect();
         assert_eq!(
             paths[0],

@@ -501,7 +501,7 @@ pub fn build<B: AutodiffBackend>(
                 spec.rank,
                 spec.alpha.unwrap_or(spec.rank as f64),
                 spec.targets.iter().map(|t| t.key()).collect::<Vec<_>>(),
-                lora::adapter_tensors(&unet).iter().map(|(_, d)| d.num_elements()).sum::<usize>()
+                lora::num_adapter_params(&unet)
             );
             unet
         }
@@ -574,11 +574,9 @@ fn fit<B: AutodiffBackend>(
         let out = export_dir(cfg);
         let base = &cfg.stage.model_dir;
         let stage = trainer.stage();
-        match (trainer.ema_model(), cfg.stage.lora.is_some()) {
-            (Some(ema), false) => export_finetuned(stage, ema, base, &out)?,
-            (None, false) => export_finetuned(stage, trainer.model(), base, &out)?,
-            (Some(ema), true) => export_lora(stage, ema, base, &out)?,
-            (None, true) => export_lora(stage, trainer.model(), base, &out)?,
+        match trainer.ema_model() {
+            Some(ema) => export(stage, ema, base, &out)?,
+            None => export(stage, trainer.model(), base, &out)?,
         };
         tracing::info!(
             "fine-tuned {} exported to {}",
@@ -618,6 +616,20 @@ fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<(), Stage2Error> {
         }
     }
     Ok(())
+}
+
+/// The run's export: [`export_lora`] with `[stage.lora]`, else [`export_finetuned`].
+pub fn export<B: AutodiffBackend, M: Backend>(
+    stage: &Finetune<B>,
+    model: &FinetuneModel<M>,
+    base: &Path,
+    out: &Path,
+) -> Result<PathBuf, Stage2Error> {
+    if stage.config.lora.is_some() {
+        export_lora(stage, model, base, out)
+    } else {
+        export_finetuned(stage, model, base, out)
+    }
 }
 
 /// The trained subject embedding as `dir/ctx_embeddings_cache.safetensors` (LAVIS's cache).
