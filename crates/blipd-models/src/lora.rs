@@ -356,11 +356,7 @@ pub fn attach<B: Backend>(
 
 /// Whether any attention layer carries an adapter.
 pub fn has_adapters<B: Backend>(unet: &UNet2DConditionModel<B>) -> bool {
-    attentions(unet).iter().any(|(_, a)| {
-        a.lora
-            .as_ref()
-            .is_some_and(|l| LoraTarget::ALL.iter().any(|&t| l.get(t).is_some()))
-    })
+    num_adapter_params(unet) > 0
 }
 
 /// Number of adapter parameters the U-Net carries (from the shapes: nothing is read back).
@@ -416,6 +412,12 @@ pub fn save_adapters<B: Backend>(
     Ok(write_safetensors(path, &tensors, Some(meta))?)
 }
 
+/// `W ← W + s·AᵀBᵀ`: `l` folded into the projection it adapts.
+fn fold<B: Backend>(base: &mut Linear<B>, l: &LoraLinear<B>) {
+    let delta = l.delta();
+    base.weight = base.weight.clone().map(|w| w + delta);
+}
+
 /// Folds every adapter into its base weight (`W ← W + s·AᵀBᵀ`) and removes the adapters.
 pub fn merge<B: Backend>(mut unet: UNet2DConditionModel<B>) -> UNet2DConditionModel<B> {
     for (_, attn) in attentions_mut(&mut unet) {
@@ -424,9 +426,7 @@ pub fn merge<B: Backend>(mut unet: UNet2DConditionModel<B>) -> UNet2DConditionMo
         };
         for t in LoraTarget::ALL {
             if let Some(l) = lora.get(t) {
-                let delta = l.delta();
-                let lin = base_mut(attn, t);
-                lin.weight = lin.weight.clone().map(|w| w + delta);
+                fold(base_mut(attn, t), l);
             }
         }
     }
@@ -686,11 +686,7 @@ pub fn apply<B: Backend>(
             let b = Tensor::<B, 2>::from_data(w.b.clone(), device);
             let adapter = LoraLinear::from_weights(a, b, w.scale * weight);
             match mode {
-                ApplyMode::Fuse => {
-                    let delta = adapter.delta();
-                    let lin = base_mut(attn, t);
-                    lin.weight = lin.weight.clone().map(|w| w + delta);
-                }
+                ApplyMode::Fuse => fold(base_mut(attn, t), &adapter),
                 ApplyMode::Adapters => {
                     let mut l = attn.lora.take().unwrap_or_else(AttentionLora::empty);
                     *l.slot(t) = Some(adapter);
