@@ -491,6 +491,18 @@ impl<B: Backend> BlipDiffusionPipeline<B> {
         )
     }
 
+    /// The subject embeddings `[1, Q, D]` of one reference image and its category, preprocessed and
+    /// its subject text normalised as `opts` says (diffusers' or LAVIS's).
+    pub fn reference_embedding(
+        &self,
+        reference: &RgbImage,
+        subject: &str,
+        opts: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>, AppError> {
+        let pixels = self.preprocess(reference, opts.reference_resize)?;
+        self.subject_embeddings(pixels, &[subject], opts.normalization)
+    }
+
     /// Subject embeddings `[B, Q, D]` from reference pixels `[B or 1, 3, S, S]` (a single image is
     /// shared by all B subjects) and the source subject categories.
     pub fn subject_embeddings(

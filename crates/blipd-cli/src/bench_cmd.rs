@@ -385,8 +385,7 @@ fn infer<B: Backend>(a: InferArgs, device: &B::Device) -> Result<()> {
     blipd_models::cpu::profile::take();
     let total = Instant::now();
     let ctx = ph.time("subject embedding", || {
-        let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
-        Ok(pipe.subject_embeddings(pixels, &[&a.subject], opts.normalization)?)
+        Ok(pipe.reference_embedding(&reference, &a.subject, &opts)?)
     })?;
     let text = ph.time("text encoder (cond + uncond)", || {
         Ok(pipe.text_embeddings(ctx, &[&a.prompt], &[&a.subject], &opts)?)

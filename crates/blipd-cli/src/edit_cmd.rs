@@ -131,10 +131,7 @@ pub fn run(a: EditArgs) -> Result<ExitCode> {
         BlipDiffusionPipeline::<super::Inner>::load(&a.model, a.bert_vocab.as_deref(), &device)
             .with_context(|| format!("loading {}", a.model.display()))?;
     let ctx = match (&reference, &pipe.ctx_cache) {
-        (Some(r), _) => {
-            let pixels = pipe.preprocess(r, opts.reference_resize)?;
-            pipe.subject_embeddings(pixels, &[a.cond_subject.as_str()], opts.normalization)?
-        }
+        (Some(r), _) => pipe.reference_embedding(r, &a.cond_subject, &opts)?,
         (None, Some(cache)) => cache.clone(),
         (None, None) => bail!(
             "--image is needed: {} is not a fine-tuned folder with a cached subject embedding",

@@ -234,8 +234,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             let mut ctxs = Vec::with_capacity(image.len());
             for (path, subj) in image.iter().zip(&subject) {
                 let reference = blipd_apps::RgbImage::open(path)?;
-                let pixels = pipe.preprocess(&reference, opts.reference_resize)?;
-                ctxs.push(pipe.subject_embeddings(pixels, &[subj], opts.normalization)?);
+                ctxs.push(pipe.reference_embedding(&reference, subj, &opts)?);
             }
             blipd_apps::BlipDiffusionPipeline::<Inner>::mix_subject_embeddings(ctxs, &ratio)?
         }

@@ -95,8 +95,7 @@ pub fn run(a: InterpolateArgs) -> Result<ExitCode> {
             .with_context(|| format!("loading {}", a.model.display()))?;
     let mut ctxs = Vec::with_capacity(references.len());
     for (reference, subject) in references.iter().zip(&a.subject) {
-        let pixels = pipe.preprocess(reference, opts.reference_resize)?;
-        ctxs.push(pipe.subject_embeddings(pixels, &[subject.as_str()], opts.normalization)?);
+        ctxs.push(pipe.reference_embedding(reference, subject, &opts)?);
     }
     let tgt = a
         .target_subject

@@ -479,8 +479,7 @@ fn embed_subject(
         .collect::<Result<Vec<_>>>()?;
     let mut sum: Option<burn::tensor::Tensor<Inner, 3>> = None;
     for reference in &references {
-        let pixels = pipe.preprocess(reference, opts.reference_resize)?;
-        let e = pipe.subject_embeddings(pixels, &[subject], opts.normalization)?;
+        let e = pipe.reference_embedding(reference, subject, &opts)?;
         sum = Some(match sum {
             None => e,
             Some(s) => s + e,
