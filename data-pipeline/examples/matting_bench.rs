@@ -80,7 +80,7 @@ fn main() {
                 let t0 = cpu_time();
                 let (alpha, stats) = estimate_alpha_cf(img, tri, &opts).expect("matting");
                 let t1 = cpu_time();
-                let (fg, _bg) = estimate_foreground_ml(img, &alpha, &fg_opts).expect("foreground");
+                let fg = estimate_foreground_ml(img, &alpha, &fg_opts).expect("foreground");
                 best_cf = best_cf.min(t1 - t0);
                 best_fg = best_fg.min(cpu_time() - t1);
                 out = Some((alpha, fg, stats));

@@ -6,6 +6,7 @@
 
 use crate::buffer::{Gray, Rgb};
 use crate::error::Result;
+use crate::matting::pool::{Buf, Pooled};
 
 /// Options of [`estimate_foreground_ml`] (pymatting defaults).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -30,133 +31,558 @@ impl Default for FgOptions {
     }
 }
 
-fn resize_nearest(
-    dst: &mut [f32],
-    dw: usize,
-    dh: usize,
-    src: &[f32],
-    sw: usize,
-    sh: usize,
-    depth: usize,
-) {
-    for y in 0..dh {
-        let ys = (y * sh / dh).min(sh - 1);
-        for x in 0..dw {
-            let xs = (x * sw / dw).min(sw - 1);
-            let (d, s) = ((y * dw + x) * depth, (ys * sw + xs) * depth);
-            dst[d..d + depth].copy_from_slice(&src[s..s + depth]);
+/// Estimates the foreground colours F (interleaved RGB, f64 from the f32 computation), as pymatting's
+/// `estimate_foreground_ml(image, alpha)` does by default (`return_background=False`).
+pub fn estimate_foreground_ml(image: &Rgb, alpha: &Gray, opts: &FgOptions) -> Result<Rgb> {
+    Ok(estimate(image, alpha, opts, false)?.0)
+}
+
+/// Estimates the foreground and background colours (F, B), pymatting's `return_background=True`.
+pub fn estimate_foreground_background_ml(
+    image: &Rgb,
+    alpha: &Gray,
+    opts: &FgOptions,
+) -> Result<(Rgb, Rgb)> {
+    let (f, b) = estimate(image, alpha, opts, true)?;
+    Ok((f, b.expect("asked for the background")))
+}
+
+/// F, and B if `background`, dispatched to the AVX2/FMA build where the CPU has it (the same code
+/// otherwise).
+fn estimate(
+    image: &Rgb,
+    alpha: &Gray,
+    opts: &FgOptions,
+    background: bool,
+) -> Result<(Rgb, Option<Rgb>)> {
+    alpha.check_size("alpha", image.width, image.height)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features `estimate_avx2` is compiled for (checked above).
+            return Ok(unsafe { estimate_avx2(image, alpha, opts, background) });
         }
+    }
+    Ok(estimate_generic(image, alpha, opts, background))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn estimate_avx2(
+    image: &Rgb,
+    alpha: &Gray,
+    opts: &FgOptions,
+    background: bool,
+) -> (Rgb, Option<Rgb>) {
+    estimate_generic(image, alpha, opts, background)
+}
+
+#[inline(always)]
+fn estimate_generic(
+    image: &Rgb,
+    alpha: &Gray,
+    opts: &FgOptions,
+    background: bool,
+) -> (Rgb, Option<Rgb>) {
+    let fb = estimate_fb(image, alpha, opts);
+    let f = plane(&fb, image, 0);
+    (f, background.then(|| plane(&fb, image, 1)))
+}
+
+/// F (`off` 0) or B (`off` 1) of every pixel as an f64 RGB image of `like`'s size.
+#[inline(always)]
+fn plane(fb: &[Fb], like: &Rgb, off: usize) -> Rgb {
+    let mut data = vec![0.0; fb.len() * 3];
+    for (o, v) in data.chunks_exact_mut(3).zip(fb) {
+        o.copy_from_slice(&[
+            f64::from(v[off]),
+            f64::from(v[off + 2]),
+            f64::from(v[off + 4]),
+        ]);
+    }
+    Rgb {
+        width: like.width,
+        height: like.height,
+        data,
     }
 }
 
-/// Estimates foreground F and background B colours (interleaved RGB, f64 from the f32 computation).
-pub fn estimate_foreground_ml(image: &Rgb, alpha: &Gray, opts: &FgOptions) -> Result<(Rgb, Rgb)> {
-    alpha.check_size("alpha", image.width, image.height)?;
+/// The multi-level estimate, one [`Fb`] per pixel of the full-size level, on checked inputs. The level
+/// buffers come from the thread's pool: a worker that estimates many foregrounds touches the same pages again
+/// (fresh 512² buffers cost more in page faults than the sweeps themselves). Everything it calls is
+/// `#[inline(always)]`, so the AVX2 build covers it all (a function compiled on its own would lose the target
+/// features and turn `mul_add` into a libm call).
+#[inline(always)]
+fn estimate_fb(image: &Rgb, alpha: &Gray, opts: &FgOptions) -> Buf<Fb> {
     let (w0, h0) = (image.width, image.height);
-    let img0: Vec<f32> = image.data.iter().map(|&v| v as f32).collect();
-    let a0: Vec<f32> = alpha.data.iter().map(|&v| v as f32).collect();
+    let img0 = Buf::collect(
+        w0 * h0,
+        image
+            .data
+            .chunks_exact(3)
+            .map(|c| [c[0] as f32, c[1] as f32, c[2] as f32, 0.0]),
+    );
+    let a0 = Buf::collect(w0 * h0, alpha.data.iter().map(|&v| v as f32));
     let (mut fm, mut bm) = ([0.0f32; 3], [0.0f32; 3]);
     let (mut fc, mut bc) = (0usize, 0usize);
-    for (q, &a) in a0.iter().enumerate() {
+    for (px, &a) in img0.iter().zip(a0.iter()) {
         if a > 0.9 {
             for c in 0..3 {
-                fm[c] += img0[q * 3 + c];
+                fm[c] += px[c];
             }
             fc += 1;
         }
         if a < 0.1 {
             for c in 0..3 {
-                bm[c] += img0[q * 3 + c];
+                bm[c] += px[c];
             }
             bc += 1;
         }
     }
+    let mut fb_prev = Buf::collect(w0 * h0, [[0.0f32; 8]]);
     for c in 0..3 {
-        fm[c] /= fc as f32 + 1e-5;
-        bm[c] /= bc as f32 + 1e-5;
+        fb_prev[0][2 * c] = fm[c] / (fc as f32 + 1e-5);
+        fb_prev[0][2 * c + 1] = bm[c] / (bc as f32 + 1e-5);
     }
-    let (mut f_prev, mut b_prev) = (fm.to_vec(), bm.to_vec());
     let (mut wp, mut hp) = (1usize, 1usize);
     let n_levels = (w0.max(h0) as f64).log2().ceil().max(0.0) as i32;
-    let mut img = Vec::new();
-    let mut al = Vec::new();
-    let mut f = Vec::new();
-    let mut b = Vec::new();
-    let (mut w, mut h) = (1, 1);
+    // Every level buffer is taken at full size, so that none grows (a grown vector is a fresh allocation).
+    let n = w0 * h0;
+    let (mut img, mut al) = (Buf::collect(n, []), Buf::collect(n, []));
+    let mut fb = Buf::collect(n, []);
+    let mut co = Coefs::default();
     for level in 0..=n_levels {
         let e = if n_levels == 0 {
             1.0
         } else {
             f64::from(level) / f64::from(n_levels)
         };
-        w = ((w0 as f64).powf(e).round() as usize).max(1);
-        h = ((h0 as f64).powf(e).round() as usize).max(1);
-        img.resize(w * h * 3, 0.0);
-        al.resize(w * h, 0.0);
-        f.resize(w * h * 3, 0.0);
-        b.resize(w * h * 3, 0.0);
-        resize_nearest(&mut img, w, h, &img0, w0, h0, 3);
-        resize_nearest(&mut al, w, h, &a0, w0, h0, 1);
-        resize_nearest(&mut f, w, h, &f_prev, wp, hp, 3);
-        resize_nearest(&mut b, w, h, &b_prev, wp, hp, 3);
+        let w = ((w0 as f64).powf(e).round() as usize).max(1);
+        let h = ((h0 as f64).powf(e).round() as usize).max(1);
+        resize_nearest(&mut fb, w, h, &fb_prev, wp, hp);
+        // The full-size level reads the inputs themselves.
+        let (img_l, al_l) = if (w, h) == (w0, h0) {
+            (&img0[..], &a0[..])
+        } else {
+            resize_nearest(&mut img, w, h, &img0, w0, h0);
+            resize_nearest(&mut al, w, h, &a0, w0, h0);
+            (&img[..], &al[..])
+        };
         let n_iter = if w <= opts.small_size && h <= opts.small_size {
             opts.n_small_iterations
         } else {
             opts.n_big_iterations
         };
-        for _ in 0..n_iter {
-            sweep(&img, &al, &mut f, &mut b, w, h, opts);
-        }
-        f_prev.clone_from(&f);
-        b_prev.clone_from(&b);
+        sweeps(img_l, al_l, &mut fb, &mut co, w, h, n_iter, opts);
+        std::mem::swap(&mut fb, &mut fb_prev);
         wp = w;
         hp = h;
     }
-    let to_rgb = |v: &[f32]| Rgb {
-        width: w,
-        height: h,
-        data: v.iter().map(|&x| f64::from(x)).collect(),
-    };
-    Ok((to_rgb(&f), to_rgb(&b)))
+    fb_prev
 }
 
-/// One in-place raster-order Gauss–Seidel sweep.
-fn sweep(img: &[f32], al: &[f32], f: &mut [f32], b: &mut [f32], w: usize, h: usize, o: &FgOptions) {
-    for y in 0..h {
-        let ys = [y, y, y.saturating_sub(1), (y + 1).min(h - 1)];
+/// One pixel's colour, padded to four lanes.
+type Px = [f32; 4];
+/// One pixel's F and B, `[F_r, B_r, F_g, B_g, F_b, B_b, 0, 0]`: the per-pixel 2×2 solve is one 8-lane
+/// multiply-add with neighbouring lanes swapped (an in-lane shuffle), so a pixel's update is a handful of
+/// 256-bit operations.
+type Fb = [f32; 8];
+
+/// Nearest resampling, `src = ⌊dst·src_size/dst_size⌋` (the column map computed once per call).
+#[inline(always)]
+fn resize_nearest<T: Pooled>(
+    dst: &mut Buf<T>,
+    dw: usize,
+    dh: usize,
+    src: &[T],
+    sw: usize,
+    sh: usize,
+) {
+    let cols: Vec<usize> = (0..dw).map(|x| (x * sw / dw).min(sw - 1)).collect();
+    dst.clear();
+    for y in 0..dh {
+        let row = &src[(y * sh / dh).min(sh - 1) * sw..][..sw];
+        dst.extend(cols.iter().map(|&x| row[x]));
+    }
+}
+
+/// Rows updated together, each one pixel behind the row above it.
+const ROWS: usize = 4;
+
+/// What the updates of a block of [`ROWS`] rows need besides the neighbours' F and B, one entry per pixel
+/// (row-major within the block). It depends on α alone, so it is computed once per block and level, in
+/// vectorisable passes over contiguous rows, and the update loop only multiplies and adds.
+#[derive(Default)]
+struct Coefs {
+    /// `[α, 1 − α]`.
+    ab: Vec<[f32; 2]>,
+    /// The inverse's diagonal `[m00, m11]`.
+    mm: Vec<[f32; 2]>,
+    /// The inverse's off-diagonal entry `m01`.
+    m01: Vec<f32>,
+    /// The neighbour weights `reg + gw·|α − α_n|`: right, up, down, left.
+    w: Vec<[f32; 4]>,
+    /// One row's weights, by direction (left, right, up, down), before they are interleaved into `w`.
+    row: [Vec<f32>; 4],
+}
+
+impl Coefs {
+    fn len(&self) -> usize {
+        self.m01.len()
+    }
+
+    fn at(&self, i: usize) -> Coef {
+        Coef {
+            ab: self.ab[i],
+            mm: self.mm[i],
+            m01: self.m01[i],
+            w: self.w[i],
+        }
+    }
+
+    fn resize(&mut self, len: usize, w: usize) {
+        self.ab.resize(len, [0.0; 2]);
+        self.mm.resize(len, [0.0; 2]);
+        self.m01.resize(len, 0.0);
+        self.w.resize(len, [0.0; 4]);
+        for v in &mut self.row {
+            v.resize(w, 0.0);
+        }
+    }
+
+    /// Row `y` of the level into entries `at..at + w`, with pymatting's arithmetic: the weights and `a00` in
+    /// f32, `a11`, `a01` and the inverse in f64 (numba promotes `1.0 − a0` to a double). Its order of the
+    /// weights in `a00` and `a11`: left, right, up, down.
+    #[inline(always)]
+    fn fill(&mut self, al: &[f32], w: usize, h: usize, y: usize, at: usize, o: &FgOptions) {
+        let (reg, gw) = (o.regularization, o.gradient_weight);
+        let row = |r: usize| &al[r * w..(r + 1) * w];
+        let (a, up, down) = (row(y), row(y.saturating_sub(1)), row((y + 1).min(h - 1)));
+        let [wl, wr, wu, wd] = &mut self.row;
+        // A border pixel is its own neighbour there: weight `reg`.
+        wl[0] = reg;
+        for ((o, &x), &l) in wl[1..].iter_mut().zip(&a[1..]).zip(a) {
+            *o = reg + gw * (x - l).abs();
+        }
+        wr[..w - 1].copy_from_slice(&wl[1..]);
+        wr[w - 1] = reg;
+        for ((o, &x), &n) in wu.iter_mut().zip(a).zip(up) {
+            *o = reg + gw * (x - n).abs();
+        }
+        for ((o, &x), &n) in wd.iter_mut().zip(a).zip(down) {
+            *o = reg + gw * (x - n).abs();
+        }
+        let s = at..at + w;
+        let (ab, mm, m01, ws) = (
+            &mut self.ab[s.clone()],
+            &mut self.mm[s.clone()],
+            &mut self.m01[s.clone()],
+            &mut self.w[s],
+        );
         for x in 0..w {
-            let xs = [x.saturating_sub(1), (x + 1).min(w - 1), x, x];
-            let q = y * w + x;
-            let a0 = al[q];
+            let a0 = a[x];
+            let (l, r, u, d) = (wl[x], wr[x], wu[x], wd[x]);
             let a1 = 1.0 - f64::from(a0);
-            let mut a00 = a0 * a0;
+            let a00 = a0 * a0 + l + r + u + d;
+            let a11 = a1 * a1 + f64::from(l) + f64::from(r) + f64::from(u) + f64::from(d);
             let a01 = f64::from(a0) * a1;
-            let mut a11 = a1 * a1;
-            let mut b0 = [0.0f32; 3];
-            let mut b1 = [0.0f32; 3];
-            for c in 0..3 {
-                b0[c] = (f64::from(a0) * f64::from(img[q * 3 + c])) as f32;
-                b1[c] = (a1 * f64::from(img[q * 3 + c])) as f32;
-            }
-            for d in 0..4 {
-                let q2 = ys[d] * w + xs[d];
-                let da = o.regularization + o.gradient_weight * (a0 - al[q2]).abs();
-                a00 += da;
-                a11 += f64::from(da);
-                for c in 0..3 {
-                    b0[c] += da * f[q2 * 3 + c];
-                    b1[c] += da * b[q2 * 3 + c];
+            let inv = 1.0 / (f64::from(a00) * a11 - a01 * a01);
+            ab[x] = [a0, a1 as f32];
+            mm[x] = [(inv * a11) as f32, (inv * f64::from(a00)) as f32];
+            m01[x] = (inv * -a01) as f32;
+            ws[x] = [r, u, d, l];
+        }
+    }
+}
+
+/// `n` raster-order Gauss–Seidel sweeps, [`ROWS`] rows at a time as a wavefront, the sweeps one block
+/// behind each other. Within a block, at step `t` row `y0 + k` updates pixel `t − k`: pixel `(y, x)` then
+/// still sees its left and upper neighbours updated and its right and lower ones not (row `y + 1` reaches `x`
+/// one step later), so every value is the raster order's, while the rows' dependency chains (each pixel waits
+/// for its left neighbour) run side by side. Sweep `j` updates block `b` right after sweep `j − 1` updated
+/// block `b + 1`: its lower neighbours then hold sweep `j − 1`'s values and its upper ones its own, exactly as
+/// in `n` separate sweeps, but the level streams through memory once instead of `n` times.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn sweeps(
+    img: &[Px],
+    al: &[f32],
+    fb: &mut [Fb],
+    co: &mut Coefs,
+    w: usize,
+    h: usize,
+    n: usize,
+    o: &FgOptions,
+) {
+    assert!(img.len() == w * h && al.len() == w * h && fb.len() == w * h);
+    let blocks = h.div_ceil(ROWS);
+    // Block `b`'s coefficients live in slot `b % n` from sweep 0's visit to sweep n − 1's.
+    co.resize(n * ROWS * w, w);
+    for step in 0..(blocks + n).saturating_sub(1) {
+        for j in 0..n {
+            let Some(b) = step.checked_sub(j).filter(|&b| b < blocks) else {
+                continue;
+            };
+            let (y0, base) = (b * ROWS, (b % n) * ROWS * w);
+            let rows = ROWS.min(h - y0);
+            if j == 0 {
+                for k in 0..rows {
+                    co.fill(al, w, h, y0 + k, base + k * w, o);
                 }
             }
-            let det = f64::from(a00) * a11 - a01 * a01;
-            let inv = 1.0 / det;
-            let (m00, m01, m11) = (inv * a11, -inv * a01, inv * f64::from(a00));
-            for c in 0..3 {
-                let fc = m00 * f64::from(b0[c]) + m01 * f64::from(b1[c]);
-                let bc = m01 * f64::from(b0[c]) + m11 * f64::from(b1[c]);
-                f[q * 3 + c] = fc.clamp(0.0, 1.0) as f32;
-                b[q * 3 + c] = bc.clamp(0.0, 1.0) as f32;
+            // Each row's last result, its next pixel's left neighbour, stays in a register.
+            let mut left = [[0.0f32; 8]; ROWS];
+            // Steps at which every row of a full block away from the image's top and bottom rows is at an
+            // interior pixel take the unchecked kernel; the others (and small levels) this loop.
+            let inner = if rows == ROWS && y0 >= 1 && y0 + ROWS < h && w > ROWS + 1 {
+                ROWS..w - 1
+            } else {
+                0..0
+            };
+            for t in 0..w + rows - 1 {
+                if t == inner.start && !inner.is_empty() {
+                    steady(fb, img, co, w, h, y0, base, inner.clone(), &mut left);
+                }
+                if !inner.contains(&t) {
+                    edge(fb, img, co, w, h, y0, rows, base, t, &mut left);
+                }
             }
         }
+    }
+}
+
+/// Step `t` of the wavefront over the `rows` rows from `y0` (row `k` at pixel `t − k`, if that is a pixel),
+/// with clamped, checked neighbour indices: the block's first and last steps and the image's top and bottom
+/// blocks. (A function, not a closure, so that it is compiled with the caller's target features.)
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn edge(
+    fb: &mut [Fb],
+    img: &[Px],
+    co: &Coefs,
+    w: usize,
+    h: usize,
+    y0: usize,
+    rows: usize,
+    base: usize,
+    t: usize,
+    left: &mut [Fb; ROWS],
+) {
+    for (k, left) in left[..rows].iter_mut().enumerate() {
+        let Some(x) = t.checked_sub(k).filter(|&x| x < w) else {
+            continue;
+        };
+        let y = y0 + k;
+        let q = y * w + x;
+        let (up, down) = (y.saturating_sub(1) * w + x, (y + 1).min(h - 1) * w + x);
+        let (l, r) = (q - usize::from(x > 0), q + usize::from(x + 1 < w));
+        if x == 0 {
+            *left = fb[l];
+        }
+        let out = solve(
+            [fb[r], fb[up], fb[down], *left],
+            img[q],
+            co.at(base + k * w + x),
+        );
+        fb[q] = out;
+        *left = out;
+    }
+}
+
+/// The wavefront's steady state: steps `steps` of the full block at rows `y0..y0 + ROWS`, where row `k`'s
+/// pixel `x = t − k` is interior (`1 ≤ x ≤ w − 2`) and so are its rows above and below, with the rows
+/// unrolled and unchecked indexing (the asserts bound every index).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn steady(
+    fb: &mut [Fb],
+    img: &[Px],
+    co: &Coefs,
+    w: usize,
+    h: usize,
+    y0: usize,
+    base: usize,
+    steps: std::ops::Range<usize>,
+    left: &mut [Fb; ROWS],
+) {
+    assert!(y0 >= 1 && y0 + ROWS < h && steps.start >= ROWS && steps.end < w);
+    assert!(fb.len() == w * h && img.len() == w * h && co.len() >= base + ROWS * w);
+    let (f, im) = (fb.as_mut_ptr(), img.as_ptr());
+    let (ab, mm, m01, wt) = (
+        co.ab.as_ptr(),
+        co.mm.as_ptr(),
+        co.m01.as_ptr(),
+        co.w.as_ptr(),
+    );
+    // A local copy, so that the unrolled rows keep their last results in registers (the caller's array is
+    // also indexed dynamically, which would leave it in memory and put a store-to-load forward on the chain).
+    let mut last = *left;
+    for t in steps {
+        for (k, left) in last.iter_mut().enumerate() {
+            let x = t - k;
+            let (q, i) = ((y0 + k) * w + x, base + k * w + x);
+            // SAFETY: 1 ≤ x ≤ w − 2 (steps ⊂ ROWS..w − 1, k < ROWS) and 1 ≤ y0 + k < h − 1 (asserted), so
+            // q ± 1 and q ± w index pixels of the level (`fb`, `img` have w·h entries); i < base + ROWS·w ≤
+            // co.len(). `fb` is only accessed through `f` here; q is written after its neighbours are read.
+            unsafe {
+                let nb = [*f.add(q + 1), *f.add(q - w), *f.add(q + w), *left];
+                let c = Coef {
+                    ab: *ab.add(i),
+                    mm: *mm.add(i),
+                    m01: *m01.add(i),
+                    w: *wt.add(i),
+                };
+                let out = solve(nb, *im.add(q), c);
+                *f.add(q) = out;
+                *left = out;
+            }
+        }
+    }
+    *left = last;
+}
+
+/// One pixel's entry of [`Coefs`].
+struct Coef {
+    ab: [f32; 2],
+    mm: [f32; 2],
+    m01: f32,
+    w: [f32; 4],
+}
+
+/// Gauss–Seidel update of one pixel (colour `px`, coefficients `c`) from its neighbours' values `[right, up,
+/// down, left]` (clamped at the border, so a border pixel is its own neighbour): the 2×2 system
+/// `[[α² + Σw, α(1−α)], [α(1−α), (1−α)² + Σw]] (F, B) = (α I + Σ w F_n, (1−α) I + Σ w B_n)` with
+/// `w = reg + gw·|α − α_n|`, solved with the precomputed inverse `M` (`out = M_diag ⊙ p + m01 · swap(p)`,
+/// `swap` exchanging each F lane with its B lane) and clamped.
+#[inline(always)]
+fn solve(nb: [Fb; 4], px: Px, c: Coef) -> Fb {
+    let mut p: Fb = [0.0; 8];
+    for l in 0..8 {
+        p[l] = c.ab[l & 1] * px[l >> 1];
+    }
+    for (v, &wj) in nb.iter().zip(&c.w) {
+        for l in 0..8 {
+            p[l] = wj.mul_add(v[l], p[l]);
+        }
+    }
+    let mut out: Fb = [0.0; 8];
+    for l in 0..8 {
+        out[l] = c.mm[l & 1].mul_add(p[l], c.m01 * p[l ^ 1]).clamp(0.0, 1.0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random value in [0, 1) (xorshift), enough for test inputs.
+    fn noise(state: &mut u64) -> f32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Plain raster-order sweeps with the same per-pixel arithmetic: what the wavefront, the unchecked
+    /// steady state and the interleaved sweeps must reproduce bit for bit.
+    fn raster(img: &[Px], al: &[f32], fb: &mut [Fb], w: usize, h: usize, n: usize, o: &FgOptions) {
+        let mut co = Coefs::default();
+        co.resize(w * h, w);
+        for y in 0..h {
+            co.fill(al, w, h, y, y * w, o);
+        }
+        for _ in 0..n {
+            for y in 0..h {
+                for x in 0..w {
+                    let q = y * w + x;
+                    let (up, down) = (y.saturating_sub(1) * w + x, (y + 1).min(h - 1) * w + x);
+                    let (l, r) = (q - usize::from(x > 0), q + usize::from(x + 1 < w));
+                    fb[q] = solve([fb[r], fb[up], fb[down], fb[l]], img[q], co.at(q));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_wavefront_sweeps_equal_raster_order() {
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        let o = FgOptions::default();
+        for (w, h) in [
+            (1, 1),
+            (1, 7),
+            (6, 1),
+            (5, 3),
+            (7, 9),
+            (40, 13),
+            (64, 33),
+            (9, 64),
+        ] {
+            let img: Vec<Px> = (0..w * h)
+                .map(|_| [noise(&mut state), noise(&mut state), noise(&mut state), 0.0])
+                .collect();
+            // Flat 0/1 regions and fractional edges, as real mattes have.
+            let al: Vec<f32> = (0..w * h)
+                .map(|_| match noise(&mut state) {
+                    v if v < 0.3 => 0.0,
+                    v if v < 0.6 => 1.0,
+                    v => (v - 0.6) / 0.4,
+                })
+                .collect();
+            let start: Vec<Fb> = (0..w * h)
+                .map(|_| {
+                    let mut v = [0.0; 8];
+                    v[..6].iter_mut().for_each(|x| *x = noise(&mut state));
+                    v
+                })
+                .collect();
+            for n in [1, 2, 3, 10] {
+                let mut want = start.clone();
+                raster(&img, &al, &mut want, w, h, n, &o);
+                let mut got = start.clone();
+                let mut co = Coefs::default();
+                sweeps(&img, &al, &mut got, &mut co, w, h, n, &o);
+                assert!(
+                    got == want,
+                    "{w}×{h}, {n} sweeps: the blocked wavefront differs from raster order"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dispatched_build_equals_generic_build() {
+        let (w, h) = (53, 41);
+        let mut state = 7;
+        let image = Rgb {
+            width: w,
+            height: h,
+            data: (0..w * h * 3)
+                .map(|_| f64::from(noise(&mut state)))
+                .collect(),
+        };
+        let alpha = Gray {
+            width: w,
+            height: h,
+            data: (0..w * h)
+                .map(|q| ((q % w) as f64 / w as f64 * 3.0 - 1.0).clamp(0.0, 1.0))
+                .collect(),
+        };
+        let o = FgOptions::default();
+        let (f, b) = estimate(&image, &alpha, &o, true).unwrap();
+        let (f_generic, b_generic) = estimate_generic(&image, &alpha, &o, false);
+        assert!(f == f_generic && b_generic.is_none());
+        let fb = estimate_fb(&image, &alpha, &o);
+        assert!(b
+            .unwrap()
+            .data
+            .iter()
+            .zip(fb.iter().flat_map(|v| [v[1], v[3], v[5]]))
+            .all(|(&x, y)| x == f64::from(y)));
+        // F and B stay in [0, 1] and the padding lanes at 0.
+        assert!(fb
+            .iter()
+            .all(|v| v[..6].iter().all(|x| (0.0..=1.0).contains(x)) && v[6] == 0.0 && v[7] == 0.0));
     }
 }

@@ -27,7 +27,7 @@ pub mod trimap;
 
 pub use buffer::{Gray, Rgb};
 pub use error::{DataError, Result};
-pub use foreground::{estimate_foreground_ml, FgOptions};
+pub use foreground::{estimate_foreground_background_ml, estimate_foreground_ml, FgOptions};
 pub use imageio::{read_gray, read_rgb, ReadLimits};
 pub use matte::matte_file;
 pub use matting::{estimate_alpha_cf, CfOptions, CfStats};

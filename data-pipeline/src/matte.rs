@@ -31,7 +31,7 @@ pub fn matte_file(
         })?;
     save(out_alpha_png16, alpha.to_luma16().save(out_alpha_png16))?;
     if let Some(fg_path) = fg_png {
-        let (fg, _) = estimate_foreground_ml(&img, &alpha, &FgOptions::default())?;
+        let fg = estimate_foreground_ml(&img, &alpha, &FgOptions::default())?;
         save(fg_path, fg.to_rgb8().save(fg_path))?;
     }
     Ok(stats)

@@ -23,7 +23,7 @@ use crate::buffer::{Gray, Rgb};
 use crate::error::{DataError, Result};
 
 #[path = "matting_pool.rs"]
-mod pool;
+pub(crate) mod pool;
 #[path = "matting_simd.rs"]
 mod simd;
 #[path = "matting_solver.rs"]

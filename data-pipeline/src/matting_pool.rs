@@ -41,6 +41,8 @@ pooled!(f32, POOL_F32);
 pooled!(u32, POOL_U32);
 pooled!(u16, POOL_U16);
 pooled!(bool, POOL_BOOL);
+pooled!([f32; 4], POOL_F32X4);
+pooled!([f32; 8], POOL_F32X8);
 
 /// A `Vec<T>` whose storage comes from, and returns to, the calling thread's pool.
 pub(crate) struct Buf<T: Pooled>(Vec<T>);

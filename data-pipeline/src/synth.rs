@@ -520,7 +520,7 @@ fn make_pair(ctx: &Ctx, row: u64, subject: &Subject) -> std::result::Result<Pair
     // α and F.
     let (alpha, stats) =
         estimate_alpha_cf(&img, &tri, &cfg.matting).map_err(|e| ("matting", e.to_string()))?;
-    let (fg, _) = estimate_foreground_ml(&img, &alpha, &cfg.foreground)
+    let fg = estimate_foreground_ml(&img, &alpha, &cfg.foreground)
         .map_err(|e| ("foreground", e.to_string()))?;
     // Background.
     let k = background_index(id, s.seed, ctx.backgrounds.len()).expect("backgrounds non-empty");

@@ -7,7 +7,10 @@
 //! → pymatting α → α>0.5 → erode/dilate by a disk of radius 160/32; unknown stored as 128), pymatting's α
 //! (16-bit) and pymatting's F computed from that quantised α.
 
-use blipd_data::{estimate_alpha_cf, estimate_foreground_ml, CfOptions, FgOptions, Gray, Rgb};
+use blipd_data::{
+    estimate_alpha_cf, estimate_foreground_background_ml, estimate_foreground_ml, CfOptions,
+    FgOptions, Gray, Rgb,
+};
 use std::path::PathBuf;
 
 const NAMES: [&str; 3] = ["dog_00", "teapot_00", "cat_00"];
@@ -131,10 +134,29 @@ fn coarse_to_fine_and_single_level_agree() {
 fn foreground_matches_pymatting() {
     for name in NAMES {
         let (img, _, alpha, fg_ref) = load(name);
-        let (fg, bg) = estimate_foreground_ml(&img, &alpha, &FgOptions::default()).unwrap();
+        let (fg, bg) =
+            estimate_foreground_background_ml(&img, &alpha, &FgOptions::default()).unwrap();
         assert_eq!(
-            (fg.width, fg.height, bg.width),
-            (img.width, img.height, img.width)
+            (fg.width, fg.height, bg.width, bg.height),
+            (img.width, img.height, img.width, img.height)
+        );
+        // pymatting's default call returns F alone: the same F.
+        let fg_only = estimate_foreground_ml(&img, &alpha, &FgOptions::default()).unwrap();
+        assert_eq!(fg_only.data, fg.data);
+        // Where α = 0 the background is the image (the data term pins it), up to the smoothness prior.
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (q, &a) in alpha.data.iter().enumerate() {
+            if a == 0.0 {
+                for c in 0..3 {
+                    sum += (bg.data[q * 3 + c] - img.data[q * 3 + c]).abs();
+                    n += 1;
+                }
+            }
+        }
+        assert!(
+            n > 0 && sum / (n as f64) < 1e-2,
+            "{name}: mean |B − I| where α = 0: {}",
+            sum / n as f64
         );
         let (mut sum, mut n, mut max) = (0.0, 0usize, 0.0f64);
         for (q, &a) in alpha.data.iter().enumerate() {

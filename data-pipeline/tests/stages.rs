@@ -335,7 +335,7 @@ fn dreambench_end_to_end() {
     let (alpha, stats) = estimate_alpha_cf(&img, &tri, &CfOptions::default()).unwrap();
     println!("dog/00 {w}x{h}: {stats:?}");
     assert!(stats.unknown > 10_000);
-    let (fg, _) = estimate_foreground_ml(&img, &alpha, &FgOptions::default()).unwrap();
+    let fg = estimate_foreground_ml(&img, &alpha, &FgOptions::default()).unwrap();
     let backgrounds = vec![gradient(300, 200), gradient(100, 400)];
     let sample = make_sample(
         "dog_00",
