@@ -78,6 +78,12 @@ pub struct Stage2Config {
     /// Per-channel offset added to the diffusion noise (off by default; 0.05–0.1 usual).
     #[serde(default)]
     pub noise_offset: f64,
+    /// Gradient checkpointing of the U-Net blocks (diffusers' `enable_gradient_checkpointing`; off by
+    /// default): the U-Net's forward keeps only each block's input and the backward recomputes one block at
+    /// a time ([`crate::checkpoint`]) — activation memory of one block instead of all of them, for about
+    /// one more U-Net forward per step. Same gradients.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_preset() -> String {
@@ -121,6 +127,7 @@ impl Default for Stage2Config {
             export: true,
             min_snr_gamma: None,
             noise_offset: 0.0,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! plain text-to-image ability.
 
 pub mod autoencoder;
+pub mod checkpoint;
 pub mod config;
 pub mod export;
 pub mod finetune;

@@ -7,12 +7,15 @@ use blipd_models::sampling::{self, Steps};
 use blipd_models::schedulers::ddpm::DdpmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
 use blipd_models::vae::{AutoencoderKL, VaeConfig};
-use blipd_train::{SampleContext, Stage, StepOutput, TrainRng};
+use blipd_train::{GradSet, SampleContext, Stage, StepOutput, TrainRng};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use rand::Rng;
+
+/// Gradients of the trainable parameters, on the backend under autodiff.
+type InnerGrads<B> = GradSet<<B as AutodiffBackend>::InnerBackend>;
 
 use crate::config::Stage2Config;
 use crate::model::{Stage2Components, Stage2Model};
@@ -304,7 +307,7 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             }
         };
         let input = Tensor::<B, 4>::from_data(batch.input, &dev);
-        let loss = self.loss_from(
+        let loss = self.denoising(
             model,
             input,
             posterior,
@@ -314,11 +317,14 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             &keep,
             vae_noise,
             noise,
+            self.config.gradient_checkpointing,
         )?;
         let dropped = keep.iter().filter(|k| !**k).count() as f32 / b as f32;
-        let out = StepOutput::new(loss.clone())
+        let (loss, grads) = loss;
+        let mut out = StepOutput::new(loss.clone())
             .with_metric("mse", loss)
             .with_metric("dropped", Tensor::from_floats([dropped], &dev));
+        out.grads = grads;
         Ok(out)
     }
 
@@ -391,6 +397,28 @@ impl<B: AutodiffBackend> Stage2<B> {
         vae_noise: Tensor<B::InnerBackend, 4>,
         noise: Tensor<B, 4>,
     ) -> Result<Tensor<B, 1>, Stage2Error> {
+        let (loss, _) = self.denoising(
+            model, input, posterior, subjects, captions, t, keep, vae_noise, noise, false,
+        )?;
+        Ok(loss)
+    }
+
+    /// [`Self::loss_from`]; with `checkpointing`, the U-Net goes through [`crate::checkpoint`] and the
+    /// loss comes with the gradients of every trainable parameter (already differentiated).
+    #[allow(clippy::too_many_arguments)]
+    fn denoising(
+        &self,
+        model: &Stage2Model<B>,
+        input: Tensor<B, 4>,
+        posterior: impl Into<TargetPosterior<B::InnerBackend>>,
+        subjects: &[String],
+        captions: &[String],
+        t: Vec<i64>,
+        keep: &[bool],
+        vae_noise: Tensor<B::InnerBackend, 4>,
+        noise: Tensor<B, 4>,
+        checkpointing: bool,
+    ) -> Result<(Tensor<B, 1>, Option<InnerGrads<B>>), Stage2Error> {
         let dev = self.device.clone();
         let b = t.len();
         let latents = posterior.into().sample(vae_noise) * self.vae.scaling_factor;
@@ -404,18 +432,35 @@ impl<B: AutodiffBackend> Stage2<B> {
         let t1 = std::time::Instant::now();
         let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
         let t2 = std::time::Instant::now();
-        let pred = model.unet.forward(noisy, t_int.float(), states, None);
-        let loss = self
-            .config
-            .loss_options()
-            .loss(pred, noise, &t, self.ddpm.alphas_cumprod());
+        let opts = self.config.loss_options();
+        if !checkpointing {
+            let pred = model.unet.forward(noisy, t_int.float(), states, None);
+            let loss = opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod());
+            tracing::debug!(
+                subject_s = (t1 - t0).as_secs_f64(),
+                text_s = (t2 - t1).as_secs_f64(),
+                unet_s = t2.elapsed().as_secs_f64(),
+                "forward"
+            );
+            return Ok((loss, None));
+        }
+        // The Q-Former is always trained, so the text states carry a graph.
+        let (loss, grads) = crate::checkpoint::loss_and_grads(
+            model,
+            &model.unet,
+            noisy,
+            t_int.float(),
+            states,
+            true,
+            |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
+        );
         tracing::debug!(
             subject_s = (t1 - t0).as_secs_f64(),
             text_s = (t2 - t1).as_secs_f64(),
             unet_s = t2.elapsed().as_secs_f64(),
-            "forward"
+            "forward and backward, checkpointed"
         );
-        Ok(loss)
+        Ok((loss, Some(grads)))
     }
 
     /// Zero-shot generation with the current weights: PNDM (PLMS), classifier-free guidance with an

@@ -351,3 +351,42 @@ fn lora_checkpoints_hold_only_the_adapters_and_resume_exactly() {
     let err = run_finetune::<B>(&more, dev).unwrap_err().to_string();
     assert!(err.contains("frozen weights"), "{err}");
 }
+
+#[test]
+fn checkpointed_fine_tuning_trains_as_the_ordinary_one() {
+    let _serial = blipd_testkit::serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("photos");
+    photos(&images);
+    let curve = |name: &str, lora: bool, checkpointing: bool| -> Vec<(f64, f64)> {
+        let mut c = config(&tmp.path().join(name), &images, 3);
+        c.stage.gradient_checkpointing = checkpointing;
+        if lora {
+            c.stage.lora = Some(blipd_models::lora::LoraSpec::new(2));
+        }
+        run_finetune::<B>(&c, Default::default()).unwrap();
+        let out: Vec<(f64, f64)> =
+            blipd_train::metrics::read_metrics(&c.run.dir.join("metrics.jsonl"))
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.loss, r.grad_norm.unwrap()))
+                .collect();
+        println!("{name}: (loss, grad norm) {out:?}");
+        out
+    };
+    for lora in [false, true] {
+        let plain = curve(&format!("plain-{lora}"), lora, false);
+        let ckpt = curve(&format!("ckpt-{lora}"), lora, true);
+        assert_eq!((plain.len(), ckpt.len()), (3, 3));
+        for ((l0, g0), (l1, g1)) in plain.iter().zip(&ckpt) {
+            assert!(
+                (l0 - l1).abs() <= 1e-4 * l0.abs(),
+                "lora {lora}: loss {l0} vs {l1}"
+            );
+            assert!(
+                (g0 - g1).abs() <= 1e-4 * g0.abs(),
+                "lora {lora}: grad norm {g0} vs {g1}"
+            );
+        }
+    }
+}

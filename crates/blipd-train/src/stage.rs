@@ -8,7 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
-use crate::grads::GradSync;
+use crate::grads::{GradSet, GradSync};
 use crate::rng::TrainRng;
 
 /// What one forward pass of a stage returns.
@@ -19,6 +19,10 @@ pub struct StepOutput<B: AutodiffBackend> {
     /// Extra scalars to log (shape `[1]` each, detached), e.g. `itc`, `itm`, `itg`.
     /// Read back once per step together with the loss; averaged over micro-steps and ranks.
     pub metrics: BTreeMap<String, Tensor<B::InnerBackend, 1>>,
+    /// Gradients the stage computed itself (gradient checkpointing differentiates block by block); the
+    /// trainer then uses them instead of differentiating `loss`, which is only logged. They are the
+    /// gradients of `loss` (the trainer divides them by the accumulation count as it would the loss).
+    pub grads: Option<GradSet<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> StepOutput<B> {
@@ -26,7 +30,14 @@ impl<B: AutodiffBackend> StepOutput<B> {
         Self {
             loss,
             metrics: BTreeMap::new(),
+            grads: None,
         }
+    }
+
+    /// The loss with the gradients the stage computed for it (see [`StepOutput::grads`]).
+    pub fn with_grads(mut self, grads: GradSet<B::InnerBackend>) -> Self {
+        self.grads = Some(grads);
+        self
     }
 
     /// Adds a metric from an autodiff tensor (it is detached; shape `[1]` or reducible to it).

@@ -269,13 +269,24 @@ impl<B: AutodiffBackend, S: Stage<B>> Trainer<B, S> {
                     };
                     metric_sums.insert(k, v);
                 }
-                let loss = if accum > 1 {
-                    out.loss.div_scalar(accum as f64)
-                } else {
-                    out.loss
-                };
                 let t_bwd = Instant::now();
-                grads.accumulate(GradSet::from_backward::<B, _>(&model, loss.backward()));
+                let micro_grads = match out.grads {
+                    Some(mut g) => {
+                        if accum > 1 {
+                            g.scale(1.0 / accum as f64);
+                        }
+                        g
+                    }
+                    None => {
+                        let loss = if accum > 1 {
+                            out.loss.div_scalar(accum as f64)
+                        } else {
+                            out.loss
+                        };
+                        GradSet::from_backward::<B, _>(&model, loss.backward())
+                    }
+                };
+                grads.accumulate(micro_grads);
                 tracing::debug!(
                     forward_s = fwd_s,
                     backward_s = t_bwd.elapsed().as_secs_f64(),
