@@ -301,6 +301,46 @@ fn encode_latents(args: EncodeLatentsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The progress bar's updates for the events of a CLIPSeg mask job: planned work, then one tick per
+/// image with the written / bad counts.
+fn mask_progress<'a>(
+    pb: &'a ProgressBar,
+    out: &'a Path,
+    ok: &'a AtomicU64,
+    bad: &'a AtomicU64,
+) -> impl Fn(MaskEvent) + 'a {
+    move |e: MaskEvent| match e {
+        MaskEvent::Planned {
+            todo,
+            existing,
+            duplicates,
+        } => {
+            pb.set_length(todo);
+            pb.reset_eta();
+            if existing > 0 {
+                pb.println(format!(
+                    "resuming: {existing} masks already in {}",
+                    out.display()
+                ));
+            }
+            if duplicates > 0 {
+                pb.println(format!(
+                    "{duplicates} rows repeat an earlier ImageID (one mask per image: the first row's class is used)"
+                ));
+            }
+        }
+        MaskEvent::Image { ok: good } => {
+            if good { ok } else { bad }.fetch_add(1, Ordering::Relaxed);
+            pb.inc(1);
+            pb.set_message(format!(
+                "{} written, {} bad",
+                ok.load(Ordering::Relaxed),
+                bad.load(Ordering::Relaxed)
+            ));
+        }
+    }
+}
+
 /// `blipd data masks --source clipseg`.
 fn clipseg_masks(
     model_dir: &Path,
@@ -325,36 +365,7 @@ fn clipseg_masks(
     let out = opts.out_dir.as_path();
     let pb = bar(0, "clipseg");
     let (ok, bad) = (AtomicU64::new(0), AtomicU64::new(0));
-    let progress = |e: MaskEvent| match e {
-        MaskEvent::Planned {
-            todo,
-            existing,
-            duplicates,
-        } => {
-            pb.set_length(todo);
-            pb.reset_eta();
-            if existing > 0 {
-                pb.println(format!(
-                    "resuming: {existing} masks already in {}",
-                    out.display()
-                ));
-            }
-            if duplicates > 0 {
-                pb.println(format!(
-                    "{duplicates} rows repeat an earlier ImageID (one mask per image: the first row's class is used)"
-                ));
-            }
-        }
-        MaskEvent::Image { ok: good } => {
-            if good { &ok } else { &bad }.fetch_add(1, Ordering::Relaxed);
-            pb.inc(1);
-            pb.set_message(format!(
-                "{} written, {} bad",
-                ok.load(Ordering::Relaxed),
-                bad.load(Ordering::Relaxed)
-            ));
-        }
-    };
+    let progress = mask_progress(&pb, out, &ok, &bad);
     let report = write_clipseg_masks(&seg, &rows, opts, &progress)?;
     pb.finish_and_clear();
     println!(
@@ -375,27 +386,15 @@ fn clipseg_masks(
             0.0
         }
     );
-    let tsv = out.join(match part {
-        None => "bad_inputs.tsv".to_string(),
-        Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
-    });
+    let tsv = bad_inputs_path(out, part);
     if report.bad.is_empty() {
         if tsv.is_file() {
             std::fs::remove_file(&tsv).with_context(|| format!("removing {}", tsv.display()))?;
         }
     } else {
-        let mut text = String::from("row\tImageID\tstage\treason\n");
-        for b in &report.bad {
-            text.push_str(&format!(
-                "{}\t{}\t{}\t{}\n",
-                b.row, b.image_id, b.stage, b.reason
-            ));
-        }
-        std::fs::write(&tsv, text).with_context(|| format!("writing {}", tsv.display()))?;
+        write_bad_inputs(&tsv, &report.bad)?;
         println!("{} bad inputs → {}", report.bad.len(), tsv.display());
-        for b in report.bad.iter().take(10) {
-            println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
-        }
+        print_bad(&report.bad);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -672,10 +671,7 @@ fn synth(args: SynthArgs) -> Result<ExitCode> {
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
-        let p = report.out_dir.join(match part {
-            None => "bad_inputs.tsv".to_string(),
-            Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
-        });
+        let p = bad_inputs_path(&report.out_dir, part);
         write_bad_inputs(&p, &report.bad)?;
         println!(
             "{} bad inputs ({}) → {}",
@@ -683,9 +679,7 @@ fn synth(args: SynthArgs) -> Result<ExitCode> {
             by.join(", "),
             p.display()
         );
-        for b in report.bad.iter().take(10) {
-            println!("  row {} {} [{}]: {}", b.row, b.image_id, b.stage, b.reason);
-        }
+        print_bad(&report.bad);
     }
     if let Some(p) = part {
         if report.merged {
@@ -770,16 +764,47 @@ fn part_rows(
     mine
 }
 
+/// A rejected input as `blipd data masks` and `blipd data synth` report it: data row, ImageID, stage, reason.
+trait BadRow {
+    fn fields(&self) -> (u64, &str, &str, &str);
+}
+
+impl BadRow for blipd_data::shards::BadInput {
+    fn fields(&self) -> (u64, &str, &str, &str) {
+        (self.row, &self.image_id, &self.stage, &self.reason)
+    }
+}
+
+impl BadRow for blipd_apps::segment::BadImage {
+    fn fields(&self) -> (u64, &str, &str, &str) {
+        (self.row, &self.image_id, &self.stage, &self.reason)
+    }
+}
+
+/// Where a run (or its part) lists its bad inputs: `bad_inputs.tsv`, `bad_inputs.part-I-of-N.tsv`.
+fn bad_inputs_path(dir: &Path, part: Option<Part>) -> PathBuf {
+    dir.join(match part {
+        None => "bad_inputs.tsv".to_string(),
+        Some(p) => format!("bad_inputs.part-{:05}-of-{:05}.tsv", p.index, p.count),
+    })
+}
+
 /// `bad_inputs.tsv`: row, ImageID, stage, reason.
-fn write_bad_inputs(path: &Path, bad: &[blipd_data::shards::BadInput]) -> Result<()> {
+fn write_bad_inputs<T: BadRow>(path: &Path, bad: &[T]) -> Result<()> {
     let mut text = String::from("row\tImageID\tstage\treason\n");
     for b in bad {
-        text.push_str(&format!(
-            "{}\t{}\t{}\t{}\n",
-            b.row, b.image_id, b.stage, b.reason
-        ));
+        let (row, id, stage, reason) = b.fields();
+        text.push_str(&format!("{row}\t{id}\t{stage}\t{reason}\n"));
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The first ten bad inputs, one line each.
+fn print_bad<T: BadRow>(bad: &[T]) {
+    for b in bad.iter().take(10) {
+        let (row, id, stage, reason) = b.fields();
+        println!("  row {row} {id} [{stage}]: {reason}");
+    }
 }
 
 /// After the parts are joined: the whole set's `bad_inputs.tsv` and a summary line.

@@ -272,57 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             restart,
             lora,
             lora_alpha,
-        } => {
-            let mut cfg: blipd_stage2::finetune::FinetuneRunConfig =
-                blipd_train::load_config(&config, &sets)
-                    .with_context(|| format!("reading {}", config.display()))?;
-            if let Some(d) = run_dir {
-                cfg.run.dir = d;
-            }
-            if let Some(rank) = lora {
-                let mut spec = cfg
-                    .stage
-                    .lora
-                    .take()
-                    .unwrap_or_else(|| blipd_models::lora::LoraSpec::new(rank));
-                spec.rank = rank;
-                if lora_alpha.is_some() {
-                    spec.alpha = lora_alpha;
-                }
-                cfg.stage.lora = Some(spec);
-            }
-            warn_restart_key(cfg.checkpoint.restart, restart);
-            cfg.checkpoint.restart = restart;
-            let _lock = blipd_train::RunLock::acquire(&cfg.run.dir, rank(), "finetune")?;
-            let start = Instant::now();
-            tracing::info!(
-                "fine-tuning {:?}: {} steps × batch {} in {}",
-                cfg.stage.subject,
-                cfg.train.max_steps,
-                cfg.train.batch_size,
-                cfg.run.dir.display()
-            );
-            let summary = blipd_stage2::finetune::run_finetune::<Train>(&cfg, device())
-                .with_context(|| format!("fine-tuning in {}", cfg.run.dir.display()))?;
-            report("finetune", &summary, start, &cfg.run.dir);
-            if blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
-                let out = blipd_stage2::finetune::export_dir(&cfg);
-                if cfg.stage.lora.is_some() {
-                    println!(
-                        "finetune: LoRA adapter and subject embedding exported to {} (blipd generate --model {} --lora {} needs no --image)",
-                        out.display(),
-                        cfg.stage.model_dir.display(),
-                        out.display()
-                    );
-                } else {
-                    println!(
-                        "finetune: pipeline exported to {} (blipd generate --model … needs no --image)",
-                        out.display()
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => finetune(&config, &sets, run_dir, restart, lora, lora_alpha),
         Command::Sweep { file, sets } => {
             sweep::run(&file, &sets)?;
             Ok(ExitCode::SUCCESS)
@@ -358,30 +308,92 @@ fn run(cli: Cli) -> Result<ExitCode> {
             master_addr,
             master_port,
             args,
-        } => {
-            if nproc_per_node == 0 || nnodes == 0 || node_rank >= nnodes {
-                bail!("need nproc-per-node ≥ 1, nnodes ≥ 1 and node-rank < nnodes");
-            }
-            let program: PathBuf = std::env::current_exe().context("locating the blipd binary")?;
-            let spec = blipd_dist::launch::LaunchSpec {
-                nproc_per_node,
-                nnodes,
-                node_rank,
-                master_addr,
-                master_port,
-                program,
-                args,
-            };
-            let out = blipd_dist::launch::launch(&spec)?;
-            Ok(match out.failure_summary(node_rank * nproc_per_node) {
-                None => ExitCode::SUCCESS,
-                Some(line) => {
-                    eprintln!("error: {line}");
-                    ExitCode::FAILURE
-                }
-            })
+        } => launch(blipd_dist::launch::LaunchSpec {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            program: std::env::current_exe().context("locating the blipd binary")?,
+            args,
+        }),
+    }
+}
+
+/// `blipd finetune`: a fine-tuning run (LoRA when `lora` is set) and its export.
+fn finetune(
+    config: &Path,
+    sets: &[String],
+    run_dir: Option<PathBuf>,
+    restart: bool,
+    lora: Option<usize>,
+    lora_alpha: Option<f64>,
+) -> Result<ExitCode> {
+    let mut cfg: blipd_stage2::finetune::FinetuneRunConfig = blipd_train::load_config(config, sets)
+        .with_context(|| format!("reading {}", config.display()))?;
+    if let Some(d) = run_dir {
+        cfg.run.dir = d;
+    }
+    if let Some(rank) = lora {
+        let mut spec = cfg
+            .stage
+            .lora
+            .take()
+            .unwrap_or_else(|| blipd_models::lora::LoraSpec::new(rank));
+        spec.rank = rank;
+        if lora_alpha.is_some() {
+            spec.alpha = lora_alpha;
+        }
+        cfg.stage.lora = Some(spec);
+    }
+    warn_restart_key(cfg.checkpoint.restart, restart);
+    cfg.checkpoint.restart = restart;
+    let _lock = blipd_train::RunLock::acquire(&cfg.run.dir, rank(), "finetune")?;
+    let start = Instant::now();
+    tracing::info!(
+        "fine-tuning {:?}: {} steps × batch {} in {}",
+        cfg.stage.subject,
+        cfg.train.max_steps,
+        cfg.train.batch_size,
+        cfg.run.dir.display()
+    );
+    let summary = blipd_stage2::finetune::run_finetune::<Train>(&cfg, device())
+        .with_context(|| format!("fine-tuning in {}", cfg.run.dir.display()))?;
+    report("finetune", &summary, start, &cfg.run.dir);
+    if blipd_dist::World::from_env().map_or(true, |w| w.rank == 0) {
+        let out = blipd_stage2::finetune::export_dir(&cfg);
+        if cfg.stage.lora.is_some() {
+            println!(
+                "finetune: LoRA adapter and subject embedding exported to {} (blipd generate --model {} --lora {} needs no --image)",
+                out.display(),
+                cfg.stage.model_dir.display(),
+                out.display()
+            );
+        } else {
+            println!(
+                "finetune: pipeline exported to {} (blipd generate --model … needs no --image)",
+                out.display()
+            );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blipd launch`: the local worker processes, torchrun-style; fails when any worker fails.
+fn launch(spec: blipd_dist::launch::LaunchSpec) -> Result<ExitCode> {
+    if spec.nproc_per_node == 0 || spec.nnodes == 0 || spec.node_rank >= spec.nnodes {
+        bail!("need nproc-per-node ≥ 1, nnodes ≥ 1 and node-rank < nnodes");
+    }
+    let out = blipd_dist::launch::launch(&spec)?;
+    Ok(
+        match out.failure_summary(spec.node_rank * spec.nproc_per_node) {
+            None => ExitCode::SUCCESS,
+            Some(line) => {
+                eprintln!("error: {line}");
+                ExitCode::FAILURE
+            }
+        },
+    )
 }
 
 /// The compute device: the CPU.
