@@ -19,28 +19,31 @@ use burn::tensor::backend::AutodiffBackend;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-/// What one block of the U-Net needs to be recomputed: its saved input (no graph).
+/// What one block of the U-Net needs to be recomputed: its saved input (no graph) and the skip tensors it
+/// makes (down blocks) or consumes (up blocks), as positions in [`Forward`]'s skip list.
 struct Saved<B: Backend> {
     x: Tensor<B, 4>,
-    /// Down blocks: the positions in the skip list of the skip tensors they make. Up blocks: those they
-    /// consume, with the tensors.
-    skips: Vec<(usize, Option<Tensor<B, 4>>)>,
+    skips: std::ops::Range<usize>,
     /// Up blocks: the upsampler's output size.
     upsample_size: Option<[usize; 2]>,
 }
 
-/// The U-Net's prediction for `(sample, timesteps, states)` computed without a graph, and the block inputs
-/// [`backward`] recomputes from.
+/// The U-Net's prediction for `(sample, timesteps, states)` computed without a graph, and what [`backward`]
+/// recomputes the blocks from.
 pub struct Forward<B: AutodiffBackend> {
     pub pred: Tensor<Inner<B>, 4>,
-    sample: Tensor<Inner<B>, 4>,
+    /// `conv_in`'s input (the sample, centred when the config says so).
+    conv_in: Tensor<Inner<B>, 4>,
     timesteps: Tensor<Inner<B>, 1>,
+    /// The time embedding every resnet reads.
+    emb: Tensor<Inner<B>, 2>,
     states: Tensor<Inner<B>, 3>,
+    /// `conv_in`'s output, then each down block's skip tensors, in order.
+    skips: Vec<Tensor<Inner<B>, 4>>,
     down: Vec<Saved<Inner<B>>>,
     mid: Option<Tensor<Inner<B>, 4>>,
     up: Vec<Saved<Inner<B>>>,
     out: Tensor<Inner<B>, 4>,
-    n_skips: usize,
 }
 
 /// The gradients [`backward`] returns: the U-Net's parameters (paths relative to the `root` it was given,
@@ -62,7 +65,12 @@ pub fn forward<B: AutodiffBackend>(
     let [batch, _, _, _] = sample.dims();
     let emb = net.time_embed(timesteps.clone(), batch);
     let mut actx = AttentionContext::new(None, net.attention_kernel);
-    let mut x = blipd_models::amp::conv2d(&net.conv_in, centre(&net, sample.clone()));
+    let conv_in = if net.config.center_input_sample {
+        sample * 2.0 - 1.0
+    } else {
+        sample
+    };
+    let mut x = blipd_models::amp::conv2d(&net.conv_in, conv_in.clone());
     let mut skips = vec![x.clone()];
     let mut down = Vec::with_capacity(net.down_blocks.len());
     for (i, block) in net.down_blocks.iter().enumerate() {
@@ -70,15 +78,12 @@ pub fn forward<B: AutodiffBackend>(
         let (out, res) = block.forward(x, emb.clone(), states.clone(), &mut actx, i);
         down.push(Saved {
             x: input,
-            skips: (skips.len()..skips.len() + res.len())
-                .map(|p| (p, None))
-                .collect(),
+            skips: skips.len()..skips.len() + res.len(),
             upsample_size: None,
         });
         x = out;
         skips.extend(res);
     }
-    let n_skips = skips.len();
     let mid = net.mid_block.as_ref().map(|m| {
         let input = x.clone();
         x = m.forward(x.clone(), emb.clone(), states.clone(), &mut actx);
@@ -86,23 +91,20 @@ pub fn forward<B: AutodiffBackend>(
     });
     let n_up = net.up_blocks.len();
     let mut up = Vec::with_capacity(n_up);
-    let mut indexed: Vec<(usize, Tensor<Inner<B>, 4>)> = skips.into_iter().enumerate().collect();
+    // Up blocks consume the skip tensors from the end.
+    let mut left = skips.len();
     for (i, block) in net.up_blocks.iter().enumerate() {
-        let rest = indexed
-            .len()
+        let first = left
             .checked_sub(block.resnets.len())
             .expect("skip tensors match up-block resnets");
-        let res = indexed.split_off(rest);
-        let upsample_size = if i + 1 < n_up {
-            indexed.last().map(|(_, s)| [s.dims()[2], s.dims()[3]])
-        } else {
-            None
-        };
+        let upsample_size = (i + 1 < n_up && first > 0).then(|| {
+            let [_, _, h, w] = skips[first - 1].dims();
+            [h, w]
+        });
         let input = x.clone();
-        let tensors = res.iter().map(|(_, s)| s.clone()).collect();
         x = block.forward(
             x,
-            tensors,
+            skips[first..left].to_vec(),
             emb.clone(),
             states.clone(),
             upsample_size,
@@ -111,28 +113,22 @@ pub fn forward<B: AutodiffBackend>(
         );
         up.push(Saved {
             x: input,
-            skips: res.into_iter().map(|(p, s)| (p, Some(s))).collect(),
+            skips: first..left,
             upsample_size,
         });
+        left = first;
     }
     Forward {
         pred: head(&net, x.clone()),
-        sample,
+        conv_in,
         timesteps,
+        emb,
         states,
+        skips,
         down,
         mid,
         up,
         out: x,
-        n_skips,
-    }
-}
-
-fn centre<B: Backend>(net: &UNet2DConditionModel<B>, sample: Tensor<B, 4>) -> Tensor<B, 4> {
-    if net.config.center_input_sample {
-        sample * 2.0 - 1.0
-    } else {
-        sample
     }
 }
 
@@ -203,16 +199,14 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     fwd: Forward<B>,
     g_pred: Tensor<Inner<B>, 4>,
 ) -> UNetGrads<B> {
-    let [batch, _, _, _] = fwd.sample.dims();
-    let emb_value = unet.valid().time_embed(fwd.timesteps.clone(), batch);
     let mut c = Carry::<B, M> {
         root,
         params: GradSet::from_entries(Vec::new()),
         emb: None,
         states: None,
     };
-    let mut g_skips: Vec<Option<Tensor<Inner<B>, 4>>> = vec![None; fwd.n_skips];
-    let shared = || (leaf::<B, 2>(&emb_value), leaf::<B, 3>(&fwd.states));
+    let mut g_skips: Vec<Option<Tensor<Inner<B>, 4>>> = vec![None; fwd.skips.len()];
+    let shared = || (leaf::<B, 2>(&fwd.emb), leaf::<B, 3>(&fwd.states));
     let ctx = || AttentionContext::new(None, unet.attention_kernel);
     let zeros = |t: &Tensor<Inner<B>, 4>| t.zeros_like();
 
@@ -225,11 +219,7 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
 
     for (i, saved) in fwd.up.iter().enumerate().rev() {
         let x = leaf::<B, 4>(&saved.x);
-        let res: Vec<Tensor<B, 4>> = saved
-            .skips
-            .iter()
-            .map(|(_, t)| leaf(t.as_ref().expect("up blocks keep their skips")))
-            .collect();
+        let res: Vec<Tensor<B, 4>> = fwd.skips[saved.skips.clone()].iter().map(leaf).collect();
         let (e, s) = shared();
         let y = unet.up_blocks[i].forward(
             x.clone(),
@@ -241,8 +231,8 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
             i,
         );
         let mut grads = c.backward(dot(y, g), &e, &s);
-        for ((pos, _), r) in saved.skips.iter().zip(&res) {
-            add(&mut g_skips[*pos], r.grad_remove(&mut grads));
+        for (pos, r) in saved.skips.clone().zip(&res) {
+            add(&mut g_skips[pos], r.grad_remove(&mut grads));
         }
         g = x.grad_remove(&mut grads).unwrap_or_else(|| zeros(&saved.x));
         c.collect(grads);
@@ -262,8 +252,8 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
         let (e, s) = shared();
         let (y, res) = unet.down_blocks[i].forward(x.clone(), e.clone(), s.clone(), &mut ctx(), i);
         let mut loss = dot(y, g);
-        for ((pos, _), r) in saved.skips.iter().zip(res) {
-            if let Some(gs) = g_skips[*pos].take() {
+        for (pos, r) in saved.skips.clone().zip(res) {
+            if let Some(gs) = g_skips[pos].take() {
                 loss = loss + dot(r, gs);
             }
         }
@@ -273,19 +263,18 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 
     // conv_in: its output is the first down block's input and the first skip tensor.
-    add(&mut g_skips[0], Some(g));
-    let sample = Tensor::<B, 4>::from_inner(centre(&unet.valid(), fwd.sample.clone()));
-    let y = blipd_models::amp::conv2d(&unet.conv_in, sample);
-    let g0 = g_skips[0].take().expect("set above");
-    let (e, s) = shared();
-    let grads = c.backward(dot(y, g0), &e, &s);
-    c.collect(grads);
+    let g0 = match g_skips[0].take() {
+        Some(gs) => gs + g,
+        None => g,
+    };
+    let y = blipd_models::amp::conv2d(&unet.conv_in, Tensor::from_inner(fwd.conv_in));
+    c.collect(dot(y, g0).backward());
 
     // The time embedding, with every block's gradient for it.
     if let Some(g_emb) = c.emb.take() {
-        let t = Tensor::<B, 1>::from_inner(fwd.timesteps.clone());
-        let grads = dot(unet.time_embed(t, batch), g_emb).backward();
-        c.collect(grads);
+        let t = Tensor::<B, 1>::from_inner(fwd.timesteps);
+        let batch = fwd.emb.dims()[0];
+        c.collect(dot(unet.time_embed(t, batch), g_emb).backward());
     }
     UNetGrads {
         params: c.params,
