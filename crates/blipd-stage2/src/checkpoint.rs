@@ -19,6 +19,9 @@ use burn::tensor::backend::AutodiffBackend;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
+/// Gradients of trainable parameters, on the backend under autodiff (what a stage hands the trainer).
+pub type InnerGrads<B> = GradSet<Inner<B>>;
+
 /// What one block of the U-Net needs to be recomputed: its saved input (no graph) and the skip tensors it
 /// makes (down blocks) or consumes (up blocks), as positions in [`Forward`]'s skip list.
 struct Saved<B: Backend> {
@@ -49,7 +52,7 @@ pub struct Forward<B: AutodiffBackend> {
 /// The gradients [`backward`] returns: the U-Net's parameters (paths relative to the `root` it was given,
 /// as [`GradSet::from_backward`] makes them) and the text states.
 pub struct UNetGrads<B: AutodiffBackend> {
-    pub params: GradSet<Inner<B>>,
+    pub params: InnerGrads<B>,
     pub states: Option<Tensor<Inner<B>, 3>>,
 }
 
@@ -163,7 +166,7 @@ fn add<B: Backend, const D: usize>(acc: &mut Option<Tensor<B, D>>, g: Option<Ten
 /// The gradients carried between the blocks during [`backward`].
 struct Carry<'a, B: AutodiffBackend, M> {
     root: &'a M,
-    params: GradSet<Inner<B>>,
+    params: InnerGrads<B>,
     emb: Option<Tensor<Inner<B>, 2>>,
     states: Option<Tensor<Inner<B>, 3>>,
 }
@@ -295,7 +298,7 @@ pub fn loss_and_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     states: Tensor<B, 3>,
     conditioning_trained: bool,
     loss_fn: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 1>,
-) -> (Tensor<B, 1>, GradSet<Inner<B>>) {
+) -> (Tensor<B, 1>, InnerGrads<B>) {
     let fwd = forward(
         unet,
         noisy.inner(),

@@ -35,10 +35,12 @@ use blipd_models::unet::UNet2DConditionModel;
 use blipd_models::vae::AutoencoderKL;
 use blipd_models::weights::write_safetensors;
 use blipd_train::{
-    EpochSampler, GradSet, KeyedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput,
-    TrainRng, Trainer,
+    EpochSampler, KeyedSource, RunConfig, RunSummary, SampleContext, Stage, StepOutput, TrainRng,
+    Trainer,
 };
 use burn::module::{AutodiffModule, Module, Param};
+
+use crate::checkpoint::InnerGrads;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
@@ -240,13 +242,6 @@ pub fn read_images(dir: &Path) -> Result<Vec<(PathBuf, image::RgbImage)>, Stage2
         .collect()
 }
 
-/// What the U-Net of a fine-tuning step reads: noised latents, timesteps (float), text states.
-struct UNetInputs<B: Backend> {
-    noisy: Tensor<B, 4>,
-    timesteps: Tensor<B, 1>,
-    states: Tensor<B, 3>,
-}
-
 impl<B: AutodiffBackend> Finetune<B> {
     /// The fine-tuning loss for given randomness: target latents `posterior.sample(vae_noise) · scale`,
     /// DDPM-noised with `noise` at timesteps `t`, the caption with the subject embedding, ε-prediction
@@ -259,68 +254,44 @@ impl<B: AutodiffBackend> Finetune<B> {
         noise: Tensor<B, 4>,
         t: Vec<i64>,
     ) -> Result<Tensor<B, 1>, Stage2Error> {
-        let UNetInputs {
-            noisy,
-            timesteps,
-            states,
-        } = self.inputs(model, target, vae_noise, noise.clone(), &t)?;
-        let pred = model.unet.forward(noisy, timesteps, states, None);
-        Ok(self
-            .config
-            .loss_options()
-            .loss(pred, noise, &t, self.ddpm.alphas_cumprod()))
+        Ok(self.denoising(model, target, vae_noise, noise, t, false)?.0)
     }
 
-    /// [`Self::loss_from`] with the U-Net checkpointed ([`crate::checkpoint::loss_and_grads`]): the loss
-    /// and the gradients of every trainable parameter.
-    pub fn checkpointed_loss_from(
+    /// [`Self::loss_from`]; with `checkpointing`, the U-Net goes through [`crate::checkpoint`] and the loss
+    /// comes with the gradients of every trainable parameter (already differentiated).
+    fn denoising(
         &self,
         model: &FinetuneModel<B>,
         target: Tensor<B::InnerBackend, 4>,
         vae_noise: Tensor<B::InnerBackend, 4>,
         noise: Tensor<B, 4>,
         t: Vec<i64>,
-    ) -> Result<(Tensor<B, 1>, GradSet<B::InnerBackend>), Stage2Error> {
-        let UNetInputs {
-            noisy,
-            timesteps,
-            states,
-        } = self.inputs(model, target, vae_noise, noise.clone(), &t)?;
-        let opts = self.config.loss_options();
-        Ok(crate::checkpoint::loss_and_grads(
-            model,
-            &model.unet,
-            noisy,
-            timesteps,
-            states,
-            self.config.train_ctx || self.config.train_text_encoder,
-            |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
-        ))
-    }
-
-    /// The U-Net's inputs for given randomness: the noised target latents, the timesteps (float) and the
-    /// caption's text states with the subject embedding.
-    fn inputs(
-        &self,
-        model: &FinetuneModel<B>,
-        target: Tensor<B::InnerBackend, 4>,
-        vae_noise: Tensor<B::InnerBackend, 4>,
-        noise: Tensor<B, 4>,
-        t: &[i64],
-    ) -> Result<UNetInputs<B>, Stage2Error> {
+        checkpointing: bool,
+    ) -> Result<(Tensor<B, 1>, Option<InnerGrads<B>>), Stage2Error> {
         let b = t.len();
         let posterior = self.vae.encode(target);
         let latents =
             Tensor::<B, 4>::from_inner(posterior.sample(vae_noise) * self.vae.scaling_factor);
-        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t.to_vec(), [b]), &self.device);
-        let noisy = self.ddpm.add_noise(latents, noise, t_int.clone());
+        let t_int = Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [b]), &self.device);
+        let noisy = self.ddpm.add_noise(latents, noise.clone(), t_int.clone());
         let [_, n, d] = model.ctx.val().dims();
         let ctx = model.ctx.val().expand([b, n, d]);
         let states = self.states(&model.text_encoder, ctx)?;
-        Ok(UNetInputs {
-            noisy,
-            timesteps: t_int.float(),
-            states,
+        let opts = self.config.loss_options();
+        Ok(if checkpointing {
+            let (loss, grads) = crate::checkpoint::loss_and_grads(
+                model,
+                &model.unet,
+                noisy,
+                t_int.float(),
+                states,
+                self.config.train_ctx || self.config.train_text_encoder,
+                |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
+            );
+            (loss, Some(grads))
+        } else {
+            let pred = model.unet.forward(noisy, t_int.float(), states, None);
+            (opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()), None)
         })
     }
 
@@ -375,12 +346,11 @@ impl<B: AutodiffBackend> Stage<B> for Finetune<B> {
         let t: Vec<i64> = (0..b)
             .map(|_| rng.random_range(0..n_train) as i64)
             .collect();
-        if self.config.gradient_checkpointing {
-            let (loss, grads) = self.checkpointed_loss_from(model, target, vae_noise, noise, t)?;
-            return Ok(StepOutput::new(loss).with_grads(grads));
-        }
-        let loss = self.loss_from(model, target, vae_noise, noise, t)?;
-        Ok(StepOutput::new(loss))
+        let checkpointing = self.config.gradient_checkpointing;
+        let (loss, grads) = self.denoising(model, target, vae_noise, noise, t, checkpointing)?;
+        let mut out = StepOutput::new(loss);
+        out.grads = grads;
+        Ok(out)
     }
 
     fn frozen_source(&self) -> Option<String> {

@@ -7,16 +7,14 @@ use blipd_models::sampling::{self, Steps};
 use blipd_models::schedulers::ddpm::DdpmScheduler;
 use blipd_models::tokenizers::{BertTokenizer, ClipTokenizer};
 use blipd_models::vae::{AutoencoderKL, VaeConfig};
-use blipd_train::{GradSet, SampleContext, Stage, StepOutput, TrainRng};
+use blipd_train::{SampleContext, Stage, StepOutput, TrainRng};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use rand::Rng;
 
-/// Gradients of the trainable parameters, on the backend under autodiff.
-type InnerGrads<B> = GradSet<<B as AutodiffBackend>::InnerBackend>;
-
+use crate::checkpoint::InnerGrads;
 use crate::config::Stage2Config;
 use crate::model::{Stage2Components, Stage2Model};
 use crate::Stage2Error;
@@ -307,7 +305,7 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             }
         };
         let input = Tensor::<B, 4>::from_data(batch.input, &dev);
-        let loss = self.denoising(
+        let (loss, grads) = self.denoising(
             model,
             input,
             posterior,
@@ -320,7 +318,6 @@ impl<B: AutodiffBackend> Stage<B> for Stage2<B> {
             self.config.gradient_checkpointing,
         )?;
         let dropped = keep.iter().filter(|k| !**k).count() as f32 / b as f32;
-        let (loss, grads) = loss;
         let mut out = StepOutput::new(loss.clone())
             .with_metric("mse", loss)
             .with_metric("dropped", Tensor::from_floats([dropped], &dev));
@@ -433,34 +430,31 @@ impl<B: AutodiffBackend> Stage2<B> {
         let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
         let t2 = std::time::Instant::now();
         let opts = self.config.loss_options();
-        if !checkpointing {
-            let pred = model.unet.forward(noisy, t_int.float(), states, None);
-            let loss = opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod());
-            tracing::debug!(
-                subject_s = (t1 - t0).as_secs_f64(),
-                text_s = (t2 - t1).as_secs_f64(),
-                unet_s = t2.elapsed().as_secs_f64(),
-                "forward"
+        let (loss, grads) = if checkpointing {
+            // The Q-Former is always trained, so the text states carry a graph.
+            let (loss, grads) = crate::checkpoint::loss_and_grads(
+                model,
+                &model.unet,
+                noisy,
+                t_int.float(),
+                states,
+                true,
+                |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
             );
-            return Ok((loss, None));
-        }
-        // The Q-Former is always trained, so the text states carry a graph.
-        let (loss, grads) = crate::checkpoint::loss_and_grads(
-            model,
-            &model.unet,
-            noisy,
-            t_int.float(),
-            states,
-            true,
-            |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
-        );
+            (loss, Some(grads))
+        } else {
+            let pred = model.unet.forward(noisy, t_int.float(), states, None);
+            (opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()), None)
+        };
         tracing::debug!(
             subject_s = (t1 - t0).as_secs_f64(),
             text_s = (t2 - t1).as_secs_f64(),
+            // With checkpointing the U-Net's time includes its backward.
             unet_s = t2.elapsed().as_secs_f64(),
-            "forward and backward, checkpointed"
+            checkpointing,
+            "forward"
         );
-        Ok((loss, Some(grads)))
+        Ok((loss, grads))
     }
 
     /// Zero-shot generation with the current weights: PNDM (PLMS), classifier-free guidance with an

@@ -34,12 +34,6 @@ impl<B: AutodiffBackend> StepOutput<B> {
         }
     }
 
-    /// The loss with the gradients the stage computed for it (see [`StepOutput::grads`]).
-    pub fn with_grads(mut self, grads: GradSet<B::InnerBackend>) -> Self {
-        self.grads = Some(grads);
-        self
-    }
-
     /// Adds a metric from an autodiff tensor (it is detached; shape `[1]` or reducible to it).
     pub fn with_metric(mut self, name: impl Into<String>, value: Tensor<B, 1>) -> Self {
         let v = value.inner();
