@@ -57,13 +57,8 @@ fn checkpointed_backward_equals_the_ordinary_one() {
             .find(|e| e.path == w.path)
             .unwrap_or_else(|| panic!("{}: no gradient with checkpointing", w.path));
         let (a, b) = (values(e.grad.clone()), values(w.grad.clone()));
-        let scale = b.iter().fold(1e-3f32, |m, v| {
-            if v.is_finite() {
-                m.max(v.abs())
-            } else {
-                f32::NAN
-            }
-        });
+        // The tolerance scales with the gradient; a NaN or infinity fails in `assert_close_slice` itself.
+        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         assert_close_slice(&w.path, &a, &b, 1e-5 * f64::from(scale));
     }
     assert!(want.len() > 50, "{} parameters", want.len());
