@@ -179,8 +179,9 @@ enum Command {
     /// Subject interpolation (paper fig. 9): 2–4 subjects' embeddings blended bilinearly and rendered
     /// in one context from one noise, as a PNG grid whose corners are the subjects themselves.
     Interpolate(interpolate_cmd::InterpolateArgs),
-    /// Subject-driven editing with prompt-to-prompt (paper fig. 4 right, fig. 5 rows 9–10; LAVIS's algorithm): the
-    /// --src-subject of a generated scene, or of a photo (DDIM inversion), becomes the reference subject.
+    /// Subject-driven editing with prompt-to-prompt (paper fig. 4 right, fig. 5 rows 9–10; LAVIS's
+    /// algorithm): the --src-subject of a generated scene, or of a photo (DDIM inversion), becomes the
+    /// reference subject.
     Edit(edit_cmd::EditArgs),
     /// Stylization (paper fig. 10): a style image as the subject, the structure as Canny edges of a
     /// photo through ControlNet-canny, a target subject in the prompt.
