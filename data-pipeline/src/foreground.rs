@@ -110,8 +110,8 @@ fn plane(fb: &[Fb], like: &Rgb, off: usize) -> Rgb {
 
 /// The multi-level estimate, one [`Fb`] per pixel of the full-size level, on checked inputs. The level
 /// buffers come from the thread's pool: a worker that estimates many foregrounds touches the same pages again
-/// (fresh 512² buffers cost more in page faults than the sweeps themselves). Everything it calls is
-/// `#[inline(always)]`, so the AVX2 build covers it all (a function compiled on its own would lose the target
+/// (fresh 512² buffers cost more in page faults than the sweeps themselves). Everything it calls per pixel is
+/// `#[inline(always)]`, so the AVX2 build covers it (a function compiled on its own would lose the target
 /// features and turn `mul_add` into a libm call).
 #[inline(always)]
 fn estimate_fb(image: &Rgb, alpha: &Gray, opts: &FgOptions) -> Buf<Fb> {
@@ -232,6 +232,7 @@ impl Coefs {
         self.m01.len()
     }
 
+    #[inline(always)]
     fn at(&self, i: usize) -> Coef {
         Coef {
             ab: self.ab[i],
@@ -331,7 +332,7 @@ fn sweeps(
                     co.fill(al, w, h, y0 + k, base + k * w, o);
                 }
             }
-            // Each row's last result, its next pixel's left neighbour, stays in a register.
+            // Each row's last result: its next pixel's left neighbour, carried instead of read back.
             let mut left = [[0.0f32; 8]; ROWS];
             // Steps at which every row of a full block away from the image's top and bottom rows is at an
             // interior pixel take the unchecked kernel; the others (and small levels) this loop.
