@@ -207,6 +207,185 @@ fn sweep_writes_one_table_with_dreambench_scores() {
     assert!(!err.contains("stage 1:"), "trained before failing: {err}");
 }
 
+/// The tiny plan with a 2-step `[vae]` stage, so that both shareable stages are in it.
+fn tiny_plan_with_vae(root: &Path) -> PathBuf {
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let mut text = std::fs::read_to_string(tiny).unwrap();
+    text.push_str(
+        "\n[vae.run]\ndir = \"vae\"\nseed = 1\n[vae.train]\nmax_steps = 2\nbatch_size = 2\n\
+         [vae.optimizer]\nlr = 1e-3\n[vae.stage]\npreset = \"tiny\"\n[vae.data]\npairs = 8\nsize = 32\n",
+    );
+    let path = root.join("base.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every safetensors file under `dir` (relative path → bytes).
+fn safetensors_under(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A sweep with two runs at once and the VAE and stage 1 trained once per seed gives the same models,
+/// bit for bit, as one that runs each plan whole, one at a time; a rerun skips what finished and
+/// resumes only the run whose marker is gone; a stage 2 that trains nothing has no loss in the table.
+#[test]
+fn shared_stages_and_parallel_runs_give_the_plain_sweeps_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tiny_plan_with_vae(root);
+    let sweep_file = |name: &str, extra: &str| {
+        let path = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "base = \"base.toml\"\ndir = {:?}\nseeds = 2\n{extra}\
+                 set = [\"stage1.train.max_steps=2\", \"stage2.train.max_steps=2\", \"stage2.sample.at_end=false\", \"stage2.data.synthetic.pairs=8\"]\n\
+                 [[variant]]\nname = \"full\"\n\
+                 [[variant]]\nname = \"frozen_text\"\nset = [\"stage2.stage.train_text_encoder=false\"]\n\
+                 [[variant]]\nname = \"no_stage1\"\nset = [\"stage1.train.max_steps=0\", \"stage1.train.export_untrained=true\"]\n\
+                 [[variant]]\nname = \"untrained\"\nset = [\"stage2.train.max_steps=0\", \"stage2.train.export_untrained=true\"]\n",
+                root.join(name).display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // One thread per run in both, so that the arithmetic is the same.
+    let plain = sweep_file("plain", "share_stages = false\n");
+    let out = blipd()
+        .arg("sweep")
+        .arg(&plain)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let shared = sweep_file("shared", "");
+    let run_shared = || {
+        blipd()
+            .arg("sweep")
+            .arg(&shared)
+            .args(["--jobs", "2"])
+            .env("RAYON_NUM_THREADS", "2")
+            .env("BLIPD_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let out = run_shared();
+    assert_ok(&out);
+    let log = common::text(&out);
+    assert!(log.contains("RAYON_NUM_THREADS=1"), "{log}");
+
+    let variants = ["full", "frozen_text", "no_stage1", "untrained"];
+    for v in variants {
+        for k in 0..2 {
+            let run = |sweep: &str| root.join(sweep).join(v).join(format!("seed-{k}"));
+            let (a, b) = (run("plain"), run("shared"));
+            let (wa, wb) = (
+                safetensors_under(&a.join("stage2/export")),
+                safetensors_under(&b.join("stage2/export")),
+            );
+            assert_eq!(wa.len(), 4, "{}", a.display());
+            assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+            for (f, bytes) in &wa {
+                assert!(
+                    *bytes == wb[f],
+                    "{v} seed {k}: {} differs between the plain and the shared sweep",
+                    f.display()
+                );
+            }
+            let plan = std::fs::read_to_string(b.join("plan.toml")).unwrap();
+            if v == "full" {
+                // The first run of a seed trains the shared stages itself.
+                assert!(b.join("vae").is_dir() && b.join("stage1").is_dir());
+            } else {
+                let owner = root.join("shared/full").join(format!("seed-{k}"));
+                assert!(!b.join("vae").exists(), "{v} seed {k} trained its own VAE");
+                assert!(
+                    plan.contains(&owner.join("vae/export/vae").display().to_string()),
+                    "{plan}"
+                );
+                assert_eq!(b.join("stage1").exists(), v == "no_stage1", "{v} seed {k}");
+                if v != "no_stage1" {
+                    assert!(
+                        plan.contains(
+                            &owner
+                                .join("stage1/export/qformer/model.safetensors")
+                                .display()
+                                .to_string()
+                        ),
+                        "{plan}"
+                    );
+                }
+            }
+        }
+    }
+    // Seeds differ (the sweep shifts every stage's seed): seed 1 did not reuse seed 0's stages.
+    assert!(
+        safetensors_under(&root.join("shared/full/seed-0/vae/export"))
+            != safetensors_under(&root.join("shared/full/seed-1/vae/export"))
+    );
+    let rows = |sweep: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(root.join(sweep).join("ablation.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (pa, pb) = (rows("plain"), rows("shared"));
+    let (pa, pb) = (pa.as_array().unwrap(), pb.as_array().unwrap());
+    assert_eq!(pa.len(), 8);
+    for (a, b) in pa.iter().zip(pb) {
+        assert_eq!(a["name"], b["name"]);
+        assert_eq!(a["seed_offset"], b["seed_offset"]);
+        assert_eq!(a["final_loss"], b["final_loss"], "{a}\n{b}");
+        if a["name"] == "untrained" {
+            assert!(a["final_loss"].is_null() && a["steps"] == 0, "{a}");
+        } else {
+            assert!(a["final_loss"].as_f64().unwrap().is_finite(), "{a}");
+        }
+    }
+    let table = std::fs::read_to_string(root.join("shared/ablation.md")).unwrap();
+    println!("{table}");
+    assert!(
+        table.contains("| untrained |  | 2 | 0 | - | - |"),
+        "{table}"
+    );
+
+    // A rerun skips every finished run; without its marker, one run is resumed (and stays the same).
+    let marker = root.join("shared/frozen_text/seed-1/sweep-done.json");
+    std::fs::remove_file(&marker).unwrap();
+    let out = run_shared();
+    assert_ok(&out);
+    let log = common::text(&out);
+    assert_eq!(log.matches("skipped").count(), 7, "{log}");
+    assert!(
+        log.contains("variant frozen_text seed +1 → "),
+        "frozen_text seed 1 was not rerun: {log}"
+    );
+    assert!(marker.is_file());
+    let again = rows("shared");
+    for (a, b) in again.as_array().unwrap().iter().zip(pb) {
+        assert_eq!(
+            (&a["name"], &a["final_loss"]),
+            (&b["name"], &b["final_loss"])
+        );
+    }
+}
+
 /// A 3-step fine-tuning config on the pipeline fixture's reference photo, run folder `root/run`;
 /// `optimizer` is the text after `[optimizer]` (more sections may follow it).
 fn finetune_config(root: &Path, optimizer: &str) -> PathBuf {

@@ -73,6 +73,8 @@ pub struct MicroEvalConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MicroFinetuneConfig {
+    /// Held-out subjects to fine-tune on; 0 turns the comparison off (e.g. `--set
+    /// eval.finetune.subjects=0` in a sweep that needs only the zero-shot numbers).
     #[serde(default = "default_ft_subjects")]
     pub subjects: usize,
     /// Optimizer steps per subject (the paper: 40–120).
@@ -175,9 +177,9 @@ impl MicroEvalConfig {
         if self.size < 8 {
             return bad("size must be ≥ 8 pixels");
         }
-        if let Some(ft) = &self.finetune {
-            if ft.subjects == 0 || ft.steps == 0 || ft.batch_size == 0 || ft.images == 0 {
-                return bad("[eval.finetune] subjects, steps, batch_size and images must be ≥ 1");
+        if let Some(ft) = self.finetune.as_ref().filter(|f| f.subjects > 0) {
+            if ft.steps == 0 || ft.batch_size == 0 || ft.images == 0 {
+                return bad("[eval.finetune] steps, batch_size and images must be ≥ 1");
             }
             let held = held_out_ids()
                 .len()
@@ -811,5 +813,21 @@ mod tests {
         };
         let e = bad.validate().unwrap_err().to_string();
         assert!(e.contains("only 3 held-out"), "{e}");
+    }
+
+    #[test]
+    fn zero_finetune_subjects_turn_the_comparison_off() {
+        let with = |subjects, steps| MicroEvalConfig {
+            finetune: Some(MicroFinetuneConfig {
+                subjects,
+                steps,
+                ..MicroFinetuneConfig::default()
+            }),
+            ..MicroEvalConfig::default()
+        };
+        // Off: the other values are not used, so not checked.
+        with(0, 0).validate().unwrap();
+        let e = with(1, 0).validate().unwrap_err().to_string();
+        assert!(e.contains("steps"), "{e}");
     }
 }

@@ -128,6 +128,12 @@ enum Command {
         /// Override applied to every variant.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Runs at once (the file's `jobs`); the cores are split between them.
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Seeds per variant (the file's `seeds`).
+        #[arg(long)]
+        seeds: Option<usize>,
     },
     /// Write loss curves (PNG) for every metrics.jsonl under a run folder, and one figure with all
     /// of them when there are several (`<key>-all.png`).
@@ -274,8 +280,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lora,
             lora_alpha,
         } => finetune(&config, &sets, run_dir, restart, lora, lora_alpha),
-        Command::Sweep { file, sets } => {
-            sweep::run(&file, &sets)?;
+        Command::Sweep {
+            file,
+            sets,
+            jobs,
+            seeds,
+        } => {
+            sweep::run(&file, &sets, sweep::Overrides { jobs, seeds })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot {
@@ -677,7 +688,7 @@ fn micro_eval(cfg: &blipd_apps::micro::MicroEvalConfig, model: &Path, out: &Path
         report.chance_subject_fidelity,
         png.display()
     );
-    if let Some(ft) = &cfg.finetune {
+    if let Some(ft) = cfg.finetune.as_ref().filter(|f| f.subjects > 0) {
         micro_finetune_eval(cfg, ft, model, out, &pipe, &probe)?;
     }
     Ok(())

@@ -147,6 +147,14 @@ impl PretrainPlan {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let path = self.dir.join(PLAN_FILE);
+        let text = self.portable_toml()?;
+        blipd_models::weights::atomic_write(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The text [`write`](Self::write) puts in `plan.toml`.
+    pub fn portable_toml(&self) -> Result<String> {
         let mut portable = self.clone();
         let cwd = std::env::current_dir().context("reading the working directory")?;
         let root = std::path::absolute(&self.dir).unwrap_or_else(|_| cwd.join(&self.dir));
@@ -172,10 +180,7 @@ impl PretrainPlan {
                 *input = cwd.join(&*input);
             }
         }
-        let text = blipd_train::config::to_toml_string(&portable)?;
-        blipd_models::weights::atomic_write(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+        Ok(blipd_train::config::to_toml_string(&portable)?)
     }
 
     /// Every input path of the plan (read, never written by the run).

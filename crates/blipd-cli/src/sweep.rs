@@ -1,6 +1,7 @@
 //! `blipd sweep FILE`: run variants of a pre-training plan (the paper's Table 2 ablations) and write one
 //! comparison table.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,6 +31,16 @@ pub struct SweepConfig {
     /// mean ± standard deviation over them.
     #[serde(default = "one")]
     pub seeds: usize,
+    /// Runs at once (`--jobs` overrides): each run is a `blipd resume` process and the cores are
+    /// split between them. On a CPU, two runs of one thread each get more done than one of two
+    /// (small networks do not keep two threads busy).
+    #[serde(default = "one")]
+    pub jobs: usize,
+    /// Train a `[vae]` or `[stage1]` section once per seed where several variants resolve it to the
+    /// same values (every variant that changes only stage 2), and start the others' stage 2 from
+    /// that export ([`share_stages`]). `false`: every run trains all its stages.
+    #[serde(default = "yes")]
+    pub share_stages: bool,
     /// DreamBench scores of every variant's exported pipeline (the paper's Table 2 metrics).
     #[serde(default)]
     pub eval: Option<SweepEval>,
@@ -72,6 +83,10 @@ pub struct SweepEval {
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_images_per_prompt() -> usize {
@@ -127,10 +142,11 @@ pub struct VariantResult {
     /// Offset added to every seed of the plan.
     pub seed_offset: u64,
     pub steps: u64,
-    /// Mean training loss over the last 10% of steps (at least the last step).
-    pub final_loss: f64,
+    /// Mean training loss over the last 10% of steps (at least the last step); none when stage 2
+    /// trained no step.
+    pub final_loss: Option<f64>,
     /// Mean training loss over all steps.
-    pub mean_loss: f64,
+    pub mean_loss: Option<f64>,
     pub wall_s: f64,
     /// DreamBench means over all generated images (with `[eval]`).
     pub dino: Option<f64>,
@@ -141,13 +157,52 @@ pub struct VariantResult {
     pub zero_shot: Option<blipd_apps::micro::ZeroShotReport>,
 }
 
-pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
+/// Command-line overrides of a sweep file's `jobs` and `seeds`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overrides {
+    pub jobs: Option<usize>,
+    pub seeds: Option<usize>,
+}
+
+/// One run of the sweep: a variant with one seed offset.
+struct Job<'a> {
+    variant: &'a Variant,
+    seed_offset: u64,
+    plan: PretrainPlan,
+    /// Runs that train a stage this one starts from (see [`share_stages`]); they finish first.
+    after: Vec<usize>,
+}
+
+/// Where a sweep records that a run finished: the plan it ran and its wall time. A rerun of the sweep
+/// skips a run whose marker holds the plan it would run (a killed sweep redoes only what it had not
+/// finished); any other run is resumed from its checkpoints (`blipd resume`).
+const DONE_FILE: &str = "sweep-done.json";
+
+#[derive(Serialize, Deserialize)]
+struct Done {
+    plan: String,
+    wall_s: f64,
+}
+
+enum State {
+    Waiting,
+    Running(std::process::Child, Instant),
+    Done(f64),
+    Failed,
+}
+
+pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let sweep: SweepConfig =
+    let mut sweep: SweepConfig =
         toml::from_str(&text).with_context(|| format!("sweep file {}", path.display()))?;
+    sweep.jobs = overrides.jobs.unwrap_or(sweep.jobs);
+    sweep.seeds = overrides.seeds.unwrap_or(sweep.seeds);
     if sweep.variants.is_empty() {
         bail!("{}: no [[variant]]", path.display());
+    }
+    if sweep.seeds == 0 || sweep.jobs == 0 {
+        bail!("{}: seeds and jobs must be ≥ 1", path.display());
     }
     let here = path.parent().unwrap_or(Path::new("."));
     let base = here.join(&sweep.base);
@@ -167,16 +222,14 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
             Some((e, bench, ev))
         }
     };
-    if sweep.seeds == 0 {
-        bail!("{}: seeds = 0", path.display());
-    }
-    // Every variant's plan is checked before the first one trains.
-    let mut plans = Vec::with_capacity(sweep.variants.len() * sweep.seeds);
-    for v in &sweep.variants {
-        let mut sets = sweep.set.clone();
-        sets.extend(v.set.iter().cloned());
-        sets.extend(extra_sets.iter().cloned());
-        for k in 0..sweep.seeds as u64 {
+    // Every run's plan is checked before the first one trains. Seed by seed, so that a sweep stopped
+    // early has whole rows of seeds.
+    let mut jobs = Vec::with_capacity(sweep.variants.len() * sweep.seeds);
+    for k in 0..sweep.seeds as u64 {
+        for v in &sweep.variants {
+            let mut sets = sweep.set.clone();
+            sets.extend(v.set.iter().cloned());
+            sets.extend(extra_sets.iter().cloned());
             let dir = match sweep.seeds {
                 1 => sweep.dir.join(&v.name),
                 _ => sweep.dir.join(&v.name).join(format!("seed-{k}")),
@@ -184,28 +237,51 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
             let mut plan = PretrainPlan::parse(&base_text, &sets, Some(&dir))
                 .with_context(|| format!("variant {}", v.name))?;
             plan.shift_seeds(k);
-            plans.push((v, k, dir, plan));
+            if plan.stage2.is_none() {
+                bail!("variant {}: the plan has no stage 2", v.name);
+            }
+            jobs.push(Job {
+                variant: v,
+                seed_offset: k,
+                plan,
+                after: Vec::new(),
+            });
         }
     }
+    if sweep.share_stages {
+        share_stages(&mut jobs)?;
+    }
+    let walls = run_all(&jobs, sweep.jobs)?;
+
     let mut results = Vec::new();
-    for (v, seed_offset, dir, plan) in plans {
-        tracing::info!("sweep: variant {} → {}", v.name, dir.display());
-        let start = Instant::now();
-        crate::pretrain(plan.clone(), false, "sweep")
-            .with_context(|| format!("variant {}", v.name))?;
-        let wall_s = start.elapsed().as_secs_f64();
+    // Rows variant by variant (the table groups them), seeds in order.
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| {
+        let v = sweep
+            .variants
+            .iter()
+            .position(|v| std::ptr::eq(v, jobs[i].variant));
+        (v, jobs[i].seed_offset)
+    });
+    for i in order {
+        let Job {
+            variant: v,
+            seed_offset,
+            plan,
+            ..
+        } = &jobs[i];
         let s2 = plan.stage2.as_ref().context("the plan has no stage 2")?;
         let losses: Vec<f64> =
             blipd_train::metrics::read_metrics(&s2.run.dir.join("metrics.jsonl"))?
                 .into_iter()
                 .map(|r| r.loss)
                 .collect();
-        if losses.is_empty() {
-            bail!("variant {}: no metrics", v.name);
+        if losses.is_empty() && s2.train.max_steps > 0 {
+            bail!("variant {}: no metrics in {}", v.name, s2.run.dir.display());
         }
+        // A stage 2 that trains nothing (the "before stage 2" row) has no loss.
         let tail = (losses.len() / 10).max(1);
-        let final_loss = losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64;
-        let mean_loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        let mean = |xs: &[f64]| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
         let zero_shot = match &plan.eval {
             Some(_) => {
                 let p = plan.dir.join("eval").join("zero_shot.json");
@@ -218,19 +294,19 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
         let mut row = VariantResult {
             name: v.name.clone(),
             description: v.description.clone(),
-            seed_offset,
+            seed_offset: *seed_offset,
             zero_shot,
             steps: losses.len() as u64,
-            final_loss,
-            mean_loss,
-            wall_s,
+            final_loss: mean(&losses[losses.len().saturating_sub(tail)..]),
+            mean_loss: mean(&losses),
+            wall_s: walls[i],
             dino: None,
             clip_i: None,
             clip_t: None,
             images_scored: None,
         };
         if let Some((e, bench, ev)) = eval.as_mut() {
-            let generated = dir.join("dreambench");
+            let generated = plan.dir.join("dreambench");
             let export = blipd_stage2::run::export_dir(s2);
             crate::eval_cmd::generate_images(
                 &export,
@@ -274,6 +350,221 @@ pub fn run(path: &Path, extra_sets: &[String]) -> Result<()> {
     )?;
     println!("{md}\n{}", md_path.display());
     Ok(())
+}
+
+/// A `[vae]` or `[stage1]` section that resolves to the same values (all but its folder) in several
+/// runs — the variants that change only stage 2, for one seed — is trained once, by the first run
+/// that has it. The others drop the section, start stage 2 from that run's export exactly as a plan
+/// starts from its own (`stage2.stage.vae_dir`, `qformer_init = { stage1 = … }`, each only where the
+/// plan would have), and wait for that run.
+fn share_stages(jobs: &mut [Job]) -> Result<()> {
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for i in 0..jobs.len() {
+        let mut shared = Vec::new();
+        if let Some(cfg) = &jobs[i].plan.vae {
+            let mut key = cfg.clone();
+            key.run.dir = PathBuf::new();
+            let key = format!("[vae]\n{}", blipd_train::config::to_toml_string(&key)?);
+            match owners.get(&key) {
+                None => {
+                    owners.insert(key, i);
+                }
+                Some(&j) => {
+                    let owner = jobs[j].plan.vae.as_ref().context("owner's [vae]")?;
+                    let export = blipd_stage2::autoencoder::export_dir(owner);
+                    let plan = &mut jobs[i].plan;
+                    if let Some(s2) = plan.stage2.as_mut() {
+                        if s2.stage.vae_dir.is_none() && s2.stage.model_dir.is_none() {
+                            s2.stage.vae_dir = Some(export);
+                        }
+                    }
+                    plan.vae = None;
+                    jobs[i].after.push(j);
+                    shared.push(format!("[vae] with {}", jobs[j].plan.dir.display()));
+                }
+            }
+        }
+        if let Some(cfg) = &jobs[i].plan.stage1 {
+            let mut key = cfg.clone();
+            key.run.dir = PathBuf::new();
+            let key = format!("[stage1]\n{}", blipd_train::config::to_toml_string(&key)?);
+            match owners.get(&key) {
+                None => {
+                    owners.insert(key, i);
+                }
+                Some(&j) => {
+                    let owner = jobs[j].plan.stage1.as_ref().context("owner's [stage1]")?;
+                    let export =
+                        blipd_stage1::run::export_dir(owner).join("qformer/model.safetensors");
+                    let plan = &mut jobs[i].plan;
+                    if let Some(s2) = plan.stage2.as_mut() {
+                        if s2.stage.qformer_init == blipd_stage2::QFormerInit::Pretrained {
+                            s2.stage.qformer_init = blipd_stage2::QFormerInit::Stage1(export);
+                        }
+                    }
+                    plan.stage1 = None;
+                    if !jobs[i].after.contains(&j) {
+                        jobs[i].after.push(j);
+                    }
+                    shared.push(format!("[stage1] with {}", jobs[j].plan.dir.display()));
+                }
+            }
+        }
+        if !shared.is_empty() {
+            tracing::info!(
+                "sweep: {} shares {}",
+                jobs[i].plan.dir.display(),
+                shared.join(" and ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs every job, `parallel` at once, each as a `blipd resume <run dir>` process (after writing its
+/// `plan.toml`) with the cores split between them (`RAYON_NUM_THREADS`); with more than one at once,
+/// each one's output goes to `<run dir>/sweep.log`. Returns each job's wall time in seconds (a finished
+/// run skipped: the time its marker recorded). On a failure no further run starts; those running
+/// finish, then the sweep fails naming the failed runs and their logs.
+fn run_all(jobs: &[Job], parallel: usize) -> Result<Vec<f64>> {
+    let cores = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = (cores / parallel).max(1);
+    let exe = std::env::current_exe().context("locating the blipd binary")?;
+    let mut state: Vec<State> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let plan_text = job.plan.portable_toml()?;
+        let done = std::fs::read_to_string(job.plan.dir.join(DONE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Done>(&t).ok())
+            .filter(|d| d.plan == plan_text);
+        state.push(match done {
+            Some(d) => {
+                tracing::info!(
+                    "sweep: {} finished in an earlier sweep ({DONE_FILE} holds this plan); skipped",
+                    job.plan.dir.display()
+                );
+                State::Done(d.wall_s)
+            }
+            None => State::Waiting,
+        });
+    }
+    let total = jobs.len();
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let running = state
+            .iter()
+            .filter(|s| matches!(s, State::Running(..)))
+            .count();
+        let mut free = parallel.saturating_sub(running);
+        for i in 0..jobs.len() {
+            if free == 0 || !failed.is_empty() {
+                break;
+            }
+            let ready = matches!(state[i], State::Waiting)
+                && jobs[i]
+                    .after
+                    .iter()
+                    .all(|&j| matches!(state[j], State::Done(_)));
+            if !ready {
+                continue;
+            }
+            let job = &jobs[i];
+            job.plan.write()?;
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("resume")
+                .arg(&job.plan.dir)
+                .env("RAYON_NUM_THREADS", threads.to_string());
+            let log = job.plan.dir.join("sweep.log");
+            if parallel > 1 {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .with_context(|| format!("opening {}", log.display()))?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting {} resume", exe.display()))?;
+            let done = state.iter().filter(|s| matches!(s, State::Done(_))).count();
+            tracing::info!(
+                "sweep: [{done}/{total} done] variant {} seed +{} → {} (RAYON_NUM_THREADS={threads}{})",
+                job.variant.name,
+                job.seed_offset,
+                job.plan.dir.display(),
+                if parallel > 1 {
+                    format!(", log {}", log.display())
+                } else {
+                    String::new()
+                }
+            );
+            state[i] = State::Running(child, Instant::now());
+            free -= 1;
+        }
+        if !state.iter().any(|s| matches!(s, State::Running(..))) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for (i, s) in state.iter_mut().enumerate() {
+            let State::Running(child, start) = s else {
+                continue;
+            };
+            let Some(status) = child.try_wait()? else {
+                continue;
+            };
+            let job = &jobs[i];
+            let wall_s = start.elapsed().as_secs_f64();
+            if status.success() {
+                let done = Done {
+                    plan: job.plan.portable_toml()?,
+                    wall_s,
+                };
+                std::fs::write(
+                    job.plan.dir.join(DONE_FILE),
+                    serde_json::to_string_pretty(&done)?,
+                )?;
+                tracing::info!(
+                    "sweep: variant {} seed +{} finished in {wall_s:.0} s",
+                    job.variant.name,
+                    job.seed_offset
+                );
+                *s = State::Done(wall_s);
+            } else {
+                let msg = format!(
+                    "variant {} seed +{} ({}) {status}{}",
+                    job.variant.name,
+                    job.seed_offset,
+                    job.plan.dir.display(),
+                    if parallel > 1 {
+                        format!("; its output: {}", job.plan.dir.join("sweep.log").display())
+                    } else {
+                        String::new()
+                    }
+                );
+                tracing::error!("sweep: {msg}");
+                failed.push(msg);
+                *s = State::Failed;
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} run(s) failed (rerun the sweep to resume them; finished runs are skipped):\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        );
+    }
+    Ok(state
+        .into_iter()
+        .map(|s| match s {
+            State::Done(w) => w,
+            _ => f64::NAN,
+        })
+        .collect())
 }
 
 /// Mean and sample standard deviation ("m ± s"; "m" alone for one value, "-" for none).
@@ -327,8 +618,8 @@ fn table(rows: &[VariantResult]) -> String {
             group[0].description,
             group.len(),
             group[0].steps,
-            col(&|r| Some(r.final_loss)),
-            col(&|r| Some(r.mean_loss)),
+            col(&|r| r.final_loss),
+            col(&|r| r.mean_loss),
         ));
         if micro {
             let z = |f: fn(&blipd_apps::micro::ZeroShotReport) -> f64| {
