@@ -361,64 +361,72 @@ fn share_stages(jobs: &mut [Job]) -> Result<()> {
     let mut owners: HashMap<String, usize> = HashMap::new();
     for i in 0..jobs.len() {
         let mut shared = Vec::new();
-        if let Some(cfg) = &jobs[i].plan.vae {
-            let mut key = cfg.clone();
-            key.run.dir = PathBuf::new();
-            let key = format!("[vae]\n{}", blipd_train::config::to_toml_string(&key)?);
-            match owners.get(&key) {
-                None => {
-                    owners.insert(key, i);
-                }
-                Some(&j) => {
-                    let owner = jobs[j].plan.vae.as_ref().context("owner's [vae]")?;
-                    let export = blipd_stage2::autoencoder::export_dir(owner);
-                    let plan = &mut jobs[i].plan;
-                    if let Some(s2) = plan.stage2.as_mut() {
-                        if s2.stage.vae_dir.is_none() && s2.stage.model_dir.is_none() {
-                            s2.stage.vae_dir = Some(export);
-                        }
-                    }
-                    plan.vae = None;
-                    jobs[i].after.push(j);
-                    shared.push(format!("[vae] with {}", jobs[j].plan.dir.display()));
+        let vae = jobs[i].plan.vae.as_ref().map(|c| {
+            let mut c = c.clone();
+            c.run.dir = PathBuf::new();
+            section_owner(&mut owners, "vae", &c, i)
+        });
+        if let Some(j) = vae.transpose()?.filter(|&j| j != i) {
+            let owner = jobs[j].plan.vae.as_ref().context("the owner's [vae]")?;
+            let export = blipd_stage2::autoencoder::export_dir(owner);
+            let plan = &mut jobs[i].plan;
+            if let Some(s2) = plan.stage2.as_mut() {
+                if s2.stage.vae_dir.is_none() && s2.stage.model_dir.is_none() {
+                    s2.stage.vae_dir = Some(export);
                 }
             }
+            plan.vae = None;
+            shared.push(("[vae]", j));
         }
-        if let Some(cfg) = &jobs[i].plan.stage1 {
-            let mut key = cfg.clone();
-            key.run.dir = PathBuf::new();
-            let key = format!("[stage1]\n{}", blipd_train::config::to_toml_string(&key)?);
-            match owners.get(&key) {
-                None => {
-                    owners.insert(key, i);
-                }
-                Some(&j) => {
-                    let owner = jobs[j].plan.stage1.as_ref().context("owner's [stage1]")?;
-                    let export =
-                        blipd_stage1::run::export_dir(owner).join("qformer/model.safetensors");
-                    let plan = &mut jobs[i].plan;
-                    if let Some(s2) = plan.stage2.as_mut() {
-                        if s2.stage.qformer_init == blipd_stage2::QFormerInit::Pretrained {
-                            s2.stage.qformer_init = blipd_stage2::QFormerInit::Stage1(export);
-                        }
-                    }
-                    plan.stage1 = None;
-                    if !jobs[i].after.contains(&j) {
-                        jobs[i].after.push(j);
-                    }
-                    shared.push(format!("[stage1] with {}", jobs[j].plan.dir.display()));
+        let stage1 = jobs[i].plan.stage1.as_ref().map(|c| {
+            let mut c = c.clone();
+            c.run.dir = PathBuf::new();
+            section_owner(&mut owners, "stage1", &c, i)
+        });
+        if let Some(j) = stage1.transpose()?.filter(|&j| j != i) {
+            let owner = jobs[j]
+                .plan
+                .stage1
+                .as_ref()
+                .context("the owner's [stage1]")?;
+            let export = blipd_stage1::run::export_dir(owner).join("qformer/model.safetensors");
+            let plan = &mut jobs[i].plan;
+            if let Some(s2) = plan.stage2.as_mut() {
+                if s2.stage.qformer_init == blipd_stage2::QFormerInit::Pretrained {
+                    s2.stage.qformer_init = blipd_stage2::QFormerInit::Stage1(export);
                 }
             }
+            plan.stage1 = None;
+            shared.push(("[stage1]", j));
         }
         if !shared.is_empty() {
+            let what: Vec<String> = shared
+                .iter()
+                .map(|&(s, j)| format!("{s} with {}", jobs[j].plan.dir.display()))
+                .collect();
             tracing::info!(
                 "sweep: {} shares {}",
                 jobs[i].plan.dir.display(),
-                shared.join(" and ")
+                what.join(" and ")
             );
         }
+        let mut after: Vec<usize> = shared.into_iter().map(|(_, j)| j).collect();
+        after.dedup();
+        jobs[i].after = after;
     }
     Ok(())
+}
+
+/// The first run whose section `[tag]` has `cfg`'s values (its folder cleared), which is run `i` when no
+/// run before it had them.
+fn section_owner<C: Serialize>(
+    owners: &mut HashMap<String, usize>,
+    tag: &str,
+    cfg: &C,
+    i: usize,
+) -> Result<usize> {
+    let key = format!("[{tag}]\n{}", blipd_train::config::to_toml_string(cfg)?);
+    Ok(*owners.entry(key).or_insert(i))
 }
 
 /// Runs every job, `parallel` at once, each as a `blipd resume <run dir>` process (after writing its
@@ -589,10 +597,10 @@ fn table(rows: &[VariantResult]) -> String {
     let mut rule = String::from("|---|---|---:|---:|---:|---:|");
     if micro {
         s.push_str(
-            " subject fidelity, zero-shot | subject fidelity, text-only | text alignment, zero-shot \
-             | text alignment, text-only |",
+            " subject fidelity, zero-shot | subject fidelity, text-only | gap | text alignment, \
+             zero-shot | text alignment, text-only |",
         );
-        rule.push_str("---:|---:|---:|---:|");
+        rule.push_str("---:|---:|---:|---:|---:|");
     }
     if scored {
         s.push_str(" DINO | CLIP-I | CLIP-T | images |");
@@ -626,9 +634,11 @@ fn table(rows: &[VariantResult]) -> String {
                 col(&|r: &VariantResult| r.zero_shot.as_ref().map(f))
             };
             s.push_str(&format!(
-                " {} | {} | {} | {} |",
+                " {} | {} | {} | {} | {} |",
                 z(|z| z.subject_fidelity_zero_shot),
                 z(|z| z.subject_fidelity_text_only),
+                // Per seed, then mean ± std: the seeds' spread of the difference itself.
+                z(|z| z.subject_fidelity_zero_shot - z.subject_fidelity_text_only),
                 z(|z| z.text_alignment_zero_shot),
                 z(|z| z.text_alignment_text_only),
             ));
