@@ -356,6 +356,7 @@ fn shared_stages_and_parallel_runs_give_the_plain_sweeps_models() {
             assert!(a["final_loss"].is_null() && a["steps"] == 0, "{a}");
         } else {
             assert!(a["final_loss"].as_f64().unwrap().is_finite(), "{a}");
+            assert_eq!(a["steps"], 2, "{a}");
         }
     }
     let table = std::fs::read_to_string(root.join("shared/ablation.md")).unwrap();

@@ -142,8 +142,8 @@ pub struct VariantResult {
     /// Offset added to every seed of the plan.
     pub seed_offset: u64,
     pub steps: u64,
-    /// Mean training loss over the last 10% of steps (at least the last step); none when stage 2
-    /// trained no step.
+    /// Mean training loss over the last 10% of the logged steps (at least the last); none when
+    /// stage 2 trained no step.
     pub final_loss: Option<f64>,
     /// Mean training loss over all steps.
     pub mean_loss: Option<f64>,
@@ -271,11 +271,8 @@ pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<(
             ..
         } = &jobs[i];
         let s2 = plan.stage2.as_ref().context("the plan has no stage 2")?;
-        let losses: Vec<f64> =
-            blipd_train::metrics::read_metrics(&s2.run.dir.join("metrics.jsonl"))?
-                .into_iter()
-                .map(|r| r.loss)
-                .collect();
+        let records = blipd_train::metrics::read_metrics(&s2.run.dir.join("metrics.jsonl"))?;
+        let losses: Vec<f64> = records.iter().map(|r| r.loss).collect();
         if losses.is_empty() && s2.train.max_steps > 0 {
             bail!("variant {}: no metrics in {}", v.name, s2.run.dir.display());
         }
@@ -296,7 +293,7 @@ pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<(
             description: v.description.clone(),
             seed_offset: *seed_offset,
             zero_shot,
-            steps: losses.len() as u64,
+            steps: records.last().map_or(0, |r| r.step),
             final_loss: mean(&losses[losses.len().saturating_sub(tail)..]),
             mean_loss: mean(&losses),
             wall_s: walls[i],
