@@ -285,6 +285,36 @@ pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 }
 
+/// A loss on the U-Net's prediction for `(noisy, timesteps, states)`: with `checkpointing`, with its
+/// gradients from [`loss_and_grads`]; without, on the ordinary graph (the trainer's `backward()` then
+/// differentiates it). The one place fine-tuning and stage 2 choose between the two.
+#[allow(clippy::too_many_arguments)]
+pub fn denoising_loss<B: AutodiffBackend, M: AutodiffModule<B>>(
+    root: &M,
+    unet: &UNet2DConditionModel<B>,
+    noisy: Tensor<B, 4>,
+    timesteps: Tensor<B, 1>,
+    states: Tensor<B, 3>,
+    conditioning_trained: bool,
+    checkpointing: bool,
+    loss_fn: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 1>,
+) -> (Tensor<B, 1>, Option<InnerGrads<B>>) {
+    if checkpointing {
+        let (loss, grads) = loss_and_grads(
+            root,
+            unet,
+            noisy,
+            timesteps,
+            states,
+            conditioning_trained,
+            loss_fn,
+        );
+        (loss, Some(grads))
+    } else {
+        (loss_fn(unet.forward(noisy, timesteps, states, None)), None)
+    }
+}
+
 /// A loss on the U-Net's prediction, differentiated with the U-Net checkpointed: the prediction for
 /// `(noisy, timesteps, states)` without a graph, `loss_fn` on it as a leaf, the U-Net block by block
 /// ([`backward`]), then the conditioning that made `states` from their gradient when `conditioning_trained`

@@ -278,21 +278,16 @@ impl<B: AutodiffBackend> Finetune<B> {
         let ctx = model.ctx.val().expand([b, n, d]);
         let states = self.states(&model.text_encoder, ctx)?;
         let opts = self.config.loss_options();
-        Ok(if checkpointing {
-            let (loss, grads) = crate::checkpoint::loss_and_grads(
-                model,
-                &model.unet,
-                noisy,
-                t_int.float(),
-                states,
-                self.config.train_ctx || self.config.train_text_encoder,
-                |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
-            );
-            (loss, Some(grads))
-        } else {
-            let pred = model.unet.forward(noisy, t_int.float(), states, None);
-            (opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()), None)
-        })
+        Ok(crate::checkpoint::denoising_loss(
+            model,
+            &model.unet,
+            noisy,
+            t_int.float(),
+            states,
+            self.config.train_ctx || self.config.train_text_encoder,
+            checkpointing,
+            |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
+        ))
     }
 
     /// `ctx` `[b, N, D]` into the caption → text-encoder states `[b, L, D]`.

@@ -430,22 +430,17 @@ impl<B: AutodiffBackend> Stage2<B> {
         let states = self.prompt_states(&model.text_encoder, ctx, captions, subjects, keep)?;
         let t2 = std::time::Instant::now();
         let opts = self.config.loss_options();
-        let (loss, grads) = if checkpointing {
-            // The Q-Former is always trained, so the text states carry a graph.
-            let (loss, grads) = crate::checkpoint::loss_and_grads(
-                model,
-                &model.unet,
-                noisy,
-                t_int.float(),
-                states,
-                true,
-                |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
-            );
-            (loss, Some(grads))
-        } else {
-            let pred = model.unet.forward(noisy, t_int.float(), states, None);
-            (opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()), None)
-        };
+        // The Q-Former is always trained, so the text states carry a graph.
+        let (loss, grads) = crate::checkpoint::denoising_loss(
+            model,
+            &model.unet,
+            noisy,
+            t_int.float(),
+            states,
+            true,
+            checkpointing,
+            |pred| opts.loss(pred, noise, &t, self.ddpm.alphas_cumprod()),
+        );
         tracing::debug!(
             subject_s = (t1 - t0).as_secs_f64(),
             text_s = (t2 - t1).as_secs_f64(),
