@@ -167,6 +167,8 @@ pub struct Overrides {
 /// One run of the sweep: a variant with one seed offset.
 struct Job<'a> {
     variant: &'a Variant,
+    /// Its place in the file (the table's row order).
+    variant_index: usize,
     seed_offset: u64,
     plan: PretrainPlan,
     /// Runs that train a stage this one starts from (see [`share_stages`]); they finish first.
@@ -226,7 +228,7 @@ pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<(
     // early has whole rows of seeds.
     let mut jobs = Vec::with_capacity(sweep.variants.len() * sweep.seeds);
     for k in 0..sweep.seeds as u64 {
-        for v in &sweep.variants {
+        for (variant_index, v) in sweep.variants.iter().enumerate() {
             let mut sets = sweep.set.clone();
             sets.extend(v.set.iter().cloned());
             sets.extend(extra_sets.iter().cloned());
@@ -242,6 +244,7 @@ pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<(
             }
             jobs.push(Job {
                 variant: v,
+                variant_index,
                 seed_offset: k,
                 plan,
                 after: Vec::new(),
@@ -256,13 +259,7 @@ pub fn run(path: &Path, extra_sets: &[String], overrides: Overrides) -> Result<(
     let mut results = Vec::new();
     // Rows variant by variant (the table groups them), seeds in order.
     let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| {
-        let v = sweep
-            .variants
-            .iter()
-            .position(|v| std::ptr::eq(v, jobs[i].variant));
-        (v, jobs[i].seed_offset)
-    });
+    order.sort_by_key(|&i| (jobs[i].variant_index, jobs[i].seed_offset));
     for i in order {
         let Job {
             variant: v,
