@@ -327,11 +327,15 @@ mod tests {
         let ft = PretrainPlan::parse(&text, &["eval.finetune.steps=40".into()], None).unwrap();
         let ft = ft.eval.unwrap().finetune.unwrap();
         assert_eq!((ft.steps, ft.subjects, ft.batch_size), (40, 8, 3));
-        let e = err(&["eval.finetune.subjects=0"]);
-        assert!(
-            e.contains("[eval.finetune]") && e.contains("subjects"),
-            "{e}"
-        );
+        // subjects = 0 turns fine-tuning off: its other keys are then not checked.
+        let off = [
+            "eval.finetune.subjects=0".into(),
+            "eval.finetune.steps=0".into(),
+        ];
+        let off = PretrainPlan::parse(&text, &off, None).unwrap();
+        assert_eq!(off.eval.unwrap().finetune.unwrap().subjects, 0);
+        let e = err(&["eval.finetune.steps=0"]);
+        assert!(e.contains("[eval.finetune]") && e.contains("steps"), "{e}");
         let e = err(&["eval.finetune.subjects=20"]);
         assert!(e.contains("only 19 held-out"), "{e}");
         let e = err(&["eval.finetune.lr=-1.0"]);
