@@ -67,6 +67,12 @@ fn main() {
         })
         .collect();
     println!("RS_TOLERANCE {:e}", opts.tolerance);
+    // The instruction-set level the solver runs at (`BLIPD_SIMD` caps it).
+    println!(
+        "RS_SIMD {} (detected {})",
+        blipd_data::cpu::level().name(),
+        blipd_data::cpu::detected().name()
+    );
     let fg_opts = FgOptions::default();
     let pool1 = rayon::ThreadPoolBuilder::new()
         .num_threads(1)

@@ -47,8 +47,8 @@ pub fn estimate_foreground_background_ml(
     Ok((f, b.expect("asked for the background")))
 }
 
-/// F, and B if `background`, dispatched to the AVX2/FMA build where the CPU has it (the same code
-/// otherwise).
+/// F, and B if `background`, dispatched to the AVX2/FMA build where the CPU has it ([`crate::cpu::level`]; the
+/// same code otherwise).
 fn estimate(
     image: &Rgb,
     alpha: &Gray,
@@ -57,12 +57,10 @@ fn estimate(
 ) -> Result<(Rgb, Option<Rgb>)> {
     alpha.check_size("alpha", image.width, image.height)?;
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports the features `estimate_avx2` is compiled for (checked above).
-            return Ok(unsafe { estimate_avx2(image, alpha, opts, background) });
-        }
+    if crate::cpu::level() >= crate::cpu::SimdLevel::Avx2 {
+        // SAFETY: the CPU supports the features `estimate_avx2` is compiled for (`cpu::level` is at most the
+        // detected level).
+        return Ok(unsafe { estimate_avx2(image, alpha, opts, background) });
     }
     Ok(estimate_generic(image, alpha, opts, background))
 }

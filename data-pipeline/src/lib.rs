@@ -7,6 +7,7 @@
 
 pub mod buffer;
 pub mod composite;
+pub mod cpu;
 pub mod error;
 pub mod font;
 pub mod foreground;

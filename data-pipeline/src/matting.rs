@@ -317,26 +317,18 @@ fn solve_pyramid_generic(
     solve_pyramid::<{ solver::ISA_GENERIC }>(image, class, opts)
 }
 
-/// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it.
+/// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it ([`crate::cpu::level`]).
 fn solve_dispatch(image: &Rgb, class: &[Class], opts: &CfOptions) -> Result<(Buf<f64>, CfStats)> {
     #[cfg(target_arch = "x86_64")]
-    {
-        let (avx2, fma) = (
-            std::arch::is_x86_feature_detected!("avx2"),
-            std::arch::is_x86_feature_detected!("fma"),
-        );
-        if avx2
-            && fma
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: the CPU supports the features `solve_pyramid_avx512` is compiled for (checked above).
-            return unsafe { solve_pyramid_avx512(image, class, opts) };
+    match crate::cpu::level() {
+        // SAFETY: the CPU supports the features `solve_pyramid_avx512` is compiled for (`cpu::level` is at
+        // most the detected level).
+        crate::cpu::SimdLevel::Avx512 => {
+            return unsafe { solve_pyramid_avx512(image, class, opts) }
         }
-        if avx2 && fma {
-            // SAFETY: the CPU supports the features `solve_pyramid_avx2` is compiled for (checked above).
-            return unsafe { solve_pyramid_avx2(image, class, opts) };
-        }
+        // SAFETY: as above, for `solve_pyramid_avx2`.
+        crate::cpu::SimdLevel::Avx2 => return unsafe { solve_pyramid_avx2(image, class, opts) },
+        crate::cpu::SimdLevel::Generic => {}
     }
     solve_pyramid_generic(image, class, opts)
 }

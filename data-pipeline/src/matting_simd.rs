@@ -14,13 +14,37 @@ pub(crate) const SUB: u8 = 2;
 /// `out = (out − Σ) · scale`.
 pub(crate) const SUB_SCALE: u8 = 3;
 
-// Loads and stores are masked moves, with every lane enabled in full blocks: the `_mm*_loadu_*` wrappers go
-// through `copy_nonoverlapping`, whose precondition checks (debug-assertion builds such as the workspace's dev
-// profile) cost more than the arithmetic in these short loops.
+// Full blocks use plain unaligned moves and only the tail a masked one: AMD's Zen 2 and Zen 3 run a VEX masked
+// store (`vmaskmovps m256`) as a long microcoded sequence, slower than the five multiply-adds of a block. (The
+// `_mm256_loadu_*` wrappers go through `copy_nonoverlapping`, whose precondition checks would cost more than the
+// arithmetic in a debug-assertion build: the dev profile builds this crate without debug assertions, so the
+// tests run these moves as the release build does.)
+/// Eight `f32` at `p`: all of them (`FULL`) or the lanes enabled in `m`.
 #[inline(always)]
-unsafe fn ld8f(p: *const f32, m: __m256i) -> __m256 {
-    // SAFETY: the caller guarantees that the lanes enabled in m are readable and AVX support.
-    unsafe { _mm256_maskload_ps(p, m) }
+unsafe fn ld8f<const FULL: bool>(p: *const f32, m: __m256i) -> __m256 {
+    // SAFETY: the caller guarantees that the lanes enabled in m (all eight when FULL) are readable and AVX
+    // support.
+    unsafe {
+        if FULL {
+            _mm256_loadu_ps(p)
+        } else {
+            _mm256_maskload_ps(p, m)
+        }
+    }
+}
+
+/// Stores the lanes of `v` enabled in `m` (all eight when `FULL`) at `p`.
+#[inline(always)]
+unsafe fn st8f<const FULL: bool>(p: *mut f32, m: __m256i, v: __m256) {
+    // SAFETY: the caller guarantees that the lanes enabled in m (all eight when FULL) are writable and AVX
+    // support.
+    unsafe {
+        if FULL {
+            _mm256_storeu_ps(p, v)
+        } else {
+            _mm256_maskstore_ps(p, m, v)
+        }
+    }
 }
 
 #[inline]
@@ -31,12 +55,17 @@ fn mask8(rem: usize) -> __m256i {
 }
 
 /// Eight bf16 values (the high halves of `f32`s) at `p` as `f32`; `m2` enables the 32-bit pairs to read
-/// (the pair holding the last wanted value may hold one more, which must be readable and is ignored).
+/// (the pair holding the last wanted value may hold one more, which must be readable and is ignored; all four
+/// pairs when `FULL`).
 #[inline(always)]
-unsafe fn ld8bf(p: *const u16, m2: __m128i) -> __m256 {
+unsafe fn ld8bf<const FULL: bool>(p: *const u16, m2: __m128i) -> __m256 {
     // SAFETY: the caller guarantees that the pairs enabled in m2 are readable and AVX2 support.
     unsafe {
-        let w = _mm_maskload_epi32(p as *const i32, m2);
+        let w = if FULL {
+            _mm_loadu_si128(p as *const __m128i)
+        } else {
+            _mm_maskload_epi32(p as *const i32, m2)
+        };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(w)))
     }
 }
@@ -48,6 +77,28 @@ fn mask_pairs4(rem: usize) -> __m128i {
     let pairs = rem.div_ceil(2);
     let m = |i: usize| if i < pairs { -1 } else { 0 };
     _mm_setr_epi32(m(0), m(1), m(2), m(3))
+}
+
+/// Runs `block::<true>(k, ·, ·)` over the full blocks of eight of `0..len` and `block::<false>` with the tail's
+/// masks on the rest.
+macro_rules! blocks8 {
+    ($len:expr, |$full:ident, $k:ident, $m:ident, $m2:ident| $body:expr) => {{
+        let len = $len;
+        let mut $k = 0;
+        {
+            let ($m, $m2) = (_mm256_set1_epi32(-1), _mm_set1_epi32(-1));
+            const $full: bool = true;
+            while $k + 8 <= len {
+                $body;
+                $k += 8;
+            }
+        }
+        if $k < len {
+            let ($m, $m2) = (mask8(len - $k), mask_pairs4(len - $k));
+            const $full: bool = false;
+            $body;
+        }
+    }};
 }
 
 /// `out[k] ⊕= Σ_{i<5} a[i][k] · x[i][k]` in `f32` with bf16 bands `a` (and bf16 `scale` for `SUB_SCALE`),
@@ -64,44 +115,36 @@ pub(crate) unsafe fn group5_bf16<const MODE: u8>(
     out: &mut [f32],
     scale: &[u16],
 ) {
-    let len = out.len();
     let ap = a.map(|s| s.as_ptr());
     let xp = x.map(|s| s.as_ptr());
     let op = out.as_mut_ptr();
     let sp = scale.as_ptr();
-    let mut k = 0;
-    while k < len {
-        let (m, m2) = if k + 8 <= len {
-            (_mm256_set1_epi32(-1), _mm_set1_epi32(-1))
-        } else {
-            (mask8(len - k), mask_pairs4(len - k))
-        };
+    blocks8!(out.len(), |FULL, k, m, m2| {
         // SAFETY: only lanes below `len` (and the pair partner of the last one) are enabled.
         unsafe {
             let mut acc = _mm256_mul_ps(
-                ld8bf(ap[0].wrapping_add(k), m2),
-                ld8f(xp[0].wrapping_add(k), m),
+                ld8bf::<FULL>(ap[0].wrapping_add(k), m2),
+                ld8f::<FULL>(xp[0].wrapping_add(k), m),
             );
             for i in 1..5 {
                 acc = _mm256_fmadd_ps(
-                    ld8bf(ap[i].wrapping_add(k), m2),
-                    ld8f(xp[i].wrapping_add(k), m),
+                    ld8bf::<FULL>(ap[i].wrapping_add(k), m2),
+                    ld8f::<FULL>(xp[i].wrapping_add(k), m),
                     acc,
                 );
             }
             let v = match MODE {
                 SET => acc,
-                ADD => _mm256_add_ps(ld8f(op.wrapping_add(k), m), acc),
-                SUB => _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                ADD => _mm256_add_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
+                SUB => _mm256_sub_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
                 _ => _mm256_mul_ps(
-                    _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
-                    ld8bf(sp.wrapping_add(k), m2),
+                    _mm256_sub_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
+                    ld8bf::<FULL>(sp.wrapping_add(k), m2),
                 ),
             };
-            _mm256_maskstore_ps(op.wrapping_add(k), m, v);
+            st8f::<FULL>(op.wrapping_add(k), m, v);
         }
-        k += 8;
-    }
+    });
 }
 
 /// `z[j] −= Σ_{i<5} l[i][j + 4 − i] · t[j + 4 − i]` for `j < z.len()` with bf16 `l` (see
@@ -112,34 +155,26 @@ pub(crate) unsafe fn group5_bf16<const MODE: u8>(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn scatter_row5(l: [&[u16]; 5], t: &[f32], z: &mut [f32]) {
-    let len = z.len();
     let lp = l.map(|s| s.as_ptr());
     let (tp, zp) = (t.as_ptr(), z.as_mut_ptr());
-    let mut k = 0;
-    while k < len {
-        let (m, m2) = if k + 8 <= len {
-            (_mm256_set1_epi32(-1), _mm_set1_epi32(-1))
-        } else {
-            (mask8(len - k), mask_pairs4(len - k))
-        };
+    blocks8!(z.len(), |FULL, k, m, m2| {
         // SAFETY: lane j reads l[i] and t at j + 4 − i ≤ len + 3 (+1 for the pair), z at j < len.
         unsafe {
             let mut acc = _mm256_mul_ps(
-                ld8bf(lp[0].wrapping_add(k + 4), m2),
-                ld8f(tp.wrapping_add(k + 4), m),
+                ld8bf::<FULL>(lp[0].wrapping_add(k + 4), m2),
+                ld8f::<FULL>(tp.wrapping_add(k + 4), m),
             );
             for i in 1..5 {
                 acc = _mm256_fmadd_ps(
-                    ld8bf(lp[i].wrapping_add(k + 4 - i), m2),
-                    ld8f(tp.wrapping_add(k + 4 - i), m),
+                    ld8bf::<FULL>(lp[i].wrapping_add(k + 4 - i), m2),
+                    ld8f::<FULL>(tp.wrapping_add(k + 4 - i), m),
                     acc,
                 );
             }
-            let v = _mm256_sub_ps(ld8f(zp.wrapping_add(k), m), acc);
-            _mm256_maskstore_ps(zp.wrapping_add(k), m, v);
+            let v = _mm256_sub_ps(ld8f::<FULL>(zp.wrapping_add(k), m), acc);
+            st8f::<FULL>(zp.wrapping_add(k), m, v);
         }
-        k += 8;
-    }
+    });
 }
 
 // ---- AVX-512 (F) versions: twice the lanes, native masked tails. ----
@@ -269,44 +304,36 @@ pub(crate) unsafe fn group5_f32<const MODE: u8>(
     out: &mut [f32],
     scale: &[f32],
 ) {
-    let len = out.len();
     let ap = a.map(|s| s.as_ptr());
     let xp = x.map(|s| s.as_ptr());
     let op = out.as_mut_ptr();
     let sp = scale.as_ptr();
-    let mut k = 0;
-    while k < len {
-        let m = if k + 8 <= len {
-            _mm256_set1_epi32(-1)
-        } else {
-            mask8(len - k)
-        };
+    blocks8!(out.len(), |FULL, k, m, _m2| {
         // SAFETY: only lanes below `len` are enabled in `m`.
         unsafe {
             let mut acc = _mm256_mul_ps(
-                ld8f(ap[0].wrapping_add(k), m),
-                ld8f(xp[0].wrapping_add(k), m),
+                ld8f::<FULL>(ap[0].wrapping_add(k), m),
+                ld8f::<FULL>(xp[0].wrapping_add(k), m),
             );
             for i in 1..5 {
                 acc = _mm256_fmadd_ps(
-                    ld8f(ap[i].wrapping_add(k), m),
-                    ld8f(xp[i].wrapping_add(k), m),
+                    ld8f::<FULL>(ap[i].wrapping_add(k), m),
+                    ld8f::<FULL>(xp[i].wrapping_add(k), m),
                     acc,
                 );
             }
             let v = match MODE {
                 SET => acc,
-                ADD => _mm256_add_ps(ld8f(op.wrapping_add(k), m), acc),
-                SUB => _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
+                ADD => _mm256_add_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
+                SUB => _mm256_sub_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
                 _ => _mm256_mul_ps(
-                    _mm256_sub_ps(ld8f(op.wrapping_add(k), m), acc),
-                    ld8f(sp.wrapping_add(k), m),
+                    _mm256_sub_ps(ld8f::<FULL>(op.wrapping_add(k), m), acc),
+                    ld8f::<FULL>(sp.wrapping_add(k), m),
                 ),
             };
-            _mm256_maskstore_ps(op.wrapping_add(k), m, v);
+            st8f::<FULL>(op.wrapping_add(k), m, v);
         }
-        k += 8;
-    }
+    });
 }
 
 /// AVX-512 version of [`group5_f32`] (sixteen f32 lanes).

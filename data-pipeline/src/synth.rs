@@ -834,7 +834,7 @@ pub fn synth_part(
             }
         }
         let rows_in_file = writer.finish()?;
-        debug_assert_eq!(rows_in_file, rows_written);
+        assert_eq!(rows_in_file, rows_written);
         let bytes = std::fs::metadata(&path)
             .map_err(|e| DataError::io(&path, e))?
             .len();

@@ -9,6 +9,8 @@
 # Env: PYTHON (default /work/pyref/bin/python if it has pymatting, else a venv at target/bench-venv with
 #      `pip install pymatting`), REPEAT (default 3), WORK (default target/bench-matting-SIZE),
 #      TOLERANCE (blipd's tolerance in the first comparison, default 1e-7 = pymatting's rtol).
+#      BLIPD_SIMD (generic, avx2 or avx512: caps blipd's instruction-set level, to time the AVX2 build on an
+#      AVX-512 machine; the TOTAL lines name the level that ran).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE="${1:-512}"; shift || true
@@ -35,7 +37,7 @@ echo "== pymatting $("$PY" -c 'import pymatting; print(pymatting.__version__)') 
 # how the pipeline is meant to run (`cargo run --release -- data synth …`). The dev profile also builds
 # blipd-data at opt-level 3 but keeps overflow checks, about 6 % slower.
 cargo build -q --release -p blipd-data --example matting_bench
-BENCH=target/release/examples/matting_bench
+BENCH="${CARGO_TARGET_DIR:-target}/release/examples/matting_bench"
 # 1. pymatting's stopping criterion: ||b - A x||_2 <= 1e-7 ||b||_2 on the f64 system (TOLERANCE overrides).
 echo "== blipd-data at pymatting's stopping criterion (release profile)"
 "$BENCH" "$WORK" --repeat "$REPEAT" --tolerance "${TOLERANCE:-1e-7}" | tee "$WORK/rs.log"

@@ -66,6 +66,7 @@ def compare(d, py_log, rs_log, suffix=""):
         return out
     py, rs = parse(py_log, "PY"), parse(rs_log, "RS")
     tol = next((l.split()[1] for l in open(rs_log) if l.startswith("RS_TOLERANCE")), "?")
+    simd = next((l.split()[1] for l in open(rs_log) if l.startswith("RS_SIMD")), "?")
     tot_py = tot_rs = tot_pyf = tot_rsf = 0.0
     errs = []
     print(f"blipd stopping criterion: ||b - A x||_2 <= {tol} ||b||_2 (pymatting: 1e-7, same norm)")
@@ -83,7 +84,7 @@ def compare(d, py_log, rs_log, suffix=""):
         tot_py += cp; tot_rs += cr; tot_pyf += fp; tot_rsf += fr
         errs.append(da.mean())
         print(f"{n:28s} {cp:8.3f} {cr:8.3f} {cp / cr:6.1f} {da.mean():9.5f} {da[unk].mean():9.5f} {da.max():8.4f} {fp / fr:8.1f} {dF:8.5f} {rs[n]['it']:>4s} {rs[n]['rel']:>8s}")
-    print(f"TOTAL single-thread closed-form (blipd tolerance {tol}): pymatting {tot_py:.3f} s, blipd {tot_rs:.3f} s, speed ratio {tot_py / tot_rs:.1f}x; "
+    print(f"TOTAL single-thread closed-form (blipd tolerance {tol}, {simd}): pymatting {tot_py:.3f} s, blipd {tot_rs:.3f} s, speed ratio {tot_py / tot_rs:.1f}x; "
           f"foreground: {tot_pyf:.3f} s vs {tot_rsf:.3f} s ({tot_pyf / tot_rsf:.1f}x); worst mean|da| {max(errs):.5f}")
     for line in open(rs_log):
         if line.startswith("RS_ALLCORE"):
