@@ -34,14 +34,31 @@ use super::pool::Buf;
 use super::simd;
 use crate::error::{DataError, Result};
 
-/// `Σ_{k < len} $e`.
+/// `Σ_{k < len} $e` over a run whose slices `$s` (read) and `$m` (written by `$e`) are indexed by `k`. Summed in
+/// eight interleaved partial sums over blocks of eight (the slices seen as `[_; 8]` arrays), so the loop
+/// vectorises: one running `f64` sum is a strict sequential chain that kept every `$e` scalar, and these fused
+/// update-and-dot loops were about a sixth of a solve.
 macro_rules! lanes_sum {
-    ($len:expr, |$k:ident| $e:expr) => {{
-        let mut acc = 0.0f64;
-        for $k in 0..$len {
-            acc += $e;
+    ($len:expr, [$($s:ident),*], [$($m:ident),*], |$k:ident| $e:expr) => {{
+        let len = $len;
+        let n8 = len - len % 8;
+        let mut acc = [0.0f64; 8];
+        {
+            $(let $s = $s[..n8].as_chunks::<8>().0;)*
+            $(let $m = $m[..n8].as_chunks_mut::<8>().0;)*
+            for c in 0..n8 / 8 {
+                $(let $s = &$s[c];)*
+                $(let $m = &mut $m[c];)*
+                for $k in 0..8 {
+                    acc[$k] += $e;
+                }
+            }
         }
-        acc
+        let mut tail = 0.0f64;
+        for $k in n8..len {
+            tail += $e;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
     }};
 }
 
@@ -922,7 +939,7 @@ impl GridSystem {
         for run in &self.runs {
             let (g0, c0, len) = (run.g0, run.c0, run.len);
             let (rr, m) = (&mut r[c0..c0 + len], &mut mirror[g0..g0 + len]);
-            rn += lanes_sum!(len, |k| {
+            rn += lanes_sum!(len, [], [rr, m], |k| {
                 rr[k] -= m[k];
                 m[k] = 0.0;
                 rr[k] * rr[k]
@@ -951,7 +968,7 @@ impl GridSystem {
                 }
             }
             let xr = &x[g0..g0 + len];
-            xy += lanes_sum!(len, |k| f64::from(xr[k]) * f64::from(yr[k]));
+            xy += lanes_sum!(len, [xr, yr], [], |k| f64::from(xr[k]) * f64::from(yr[k]));
         }
         xy
     }
@@ -1184,7 +1201,7 @@ impl Ic {
                 let alpha = *alpha;
                 let (xr, pr, apr) = (&mut x[c0..c0 + len], &p[g0..g0 + len], &ap[c0..c0 + len]);
                 let rr_ = &mut r[c0..c0 + len];
-                rr += lanes_sum!(len, |k| {
+                rr += lanes_sum!(len, [pr, apr], [xr, rr_, t], |k| {
                     xr[k] += alpha * f64::from(pr[k]);
                     rr_[k] -= alpha * f64::from(apr[k]);
                     t[k] = rr_[k] as f32;
@@ -1262,7 +1279,7 @@ impl Ic {
                 }
             }
             let (rr_, zr) = (&r[c0..c0 + len], &mut z[g0..g0 + len]);
-            rz += lanes_sum!(len, |k| {
+            rz += lanes_sum!(len, [rr_, t], [zr], |k| {
                 zr[k] = t[k];
                 rr_[k] * f64::from(t[k])
             });
