@@ -31,7 +31,7 @@ export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THRE
 rm -rf "$WORK"; mkdir -p "$WORK"
 echo "== preparing ${#IMAGES[@]} images at ${SIZE}² in $WORK"
 "$PY" scripts/bench/matting_ref.py prepare "$WORK" "$SIZE" "${IMAGES[@]}"
-echo "== pymatting $("$PY" -c 'import pymatting; print(pymatting.__version__)') (NUMBA_NUM_THREADS=1, best CPU time of $REPEAT)"
+echo "== pymatting $("$PY" -c 'import pymatting; print(pymatting.__version__)') (NUMBA_NUM_THREADS=1, one untimed pass, then the best CPU time of $REPEAT)"
 "$PY" scripts/bench/matting_ref.py time "$WORK" "$REPEAT" | tee "$WORK/py.log"
 # The release profile (opt-level 3, no overflow checks or debug assertions, one codegen unit for blipd-data):
 # how the pipeline is meant to run (`cargo run --release -- data synth …`). The dev profile also builds
