@@ -67,10 +67,10 @@ fn main() {
         })
         .collect();
     println!("RS_TOLERANCE {:e}", opts.tolerance);
-    // The instruction-set level the solver runs at (`BLIPD_SIMD` caps it).
+    // The instruction-set level the α solver runs at (`BLIPD_SIMD` caps it; see `cpu::short_run_level`).
     println!(
         "RS_SIMD {} (detected {})",
-        blipd_data::cpu::level().name(),
+        blipd_data::cpu::short_run_level().name(),
         blipd_data::cpu::detected().name()
     );
     let fg_opts = FgOptions::default();

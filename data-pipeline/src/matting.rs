@@ -317,12 +317,13 @@ fn solve_pyramid_generic(
     solve_pyramid::<{ solver::ISA_GENERIC }>(image, class, opts)
 }
 
-/// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it ([`crate::cpu::level`]).
+/// Runs the solver with AVX-512 or AVX2+FMA code generation where the CPU has it
+/// ([`crate::cpu::short_run_level`]).
 fn solve_dispatch(image: &Rgb, class: &[Class], opts: &CfOptions) -> Result<(Buf<f64>, CfStats)> {
     #[cfg(target_arch = "x86_64")]
-    match crate::cpu::level() {
-        // SAFETY: the CPU supports the features `solve_pyramid_avx512` is compiled for (`cpu::level` is at
-        // most the detected level).
+    match crate::cpu::short_run_level() {
+        // SAFETY: the CPU supports the features `solve_pyramid_avx512` is compiled for (`short_run_level` is
+        // at most the detected level).
         crate::cpu::SimdLevel::Avx512 => {
             return unsafe { solve_pyramid_avx512(image, class, opts) }
         }
