@@ -1,5 +1,5 @@
 //! The instruction-set level the hot loops (closed-form matting, foreground estimation) run at: the best this CPU
-//! has, detected once, optionally capped by the environment variable `BLIPD_SIMD` (`generic`, `avx2` or
+//! has, optionally capped by the environment variable `BLIPD_SIMD` (`generic`, `avx2` or
 //! `avx512`) to compare the code paths on one machine. All levels compute the same result up to rounding (the
 //! matting tests compare them). The matting solver takes AVX2 on Zen 4 unless asked for AVX-512
 //! ([`short_run_level`]).
@@ -77,12 +77,16 @@ pub fn level() -> SimdLevel {
 /// asks for AVX-512. Measured on a Zen 4, alternated runs of the matting benchmark: the AVX2 build 0.285–0.306 s
 /// against the AVX-512 build's 0.306–0.323 s for the six photos (docs/bench/matting.md, session 6).
 pub fn short_run_level() -> SimdLevel {
-    let l = level();
-    if l == SimdLevel::Avx512 && splits_512_bit() && requested() != Some(SimdLevel::Avx512) {
-        SimdLevel::Avx2
-    } else {
-        l
-    }
+    // Decided once: CPUID is a VM exit under a hypervisor, and this is asked on every solve.
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let l = level();
+        if l == SimdLevel::Avx512 && splits_512_bit() && requested() != Some(SimdLevel::Avx512) {
+            SimdLevel::Avx2
+        } else {
+            l
+        }
+    })
 }
 
 /// Whether this is an AMD family 19h CPU (Zen 3 and Zen 4; of these only Zen 4 has AVX-512, on 256-bit units).
