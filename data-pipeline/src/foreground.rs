@@ -91,14 +91,16 @@ fn estimate_generic(
 /// F (`off` 0) or B (`off` 1) of every pixel as an f64 RGB image of `like`'s size.
 #[inline(always)]
 fn plane(fb: &[Fb], like: &Rgb, off: usize) -> Rgb {
-    let mut data = vec![0.0; fb.len() * 3];
-    for (o, v) in data.chunks_exact_mut(3).zip(fb) {
-        o.copy_from_slice(&[
-            f64::from(v[off]),
-            f64::from(v[off + 2]),
-            f64::from(v[off + 4]),
-        ]);
+    // Written into the spare capacity, not zeroed first (zeroing a reused 6 MB block was 4 % of the estimate).
+    let n = fb.len() * 3;
+    let mut data = Vec::with_capacity(n);
+    for (o, v) in data.spare_capacity_mut()[..n].chunks_exact_mut(3).zip(fb) {
+        o[0].write(f64::from(v[off]));
+        o[1].write(f64::from(v[off + 2]));
+        o[2].write(f64::from(v[off + 4]));
     }
+    // SAFETY: all `n` entries were written above.
+    unsafe { data.set_len(n) };
     Rgb {
         width: like.width,
         height: like.height,
@@ -208,57 +210,64 @@ fn resize_nearest<T: Pooled>(
 /// Rows updated together, each one pixel behind the row above it.
 const ROWS: usize = 4;
 
-/// What the updates of a block of [`ROWS`] rows need besides the neighbours' F and B, one entry per pixel
-/// (row-major within the block). It depends on α alone, so it is computed once per block and level, in
-/// vectorisable passes over contiguous rows, and the update loop only multiplies and adds.
+/// What the updates of a block of [`ROWS`] rows need besides the neighbours' F and B, one [`Coef`] per pixel
+/// (row-major within the block). It depends on the image and α alone, so it is computed once per block and
+/// level, in vectorisable passes over contiguous rows, and the update loop only multiplies and adds.
 #[derive(Default)]
 struct Coefs {
-    /// `[α, 1 − α]`.
-    ab: Vec<[f32; 2]>,
-    /// The inverse's diagonal `[m00, m11]`.
-    mm: Vec<[f32; 2]>,
-    /// The inverse's off-diagonal entry `m01`.
-    m01: Vec<f32>,
-    /// The neighbour weights `reg + gw·|α − α_n|`: right, up, down, left.
-    w: Vec<[f32; 4]>,
-    /// One row's weights, by direction (left, right, up, down), before they are interleaved into `w`.
-    row: [Vec<f32>; 4],
+    ents: Vec<Coef>,
+    /// One row's scratch, by x: the weights by direction (left, right, up, down), then `1 − α`, `m00`,
+    /// `m11` and `m01`, before they are packed into `ents`.
+    row: [Vec<f32>; 8],
+}
+
+/// One pixel's coefficients in one cache line, read from one pointer by the update: the data term
+/// `p0 = [α I_r, (1 − α) I_r, α I_g, …, 0, 0]` (lanes as in [`Fb`]), the neighbour weights
+/// `reg + gw·|α − α_n|` (right, down, up, left: the order of [`solve`]), the inverse's diagonal
+/// `[m00, m11]` and its off-diagonal entry `m01`. (The data term computed here rather than in the update: the
+/// update no longer reads the colours, and the sweeps after the first skip that product.)
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Coef {
+    p0: Fb,
+    w: [f32; 4],
+    mm: [f32; 2],
+    m01: f32,
 }
 
 impl Coefs {
     fn len(&self) -> usize {
-        self.m01.len()
-    }
-
-    #[inline(always)]
-    fn at(&self, i: usize) -> Coef {
-        Coef {
-            ab: self.ab[i],
-            mm: self.mm[i],
-            m01: self.m01[i],
-            w: self.w[i],
-        }
+        self.ents.len()
     }
 
     fn resize(&mut self, len: usize, w: usize) {
-        self.ab.resize(len, [0.0; 2]);
-        self.mm.resize(len, [0.0; 2]);
-        self.m01.resize(len, 0.0);
-        self.w.resize(len, [0.0; 4]);
+        self.ents.resize(len, Coef::default());
         for v in &mut self.row {
             v.resize(w, 0.0);
         }
     }
 
-    /// Row `y` of the level into entries `at..at + w`, with pymatting's arithmetic: the weights and `a00` in
-    /// f32, `a11`, `a01` and the inverse in f64 (numba promotes `1.0 − a0` to a double). Its order of the
-    /// weights in `a00` and `a11`: left, right, up, down.
+    /// Row `y` of the level (colours `img`, α `al`) into entries `at..at + w`, with pymatting's arithmetic:
+    /// the weights and `a00` in f32, `a11`, `a01` and the inverse in f64 (numba promotes `1.0 − a0` to a
+    /// double). Its order of the weights in `a00` and `a11`: left, right, up, down.
     #[inline(always)]
-    fn fill(&mut self, al: &[f32], w: usize, h: usize, y: usize, at: usize, o: &FgOptions) {
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        img: &[Px],
+        al: &[f32],
+        w: usize,
+        h: usize,
+        y: usize,
+        at: usize,
+        o: &FgOptions,
+    ) {
         let (reg, gw) = (o.regularization, o.gradient_weight);
         let row = |r: usize| &al[r * w..(r + 1) * w];
         let (a, up, down) = (row(y), row(y.saturating_sub(1)), row((y + 1).min(h - 1)));
-        let [wl, wr, wu, wd] = &mut self.row;
+        let px = &img[y * w..(y + 1) * w];
+        let [wl, wr, wu, wd, a1s, m00, m11, m01] = &mut self.row;
+        let (wl, wr, wu, wd) = (&mut wl[..w], &mut wr[..w], &mut wu[..w], &mut wd[..w]);
         // A border pixel is its own neighbour there: weight `reg`.
         wl[0] = reg;
         for ((o, &x), &l) in wl[1..].iter_mut().zip(&a[1..]).zip(a) {
@@ -272,13 +281,7 @@ impl Coefs {
         for ((o, &x), &n) in wd.iter_mut().zip(a).zip(down) {
             *o = reg + gw * (x - n).abs();
         }
-        let s = at..at + w;
-        let (ab, mm, m01, ws) = (
-            &mut self.ab[s.clone()],
-            &mut self.mm[s.clone()],
-            &mut self.m01[s.clone()],
-            &mut self.w[s],
-        );
+        let (a1s, m00, m11, m01) = (&mut a1s[..w], &mut m00[..w], &mut m11[..w], &mut m01[..w]);
         for x in 0..w {
             let a0 = a[x];
             let (l, r, u, d) = (wl[x], wr[x], wu[x], wd[x]);
@@ -287,10 +290,19 @@ impl Coefs {
             let a11 = a1 * a1 + f64::from(l) + f64::from(r) + f64::from(u) + f64::from(d);
             let a01 = f64::from(a0) * a1;
             let inv = 1.0 / (f64::from(a00) * a11 - a01 * a01);
-            ab[x] = [a0, a1 as f32];
-            mm[x] = [(inv * a11) as f32, (inv * f64::from(a00)) as f32];
+            a1s[x] = a1 as f32;
+            m00[x] = (inv * a11) as f32;
+            m11[x] = (inv * f64::from(a00)) as f32;
             m01[x] = (inv * -a01) as f32;
-            ws[x] = [r, u, d, l];
+        }
+        for (x, e) in self.ents[at..at + w].iter_mut().enumerate() {
+            let ab = [a[x], a1s[x]];
+            *e = Coef {
+                p0: std::array::from_fn(|l| ab[l & 1] * px[x][l >> 1]),
+                w: [wr[x], wd[x], wu[x], wl[x]],
+                mm: [m00[x], m11[x]],
+                m01: m01[x],
+            };
         }
     }
 }
@@ -327,7 +339,7 @@ fn sweeps(
             let rows = ROWS.min(h - y0);
             if j == 0 {
                 for k in 0..rows {
-                    co.fill(al, w, h, y0 + k, base + k * w, o);
+                    co.fill(img, al, w, h, y0 + k, base + k * w, o);
                 }
             }
             // Each row's last result: its next pixel's left neighbour, carried instead of read back.
@@ -341,10 +353,10 @@ fn sweeps(
             };
             for t in 0..w + rows - 1 {
                 if t == inner.start && !inner.is_empty() {
-                    steady(fb, img, co, w, h, y0, base, inner.clone(), &mut left);
+                    steady(fb, co, w, h, y0, base, inner.clone(), &mut left);
                 }
                 if !inner.contains(&t) {
-                    edge(fb, img, co, w, h, y0, rows, base, t, &mut left);
+                    edge(fb, co, w, h, y0, rows, base, t, &mut left);
                 }
             }
         }
@@ -358,7 +370,6 @@ fn sweeps(
 #[allow(clippy::too_many_arguments)]
 fn edge(
     fb: &mut [Fb],
-    img: &[Px],
     co: &Coefs,
     w: usize,
     h: usize,
@@ -379,11 +390,7 @@ fn edge(
         if x == 0 {
             *left = fb[l];
         }
-        let out = solve(
-            [fb[r], fb[up], fb[down], *left],
-            img[q],
-            co.at(base + k * w + x),
-        );
+        let out = solve([fb[r], fb[down], fb[up], *left], &co.ents[base + k * w + x]);
         fb[q] = out;
         *left = out;
     }
@@ -396,7 +403,6 @@ fn edge(
 #[allow(clippy::too_many_arguments)]
 fn steady(
     fb: &mut [Fb],
-    img: &[Px],
     co: &Coefs,
     w: usize,
     h: usize,
@@ -406,34 +412,36 @@ fn steady(
     left: &mut [Fb; ROWS],
 ) {
     assert!(y0 >= 1 && y0 + ROWS < h && steps.start >= ROWS && steps.end < w);
-    assert!(fb.len() == w * h && img.len() == w * h && co.len() >= base + ROWS * w);
-    let (f, im) = (fb.as_mut_ptr(), img.as_ptr());
-    let (ab, mm, m01, wt) = (
-        co.ab.as_ptr(),
-        co.mm.as_ptr(),
-        co.m01.as_ptr(),
-        co.w.as_ptr(),
-    );
+    assert!(fb.len() == w * h && co.len() >= base + ROWS * w);
+    // One pointer per row: rows y0 − 1 ..= y0 + ROWS of F and B, the block's rows of coefficients.
+    let f = fb.as_mut_ptr();
+    // SAFETY (both): 1 ≤ y0 and y0 + ROWS < h, so every row starts inside `fb`; base + ROWS·w ≤ co.len().
+    let rows: [*mut Fb; ROWS + 2] = std::array::from_fn(|i| unsafe { f.add((y0 + i - 1) * w) });
+    let cs: [*const Coef; ROWS] =
+        std::array::from_fn(|k| unsafe { co.ents.as_ptr().add(base + k * w) });
     // A local copy, so that the unrolled rows keep their last results in registers (the caller's array is
     // also indexed dynamically, which would leave it in memory and put a store-to-load forward on the chain).
     let mut last = *left;
     for t in steps {
+        // The previous step's results: row k − 1's is the upper neighbour of row k's pixel now (the same x),
+        // taken from a register rather than read back from the store just made (a store-to-load forward on
+        // the chain that links the rows, which set the pace of the whole wavefront).
+        let above = last;
         for (k, left) in last.iter_mut().enumerate() {
             let x = t - k;
-            let (q, i) = ((y0 + k) * w + x, base + k * w + x);
-            // SAFETY: 1 ≤ x ≤ w − 2 (steps ⊂ ROWS..w − 1, k < ROWS) and 1 ≤ y0 + k < h − 1 (asserted), so
-            // q ± 1 and q ± w index pixels of the level (`fb`, `img` have w·h entries); i < base + ROWS·w ≤
-            // co.len(). `fb` is only accessed through `f` here; q is written after its neighbours are read.
+            // SAFETY: 1 ≤ x ≤ w − 2 (steps ⊂ ROWS..w − 1, k < ROWS), so x ± 1 stay inside each row of `w`
+            // entries at `rows[i]` and `cs[k]`. `fb` is only accessed through these pointers here; a pixel
+            // is written after its neighbours are read.
             unsafe {
-                let nb = [*f.add(q + 1), *f.add(q - w), *f.add(q + w), *left];
-                let c = Coef {
-                    ab: *ab.add(i),
-                    mm: *mm.add(i),
-                    m01: *m01.add(i),
-                    w: *wt.add(i),
+                let q = rows[k + 1].add(x);
+                let up = if k == 0 {
+                    *rows[0].add(x)
+                } else {
+                    above[k - 1]
                 };
-                let out = solve(nb, *im.add(q), c);
-                *f.add(q) = out;
+                let nb = [*q.add(1), *rows[k + 2].add(x), up, *left];
+                let out = solve(nb, &*cs[k].add(x));
+                *q = out;
                 *left = out;
             }
         }
@@ -441,25 +449,16 @@ fn steady(
     *left = last;
 }
 
-/// One pixel's entry of [`Coefs`].
-struct Coef {
-    ab: [f32; 2],
-    mm: [f32; 2],
-    m01: f32,
-    w: [f32; 4],
-}
-
-/// Gauss–Seidel update of one pixel (colour `px`, coefficients `c`) from its neighbours' values `[right, up,
-/// down, left]` (clamped at the border, so a border pixel is its own neighbour): the 2×2 system
+/// Gauss–Seidel update of one pixel (coefficients `c`) from its neighbours' values `[right, down, up,
+/// left]` (clamped at the border, so a border pixel is its own neighbour), summed in that order: the
+/// neighbours updated by this sweep last, as they are the ones the wavefront waits for (pymatting sums left,
+/// right, up, down: the same terms, rounded in another order). The 2×2 system
 /// `[[α² + Σw, α(1−α)], [α(1−α), (1−α)² + Σw]] (F, B) = (α I + Σ w F_n, (1−α) I + Σ w B_n)` with
 /// `w = reg + gw·|α − α_n|`, solved with the precomputed inverse `M` (`out = M_diag ⊙ p + m01 · swap(p)`,
 /// `swap` exchanging each F lane with its B lane) and clamped.
 #[inline(always)]
-fn solve(nb: [Fb; 4], px: Px, c: Coef) -> Fb {
-    let mut p: Fb = [0.0; 8];
-    for l in 0..8 {
-        p[l] = c.ab[l & 1] * px[l >> 1];
-    }
+fn solve(nb: [Fb; 4], c: &Coef) -> Fb {
+    let mut p = c.p0;
     for (v, &wj) in nb.iter().zip(&c.w) {
         for l in 0..8 {
             p[l] = wj.mul_add(v[l], p[l]);
@@ -490,7 +489,7 @@ mod tests {
         let mut co = Coefs::default();
         co.resize(w * h, w);
         for y in 0..h {
-            co.fill(al, w, h, y, y * w, o);
+            co.fill(img, al, w, h, y, y * w, o);
         }
         for _ in 0..n {
             for y in 0..h {
@@ -498,7 +497,7 @@ mod tests {
                     let q = y * w + x;
                     let (up, down) = (y.saturating_sub(1) * w + x, (y + 1).min(h - 1) * w + x);
                     let (l, r) = (q - usize::from(x > 0), q + usize::from(x + 1 < w));
-                    fb[q] = solve([fb[r], fb[up], fb[down], fb[l]], img[q], co.at(q));
+                    fb[q] = solve([fb[r], fb[down], fb[up], fb[l]], &co.ents[q]);
                 }
             }
         }
