@@ -6,7 +6,9 @@
 #
 # Usage: scripts/bench/clipseg.sh [N] [WxH]      (defaults: 16 photos of 640x480)
 # Env: PYTHON (default /work/pyref/bin/python: torch + transformers 4.44.2), WORK (default
-#      target/bench-clipseg), BATCH (default 8), BLIPD (default target/release/blipd, built if absent).
+#      target/bench-clipseg), BATCH (default 8), BLIPD (default target/release/blipd, built if absent),
+#      DEVICE (transformers' device, default cpu; `cuda` with a `--features cuda` BLIPD compares the GPU builds,
+#      as scripts/device/gpu_checks.sh does with CLIPSEG=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N="${1:-16}"; SIZE="${2:-640x480}"

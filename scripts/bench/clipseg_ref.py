@@ -6,7 +6,8 @@
   time WORK BATCH      the whole job as `blipd data masks --source clipseg` does it: read each photo, the
                        processor (352², ImageNet normalisation, the class name as the prompt), the model in
                        batches of BATCH, sigmoid, bilinear resize to the photo's size, 16-bit grey PNG in
-                       WORK/torch_masks; prints wall seconds and the model's share
+                       WORK/torch_masks; prints wall seconds and the model's share. DEVICE=cuda runs the model
+                       (and the resize) on the GPU, as blipd's CUDA build does (default cpu)
   compare WORK         max and mean |Δ| of blipd's masks (WORK/blipd_masks) against transformers', in [0, 1]
 """
 import os
@@ -63,8 +64,10 @@ def run(work, batch):
     work = pathlib.Path(work)
     out = work / "torch_masks"
     out.mkdir(exist_ok=True)
+    device = torch.device(os.environ.get("DEVICE", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     processor = CLIPSegProcessor.from_pretrained(work / "model")
-    model = CLIPSegForImageSegmentation.from_pretrained(work / "model").eval()
+    model = CLIPSegForImageSegmentation.from_pretrained(work / "model").eval().to(device)
     rows = [l.split(",") for l in (work / "subjects.csv").read_text().splitlines()[1:]]
     t0 = time.perf_counter()
     model_s = 0.0
@@ -72,20 +75,22 @@ def run(work, batch):
         chunk = rows[b0 : b0 + batch]
         images = [Image.open(work / "images" / f"{r[0]}.png").convert("RGB") for r in chunk]
         inputs = processor(text=[r[2] for r in chunk], images=images, padding=True, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         t = time.perf_counter()
         logits = model(**inputs).logits
         if logits.dim() == 2:
             logits = logits[None]
+        sync()
         model_s += time.perf_counter() - t
         for r, im, lg in zip(chunk, images, logits):
             m = torch.sigmoid(F.interpolate(lg[None, None], size=(im.height, im.width), mode="bilinear",
                                             align_corners=False))[0, 0]
-            u16 = (m.clamp(0, 1) * 65535.0).round().to(torch.int32).numpy().astype(np.uint16)
+            u16 = (m.clamp(0, 1) * 65535.0).round().to(torch.int32).cpu().numpy().astype(np.uint16)
             Image.fromarray(u16).save(out / f"{r[0]}.png")
     wall = time.perf_counter() - t0
     n = len(rows)
     print(f"transformers: {n} images in {wall:.2f} s = {n / wall:.2f} images/s (model {model_s:.2f} s = "
-          f"{n / model_s:.2f} images/s), {torch.get_num_threads()} threads")
+          f"{n / model_s:.2f} images/s), {device}, {torch.get_num_threads()} threads")
     print(f"RESULT torch_s={wall:.4f} torch_model_s={model_s:.4f}")
 
 

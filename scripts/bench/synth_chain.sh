@@ -7,7 +7,8 @@
 # either way.
 #
 # Usage: scripts/bench/synth_chain.sh   (run scripts/bench/clipseg.sh first: it makes the model and photos)
-# Env: BENCH (default target/bench-clipseg), WORK (default target/bench-synth-chain), PYTHON, BATCH (8).
+# Env: BENCH (default target/bench-clipseg), WORK (default target/bench-synth-chain), PYTHON, BATCH (8),
+#      BLIPD (a built binary, e.g. the CUDA build on the GPU machine; default: target/release/blipd, built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BENCH="${BENCH:-target/bench-clipseg}"
@@ -15,8 +16,8 @@ WORK="${WORK:-target/bench-synth-chain}"
 PY="${PYTHON:-/work/pyref/bin/python}"
 BATCH="${BATCH:-8}"
 [ -d "$BENCH/model" ] && [ -d "$BENCH/images" ] || { echo "no $BENCH/{model,images}: run scripts/bench/clipseg.sh first"; exit 1; }
-cargo build -q --release -p blipd-cli
-BIN=target/release/blipd
+BIN="${BLIPD:-target/release/blipd}"
+[ -n "${BLIPD:-}" ] || cargo build -q --release -p blipd-cli
 rm -rf "$WORK"; mkdir -p "$WORK"
 N=$(ls "$BENCH/images" | wc -l)
 CORES=$(nproc)

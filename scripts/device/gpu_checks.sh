@@ -9,10 +9,15 @@
 #   mkdir -p dist-bin/wheels && cp target/release/blipd target/release/examples/nccl_bandwidth dist-bin/
 #   strip dist-bin/blipd dist-bin/nccl_bandwidth && cp ../shared/bench/torch_{baseline,finetune}.py dist-bin/
 #   pip download --no-deps diffusers==0.42.1 importlib_metadata -d dist-bin/wheels
+# For CLIPSEG=1 (CLIPSeg and the synthesis chain on the device, issue 15) also carry transformers 4.44.2 and
+# the dependencies the host's PyTorch lacks, as wheels for its Python (abi3 wheels where they exist):
+#   pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.10 \
+#     transformers==4.44.2 tokenizers==0.19.1 safetensors huggingface_hub regex -d dist-bin/wheels
 # (dist-bin/ is git-ignored.) Then, with the device tool: carry ["dist-bin"], run
-#   bash scripts/device/gpu_checks.sh
+#   bash scripts/device/gpu_checks.sh          (CLIPSEG=1 adds the CLIPSeg block, CLIPSEG=only runs it alone)
 # Outputs under $OUT: summary.txt (the figures), nvidia-smi.txt, nccl_bw.json, nccl_stage2.{out,err},
-# bench_b<B>.{out,err}, bench_bf16_b<B>.{out,err}, torch_baseline.log, baseline.json.
+# bench_b<B>.{out,err}, bench_bf16_b<B>.{out,err}, torch_baseline.log, baseline.json; with CLIPSEG, clipseg.log and
+# synth_chain.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-checks}"
@@ -33,6 +38,23 @@ print("%.3f samples/s over %d steps, last loss %.4f" % (sum(x["samples_per_s"] f
 
 say "== device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# 0. CLIPSEG=1 or only: CLIPSeg masks on the device, transformers (DEVICE=cuda) against the CUDA build on the
+# same random-weight rd64-refined-size model and 64 photos (scripts/bench/clipseg.sh: both wall times, the
+# ratio, the masks' max |Δ|), then the synthesis chain on those photos with this machine's cores
+# (scripts/bench/synth_chain.sh: each stage's share, pairs/s per GPU). The model (600 MB) stays outside $OUT.
+if [ "${CLIPSEG:-0}" != 0 ]; then
+  [ "$DRY" != 1 ] && python3 -m pip install -q --no-deps "$BIN"/wheels/*.whl > "$OUT/pip_clipseg.log" 2>&1
+  CW="${CLIPSEG_WORK:-/tmp/blipd-clipseg}"
+  dev=cuda; [ "$DRY" = 1 ] && dev=cpu
+  DEVICE=$dev PYTHON="${PYTHON:-python3}" BLIPD="$BIN/blipd" WORK="$CW" timeout 300 bash scripts/bench/clipseg.sh "${CLIPSEG_N:-64}" \
+    > "$OUT/clipseg.log" 2>&1
+  say "== CLIPSeg, transformers ($dev) vs blipd (rc $?): $(grep -aE '^(transformers:|==.*photos|masks:)' "$OUT/clipseg.log" | tr '\n' ' ')"
+  PYTHON="${PYTHON:-python3}" BLIPD="$BIN/blipd" BENCH="$CW" WORK=/tmp/blipd-chain timeout 200 bash scripts/bench/synth_chain.sh \
+    > "$OUT/synth_chain.log" 2>&1
+  say "== synthesis chain with CLIPSeg on the device (rc $?): $(tail -4 "$OUT/synth_chain.log" | tr '\n' ' ')"
+  if [ "$CLIPSEG" = only ]; then say "== done"; exit 0; fi
+fi
 
 one_rank=(env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29571)
 if [ "$DRY" != 1 ]; then
