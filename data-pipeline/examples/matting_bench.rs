@@ -3,8 +3,9 @@
 //! `<name>_fg_rs.png`, and prints per-image thread CPU times (α: best of `--repeat`; foreground: best of
 //! `--fg-repeat`, default 10) and an all-core throughput run.
 //!
-//! Usage: `matting_bench DIR [--repeat N] [--fg-repeat N] [--tolerance T] [--coarse-tolerance T] [--suffix S]` (outputs
-//! `<name>_alpha_rs<S>.png` and `<name>_fg_rs<S>.png`; `RS_TOLERANCE` names the stopping tolerance).
+//! Usage: `matting_bench DIR [--repeat N] [--fg-repeat N] [--tolerance T] [--coarse-tolerance T]
+//! [--suffix S]` (outputs `<name>_alpha_rs<S>.png` and `<name>_fg_rs<S>.png`; `RS_TOLERANCE` names the
+//! stopping tolerance).
 
 use blipd_data::{estimate_alpha_cf, estimate_foreground_ml, CfOptions, FgOptions, Gray, Rgb};
 use rayon::prelude::*;
